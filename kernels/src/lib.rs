@@ -1,0 +1,24 @@
+//! The `#[cube]` kernels of lightning-attention, written once for every CubeCL runtime.
+//!
+//! Prefill is blocked by `block` tokens with sub-blocks of `sub_block`:
+//! [`diag`] (the intra-block causal part), [`kv_parallel`] (each block's decayed
+//! `K^T V`), [`kv_reduce`] (prefix over blocks: carries the incoming state in,
+//! leaves each block's incoming state in place, writes the final state) and
+//! [`non_diag`] (each query against its block's incoming state, added to the
+//! output of `diag`). [`decode`] is one token per sequence against a
+//! slot-indexed state cache, updated in place.
+//!
+//! Every kernel here is the portable routine: no plane (subgroup) operations and
+//! no `cmma`, so it runs on every runtime. Inputs of any float type are loaded,
+//! converted to f32, computed in f32 and converted on store; the state is f32.
+//!
+//! Layouts (row-major, contiguous): q, k `[b, h, n, d]`; v, out `[b, h, n, e]`;
+//! per-block states `[b, h, num_blocks, d, e]`; state `[b, h, d, e]`; decode
+//! cache `[slots, h, d, e]`. Launch geometry is documented on each kernel and
+//! planned by the host crate, which validates every size before launching.
+
+pub mod decode;
+pub mod diag;
+pub mod kv_parallel;
+pub mod kv_reduce;
+pub mod non_diag;
