@@ -1,1 +1,33 @@
-//! stub
+//! GPU kernels for MiniMax's Lightning Attention, written once in CubeCL.
+//!
+//! Per head with slope `s`: `kv_t = exp(-s) kv_{t-1} + k_t^T v_t` and
+//! `o_t = q_t kv_t`, with an f32 `d x e` state. [`prefill`] runs a whole
+//! sequence in blocks (five `#[cube]` kernels in `lightning-attention-kernels`),
+//! [`decode`] runs one token per sequence against a slot-indexed state cache.
+//! Every call validates its arguments and plans its launches against the
+//! device's reported limits first, and returns a [`LightningError`] for
+//! anything it cannot run.
+//!
+//! The pure-Rust f64 reference that judges the kernels is re-exported as
+//! [`reference`].
+
+mod config;
+mod decode;
+mod dtype;
+mod error;
+pub mod plan;
+mod prefill;
+pub mod runtime;
+pub mod shapes;
+pub mod slopes;
+mod tensor;
+
+pub use config::PrefillConfig;
+pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
+pub use dtype::DType;
+pub use error::{LightningError, Result};
+pub use prefill::{PrefillInputs, PrefillOutput, plan_prefill, prefill, prefill_into};
+pub use tensor::DeviceTensor;
+
+pub use cubecl;
+pub use lightning_attention_reference as reference;

@@ -1,7 +1,7 @@
 //! decode: one token per sequence against a slot-indexed f32 state cache, in place.
 //!
 //! For row `b` with slot `slot = slots[b] >= 0` and head `h`:
-//! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = q S`. A negative slot
+//! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = scale * q S`. A negative slot
 //! (padding) leaves the cache untouched and writes zeros to that output row.
 //!
 //! Geometry: cube x runs over `ceil(e / units)` chunks of the value dimension,
@@ -22,6 +22,7 @@ pub fn decode<F: Float>(
     cache: &mut [f32],
     out: &mut [F],
     heads: u32,
+    scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
 ) {
@@ -44,7 +45,7 @@ pub fn decode<F: Float>(
                 cache[idx] = updated;
                 acc += f32::cast_from(q[bh * key_dim + i]) * updated;
             }
-            out[bh * value_dim + col] = F::cast_from(acc);
+            out[bh * value_dim + col] = F::cast_from(scale * acc);
         }
     }
 }

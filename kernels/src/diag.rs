@@ -1,7 +1,7 @@
 //! diag: the intra-block causal part of the prefill.
 //!
 //! For the query at position `t` in block `[start, start + block)`:
-//! `o_t = sum_{start <= j <= t} exp(-s (t - j)) (q_t . k_j) v_j`.
+//! `o_t = scale * sum_{start <= j <= t} exp(-s (t - j)) (q_t . k_j) v_j`.
 //! The output is overwritten (non-diag adds to it afterwards).
 //!
 //! Geometry: one cube per (query sub-block, `b * h`, value tile); cube x runs
@@ -23,6 +23,7 @@ pub fn diag<F: Float>(
     out: &mut [F],
     seq_len: u32,
     heads: u32,
+    scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
@@ -63,7 +64,7 @@ pub fn diag<F: Float>(
                     dot += f32::cast_from(q[qk_base + tq * key_dim + i])
                         * f32::cast_from(k[qk_base + tk * key_dim + i]);
                 }
-                score = dot * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32));
+                score = scale * dot * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32));
             }
             scores[idx] = score;
         }

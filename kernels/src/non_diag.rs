@@ -1,6 +1,6 @@
 //! non-diag: each query against the state entering its block, added to diag's output.
 //!
-//! For the query at offset `c` inside its block, `o_t += exp(-s (c + 1)) q_t KV_in`.
+//! For the query at offset `c` inside its block, `o_t += scale * exp(-s (c + 1)) q_t KV_in`.
 //! The factor is `c + 1` decay steps, as the recurrence takes; vLLM's Triton
 //! `_fwd_none_diag_kernel` uses `c`, one step short, which is wrong whenever the
 //! incoming state is not zero.
@@ -21,6 +21,7 @@ pub fn non_diag<F: Float>(
     out: &mut [F],
     seq_len: u32,
     heads: u32,
+    scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
@@ -47,7 +48,7 @@ pub fn non_diag<F: Float>(
                     * block_states[state_base + i * value_dim + col];
             }
             let o = (bh * n + t) * value_dim + col;
-            let decay = f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
+            let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
             out[o] = F::cast_from(f32::cast_from(out[o]) + decay * dot);
         }
     }

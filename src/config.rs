@@ -1,0 +1,62 @@
+//! The comptime block configuration of the prefill, and its validation.
+
+use crate::{LightningError, Result};
+
+/// How the prefill is blocked, and an optional query scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefillConfig {
+    /// `BLOCK`: tokens per block. A power of two.
+    pub block: usize,
+    /// `CBLOCK`: tokens per sub-block, the tile of the intra-block work. A power
+    /// of two that divides `block`.
+    pub sub_block: usize,
+    /// Multiplies every output (`o_t = scale * q_t kv_t`); `None` is 1, as in
+    /// MiniMax (no `1/sqrt(d)` unless asked).
+    pub scale: Option<f32>,
+}
+
+impl Default for PrefillConfig {
+    /// vLLM's `BLOCK = 256` with sub-blocks of 32, no scale.
+    fn default() -> Self {
+        Self { block: 256, sub_block: 32, scale: None }
+    }
+}
+
+impl PrefillConfig {
+    /// A config with the given block and sub-block and no scale.
+    pub fn new(block: usize, sub_block: usize) -> Self {
+        Self { block, sub_block, scale: None }
+    }
+
+    /// The same config with a query scale.
+    pub fn with_scale(self, scale: f32) -> Self {
+        Self { scale: Some(scale), ..self }
+    }
+
+    /// Checks the rules the kernels rely on.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |reason| Err(LightningError::InvalidBlock { block: self.block, sub_block: self.sub_block, reason });
+        if self.block == 0 || self.sub_block == 0 {
+            return fail("both must be at least 1");
+        }
+        if !self.block.is_power_of_two() {
+            return fail("BLOCK must be a power of two");
+        }
+        if self.sub_block > self.block || self.block % self.sub_block != 0 {
+            return fail("BLOCK must be a multiple of CBLOCK");
+        }
+        if !self.sub_block.is_power_of_two() {
+            return fail("CBLOCK must be a power of two");
+        }
+        if let Some(scale) = self.scale {
+            if !scale.is_finite() {
+                return Err(LightningError::InvalidBlock {
+                    block: self.block,
+                    sub_block: self.sub_block,
+                    reason: "scale must be finite",
+                });
+            }
+        }
+        Ok(())
+    }
+}

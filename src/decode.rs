@@ -1,0 +1,93 @@
+//! The decode host API: one token per sequence against the slot-indexed state cache.
+
+use cubecl::prelude::*;
+use lightning_attention_kernels as kernels;
+
+use crate::plan::{DeviceLimits, LaunchDims, plan_decode};
+use crate::prefill::arg;
+use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
+use crate::{DeviceTensor, LightningError, Result};
+
+/// The slot index that marks a padding row.
+pub const PADDING_SLOT: i32 = -1;
+
+/// The arguments of a decode step.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeInputs<'a> {
+    /// Queries `[b, h, 1, d]`.
+    pub q: &'a DeviceTensor,
+    /// Keys `[b, h, 1, d]`.
+    pub k: &'a DeviceTensor,
+    /// Values `[b, h, 1, e]`.
+    pub v: &'a DeviceTensor,
+    /// The state cache `[slots, h, d, e]` f32, updated in place.
+    pub cache: &'a DeviceTensor,
+    /// One slope per head, `[h]` f32.
+    pub slopes: &'a DeviceTensor,
+    /// Per sequence, its slot in the cache or [`PADDING_SLOT`]; distinct.
+    pub slots: &'a [i32],
+    /// Multiplies the output; `None` is 1.
+    pub scale: Option<f32>,
+}
+
+/// Validates and plans a decode step without launching anything.
+pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(DecodeShape, LaunchDims)> {
+    let shape = validate_decode(inputs.q, inputs.k, inputs.v, inputs.cache, inputs.slopes, inputs.slots)?;
+    if !shape.dtype.is_supported(client) {
+        return Err(LightningError::UnsupportedDType { dtype: shape.dtype, runtime: client.name() });
+    }
+    let dims = plan_decode(&shape, &DeviceLimits::of(client))?;
+    Ok((shape, dims))
+}
+
+/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place.
+pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
+    let (shape, _) = plan_decode_step(client, inputs)?;
+    let out = DeviceTensor::empty(client, &[shape.batch, shape.heads, 1, shape.value_dim], shape.dtype);
+    decode_into(client, inputs, &out)?;
+    Ok(out)
+}
+
+/// Runs a decode step into caller-owned `out` `[b, h, 1, e]` (dtype of q).
+pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -> Result<()> {
+    let (shape, dims) = plan_decode_step(client, inputs)?;
+    check_tensor(out, "out", &["b", "h", "n", "e"], "[b, h, 1, e]", Some(shape.dtype))?;
+    expect_shape(out, "out", &[shape.batch, shape.heads, 1, shape.value_dim], "[b, h, 1, e]")?;
+    if let Some(scale) = inputs.scale {
+        if !scale.is_finite() {
+            return Err(LightningError::InvalidBlock { block: 1, sub_block: 1, reason: "scale must be finite" });
+        }
+    }
+    let slots = client.create_from_slice(i32::as_bytes(inputs.slots));
+    let slots = unsafe { BufferArg::from_raw_parts(slots, inputs.slots.len()) };
+    let scale = inputs.scale.unwrap_or(1.0);
+    macro_rules! launch {
+        ($f:ty) => {
+            // SAFETY: shapes, slots and the grid were validated above.
+            unsafe {
+                kernels::decode::decode::launch_unchecked::<$f>(
+                    client,
+                    dims.cube_count(),
+                    dims.cube_dim(),
+                    arg(inputs.q),
+                    arg(inputs.k),
+                    arg(inputs.v),
+                    arg(inputs.slopes),
+                    slots,
+                    arg(inputs.cache),
+                    arg(out),
+                    shape.heads as u32,
+                    scale,
+                    shape.key_dim,
+                    shape.value_dim,
+                )
+            }
+        };
+    }
+    match shape.dtype {
+        crate::DType::F32 => launch!(f32),
+        crate::DType::F16 => launch!(half::f16),
+        crate::DType::BF16 => launch!(half::bf16),
+    }
+    Ok(())
+}

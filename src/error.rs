@@ -1,0 +1,134 @@
+//! The typed error every public entry point returns instead of panicking.
+
+use crate::DType;
+
+/// Why a lightning-attention call was refused. Each variant says what was
+/// wrong and what was expected; nothing is launched once one is returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LightningError {
+    /// A tensor has the wrong number of dimensions.
+    #[error("{tensor}: expected rank {expected} ({layout}), got rank {actual} with shape {shape:?}")]
+    Rank {
+        /// Which argument.
+        tensor: &'static str,
+        /// The rank expected.
+        expected: usize,
+        /// The layout expected, e.g. `[b, h, n, d]`.
+        layout: &'static str,
+        /// The rank given.
+        actual: usize,
+        /// The shape given.
+        shape: Vec<usize>,
+    },
+    /// A tensor's shape disagrees with the others (b, h, n, d or e).
+    #[error("{tensor}: expected shape {expected:?} ({layout}), got {actual:?}")]
+    Shape {
+        /// Which argument.
+        tensor: &'static str,
+        /// The shape implied by the other arguments.
+        expected: Vec<usize>,
+        /// The layout, e.g. `[b, h, n, e]`.
+        layout: &'static str,
+        /// The shape given.
+        actual: Vec<usize>,
+    },
+    /// A dimension is zero: empty batches, heads, head dims or zero-length sequences.
+    #[error("{tensor}: dimension `{dim}` is 0 in shape {shape:?}; every dimension must be at least 1")]
+    EmptyDimension {
+        /// Which argument.
+        tensor: &'static str,
+        /// The name of the empty dimension.
+        dim: &'static str,
+        /// The shape given.
+        shape: Vec<usize>,
+    },
+    /// A tensor has a dtype other than the one required.
+    #[error("{tensor}: expected dtype {expected}, got {actual}")]
+    DType {
+        /// Which argument.
+        tensor: &'static str,
+        /// The dtype required (the state and slopes are always f32; k and v match q).
+        expected: DType,
+        /// The dtype given.
+        actual: DType,
+    },
+    /// A tensor's buffer is smaller than its shape and dtype require.
+    #[error("{tensor}: buffer holds {actual} bytes, shape and dtype need {expected}")]
+    BufferTooSmall {
+        /// Which argument.
+        tensor: &'static str,
+        /// Bytes needed.
+        expected: u64,
+        /// Bytes in the buffer.
+        actual: u64,
+    },
+    /// The block configuration is not valid.
+    #[error("block {block} / sub-block {sub_block}: {reason}")]
+    InvalidBlock {
+        /// `BLOCK`.
+        block: usize,
+        /// `CBLOCK`.
+        sub_block: usize,
+        /// What rule it breaks.
+        reason: &'static str,
+    },
+    /// A decode slot index is neither padding (-1) nor a slot of the cache.
+    #[error("slots[{index}] = {slot}: expected -1 (padding) or a slot in 0..{slots}")]
+    SlotOutOfRange {
+        /// The sequence (row) whose slot is wrong.
+        index: usize,
+        /// The slot given.
+        slot: i64,
+        /// Slots in the cache.
+        slots: usize,
+    },
+    /// Two sequences of one call update the same cache slot.
+    #[error("slot {slot} is used by sequences {first} and {second}; each slot may appear once per call")]
+    DuplicateSlot {
+        /// The slot.
+        slot: i64,
+        /// First sequence using it.
+        first: usize,
+        /// Second sequence using it.
+        second: usize,
+    },
+    /// The runtime cannot store or convert this input dtype.
+    #[error("the {runtime} runtime cannot run {dtype} inputs (it reports no buffer/conversion support); use f32 or f16 there")]
+    UnsupportedDType {
+        /// The dtype asked for.
+        dtype: DType,
+        /// The runtime's name.
+        runtime: &'static str,
+    },
+    /// A kernel's tiles do not fit the device.
+    #[error("{kernel}: needs {required} {resource}, the device offers {available}")]
+    DoesNotFit {
+        /// Which kernel.
+        kernel: &'static str,
+        /// Which resource: shared memory bytes, units per cube, cubes per grid dimension.
+        resource: &'static str,
+        /// Amount needed.
+        required: u64,
+        /// Amount the device reports.
+        available: u64,
+    },
+    /// A tensor has more elements than 32-bit indexing addresses.
+    #[error("{tensor}: {elements} elements exceed the {max} that 32-bit indexing addresses")]
+    TooLarge {
+        /// Which tensor (or workspace).
+        tensor: &'static str,
+        /// Its element count.
+        elements: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Slopes cannot be built as asked.
+    #[error("slopes: {0}")]
+    Slopes(String),
+    /// The device reported an error while reading back results.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = core::result::Result<T, LightningError>;

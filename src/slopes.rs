@@ -1,0 +1,46 @@
+//! Per-head decay slopes: MiniMax's ALiBi-style ladder, scaled per layer, sliced per rank.
+
+use lightning_attention_reference::slopes as formula;
+
+use crate::{LightningError, Result};
+
+/// The base slopes of `heads` heads (`2^(-8 (h+1) / H)` for a power of two `H`,
+/// MiniMax's interleaving rule otherwise).
+pub fn base_slopes(heads: usize) -> Result<Vec<f32>> {
+    if heads == 0 {
+        return Err(LightningError::Slopes("heads must be at least 1".into()));
+    }
+    Ok(formula::base_slopes(heads).into_iter().map(|s| s as f32).collect())
+}
+
+/// The slopes of `layer` (0-based) in a model of `layers` layers: the base
+/// slopes times `1 - layer / (layers - 1) + 1e-5`.
+pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32>> {
+    if heads == 0 {
+        return Err(LightningError::Slopes("heads must be at least 1".into()));
+    }
+    if layers < 2 {
+        return Err(LightningError::Slopes(format!(
+            "the layer factor 1 - layer/(layers-1) needs at least 2 layers, got {layers}"
+        )));
+    }
+    if layer >= layers {
+        return Err(LightningError::Slopes(format!("layer {layer} is not in 0..{layers}")));
+    }
+    Ok(formula::layer_slopes(heads, layer, layers).into_iter().map(|s| s as f32).collect())
+}
+
+/// The contiguous share of `slopes` that tensor-parallel `rank` of `world_size` holds.
+pub fn rank_slice(slopes: &[f32], rank: usize, world_size: usize) -> Result<Vec<f32>> {
+    if world_size == 0 || rank >= world_size {
+        return Err(LightningError::Slopes(format!("rank {rank} is not in 0..{world_size}")));
+    }
+    if slopes.len() % world_size != 0 {
+        return Err(LightningError::Slopes(format!(
+            "{} heads do not split evenly over {world_size} ranks",
+            slopes.len()
+        )));
+    }
+    let per_rank = slopes.len() / world_size;
+    Ok(slopes[rank * per_rank..(rank + 1) * per_rank].to_vec())
+}

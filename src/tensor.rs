@@ -1,0 +1,82 @@
+//! A device buffer with its shape and dtype: what the host API takes and returns.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::{DType, LightningError, Result};
+
+/// A contiguous row-major tensor on a CubeCL device.
+#[derive(Clone, Debug)]
+pub struct DeviceTensor {
+    /// The device buffer.
+    pub handle: Handle,
+    /// The shape, outermost first.
+    pub shape: Vec<usize>,
+    /// The element type.
+    pub dtype: DType,
+}
+
+impl DeviceTensor {
+    /// Elements in the tensor.
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Uploads `data` (given as f32) converted to `dtype`.
+    pub fn from_f32(client: &Client, data: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(LightningError::Shape {
+                tensor: "data",
+                expected: vec![data.len()],
+                layout: "the product of the shape",
+                actual: shape.to_vec(),
+            });
+        }
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => f32::as_bytes(data).to_vec(),
+            DType::F16 => {
+                let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                half::f16::as_bytes(&v).to_vec()
+            }
+            DType::BF16 => {
+                let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                half::bf16::as_bytes(&v).to_vec()
+            }
+        };
+        Ok(Self { handle: client.create_from_slice(&bytes), shape: shape.to_vec(), dtype })
+    }
+
+    /// A tensor of `shape` with every element `value` (NaN to poison an output).
+    pub fn filled(client: &Client, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
+        let len = shape.iter().product();
+        Self::from_f32(client, &vec![value; len], shape, dtype)
+    }
+
+    /// An uninitialized tensor of `shape`.
+    pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Self {
+        let len: usize = shape.iter().product();
+        Self { handle: client.empty(len * dtype.size()), shape: shape.to_vec(), dtype }
+    }
+
+    /// Reads the tensor back, widened to f32.
+    pub fn to_f32_vec(&self, client: &Client) -> Result<Vec<f32>> {
+        let bytes = client
+            .read_one(self.handle.clone())
+            .map_err(|e| LightningError::Device(e.to_string()))?;
+        let len = self.num_elements();
+        Ok(match self.dtype {
+            DType::F32 => f32::from_bytes(&bytes)[..len].to_vec(),
+            DType::F16 => half::f16::from_bytes(&bytes)[..len].iter().map(|x| x.to_f32()).collect(),
+            DType::BF16 => half::bf16::from_bytes(&bytes)[..len].iter().map(|x| x.to_f32()).collect(),
+        })
+    }
+
+    /// Reads the raw bytes back (for byte-exact comparisons).
+    pub fn to_bytes(&self, client: &Client) -> Result<Vec<u8>> {
+        let bytes = client
+            .read_one(self.handle.clone())
+            .map_err(|e| LightningError::Device(e.to_string()))?;
+        Ok(bytes[..self.num_elements() * self.dtype.size()].to_vec())
+    }
+}
