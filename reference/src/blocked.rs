@@ -19,6 +19,37 @@ pub fn blocked(
     slopes: &[f64],
     initial: Option<&[f64]>,
 ) -> Prefill {
+    blocked_with_query_decay(dims, block, q, k, v, slopes, initial, |c| c + 1)
+}
+
+/// [`blocked`] with vLLM's Triton off-by-one: the incoming state decayed by
+/// `exp(-s c)` instead of `exp(-s (c + 1))`. Wrong on purpose: tests use it to
+/// prove that their tolerance would catch that bug.
+pub fn blocked_vllm_off_by_one(
+    dims: Dims,
+    block: usize,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    slopes: &[f64],
+    initial: Option<&[f64]>,
+) -> Prefill {
+    blocked_with_query_decay(dims, block, q, k, v, slopes, initial, |c| c)
+}
+
+/// The blocked algorithm with the number of decay steps applied to the
+/// incoming state for the query at offset `c` of its block.
+#[allow(clippy::too_many_arguments)]
+fn blocked_with_query_decay(
+    dims: Dims,
+    block: usize,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    slopes: &[f64],
+    initial: Option<&[f64]>,
+    query_decay_steps: impl Fn(usize) -> usize,
+) -> Prefill {
     assert!(block > 0, "block must be positive");
     check_lengths(dims, q, k, v, slopes, initial);
     let Dims { batch, heads, seq_len: n, key_dim: d, value_dim: e } = dims;
@@ -77,7 +108,7 @@ pub fn blocked(
                     }
                     // non-diag: the query against the incoming state.
                     let inter: f64 = (0..d).map(|i| q[t * d + i] * incoming[blk][i * e + j]).sum();
-                    out[t * e + j] = acc + (-s * (c + 1) as f64).exp() * inter;
+                    out[t * e + j] = acc + (-s * query_decay_steps(c) as f64).exp() * inter;
                 }
             }
         }

@@ -17,8 +17,10 @@ mod decode;
 mod dims;
 mod recurrence;
 pub mod slopes;
+#[cfg(test)]
+mod tests;
 
-pub use blocked::blocked;
+pub use blocked::{blocked, blocked_vllm_off_by_one};
 pub use decode::{PADDING_SLOT, decode};
 pub use dims::Dims;
 pub use recurrence::{Prefill, recurrence};

@@ -1,0 +1,83 @@
+//! Shared helpers: the client, seeded random inputs, uploads, the error measure.
+
+use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::{DType, DeviceTensor, runtime};
+
+pub use lightning_attention::reference::relative_error;
+
+/// The client of the device under test; panics (fails the test) if there is none.
+pub fn client() -> Client {
+    runtime::best_client()
+}
+
+/// Bound on `||out - ref|| / ||ref||` for outputs of `dtype` inputs.
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 | DType::BF16 => 1e-2,
+    }
+}
+
+/// Input dtypes every runtime must run; bf16 joins with the `test-bf16` feature
+/// (CUDA), since wgpu reports it unsupported.
+pub fn input_dtypes() -> Vec<DType> {
+    let mut dtypes = vec![DType::F32, DType::F16];
+    if cfg!(feature = "test-bf16") {
+        dtypes.push(DType::BF16);
+    }
+    dtypes
+}
+
+/// xorshift64*: small, seeded, reproducible.
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+        bits as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    /// `len` values in `[-1, 1)`, rounded to `dtype` so the reference sees what the kernel sees.
+    pub fn values(&mut self, len: usize, dtype: DType) -> Vec<f32> {
+        (0..len).map(|_| round(self.unit(), dtype)).collect()
+    }
+
+    /// Slopes in `[0.001, 0.92]`, the range of real models.
+    pub fn slopes(&mut self, heads: usize) -> Vec<f32> {
+        (0..heads).map(|_| 0.001 + 0.919 * (self.unit() * 0.5 + 0.5)).collect()
+    }
+}
+
+/// `x` as the nearest value of `dtype`.
+pub fn round(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+    }
+}
+
+pub fn upload(client: &Client, data: &[f32], shape: &[usize], dtype: DType) -> DeviceTensor {
+    DeviceTensor::from_f32(client, data, shape, dtype).expect("upload")
+}
+
+/// A tensor of NaN, so that any element a kernel does not write fails.
+pub fn poisoned(client: &Client, shape: &[usize], dtype: DType) -> DeviceTensor {
+    DeviceTensor::filled(client, shape, dtype, f32::NAN).expect("poison")
+}
+
+pub fn read(client: &Client, t: &DeviceTensor) -> Vec<f64> {
+    t.to_f32_vec(client).expect("read back").into_iter().map(f64::from).collect()
+}
+
+pub fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| f64::from(v)).collect()
+}

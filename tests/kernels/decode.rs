@@ -1,0 +1,101 @@
+//! Decode against the reference: slot-indexed cache updated in place, padding rows skipped.
+
+use lightning_attention::reference::decode as reference_decode;
+use lightning_attention::{DType, DecodeInputs, PADDING_SLOT, decode_into};
+use proptest::prelude::*;
+
+use crate::common::*;
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    heads: usize,
+    key_dim: usize,
+    value_dim: usize,
+    spare_slots: usize,
+    padding: Vec<bool>,
+    dtype: DType,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1usize..=6,
+        1usize..=3,
+        prop::sample::select(vec![(64, 128), (128, 64), (128, 128), (24, 40), (8, 16)]),
+        0usize..=3,
+        prop::sample::select(input_dtypes()),
+        any::<u64>(),
+    )
+        .prop_flat_map(|(batch, heads, (key_dim, value_dim), spare_slots, dtype, seed)| {
+            prop::collection::vec(prop::bool::weighted(0.25), batch).prop_map(move |padding| Case {
+                batch,
+                heads,
+                key_dim,
+                value_dim,
+                spare_slots,
+                padding,
+                dtype,
+                seed,
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decode_matches_reference(case in case()) {
+        let client = client();
+        let Case { batch: b, heads: h, key_dim: d, value_dim: e, dtype, .. } = case;
+        let num_slots = b + case.spare_slots;
+        let mut rng = SeededRng::new(case.seed);
+        let q = rng.values(b * h * d, dtype);
+        let k = rng.values(b * h * d, dtype);
+        let v = rng.values(b * h * e, dtype);
+        let slopes = rng.slopes(h);
+        let cache = rng.values(num_slots * h * d * e, DType::F32);
+        // A shuffled assignment of distinct slots, some rows padding.
+        let mut order: Vec<i32> = (0..num_slots as i32).collect();
+        for i in (1..order.len()).rev() {
+            let j = ((rng.unit() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+            order.swap(i, j);
+        }
+        let slots: Vec<i32> = (0..b).map(|i| if case.padding[i] { PADDING_SLOT } else { order[i] }).collect();
+
+        let q_t = upload(&client, &q, &[b, h, 1, d], dtype);
+        let k_t = upload(&client, &k, &[b, h, 1, d], dtype);
+        let v_t = upload(&client, &v, &[b, h, 1, e], dtype);
+        let s_t = upload(&client, &slopes, &[h], DType::F32);
+        let cache_t = upload(&client, &cache, &[num_slots, h, d, e], DType::F32);
+        let before = cache_t.to_bytes(&client).unwrap();
+        let out = poisoned(&client, &[b, h, 1, e], dtype);
+        let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &cache_t, slopes: &s_t, slots: &slots, scale: None };
+        decode_into(&client, &inputs, &out).expect("a valid decode");
+
+        let mut expected_cache = f64s(&cache);
+        let slots64: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let expected = reference_decode(h, d, e, &f64s(&q), &f64s(&k), &f64s(&v), &mut expected_cache, &f64s(&slopes), &slots64);
+        let actual = read(&client, &out);
+        let tol = tolerance(dtype);
+        let out_err = relative_error(&actual, &expected);
+        prop_assert!(out_err < tol || expected.iter().all(|&x| x == 0.0), "output error {out_err:e} for {case:?}");
+        for (row, &slot) in slots.iter().enumerate() {
+            if slot == PADDING_SLOT {
+                let zeros = &actual[row * h * e..(row + 1) * h * e];
+                prop_assert!(zeros.iter().all(|&x| x == 0.0), "padding row {row} not zero: {case:?}");
+            }
+        }
+        let cache_err = relative_error(&read(&client, &cache_t), &expected_cache);
+        prop_assert!(cache_err < 1e-5, "cache error {cache_err:e} for {case:?}");
+        // Slots no live row names are byte-identical.
+        let after = cache_t.to_bytes(&client).unwrap();
+        let slot_bytes = h * d * e * 4;
+        for slot in 0..num_slots {
+            if !slots.contains(&(slot as i32)) {
+                let range = slot * slot_bytes..(slot + 1) * slot_bytes;
+                prop_assert!(before[range.clone()] == after[range], "slot {slot} changed: {case:?}");
+            }
+        }
+    }
+}

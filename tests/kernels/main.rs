@@ -1,0 +1,12 @@
+//! The kernels judged against the f64 reference, on the device this build selects.
+//!
+//! With the default `wgpu` feature and no GPU this is lavapipe (Mesa's software
+//! Vulkan); with `--features cuda` and a driver, CUDA. A missing device is a
+//! failure, never a skip. Every output is poisoned with NaN before a launch,
+//! so an element a kernel forgets to write fails the comparison.
+
+mod common;
+mod consistency;
+mod decode;
+mod errors;
+mod prefill;

@@ -1,0 +1,123 @@
+//! Prefill against the reference across block sizes, shapes, dtypes and initial states.
+
+use lightning_attention::reference::{Dims, blocked_vllm_off_by_one, recurrence};
+use lightning_attention::{DType, PrefillConfig, PrefillInputs, prefill_into};
+use proptest::prelude::*;
+
+use crate::common::*;
+
+/// One prefill problem; `seed` makes its inputs.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub block: usize,
+    pub sub_block: usize,
+    pub dims: Dims,
+    pub with_state: bool,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+/// Sub-blocks tried per block: powers of two from `block / 16` (at least 4) to 64.
+fn sub_blocks(block: usize) -> Vec<usize> {
+    (2..=6).map(|p| 1usize << p).filter(|&cb| cb <= block && cb * 16 >= block).collect()
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let head_dims = vec![(64, 128), (128, 64), (128, 128), (32, 32), (24, 40), (16, 8)];
+    (
+        prop::sample::select(vec![16usize, 32, 64, 128, 256]),
+        prop::sample::select(head_dims),
+        1usize..=2,
+        1usize..=3,
+        any::<bool>(),
+        prop::sample::select(input_dtypes()),
+        any::<u64>(),
+    )
+        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, seed)| {
+            (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(move |(sub_block, n)| Case {
+                block,
+                sub_block,
+                dims: Dims { batch: b, heads: h, seq_len: n, key_dim: d, value_dim: e },
+                with_state,
+                dtype,
+                seed,
+            })
+        })
+}
+
+/// Runs `case` on the device and returns (relative error of out, of the final state),
+/// plus the error the vLLM off-by-one would have against the same reference.
+pub fn run(case: &Case) -> (f64, f64, f64) {
+    let client = client();
+    let Case { dims, dtype, .. } = *case;
+    let mut rng = SeededRng::new(case.seed);
+    let q = rng.values(dims.qk_len(), dtype);
+    let k = rng.values(dims.qk_len(), dtype);
+    let v = rng.values(dims.v_len(), dtype);
+    let slopes = rng.slopes(dims.heads);
+    let state = case.with_state.then(|| rng.values(dims.state_len(), DType::F32));
+    let (b, h, n, d, e) = (dims.batch, dims.heads, dims.seq_len, dims.key_dim, dims.value_dim);
+
+    let q_t = upload(&client, &q, &[b, h, n, d], dtype);
+    let k_t = upload(&client, &k, &[b, h, n, d], dtype);
+    let v_t = upload(&client, &v, &[b, h, n, e], dtype);
+    let s_t = upload(&client, &slopes, &[h], DType::F32);
+    let state_t = state.as_ref().map(|s| upload(&client, s, &[b, h, d, e], DType::F32));
+    let out = poisoned(&client, &[b, h, n, e], dtype);
+    let final_state = poisoned(&client, &[b, h, d, e], DType::F32);
+    let inputs = PrefillInputs { q: &q_t, k: &k_t, v: &v_t, slopes: &s_t, initial_state: state_t.as_ref() };
+    prefill_into(&client, &inputs, &PrefillConfig::new(case.block, case.sub_block), &out, &final_state)
+        .expect("a valid prefill");
+
+    let (q, k, v, slopes) = (f64s(&q), f64s(&k), f64s(&v), f64s(&slopes));
+    let state = state.map(|s| f64s(&s));
+    let exact = recurrence(dims, &q, &k, &v, &slopes, state.as_deref());
+    let buggy = blocked_vllm_off_by_one(dims, case.block, &q, &k, &v, &slopes, state.as_deref());
+    (
+        relative_error(&read(&client, &out), &exact.out),
+        relative_error(&read(&client, &final_state), &exact.state),
+        relative_error(&buggy.out, &exact.out),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn prefill_matches_reference(case in case()) {
+        let (out_err, state_err, bug_err) = run(&case);
+        let tol = tolerance(case.dtype);
+        prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
+        prop_assert!(state_err < tol, "state error {state_err:e} >= {tol:e} for {case:?}");
+        // Where the off-by-one changes anything (an incoming state is not zero),
+        // it is far outside the bound that just passed: the test would catch it.
+        if case.with_state {
+            prop_assert!(bug_err > 10.0 * tol, "the vLLM off-by-one would pass: {bug_err:e} for {case:?}");
+        }
+    }
+}
+
+#[test]
+fn scale_multiplies_the_output() {
+    let client = client();
+    let dims = Dims { batch: 1, heads: 2, seq_len: 50, key_dim: 16, value_dim: 24 };
+    let mut rng = SeededRng::new(7);
+    let q = rng.values(dims.qk_len(), DType::F32);
+    let k = rng.values(dims.qk_len(), DType::F32);
+    let v = rng.values(dims.v_len(), DType::F32);
+    let slopes = rng.slopes(2);
+    let q_t = upload(&client, &q, &[1, 2, 50, 16], DType::F32);
+    let k_t = upload(&client, &k, &[1, 2, 50, 16], DType::F32);
+    let v_t = upload(&client, &v, &[1, 2, 50, 24], DType::F32);
+    let s_t = upload(&client, &slopes, &[2], DType::F32);
+    let inputs = PrefillInputs { q: &q_t, k: &k_t, v: &v_t, slopes: &s_t, initial_state: None };
+    let out = poisoned(&client, &[1, 2, 50, 24], DType::F32);
+    let state = poisoned(&client, &[1, 2, 16, 24], DType::F32);
+    let config = PrefillConfig::new(16, 8).with_scale(0.125);
+    prefill_into(&client, &inputs, &config, &out, &state).unwrap();
+    let exact = recurrence(dims, &f64s(&q), &f64s(&k), &f64s(&v), &f64s(&slopes), None);
+    let scaled: Vec<f64> = exact.out.iter().map(|x| x * 0.125).collect();
+    assert!(relative_error(&read(&client, &out), &scaled) < 1e-4);
+    // The state does not see the scale.
+    assert!(relative_error(&read(&client, &state), &exact.state) < 1e-4);
+}
