@@ -18,45 +18,62 @@ pub struct PrefillConfig {
 impl Default for PrefillConfig {
     /// vLLM's `BLOCK = 256` with sub-blocks of 32, no scale.
     fn default() -> Self {
-        Self { block: 256, sub_block: 32, scale: None }
+        Self {
+            block: 256,
+            sub_block: 32,
+            scale: None,
+        }
     }
 }
 
 impl PrefillConfig {
     /// A config with the given block and sub-block and no scale.
     pub fn new(block: usize, sub_block: usize) -> Self {
-        Self { block, sub_block, scale: None }
+        Self {
+            block,
+            sub_block,
+            scale: None,
+        }
     }
 
     /// The same config with a query scale.
     pub fn with_scale(self, scale: f32) -> Self {
-        Self { scale: Some(scale), ..self }
+        Self {
+            scale: Some(scale),
+            ..self
+        }
     }
 
     /// Checks the rules the kernels rely on.
     pub fn validate(&self) -> Result<()> {
-        let fail = |reason| Err(LightningError::InvalidBlock { block: self.block, sub_block: self.sub_block, reason });
+        let fail = |reason| {
+            Err(LightningError::InvalidBlock {
+                block: self.block,
+                sub_block: self.sub_block,
+                reason,
+            })
+        };
         if self.block == 0 || self.sub_block == 0 {
             return fail("both must be at least 1");
         }
         if !self.block.is_power_of_two() {
             return fail("BLOCK must be a power of two");
         }
-        if self.sub_block > self.block || self.block % self.sub_block != 0 {
+        if self.sub_block > self.block || !self.block.is_multiple_of(self.sub_block) {
             return fail("BLOCK must be a multiple of CBLOCK");
         }
         if !self.sub_block.is_power_of_two() {
             return fail("CBLOCK must be a power of two");
         }
-        if let Some(scale) = self.scale {
-            if !scale.is_finite() {
-                return Err(LightningError::InvalidBlock {
-                    block: self.block,
-                    sub_block: self.sub_block,
-                    reason: "scale must be finite",
-                });
-            }
-        }
+        check_scale(self.scale)?;
         Ok(())
+    }
+}
+
+/// A scale, when given, must be finite.
+pub(crate) fn check_scale(scale: Option<f32>) -> Result<()> {
+    match scale {
+        Some(scale) if !scale.is_finite() => Err(LightningError::InvalidScale(scale.to_string())),
+        _ => Ok(()),
     }
 }

@@ -3,6 +3,7 @@
 use cubecl::prelude::*;
 use lightning_attention_kernels as kernels;
 
+use crate::config::check_scale;
 use crate::plan::{DeviceLimits, LaunchDims, plan_decode};
 use crate::prefill::arg;
 use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
@@ -32,9 +33,19 @@ pub struct DecodeInputs<'a> {
 
 /// Validates and plans a decode step without launching anything.
 pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(DecodeShape, LaunchDims)> {
-    let shape = validate_decode(inputs.q, inputs.k, inputs.v, inputs.cache, inputs.slopes, inputs.slots)?;
+    let shape = validate_decode(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.cache,
+        inputs.slopes,
+        inputs.slots,
+    )?;
     if !shape.dtype.is_supported(client) {
-        return Err(LightningError::UnsupportedDType { dtype: shape.dtype, runtime: client.name() });
+        return Err(LightningError::UnsupportedDType {
+            dtype: shape.dtype,
+            runtime: client.name(),
+        });
     }
     let dims = plan_decode(&shape, &DeviceLimits::of(client))?;
     Ok((shape, dims))
@@ -43,7 +54,11 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
 /// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place.
 pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
     let (shape, _) = plan_decode_step(client, inputs)?;
-    let out = DeviceTensor::empty(client, &[shape.batch, shape.heads, 1, shape.value_dim], shape.dtype);
+    let out = DeviceTensor::empty(
+        client,
+        &[shape.batch, shape.heads, 1, shape.value_dim],
+        shape.dtype,
+    );
     decode_into(client, inputs, &out)?;
     Ok(out)
 }
@@ -51,13 +66,20 @@ pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
 /// Runs a decode step into caller-owned `out` `[b, h, 1, e]` (dtype of q).
 pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -> Result<()> {
     let (shape, dims) = plan_decode_step(client, inputs)?;
-    check_tensor(out, "out", &["b", "h", "n", "e"], "[b, h, 1, e]", Some(shape.dtype))?;
-    expect_shape(out, "out", &[shape.batch, shape.heads, 1, shape.value_dim], "[b, h, 1, e]")?;
-    if let Some(scale) = inputs.scale {
-        if !scale.is_finite() {
-            return Err(LightningError::InvalidBlock { block: 1, sub_block: 1, reason: "scale must be finite" });
-        }
-    }
+    check_tensor(
+        out,
+        "out",
+        &["b", "h", "n", "e"],
+        "[b, h, 1, e]",
+        Some(shape.dtype),
+    )?;
+    expect_shape(
+        out,
+        "out",
+        &[shape.batch, shape.heads, 1, shape.value_dim],
+        "[b, h, 1, e]",
+    )?;
+    check_scale(inputs.scale)?;
     let slots = client.create_from_slice(i32::as_bytes(inputs.slots));
     let slots = unsafe { BufferArg::from_raw_parts(slots, inputs.slots.len()) };
     let scale = inputs.scale.unwrap_or(1.0);

@@ -1,7 +1,7 @@
 //! Input dtypes and what a runtime can do with them.
 
-use cubecl::prelude::*;
 use cubecl::ir::features::TypeUsage;
+use cubecl::prelude::*;
 
 /// The float type of q, k, v and the output. The state is always f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

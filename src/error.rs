@@ -72,6 +72,9 @@ pub enum LightningError {
         /// What rule it breaks.
         reason: &'static str,
     },
+    /// The output scale is not a finite number.
+    #[error("scale {0} is not finite; expected a finite multiplier (or None for 1)")]
+    InvalidScale(String),
     /// A decode slot index is neither padding (-1) nor a slot of the cache.
     #[error("slots[{index}] = {slot}: expected -1 (padding) or a slot in 0..{slots}")]
     SlotOutOfRange {
@@ -93,7 +96,9 @@ pub enum LightningError {
         second: usize,
     },
     /// The runtime cannot store or convert this input dtype.
-    #[error("the {runtime} runtime cannot run {dtype} inputs (it reports no buffer/conversion support); use f32 or f16 there")]
+    #[error(
+        "the {runtime} runtime cannot run {dtype} inputs (it reports no buffer/conversion support); use f32 or f16 there"
+    )]
     UnsupportedDType {
         /// The dtype asked for.
         dtype: DType,

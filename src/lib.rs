@@ -31,3 +31,8 @@ pub use tensor::DeviceTensor;
 
 pub use cubecl;
 pub use lightning_attention_reference as reference;
+
+/// The README's example, compiled as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

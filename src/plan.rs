@@ -53,16 +53,37 @@ impl LaunchDims {
     fn check(self, kernel: &'static str, limits: &DeviceLimits) -> Result<Self> {
         let fits = |resource, required: u64, available: u64| {
             if required > available {
-                Err(LightningError::DoesNotFit { kernel, resource, required, available })
+                Err(LightningError::DoesNotFit {
+                    kernel,
+                    resource,
+                    required,
+                    available,
+                })
             } else {
                 Ok(())
             }
         };
-        fits("bytes of shared memory", self.shared_bytes as u64, limits.shared_memory as u64)?;
+        fits(
+            "bytes of shared memory",
+            self.shared_bytes as u64,
+            limits.shared_memory as u64,
+        )?;
         fits("units per cube", self.units as u64, limits.max_units as u64)?;
-        fits("cubes along x", self.cubes.0 as u64, limits.max_cube_count.0 as u64)?;
-        fits("cubes along y", self.cubes.1 as u64, limits.max_cube_count.1 as u64)?;
-        fits("cubes along z", self.cubes.2 as u64, limits.max_cube_count.2 as u64)?;
+        fits(
+            "cubes along x",
+            self.cubes.0 as u64,
+            limits.max_cube_count.0 as u64,
+        )?;
+        fits(
+            "cubes along y",
+            self.cubes.1 as u64,
+            limits.max_cube_count.1 as u64,
+        )?;
+        fits(
+            "cubes along z",
+            self.cubes.2 as u64,
+            limits.max_cube_count.2 as u64,
+        )?;
         Ok(self)
     }
 
@@ -141,14 +162,22 @@ impl PrefillPlan {
         let kv_key_tile = d.next_power_of_two().min(STATE_TILE);
         let kv_value_tile = e.next_power_of_two().min(STATE_TILE);
         let kv_parallel = LaunchDims {
-            cubes: (count(num_blocks), bh, count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile))),
+            cubes: (
+                count(num_blocks),
+                bh,
+                count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
+            ),
             units: count(kv_key_tile * kv_value_tile),
             shared_bytes: cb * (kv_key_tile + kv_value_tile) * 4,
         }
         .check("kv-parallel", limits)?;
 
-        let kv_reduce = LaunchDims { cubes: (count((d * e).div_ceil(units as usize)), bh, 1), units, shared_bytes: 0 }
-            .check("kv-reduce", limits)?;
+        let kv_reduce = LaunchDims {
+            cubes: (count((d * e).div_ceil(units as usize)), bh, 1),
+            units,
+            shared_bytes: 0,
+        }
+        .check("kv-reduce", limits)?;
 
         let non_diag_value_tile = e.next_power_of_two().min(MAX_VALUE_TILE);
         let non_diag = LaunchDims {
@@ -175,9 +204,15 @@ impl PrefillPlan {
 
 /// Plans a validated decode step: one unit per value column, one cube row per (b, h).
 pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<LaunchDims> {
-    let units = count(shape.value_dim.next_power_of_two()).min(TARGET_UNITS).min(limits.max_units);
+    let units = count(shape.value_dim.next_power_of_two())
+        .min(TARGET_UNITS)
+        .min(limits.max_units);
     LaunchDims {
-        cubes: (count(shape.value_dim.div_ceil(units as usize)), count(shape.batch * shape.heads), 1),
+        cubes: (
+            count(shape.value_dim.div_ceil(units as usize)),
+            count(shape.batch * shape.heads),
+            1,
+        ),
         units,
         shared_bytes: 0,
     }

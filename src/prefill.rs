@@ -32,11 +32,18 @@ pub struct PrefillOutput {
 }
 
 /// Validates the whole problem and plans its launches without launching anything.
-pub fn plan_prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<(PrefillShape, PrefillPlan)> {
+pub fn plan_prefill(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+) -> Result<(PrefillShape, PrefillPlan)> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
     if !shape.dtype.is_supported(client) {
-        return Err(LightningError::UnsupportedDType { dtype: shape.dtype, runtime: client.name() });
+        return Err(LightningError::UnsupportedDType {
+            dtype: shape.dtype,
+            runtime: client.name(),
+        });
     }
     let plan = PrefillPlan::new(&shape, config, &DeviceLimits::of(client))?;
     Ok((shape, plan))
@@ -61,11 +68,31 @@ pub fn prefill_into(
     final_state: &DeviceTensor,
 ) -> Result<()> {
     let (shape, plan) = plan_prefill(client, inputs, config)?;
-    check_tensor(out, "out", &["b", "h", "n", "e"], "[b, h, n, e]", Some(shape.dtype))?;
+    check_tensor(
+        out,
+        "out",
+        &["b", "h", "n", "e"],
+        "[b, h, n, e]",
+        Some(shape.dtype),
+    )?;
     expect_shape(out, "out", &shape.out_shape(), "[b, h, n, e]")?;
-    check_tensor(final_state, "final_state", &["b", "h", "d", "e"], "[b, h, d, e]", Some(DType::F32))?;
+    check_tensor(
+        final_state,
+        "final_state",
+        &["b", "h", "d", "e"],
+        "[b, h, d, e]",
+        Some(DType::F32),
+    )?;
     expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
-    let launch = Launch { client, inputs, config, shape, plan, out, final_state };
+    let launch = Launch {
+        client,
+        inputs,
+        config,
+        shape,
+        plan,
+        out,
+        final_state,
+    };
     match shape.dtype {
         DType::F32 => launch.run::<f32>(),
         DType::F16 => launch.run::<half::f16>(),
@@ -92,7 +119,15 @@ struct Launch<'a> {
 
 impl Launch<'_> {
     fn run<F: Float + CubeElement>(&self) {
-        let Self { client, inputs, config, shape, plan, out, final_state } = self;
+        let Self {
+            client,
+            inputs,
+            config,
+            shape,
+            plan,
+            out,
+            final_state,
+        } = self;
         let (n, h) = (shape.seq_len as u32, shape.heads as u32);
         let (d, e) = (shape.key_dim, shape.value_dim);
         let (block, cb) = (config.block, config.sub_block);

@@ -37,9 +37,20 @@ impl PrefillShape {
     }
 }
 
-pub(crate) fn expect_rank(t: &DeviceTensor, tensor: &'static str, expected: usize, layout: &'static str) -> Result<()> {
+pub(crate) fn expect_rank(
+    t: &DeviceTensor,
+    tensor: &'static str,
+    expected: usize,
+    layout: &'static str,
+) -> Result<()> {
     if t.shape.len() != expected {
-        return Err(LightningError::Rank { tensor, expected, layout, actual: t.shape.len(), shape: t.shape.clone() });
+        return Err(LightningError::Rank {
+            tensor,
+            expected,
+            layout,
+            actual: t.shape.len(),
+            shape: t.shape.clone(),
+        });
     }
     Ok(())
 }
@@ -47,22 +58,40 @@ pub(crate) fn expect_rank(t: &DeviceTensor, tensor: &'static str, expected: usiz
 pub(crate) fn expect_nonzero(t: &DeviceTensor, tensor: &'static str, names: &[&'static str]) -> Result<()> {
     for (&size, &dim) in t.shape.iter().zip(names) {
         if size == 0 {
-            return Err(LightningError::EmptyDimension { tensor, dim, shape: t.shape.clone() });
+            return Err(LightningError::EmptyDimension {
+                tensor,
+                dim,
+                shape: t.shape.clone(),
+            });
         }
     }
     Ok(())
 }
 
-pub(crate) fn expect_shape(t: &DeviceTensor, tensor: &'static str, expected: &[usize], layout: &'static str) -> Result<()> {
+pub(crate) fn expect_shape(
+    t: &DeviceTensor,
+    tensor: &'static str,
+    expected: &[usize],
+    layout: &'static str,
+) -> Result<()> {
     if t.shape != expected {
-        return Err(LightningError::Shape { tensor, expected: expected.to_vec(), layout, actual: t.shape.clone() });
+        return Err(LightningError::Shape {
+            tensor,
+            expected: expected.to_vec(),
+            layout,
+            actual: t.shape.clone(),
+        });
     }
     Ok(())
 }
 
 pub(crate) fn expect_dtype(t: &DeviceTensor, tensor: &'static str, expected: DType) -> Result<()> {
     if t.dtype != expected {
-        return Err(LightningError::DType { tensor, expected, actual: t.dtype });
+        return Err(LightningError::DType {
+            tensor,
+            expected,
+            actual: t.dtype,
+        });
     }
     Ok(())
 }
@@ -71,12 +100,20 @@ pub(crate) fn expect_dtype(t: &DeviceTensor, tensor: &'static str, expected: DTy
 pub(crate) fn expect_buffer(t: &DeviceTensor, tensor: &'static str) -> Result<()> {
     let elements = t.num_elements() as u64;
     if elements > MAX_ELEMENTS {
-        return Err(LightningError::TooLarge { tensor, elements, max: MAX_ELEMENTS });
+        return Err(LightningError::TooLarge {
+            tensor,
+            elements,
+            max: MAX_ELEMENTS,
+        });
     }
     let expected = elements * t.dtype.size() as u64;
     let actual = t.handle.size();
     if actual < expected {
-        return Err(LightningError::BufferTooSmall { tensor, expected, actual });
+        return Err(LightningError::BufferTooSmall {
+            tensor,
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
@@ -117,9 +154,22 @@ pub fn validate_prefill(
     expect_shape(v, "v", &[batch, heads, seq_len, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
-    let shape = PrefillShape { batch, heads, seq_len, key_dim, value_dim, dtype: q.dtype };
+    let shape = PrefillShape {
+        batch,
+        heads,
+        seq_len,
+        key_dim,
+        value_dim,
+        dtype: q.dtype,
+    };
     if let Some(state) = initial_state {
-        check_tensor(state, "initial_state", &["b", "h", "d", "e"], "[b, h, d, e]", Some(DType::F32))?;
+        check_tensor(
+            state,
+            "initial_state",
+            &["b", "h", "d", "e"],
+            "[b, h, d, e]",
+            Some(DType::F32),
+        )?;
         expect_shape(state, "initial_state", &shape.state_shape(), "[b, h, d, e]")?;
     }
     Ok(shape)
@@ -170,10 +220,22 @@ pub fn validate_decode(
     let num_slots = cache.shape[0];
     expect_shape(cache, "cache", &[num_slots, heads, key_dim, value_dim], CACHE)?;
     if slots.len() != batch {
-        return Err(LightningError::Shape { tensor: "slots", expected: vec![batch], layout: "[b]", actual: vec![slots.len()] });
+        return Err(LightningError::Shape {
+            tensor: "slots",
+            expected: vec![batch],
+            layout: "[b]",
+            actual: vec![slots.len()],
+        });
     }
     check_slots(slots, num_slots)?;
-    Ok(DecodeShape { batch, heads, key_dim, value_dim, slots: num_slots, dtype: q.dtype })
+    Ok(DecodeShape {
+        batch,
+        heads,
+        key_dim,
+        value_dim,
+        slots: num_slots,
+        dtype: q.dtype,
+    })
 }
 
 /// Each slot is -1 (padding) or in `0..num_slots`, and no slot appears twice.
@@ -184,10 +246,18 @@ pub(crate) fn check_slots(slots: &[i32], num_slots: usize) -> Result<()> {
             continue;
         }
         if slot < 0 || slot as usize >= num_slots {
-            return Err(LightningError::SlotOutOfRange { index, slot: slot as i64, slots: num_slots });
+            return Err(LightningError::SlotOutOfRange {
+                index,
+                slot: slot as i64,
+                slots: num_slots,
+            });
         }
         if let Some(first) = seen.insert(slot, index) {
-            return Err(LightningError::DuplicateSlot { slot: slot as i64, first, second: index });
+            return Err(LightningError::DuplicateSlot {
+                slot: slot as i64,
+                first,
+                second: index,
+            });
         }
     }
     Ok(())

@@ -10,7 +10,10 @@ pub fn base_slopes(heads: usize) -> Result<Vec<f32>> {
     if heads == 0 {
         return Err(LightningError::Slopes("heads must be at least 1".into()));
     }
-    Ok(formula::base_slopes(heads).into_iter().map(|s| s as f32).collect())
+    Ok(formula::base_slopes(heads)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect())
 }
 
 /// The slopes of `layer` (0-based) in a model of `layers` layers: the base
@@ -25,17 +28,24 @@ pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32
         )));
     }
     if layer >= layers {
-        return Err(LightningError::Slopes(format!("layer {layer} is not in 0..{layers}")));
+        return Err(LightningError::Slopes(format!(
+            "layer {layer} is not in 0..{layers}"
+        )));
     }
-    Ok(formula::layer_slopes(heads, layer, layers).into_iter().map(|s| s as f32).collect())
+    Ok(formula::layer_slopes(heads, layer, layers)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect())
 }
 
 /// The contiguous share of `slopes` that tensor-parallel `rank` of `world_size` holds.
 pub fn rank_slice(slopes: &[f32], rank: usize, world_size: usize) -> Result<Vec<f32>> {
     if world_size == 0 || rank >= world_size {
-        return Err(LightningError::Slopes(format!("rank {rank} is not in 0..{world_size}")));
+        return Err(LightningError::Slopes(format!(
+            "rank {rank} is not in 0..{world_size}"
+        )));
     }
-    if slopes.len() % world_size != 0 {
+    if !slopes.len().is_multiple_of(world_size) {
         return Err(LightningError::Slopes(format!(
             "{} heads do not split evenly over {world_size} ranks",
             slopes.len()

@@ -44,7 +44,11 @@ impl DeviceTensor {
                 half::bf16::as_bytes(&v).to_vec()
             }
         };
-        Ok(Self { handle: client.create_from_slice(&bytes), shape: shape.to_vec(), dtype })
+        Ok(Self {
+            handle: client.create_from_slice(&bytes),
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
     /// A tensor of `shape` with every element `value` (NaN to poison an output).
@@ -56,7 +60,11 @@ impl DeviceTensor {
     /// An uninitialized tensor of `shape`.
     pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Self {
         let len: usize = shape.iter().product();
-        Self { handle: client.empty(len * dtype.size()), shape: shape.to_vec(), dtype }
+        Self {
+            handle: client.empty(len * dtype.size()),
+            shape: shape.to_vec(),
+            dtype,
+        }
     }
 
     /// Reads the tensor back, widened to f32.
@@ -67,8 +75,14 @@ impl DeviceTensor {
         let len = self.num_elements();
         Ok(match self.dtype {
             DType::F32 => f32::from_bytes(&bytes)[..len].to_vec(),
-            DType::F16 => half::f16::from_bytes(&bytes)[..len].iter().map(|x| x.to_f32()).collect(),
-            DType::BF16 => half::bf16::from_bytes(&bytes)[..len].iter().map(|x| x.to_f32()).collect(),
+            DType::F16 => half::f16::from_bytes(&bytes)[..len]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            DType::BF16 => half::bf16::from_bytes(&bytes)[..len]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
         })
     }
 

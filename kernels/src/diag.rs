@@ -77,8 +77,7 @@ pub fn diag<F: Float>(
                 for c in 0..sub_block {
                     let tk = k_start + c;
                     if tk < n {
-                        sum += scores[row * sub_block + c]
-                            * f32::cast_from(v[v_base + tk * value_dim + col]);
+                        sum += scores[row * sub_block + c] * f32::cast_from(v[v_base + tk * value_dim + col]);
                     }
                 }
                 acc[idx] += sum;

@@ -52,7 +52,13 @@ fn blocked_with_query_decay(
 ) -> Prefill {
     assert!(block > 0, "block must be positive");
     check_lengths(dims, q, k, v, slopes, initial);
-    let Dims { batch, heads, seq_len: n, key_dim: d, value_dim: e } = dims;
+    let Dims {
+        batch,
+        heads,
+        seq_len: n,
+        key_dim: d,
+        value_dim: e,
+    } = dims;
     let num_blocks = n.div_ceil(block);
     let mut out = vec![0.0; dims.v_len()];
     let mut state = match initial {
@@ -95,7 +101,7 @@ fn blocked_with_query_decay(
             }
         }
 
-        for blk in 0..num_blocks {
+        for (blk, state_in) in incoming.iter().enumerate() {
             let (start, len) = (blk * block, block.min(n - blk * block));
             for c in 0..len {
                 let t = start + c;
@@ -107,7 +113,7 @@ fn blocked_with_query_decay(
                         acc += (-s * (c - c2) as f64).exp() * score * v[(start + c2) * e + j];
                     }
                     // non-diag: the query against the incoming state.
-                    let inter: f64 = (0..d).map(|i| q[t * d + i] * incoming[blk][i * e + j]).sum();
+                    let inter: f64 = (0..d).map(|i| q[t * d + i] * state_in[i * e + j]).sum();
                     out[t * e + j] = acc + (-s * query_decay_steps(c) as f64).exp() * inter;
                 }
             }

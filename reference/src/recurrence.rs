@@ -22,7 +22,13 @@ pub fn recurrence(
     slopes: &[f64],
     initial: Option<&[f64]>,
 ) -> Prefill {
-    let Dims { batch, heads, seq_len: n, key_dim: d, value_dim: e } = dims;
+    let Dims {
+        batch,
+        heads,
+        seq_len: n,
+        key_dim: d,
+        value_dim: e,
+    } = dims;
     check_lengths(dims, q, k, v, slopes, initial);
     let mut out = vec![0.0; dims.v_len()];
     let mut state = match initial {

@@ -12,7 +12,12 @@ pub fn base_slopes(heads: usize) -> Vec<f64> {
     }
     let closest = 1usize << heads.ilog2();
     let mut slopes = power_of_two_ladder(closest);
-    slopes.extend(base_slopes(2 * closest).into_iter().step_by(2).take(heads - closest));
+    slopes.extend(
+        base_slopes(2 * closest)
+            .into_iter()
+            .step_by(2)
+            .take(heads - closest),
+    );
     slopes
 }
 

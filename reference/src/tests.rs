@@ -7,7 +7,13 @@ use crate::slopes::{base_slopes, layer_factor, layer_slopes};
 use crate::{Dims, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error};
 
 fn dims(batch: usize, heads: usize, seq_len: usize, key_dim: usize, value_dim: usize) -> Dims {
-    Dims { batch, heads, seq_len, key_dim, value_dim }
+    Dims {
+        batch,
+        heads,
+        seq_len,
+        key_dim,
+        value_dim,
+    }
 }
 
 #[test]
@@ -81,26 +87,57 @@ fn decode_step_is_one_step_of_the_recurrence() {
     let v: Vec<f64> = (0..18).map(|i| (i as f64 * 0.53).sin()).collect();
     let slopes = [0.3, 0.7];
     let full = recurrence(d, &q, &k, &v, &slopes, None);
-    let prefix = recurrence(dims(1, 2, 2, 2, 3), &take(&q, 2, 3, 2), &take(&k, 2, 3, 2), &take(&v, 2, 3, 3), &slopes, None);
+    let prefix = recurrence(
+        dims(1, 2, 2, 2, 3),
+        &take(&q, 2, 3, 2),
+        &take(&k, 2, 3, 2),
+        &take(&v, 2, 3, 3),
+        &slopes,
+        None,
+    );
     // Cache with two slots; the sequence lives in slot 1, slot 0 must not move.
     let mut cache = vec![7.0; 2 * 2 * 2 * 3];
     cache[12..].copy_from_slice(&prefix.state);
-    let out = decode(2, 2, 3, &last(&q, 3, 2), &last(&k, 3, 2), &last(&v, 3, 3), &mut cache, &slopes, &[1]);
+    let out = decode(
+        2,
+        2,
+        3,
+        &last(&q, 3, 2),
+        &last(&k, 3, 2),
+        &last(&v, 3, 3),
+        &mut cache,
+        &slopes,
+        &[1],
+    );
     assert!(relative_error(&out, &last(&full.out, 3, 3)) < 1e-14);
     assert!(relative_error(&cache[12..], &full.state) < 1e-14);
     assert!(cache[..12].iter().all(|&x| x == 7.0));
-    let padded = decode(2, 2, 3, &last(&q, 3, 2), &last(&k, 3, 2), &last(&v, 3, 3), &mut cache, &slopes, &[-1]);
+    let padded = decode(
+        2,
+        2,
+        3,
+        &last(&q, 3, 2),
+        &last(&k, 3, 2),
+        &last(&v, 3, 3),
+        &mut cache,
+        &slopes,
+        &[-1],
+    );
     assert!(padded.iter().all(|&x| x == 0.0));
 }
 
 /// The first `keep` tokens of each head of a `[1, h, n, w]` tensor.
 fn take(x: &[f64], keep: usize, n: usize, w: usize) -> Vec<f64> {
-    x.chunks(n * w).flat_map(|head| head[..keep * w].to_vec()).collect()
+    x.chunks(n * w)
+        .flat_map(|head| head[..keep * w].to_vec())
+        .collect()
 }
 
 /// The last token of each head of a `[1, h, n, w]` tensor.
 fn last(x: &[f64], n: usize, w: usize) -> Vec<f64> {
-    x.chunks(n * w).flat_map(|head| head[(n - 1) * w..].to_vec()).collect()
+    x.chunks(n * w)
+        .flat_map(|head| head[(n - 1) * w..].to_vec())
+        .collect()
 }
 
 fn values(len: usize, seed: u64) -> Vec<f64> {

@@ -52,7 +52,9 @@ impl SeededRng {
 
     /// Slopes in `[0.001, 0.92]`, the range of real models.
     pub fn slopes(&mut self, heads: usize) -> Vec<f32> {
-        (0..heads).map(|_| 0.001 + 0.919 * (self.unit() * 0.5 + 0.5)).collect()
+        (0..heads)
+            .map(|_| 0.001 + 0.919 * (self.unit() * 0.5 + 0.5))
+            .collect()
     }
 }
 
@@ -75,9 +77,21 @@ pub fn poisoned(client: &Client, shape: &[usize], dtype: DType) -> DeviceTensor 
 }
 
 pub fn read(client: &Client, t: &DeviceTensor) -> Vec<f64> {
-    t.to_f32_vec(client).expect("read back").into_iter().map(f64::from).collect()
+    t.to_f32_vec(client)
+        .expect("read back")
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 pub fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// Property-test cases: `PROPTEST_CASES` if set, else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -1,7 +1,9 @@
 //! The kernels agree with each other: prefill + decode, split prefills, padding.
 
-use lightning_attention::{DType, DecodeInputs, DeviceTensor, PADDING_SLOT, PrefillConfig, PrefillInputs, decode, prefill};
 use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::{
+    DType, DecodeInputs, DeviceTensor, PADDING_SLOT, PrefillConfig, PrefillInputs, decode, prefill,
+};
 
 use crate::common::*;
 
@@ -28,16 +30,31 @@ fn inputs(n: usize, seed: u64) -> Inputs {
 
 /// Tokens `from..to` of every head of a `[1, H, n, w]` tensor.
 fn tokens(x: &[f32], n: usize, w: usize, from: usize, to: usize) -> Vec<f32> {
-    x.chunks(n * w).flat_map(|head| head[from * w..to * w].to_vec()).collect()
+    x.chunks(n * w)
+        .flat_map(|head| head[from * w..to * w].to_vec())
+        .collect()
 }
 
-fn run_prefill(client: &Client, x: &Inputs, n: usize, from: usize, to: usize, state: Option<&DeviceTensor>) -> (Vec<f64>, DeviceTensor) {
+fn run_prefill(
+    client: &Client,
+    x: &Inputs,
+    n: usize,
+    from: usize,
+    to: usize,
+    state: Option<&DeviceTensor>,
+) -> (Vec<f64>, DeviceTensor) {
     let len = to - from;
     let q = upload(client, &tokens(&x.q, n, D, from, to), &[1, H, len, D], DType::F32);
     let k = upload(client, &tokens(&x.k, n, D, from, to), &[1, H, len, D], DType::F32);
     let v = upload(client, &tokens(&x.v, n, E, from, to), &[1, H, len, E], DType::F32);
     let s = upload(client, &x.slopes, &[H], DType::F32);
-    let inputs = PrefillInputs { q: &q, k: &k, v: &v, slopes: &s, initial_state: state };
+    let inputs = PrefillInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &s,
+        initial_state: state,
+    };
     let result = prefill(client, &inputs, &PrefillConfig::new(32, 16)).expect("prefill");
     (read(client, &result.out), result.final_state)
 }
@@ -57,14 +74,31 @@ fn prefill_then_decode_equals_one_prefill() {
         let k = upload(&client, &tokens(&x.k, n, D, n - 1, n), &[1, H, 1, D], DType::F32);
         let v = upload(&client, &tokens(&x.v, n, E, n - 1, n), &[1, H, 1, E], DType::F32);
         let s = upload(&client, &x.slopes, &[H], DType::F32);
-        let inputs = DecodeInputs { q: &q, k: &k, v: &v, cache: &cache, slopes: &s, slots: &[1], scale: None };
+        let inputs = DecodeInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            cache: &cache,
+            slopes: &s,
+            slots: &[1],
+            scale: None,
+        };
         let out = read(&client, &decode(&client, &inputs).unwrap());
-        let last: Vec<f64> = full_out.chunks(n * E).flat_map(|head| head[(n - 1) * E..].to_vec()).collect();
+        let last: Vec<f64> = full_out
+            .chunks(n * E)
+            .flat_map(|head| head[(n - 1) * E..].to_vec())
+            .collect();
         let err = relative_error(&out, &last);
-        assert!(err < 1e-4, "n = {n}: decode output differs from prefill by {err:e}");
+        assert!(
+            err < 1e-4,
+            "n = {n}: decode output differs from prefill by {err:e}"
+        );
         let cache = read(&client, &cache);
         let err = relative_error(&cache[H * D * E..], &read(&client, &full_state));
-        assert!(err < 1e-4, "n = {n}: decoded state differs from prefill by {err:e}");
+        assert!(
+            err < 1e-4,
+            "n = {n}: decoded state differs from prefill by {err:e}"
+        );
     }
 }
 
@@ -95,16 +129,46 @@ fn padding_slot_is_left_byte_identical() {
     let cache = rng.values(3 * H * D * E, DType::F32);
     let cache_t = upload(&client, &cache, &[3, H, D, E], DType::F32);
     let before = cache_t.to_bytes(&client).unwrap();
-    let q = upload(&client, &rng.values(2 * H * D, DType::F32), &[2, H, 1, D], DType::F32);
-    let k = upload(&client, &rng.values(2 * H * D, DType::F32), &[2, H, 1, D], DType::F32);
-    let v = upload(&client, &rng.values(2 * H * E, DType::F32), &[2, H, 1, E], DType::F32);
+    let q = upload(
+        &client,
+        &rng.values(2 * H * D, DType::F32),
+        &[2, H, 1, D],
+        DType::F32,
+    );
+    let k = upload(
+        &client,
+        &rng.values(2 * H * D, DType::F32),
+        &[2, H, 1, D],
+        DType::F32,
+    );
+    let v = upload(
+        &client,
+        &rng.values(2 * H * E, DType::F32),
+        &[2, H, 1, E],
+        DType::F32,
+    );
     let s = upload(&client, &rng.slopes(H), &[H], DType::F32);
-    let inputs = DecodeInputs { q: &q, k: &k, v: &v, cache: &cache_t, slopes: &s, slots: &[PADDING_SLOT, 2], scale: None };
+    let inputs = DecodeInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        cache: &cache_t,
+        slopes: &s,
+        slots: &[PADDING_SLOT, 2],
+        scale: None,
+    };
     let out = read(&client, &decode(&client, &inputs).unwrap());
     let after = cache_t.to_bytes(&client).unwrap();
     let slot = H * D * E * 4;
-    assert_eq!(before[..2 * slot], after[..2 * slot], "slots 0 and 1 are not in the batch");
+    assert_eq!(
+        before[..2 * slot],
+        after[..2 * slot],
+        "slots 0 and 1 are not in the batch"
+    );
     assert_ne!(before[2 * slot..], after[2 * slot..], "slot 2 was decoded");
-    assert!(out[..H * E].iter().all(|&x| x == 0.0), "the padding row's output is zero");
+    assert!(
+        out[..H * E].iter().all(|&x| x == 0.0),
+        "the padding row's output is zero"
+    );
     assert!(out[H * E..].iter().any(|&x| x != 0.0));
 }
