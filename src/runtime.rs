@@ -1,17 +1,48 @@
 //! Runtime selection: the best device this build links and this machine has.
+//!
+//! `LIGHTNING_ATTENTION_RUNTIME=cuda` or `=wgpu` forces one runtime (the tests
+//! and benchmarks use it to run the same binary on both targets of one GPU).
 
 use cubecl::Device;
 use cubecl::prelude::*;
 
-/// The most capable device present: CUDA when the build has the `cuda` feature
-/// and a driver answers, else wgpu (a GPU, or lavapipe on the CPU).
-pub fn best_device() -> Device {
-    Device::default()
+use crate::{LightningError, Result};
+
+/// The environment variable that forces a runtime: `cuda` or `wgpu`.
+pub const RUNTIME_VAR: &str = "LIGHTNING_ATTENTION_RUNTIME";
+
+/// The device of a named runtime: `"cuda"` (GPU 0) or `"wgpu"` (the best
+/// adapter wgpu finds, lavapipe included).
+pub fn named_device(runtime: &str) -> Result<Device> {
+    let device = match runtime {
+        "cuda" => Device::cuda(0),
+        "wgpu" => Device::wgpu(Default::default()),
+        other => {
+            return Err(LightningError::Device(format!(
+                "unknown runtime `{other}`: expected cuda or wgpu"
+            )));
+        }
+    };
+    device.map_err(|e| LightningError::Device(format!("{runtime} is not available: {e:?}")))
+}
+
+/// The device to run on: the runtime named by [`RUNTIME_VAR`] if set, else the
+/// most capable present (CUDA when the build has the `cuda` feature and a
+/// driver answers, else wgpu: a GPU, or lavapipe on the CPU).
+pub fn best_device() -> Result<Device> {
+    match std::env::var(RUNTIME_VAR) {
+        Ok(name) if !name.is_empty() => named_device(&name),
+        _ => Ok(Device::default()),
+    }
 }
 
 /// A client on [`best_device`].
+///
+/// # Panics
+/// If [`RUNTIME_VAR`] names a runtime that is not available; use
+/// [`best_device`] to handle that case.
 pub fn best_client() -> Client {
-    best_device().client()
+    best_device().unwrap_or_else(|e| panic!("{e}")).client()
 }
 
 /// A short description of the client's runtime and limits, for logs.

@@ -1,0 +1,261 @@
+//! Prefill and decode timed on every runtime of this build, side by side.
+//!
+//! Device-side timing (`client.profile`), warm-up, the median of many runs, on
+//! random inputs (never zeros). Per target it measures the device's copy
+//! bandwidth first, and reports each shape's time, tokens/s and the fraction of
+//! the IO floor (bytes of q, k, v, out and the state once, over that bandwidth).
+//! Writes `bench.csv`, `bench.json` and `bench.svg` to `--out` (default
+//! `target/bench`).
+//!
+//! `cargo bench --bench lightning -- [--runtimes cuda,wgpu] [--quick] [--reps N] [--out DIR]`
+//! (`LIGHTNING_ATTENTION_RUNTIME` is ignored here: `--runtimes` picks.)
+
+mod chart;
+mod report;
+
+use std::time::Duration;
+
+use lightning_attention::cubecl::future::block_on;
+use lightning_attention::cubecl::prelude::*;
+use lightning_attention::{
+    DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, decode_into, prefill_into, runtime,
+};
+use report::Row;
+
+/// Options from the command line.
+struct Options {
+    runtimes: Vec<String>,
+    quick: bool,
+    reps: usize,
+    out: std::path::PathBuf,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let default_runtimes = if cfg!(feature = "cuda") {
+        "cuda,wgpu"
+    } else {
+        "wgpu"
+    };
+    Options {
+        runtimes: value("--runtimes")
+            .unwrap_or(default_runtimes.into())
+            .split(',')
+            .map(String::from)
+            .collect(),
+        quick: args.iter().any(|a| a == "--quick"),
+        reps: value("--reps")
+            .map(|r| r.parse().expect("--reps takes a number"))
+            .unwrap_or(20),
+        out: value("--out").unwrap_or("target/bench".into()).into(),
+    }
+}
+
+/// Copies `input` to `output`, four floats per unit: the bandwidth yardstick.
+#[cube(launch_unchecked)]
+fn copy_kernel<N: Size>(input: &[Vector<f32, N>], output: &mut [Vector<f32, N>]) {
+    let pos = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * CUBE_DIM as usize
+        + UNIT_POS as usize;
+    if pos < input.len() {
+        output[pos] = input[pos];
+    }
+}
+
+/// Median device time of `reps` runs of `work`, after warm-up.
+fn median_time(client: &Client, reps: usize, work: impl Fn() + Send + Sync) -> Duration {
+    for _ in 0..3 {
+        work();
+    }
+    block_on(client.sync()).expect("warm-up ran");
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let ((), profile) = client
+                .profile(&work, "lightning-bench")
+                .expect("profiling is supported");
+            block_on(profile.resolve())
+                .expect("the window was measured")
+                .duration()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written).
+fn copy_bandwidth(client: &Client, reps: usize, quick: bool) -> f64 {
+    let floats: usize = if quick { 1 << 22 } else { 1 << 28 };
+    let data = random(floats, 99);
+    let input = client.create_from_slice(f32::as_bytes(&data));
+    let output = client.empty(floats * 4);
+    let units = 256usize;
+    let cubes = (floats / 4).div_ceil(units);
+    let (x, y) = (cubes.min(32768), cubes.div_ceil(32768));
+    let time = median_time(client, reps, || unsafe {
+        copy_kernel::launch_unchecked(
+            client,
+            CubeCount::Static(x as u32, y as u32, 1),
+            CubeDim::new_1d(units as u32),
+            4,
+            BufferArg::from_raw_parts(input.clone(), floats),
+            BufferArg::from_raw_parts(output.clone(), floats),
+        )
+    });
+    2.0 * (floats * 4) as f64 / time.as_secs_f64()
+}
+
+/// Uniform values in [-1, 1): random, never zeros.
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn upload(client: &Client, shape: &[usize], dtype: DType, seed: u64) -> DeviceTensor {
+    let len = shape.iter().product();
+    DeviceTensor::from_f32(client, &random(len, seed), shape, dtype).expect("upload")
+}
+
+fn slopes(client: &Client, heads: usize) -> DeviceTensor {
+    let values = lightning_attention::slopes::layer_slopes(heads, 0, 2).expect("slopes");
+    DeviceTensor::from_f32(client, &values, &[heads], DType::F32).expect("upload")
+}
+
+fn bench_prefill(
+    client: &Client,
+    target: &str,
+    shape: [usize; 4],
+    dtype: DType,
+    opts: &Options,
+    bw: f64,
+) -> Row {
+    let [b, h, n, d] = shape;
+    let e = d;
+    let mut row = Row::new(target, "prefill", shape, dtype);
+    if !dtype.is_supported(client) {
+        row.note = "dtype unsupported by this runtime".into();
+        return row;
+    }
+    let q = upload(client, &[b, h, n, d], dtype, 1);
+    let k = upload(client, &[b, h, n, d], dtype, 2);
+    let v = upload(client, &[b, h, n, e], dtype, 3);
+    let s = slopes(client, h);
+    let out = DeviceTensor::empty(client, &[b, h, n, e], dtype);
+    let state = DeviceTensor::empty(client, &[b, h, d, e], DType::F32);
+    let inputs = PrefillInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &s,
+        initial_state: None,
+    };
+    let config = PrefillConfig::default();
+    if let Err(err) = prefill_into(client, &inputs, &config, &out, &state) {
+        row.note = err.to_string();
+        return row;
+    }
+    let time = median_time(client, opts.reps, || {
+        prefill_into(client, &inputs, &config, &out, &state).expect("validated above");
+    });
+    let bytes = (2 * b * h * n * d + 2 * b * h * n * e) * dtype.size() + b * h * d * e * 4;
+    row.measured(time, b * n, bytes as f64, bw);
+    row
+}
+
+fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw: f64) -> Row {
+    let (h, d, e) = (64, 128, 128);
+    let mut row = Row::new(target, "decode", [batch, h, 1, d], DType::F32);
+    let q = upload(client, &[batch, h, 1, d], DType::F32, 4);
+    let k = upload(client, &[batch, h, 1, d], DType::F32, 5);
+    let v = upload(client, &[batch, h, 1, e], DType::F32, 6);
+    let s = slopes(client, h);
+    // Small values keep the state bounded over the many timed steps.
+    let cache = upload(client, &[batch, h, d, e], DType::F32, 7);
+    let out = DeviceTensor::empty(client, &[batch, h, 1, e], DType::F32);
+    let slots: Vec<i32> = (0..batch as i32).rev().collect();
+    let inputs = DecodeInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        cache: &cache,
+        slopes: &s,
+        slots: &slots,
+        scale: None,
+    };
+    if let Err(err) = decode_into(client, &inputs, &out) {
+        row.note = err.to_string();
+        return row;
+    }
+    let time = median_time(client, opts.reps, || {
+        decode_into(client, &inputs, &out).expect("validated above");
+    });
+    let state_bytes = 2 * batch * h * d * e * 4;
+    let io = state_bytes + batch * h * (2 * d + 2 * e) * 4;
+    row.measured(time, batch, io as f64, bw);
+    row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
+    row
+}
+
+fn main() {
+    let opts = options();
+    let prefill_shapes: Vec<[usize; 4]> = if opts.quick {
+        vec![[1, 4, 512, 64], [2, 2, 1000, 128]]
+    } else {
+        vec![
+            [1, 64, 4096, 128],
+            [1, 64, 16384, 128],
+            [4, 64, 8192, 128],
+            [1, 8, 65536, 128],
+            [16, 8, 4096, 128],
+            [1, 64, 16384, 64],
+        ]
+    };
+    let decode_batches: Vec<usize> = if opts.quick {
+        vec![1, 16]
+    } else {
+        vec![1, 16, 128, 512]
+    };
+    let mut rows = Vec::new();
+    for name in &opts.runtimes {
+        let device = match runtime::named_device(name) {
+            Ok(device) => device,
+            Err(err) => {
+                eprintln!("skipping {name}: {err}");
+                continue;
+            }
+        };
+        let client = device.client();
+        let target = format!("{name} ({})", client.name());
+        eprintln!("== {target}: {}", runtime::describe(&client));
+        let bw = copy_bandwidth(&client, opts.reps, opts.quick);
+        eprintln!("copy bandwidth {:.3} TB/s", bw / 1e12);
+        rows.push(Row::copy(&target, bw));
+        for &shape in &prefill_shapes {
+            for dtype in [DType::F32, DType::BF16] {
+                let row = bench_prefill(&client, &target, shape, dtype, &opts, bw);
+                eprintln!("{}", row.line());
+                rows.push(row);
+            }
+        }
+        for &batch in &decode_batches {
+            let row = bench_decode(&client, &target, batch, &opts, bw);
+            eprintln!("{}", row.line());
+            rows.push(row);
+        }
+    }
+    report::write(&rows, &opts.out).expect("write the results");
+    chart::write_svg(&rows, &opts.out.join("bench.svg")).expect("write the chart");
+    println!("{}", report::table(&rows));
+    println!("results: {}/bench.{{csv,json,svg}}", opts.out.display());
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds, here, everything a run on the GPU machine needs, into gpu-bundle/
+# (git-ignored, well under the device tool's 64 MiB): the property-test binary,
+# the benchmark and the quickstart example with the `cuda` and `wgpu` features
+# (profile `gpu`: fat LTO, stripped), the Vulkan loader package for wgpu, and
+# scripts/gpu-run.sh. Then: device run with carry=["gpu-bundle"] and the
+# command `bash gpu-bundle/gpu-run.sh tests` (or `bench`, or `all`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/cuda-llvm.sh
+# cudarc's CUDA 13.0 bindings, as on the H100's driver; libcuda and NVRTC load at run time.
+export CUDARC_CUDA_VERSION=13000
+bundle=gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/bin" "$bundle/debs"
+
+executables() {
+    cargo "$@" --profile gpu --features cuda --message-format=json-render-diagnostics |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])'
+}
+cp "$(executables test --no-run --test kernels)" "$bundle/bin/kernels-tests"
+cp "$(executables build --bench lightning)" "$bundle/bin/bench"
+cp "$(executables build --example quickstart)" "$bundle/bin/quickstart"
+strip "$bundle/bin/"*
+
+# The Vulkan loader (the NVIDIA driver brings its ICD), as the device README says.
+lists=/tmp/gpu-bundle-apt-lists
+mkdir -p "$lists/partial"
+apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists")
+apt-get "${apt_opts[@]}" update -qq
+(cd "$bundle/debs" && apt-get "${apt_opts[@]}" download libvulkan1 >/dev/null)
+cp scripts/gpu-run.sh "$bundle/"
+du -sh "$bundle" "$bundle"/bin/*

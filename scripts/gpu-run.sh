@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, over a bundle made by
+# scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
+# bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
+# `all` does both. Logs and results go under $OUT.
+set -uo pipefail
+what="${1:-all}"
+bundle=gpu-bundle
+out="${OUT:-/tmp/lightning-out}"
+mkdir -p "$out"
+for deb in "$bundle"/debs/*.deb; do dpkg -x "$deb" /; done
+ldconfig
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -f "$icd" ]; then export VK_DRIVER_FILES="$icd"; fi
+export XDG_RUNTIME_DIR=/tmp
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+    for rt in cuda wgpu; do
+        bf16=0
+        [ "$rt" = cuda ] && bf16=1
+        LIGHTNING_ATTENTION_RUNTIME=$rt LIGHTNING_ATTENTION_TEST_BF16=$bf16 \
+            "$bundle/bin/kernels-tests" >"$out/tests-$rt.log" 2>&1
+        echo "== $rt tests: exit $?"
+        grep -E "^test result|FAILED|panicked" "$out/tests-$rt.log" | head -20
+    done
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    "$bundle/bin/bench" --runtimes cuda,wgpu --out "$out/bench" 2>"$out/bench.log"
+fi
