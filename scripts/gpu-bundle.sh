@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, here, everything a run on the GPU machine needs, into gpu-bundle/
 # (git-ignored, well under the device tool's 64 MiB): the property-test binary,
-# the benchmark and the quickstart example with the `cuda` and `wgpu` features
+# and the benchmark, with the `cuda` and `wgpu` features
 # (profile `gpu`: fat LTO, stripped), the Vulkan loader package for wgpu, and
 # scripts/gpu-run.sh. Then: device run with carry=["gpu-bundle"] and the
 # command `bash gpu-bundle/gpu-run.sh tests` (or `bench`, or `all`).
@@ -24,14 +24,14 @@ for line in sys.stdin:
 }
 cp "$(executables test --no-run --test kernels)" "$bundle/bin/kernels-tests"
 cp "$(executables build --bench lightning)" "$bundle/bin/bench"
-cp "$(executables build --example quickstart)" "$bundle/bin/quickstart"
 strip "$bundle/bin/"*
 
-# The Vulkan loader (the NVIDIA driver brings its ICD), as the device README says.
+# The Vulkan loader and the GL dispatch libraries the NVIDIA ICD links against
+# (the driver brings the ICD itself), as the device README says.
 lists=/tmp/gpu-bundle-apt-lists
 mkdir -p "$lists/partial"
 apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists")
 apt-get "${apt_opts[@]}" update -qq
-(cd "$bundle/debs" && apt-get "${apt_opts[@]}" download libvulkan1 >/dev/null)
+(cd "$bundle/debs" && apt-get "${apt_opts[@]}" download libvulkan1 libglvnd0 libegl1 libgl1 libglx0 libopengl0 libgles2 >/dev/null 2>&1)
 cp scripts/gpu-run.sh "$bundle/"
 du -sh "$bundle" "$bundle"/bin/*

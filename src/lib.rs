@@ -11,6 +11,8 @@
 //! The pure-Rust f64 reference that judges the kernels is re-exported as
 //! [`reference`].
 
+#![warn(missing_docs)]
+
 mod config;
 mod decode;
 mod dtype;

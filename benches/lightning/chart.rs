@@ -4,6 +4,11 @@ use std::fmt::Write as _;
 
 use crate::report::Row;
 
+/// Text as SVG character data (runtime names such as `wgpu<wgsl>` hold `<`).
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 const COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
 
 /// Writes one horizontal bar per measured row, grouped by (op, shape, dtype), a color per target.
@@ -79,10 +84,11 @@ pub fn write_svg(rows: &[Row], path: &std::path::Path) -> std::io::Result<()> {
         let y = height - 20.0 * (targets.len() - ti) as f64 + 5.0;
         let _ = writeln!(
             svg,
-            "<rect x=\"{left}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{target}</text>",
+            "<rect x=\"{left}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
             COLORS[ti % COLORS.len()],
             left + 18.0,
-            y + 10.0
+            y + 10.0,
+            escape(target)
         );
     }
     svg.push_str("</svg>\n");

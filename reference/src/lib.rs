@@ -12,6 +12,8 @@
 //! Layouts are row-major: q, k `[b, h, n, d]`, v and out `[b, h, n, e]`, state
 //! `[b, h, d, e]`. No GPU dependency.
 
+#![warn(missing_docs)]
+
 mod blocked;
 mod decode;
 mod dims;
