@@ -2,7 +2,8 @@
 # Runs on the GPU machine, from the repository root, over a bundle made by
 # scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
 # bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
-# `all` does both. Logs and results go under $OUT.
+# `all` does both. RUNTIMES="wgpu" (say) limits the tests to one runtime.
+# Logs and results go under $OUT.
 set -uo pipefail
 what="${1:-all}"
 bundle=gpu-bundle
@@ -17,7 +18,7 @@ ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-    for rt in cuda wgpu; do
+    for rt in ${RUNTIMES:-cuda wgpu}; do
         bf16=0
         [ "$rt" = cuda ] && bf16=1
         LIGHTNING_ATTENTION_RUNTIME=$rt LIGHTNING_ATTENTION_TEST_BF16=$bf16 \

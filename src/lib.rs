@@ -28,7 +28,9 @@ pub use config::PrefillConfig;
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use dtype::DType;
 pub use error::{LightningError, Result};
-pub use prefill::{PrefillInputs, PrefillOutput, plan_prefill, prefill, prefill_into};
+pub use prefill::{
+    PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
+};
 pub use tensor::DeviceTensor;
 
 pub use cubecl;

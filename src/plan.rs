@@ -24,6 +24,8 @@ pub struct DeviceLimits {
     pub max_units: u32,
     /// Cubes per grid dimension.
     pub max_cube_count: (u32, u32, u32),
+    /// Bytes in one buffer (wgpu caps a binding at about 2 GiB).
+    pub max_buffer: u64,
 }
 
 impl DeviceLimits {
@@ -34,6 +36,7 @@ impl DeviceLimits {
             shared_memory: hw.max_shared_memory_size,
             max_units: hw.max_units_per_cube,
             max_cube_count: hw.max_cube_count,
+            max_buffer: client.properties().memory.max_page_size,
         }
     }
 }
@@ -141,6 +144,15 @@ impl PrefillPlan {
                 tensor: "per-block state workspace [b, h, n / BLOCK, d, e]",
                 elements: block_states_len as u64,
                 max: MAX_ELEMENTS,
+            });
+        }
+        let workspace_bytes = block_states_len as u64 * 4;
+        if workspace_bytes > limits.max_buffer {
+            return Err(LightningError::DoesNotFit {
+                kernel: "per-block state workspace [b, h, n / BLOCK, d, e]",
+                resource: "bytes in one buffer",
+                required: workspace_bytes,
+                available: limits.max_buffer,
             });
         }
         let sub_blocks = count(n.div_ceil(cb));

@@ -1,5 +1,7 @@
 //! The prefill host API: validate, plan, then launch diag, kv-parallel, kv-reduce and non-diag.
 
+use std::time::Duration;
+
 use cubecl::prelude::*;
 use lightning_attention_kernels as kernels;
 
@@ -67,6 +69,92 @@ pub fn prefill_into(
     out: &DeviceTensor,
     final_state: &DeviceTensor,
 ) -> Result<()> {
+    run_stages(client, inputs, config, out, final_state, &mut |_, launch| {
+        launch()
+    })
+}
+
+/// Device time of each prefill kernel, as measured by [`profile_prefill_into`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// diag: the intra-block causal part.
+    pub diag: Duration,
+    /// kv-parallel: each block's decayed `K^T V`.
+    pub kv_parallel: Duration,
+    /// kv-reduce: the prefix over blocks.
+    pub kv_reduce: Duration,
+    /// non-diag: queries against the incoming states.
+    pub non_diag: Duration,
+}
+
+impl StageTimes {
+    /// The four stages together.
+    pub fn total(&self) -> Duration {
+        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag
+    }
+}
+
+/// [`prefill_into`] with each kernel timed on the device on its own (for
+/// benchmarks: it waits for each stage, so it is slower than a plain call).
+pub fn profile_prefill_into(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+) -> Result<StageTimes> {
+    let mut times = StageTimes::default();
+    let mut failure = None;
+    run_stages(
+        client,
+        inputs,
+        config,
+        out,
+        final_state,
+        &mut |stage, launch| match time_on_device(client, launch) {
+            Ok(time) => match stage {
+                Stage::Diag => times.diag = time,
+                Stage::KvParallel => times.kv_parallel = time,
+                Stage::KvReduce => times.kv_reduce = time,
+                Stage::NonDiag => times.non_diag = time,
+            },
+            Err(err) => failure = Some(err),
+        },
+    )?;
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(times),
+    }
+}
+
+fn time_on_device(client: &Client, launch: &dyn Fn()) -> Result<Duration> {
+    let device_error = |e: &dyn std::fmt::Display| LightningError::Device(e.to_string());
+    let window = client.profile_start().map_err(|e| device_error(&e))?;
+    launch();
+    let profile = client.profile_end(window).map_err(|e| device_error(&e))?;
+    cubecl::future::block_on(profile.resolve())
+        .map(|ticks| ticks.duration())
+        .ok_or_else(|| LightningError::Device("the device measured no time for a stage".into()))
+}
+
+/// The four prefill kernels, in launch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Diag,
+    KvParallel,
+    KvReduce,
+    NonDiag,
+}
+
+/// Validates, plans, and hands each stage's launch to `hook` in order.
+fn run_stages(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+    hook: &mut dyn FnMut(Stage, &dyn Fn()),
+) -> Result<()> {
     let (shape, plan) = plan_prefill(client, inputs, config)?;
     check_tensor(
         out,
@@ -94,9 +182,9 @@ pub fn prefill_into(
         final_state,
     };
     match shape.dtype {
-        DType::F32 => launch.run::<f32>(),
-        DType::F16 => launch.run::<half::f16>(),
-        DType::BF16 => launch.run::<half::bf16>(),
+        DType::F32 => launch.run::<f32>(hook),
+        DType::F16 => launch.run::<half::f16>(hook),
+        DType::BF16 => launch.run::<half::bf16>(hook),
     }
     Ok(())
 }
@@ -118,7 +206,7 @@ struct Launch<'a> {
 }
 
 impl Launch<'_> {
-    fn run<F: Float + CubeElement>(&self) {
+    fn run<F: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
         let Self {
             client,
             inputs,
@@ -133,20 +221,22 @@ impl Launch<'_> {
         let (block, cb) = (config.block, config.sub_block);
         let scale = config.scale.unwrap_or(1.0);
         let block_states = client.empty(plan.block_states_len * 4);
+        // SAFETY: the workspace was allocated with exactly this many f32.
         let states_arg = || unsafe { BufferArg::from_raw_parts(block_states.clone(), plan.block_states_len) };
         // A bound buffer is required even when there is no initial state; the
         // kernel is compiled without the read in that case.
         let dummy;
         let initial = match inputs.initial_state {
-            Some(state) => arg(state),
+            Some(state) => state,
             None => {
                 dummy = DeviceTensor::empty(client, &[1], DType::F32);
-                arg(&dummy)
+                &dummy
             }
         };
-        // SAFETY: every size, tile and grid was validated and planned against the
-        // device's limits; each kernel bounds-checks the tails of n, d and e.
-        unsafe {
+        // SAFETY (every launch below): each size, tile and grid was validated and
+        // planned against the device's limits; each kernel bounds-checks the tails
+        // of n, d and e.
+        hook(Stage::Diag, &|| unsafe {
             kernels::diag::diag::launch_unchecked::<F>(
                 client,
                 plan.diag.cube_count(),
@@ -164,7 +254,9 @@ impl Launch<'_> {
                 block,
                 cb,
                 plan.diag_value_tile,
-            );
+            )
+        });
+        hook(Stage::KvParallel, &|| unsafe {
             kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
                 client,
                 plan.kv_parallel.cube_count(),
@@ -181,13 +273,15 @@ impl Launch<'_> {
                 cb,
                 plan.kv_key_tile,
                 plan.kv_value_tile,
-            );
+            )
+        });
+        hook(Stage::KvReduce, &|| unsafe {
             kernels::kv_reduce::kv_reduce::launch_unchecked(
                 client,
                 plan.kv_reduce.cube_count(),
                 plan.kv_reduce.cube_dim(),
                 arg(inputs.slopes),
-                initial,
+                arg(initial),
                 states_arg(),
                 arg(final_state),
                 n,
@@ -196,7 +290,9 @@ impl Launch<'_> {
                 e,
                 block,
                 inputs.initial_state.is_some(),
-            );
+            )
+        });
+        hook(Stage::NonDiag, &|| unsafe {
             kernels::non_diag::non_diag::launch_unchecked::<F>(
                 client,
                 plan.non_diag.cube_count(),
@@ -213,7 +309,7 @@ impl Launch<'_> {
                 block,
                 cb,
                 plan.non_diag_value_tile,
-            );
-        }
+            )
+        });
     }
 }

@@ -18,7 +18,8 @@ use std::time::Duration;
 use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::{
-    DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, decode_into, prefill_into, runtime,
+    DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, StageTimes, decode_into, prefill_into,
+    profile_prefill_into, runtime,
 };
 use report::Row;
 
@@ -168,6 +169,12 @@ fn bench_prefill(
     let time = median_time(client, opts.reps, || {
         prefill_into(client, &inputs, &config, &out, &state).expect("validated above");
     });
+    // Which kernel dominates: each stage timed alone, median over a few runs.
+    let mut stages: Vec<StageTimes> = (0..opts.reps.min(7))
+        .map(|_| profile_prefill_into(client, &inputs, &config, &out, &state).expect("validated above"))
+        .collect();
+    stages.sort_by_key(|s| s.total());
+    row.stages = Some(stages[stages.len() / 2]);
     let bytes = (2 * b * h * n * d + 2 * b * h * n * e) * dtype.size() + b * h * d * e * 4;
     row.measured(time, b * n, bytes as f64, bw);
     row
@@ -176,6 +183,13 @@ fn bench_prefill(
 fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw: f64) -> Row {
     let (h, d, e) = (64, 128, 128);
     let mut row = Row::new(target, "decode", [batch, h, 1, d], DType::F32);
+    let cache_bytes = (batch * h * d * e * 4) as u64;
+    let max_buffer = client.properties().memory.max_page_size;
+    if cache_bytes > max_buffer {
+        row.note =
+            format!("the {cache_bytes}-byte cache exceeds this runtime's largest buffer ({max_buffer})");
+        return row;
+    }
     let q = upload(client, &[batch, h, 1, d], DType::F32, 4);
     let k = upload(client, &[batch, h, 1, d], DType::F32, 5);
     let v = upload(client, &[batch, h, 1, e], DType::F32, 6);

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use lightning_attention::DType;
+use lightning_attention::{DType, StageTimes};
 
 /// One measured (or skipped) configuration.
 pub struct Row {
@@ -17,6 +17,8 @@ pub struct Row {
     pub io_floor_fraction: Option<f64>,
     pub state_tb_s: Option<f64>,
     pub copy_tb_s: Option<f64>,
+    /// Prefill only: each kernel timed alone.
+    pub stages: Option<StageTimes>,
     pub note: String,
 }
 
@@ -32,6 +34,7 @@ impl Row {
             io_floor_fraction: None,
             state_tb_s: None,
             copy_tb_s: None,
+            stages: None,
             note: String::new(),
         }
     }
@@ -54,10 +57,26 @@ impl Row {
         format!("({b},{h},{n},{d})")
     }
 
+    /// "diag / kv-parallel / kv-reduce / non-diag" in ms.
+    pub fn stages_label(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        self.stages
+            .map(|s| {
+                format!(
+                    "{:.2} / {:.2} / {:.2} / {:.2}",
+                    ms(s.diag),
+                    ms(s.kv_parallel),
+                    ms(s.kv_reduce),
+                    ms(s.non_diag)
+                )
+            })
+            .unwrap_or("-".into())
+    }
+
     pub fn line(&self) -> String {
         let opt = |x: Option<f64>, unit: &str| x.map(|v| format!("{v:.3}{unit}")).unwrap_or("-".into());
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.target,
             self.op,
             if self.op == "copy" {
@@ -72,6 +91,7 @@ impl Row {
                 .unwrap_or("-".into()),
             opt(self.io_floor_fraction.map(|f| f * 100.0), "%"),
             opt(self.state_tb_s.or(self.copy_tb_s), " TB/s"),
+            self.stages_label(),
             self.note,
         )
     }
@@ -80,8 +100,8 @@ impl Row {
 /// The markdown table of all rows.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| target | op | (b,h,n,d) | dtype | time | tokens/s | of IO floor | TB/s (state or copy) | note |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| target | op | (b,h,n,d) | dtype | time | tokens/s | of IO floor | TB/s (state or copy) | diag / kv-par / kv-red / non-diag ms | note |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         let _ = writeln!(s, "{}", row.line());
@@ -94,7 +114,8 @@ pub fn write(rows: &[Row], dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let num = |x: Option<f64>| x.map(|v| format!("{v}")).unwrap_or_default();
     let json_num = |x: Option<f64>| x.map(|v| format!("{v}")).unwrap_or("null".into());
-    let mut csv = String::from("target,op,b,h,n,d,dtype,time_ms,tokens_per_s,io_floor_fraction,tb_s,note\n");
+    let mut csv =
+        String::from("target,op,b,h,n,d,dtype,time_ms,tokens_per_s,io_floor_fraction,tb_s,stages_ms,note\n");
     let mut json = String::from("[\n");
     for (i, r) in rows.iter().enumerate() {
         let [b, h, n, d] = r.shape;
@@ -102,7 +123,7 @@ pub fn write(rows: &[Row], dir: &std::path::Path) -> std::io::Result<()> {
         let tb = r.state_tb_s.or(r.copy_tb_s);
         let _ = writeln!(
             csv,
-            "{},{},{b},{h},{n},{d},{},{},{},{},{},\"{}\"",
+            "{},{},{b},{h},{n},{d},{},{},{},{},{},{},\"{}\"",
             r.target,
             r.op,
             r.dtype,
@@ -110,11 +131,12 @@ pub fn write(rows: &[Row], dir: &std::path::Path) -> std::io::Result<()> {
             num(r.tokens_per_s),
             num(r.io_floor_fraction),
             num(tb),
+            r.stages_label(),
             r.note.replace('"', "'")
         );
         let _ = writeln!(
             json,
-            "  {{\"target\": \"{}\", \"op\": \"{}\", \"shape\": [{b}, {h}, {n}, {d}], \"dtype\": \"{}\", \"time_ms\": {}, \"tokens_per_s\": {}, \"io_floor_fraction\": {}, \"tb_s\": {}, \"note\": \"{}\"}}{}",
+            "  {{\"target\": \"{}\", \"op\": \"{}\", \"shape\": [{b}, {h}, {n}, {d}], \"dtype\": \"{}\", \"time_ms\": {}, \"tokens_per_s\": {}, \"io_floor_fraction\": {}, \"tb_s\": {}, \"stages_ms\": \"{}\", \"note\": \"{}\"}}{}",
             r.target,
             r.op,
             r.dtype,
@@ -122,6 +144,7 @@ pub fn write(rows: &[Row], dir: &std::path::Path) -> std::io::Result<()> {
             json_num(r.tokens_per_s),
             json_num(r.io_floor_fraction),
             json_num(tb),
+            r.stages_label(),
             r.note.replace('"', "'"),
             if i + 1 < rows.len() { "," } else { "" }
         );
