@@ -12,8 +12,14 @@ use crate::{LightningError, PrefillConfig, Result};
 const TARGET_UNITS: u32 = 256;
 /// Largest tile along `e` staged by diag and non-diag.
 const MAX_VALUE_TILE: usize = 128;
-/// Side of the `d x e` tile each kv-parallel cube owns (one unit per element).
-const STATE_TILE: usize = 16;
+/// Largest chunk of `d` diag stages per step.
+const MAX_KEY_CHUNK: usize = 32;
+/// Units along each side of kv-parallel's square cube (fixed by the kernel).
+const KV_SIDE: usize = 16;
+/// Most rows (and columns) of the state one kv-parallel unit accumulates.
+const MAX_PER_UNIT: usize = 4;
+/// Most tokens kv-parallel stages at once.
+const MAX_KV_STAGE: usize = 32;
 
 /// What the device allows, read from its reported properties.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,18 +118,26 @@ pub struct PrefillPlan {
     pub diag: LaunchDims,
     /// diag's tile along `e`.
     pub diag_value_tile: usize,
+    /// diag's chunk of `d` staged per step.
+    pub diag_key_chunk: usize,
     /// kv-parallel launch.
     pub kv_parallel: LaunchDims,
-    /// kv-parallel's tile along `d`.
-    pub kv_key_tile: usize,
-    /// kv-parallel's tile along `e`.
-    pub kv_value_tile: usize,
+    /// Tokens kv-parallel stages at once.
+    pub kv_stage: usize,
+    /// Rows of the state each kv-parallel unit accumulates.
+    pub kv_rows_per_unit: usize,
+    /// Columns of the state each kv-parallel unit accumulates.
+    pub kv_cols_per_unit: usize,
     /// kv-reduce launch.
     pub kv_reduce: LaunchDims,
     /// non-diag launch.
     pub non_diag: LaunchDims,
-    /// non-diag's tile along `e`.
-    pub non_diag_value_tile: usize,
+    /// non-diag's chunk of `d` staged per step.
+    pub non_diag_key_chunk: usize,
+    /// Rows of outputs each non-diag unit computes.
+    pub non_diag_rows_per_unit: usize,
+    /// Columns of outputs each non-diag unit computes.
+    pub non_diag_cols_per_unit: usize,
 }
 
 fn count(x: usize) -> u32 {
@@ -157,30 +171,45 @@ impl PrefillPlan {
         }
         let sub_blocks = count(n.div_ceil(cb));
 
-        // diag stages sub_block^2 scores and sub_block x tile accumulators; the
-        // widest value tile that fits avoids recomputing scores per tile.
-        let diag_bytes = |tile: usize| (cb * cb + cb * tile) * 4;
+        // diag stages sub_block^2 scores, sub_block x value-tile accumulators and
+        // two sub_block x (key-chunk + 1) tiles of Q and K. A wide value tile
+        // avoids recomputing scores per tile, a wide key chunk means fewer
+        // barriers; shrink the value tile first, down to 32, then the chunk.
+        let diag_bytes = |tile: usize, chunk: usize| (cb * cb + cb * tile + 2 * cb * (chunk + 1)) * 4;
         let mut diag_value_tile = e.next_power_of_two().min(MAX_VALUE_TILE);
-        while diag_value_tile > 1 && diag_bytes(diag_value_tile) > limits.shared_memory {
-            diag_value_tile /= 2;
+        let mut diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
+        while diag_bytes(diag_value_tile, diag_key_chunk) > limits.shared_memory {
+            if diag_value_tile > 32 {
+                diag_value_tile /= 2;
+            } else if diag_key_chunk > 8 {
+                diag_key_chunk /= 2;
+            } else if diag_value_tile > 1 {
+                diag_value_tile /= 2;
+            } else {
+                break;
+            }
         }
         let diag = LaunchDims {
             cubes: (sub_blocks, bh, count(e.div_ceil(diag_value_tile))),
             units,
-            shared_bytes: diag_bytes(diag_value_tile),
+            shared_bytes: diag_bytes(diag_value_tile, diag_key_chunk),
         }
         .check("diag", limits)?;
 
-        let kv_key_tile = d.next_power_of_two().min(STATE_TILE);
-        let kv_value_tile = e.next_power_of_two().min(STATE_TILE);
+        // kv-parallel: a 16 x 16 grid of units, each holding up to 4 x 4 elements
+        // of the d x e tile in registers; K and V staged up to 32 tokens deep.
+        let per_unit = |dim: usize| (dim.next_power_of_two() / KV_SIDE).clamp(1, MAX_PER_UNIT);
+        let (kv_rows_per_unit, kv_cols_per_unit) = (per_unit(d), per_unit(e));
+        let (kv_key_tile, kv_value_tile) = (KV_SIDE * kv_rows_per_unit, KV_SIDE * kv_cols_per_unit);
+        let kv_stage = cb.min(MAX_KV_STAGE);
         let kv_parallel = LaunchDims {
             cubes: (
                 count(num_blocks),
                 bh,
                 count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
             ),
-            units: count(kv_key_tile * kv_value_tile),
-            shared_bytes: cb * (kv_key_tile + kv_value_tile) * 4,
+            units: count(KV_SIDE * KV_SIDE),
+            shared_bytes: kv_stage * (kv_key_tile + kv_value_tile) * 4,
         }
         .check("kv-parallel", limits)?;
 
@@ -191,11 +220,16 @@ impl PrefillPlan {
         }
         .check("kv-reduce", limits)?;
 
-        let non_diag_value_tile = e.next_power_of_two().min(MAX_VALUE_TILE);
+        // non-diag: the same 16 x 16 grid, each unit holding sub_block / 16 rows
+        // and up to 4 columns of outputs; Q and the state staged in chunks of d.
+        let non_diag_rows_per_unit = (cb / KV_SIDE).max(1);
+        let non_diag_cols_per_unit = per_unit(e);
+        let non_diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
+        let non_diag_value_tile = KV_SIDE * non_diag_cols_per_unit;
         let non_diag = LaunchDims {
             cubes: (sub_blocks, bh, count(e.div_ceil(non_diag_value_tile))),
-            units,
-            shared_bytes: 0,
+            units: count(KV_SIDE * KV_SIDE),
+            shared_bytes: (cb * (non_diag_key_chunk + 1) + non_diag_key_chunk * non_diag_value_tile) * 4,
         }
         .check("non-diag", limits)?;
 
@@ -204,12 +238,16 @@ impl PrefillPlan {
             block_states_len,
             diag,
             diag_value_tile,
+            diag_key_chunk,
             kv_parallel,
-            kv_key_tile,
-            kv_value_tile,
+            kv_stage,
+            kv_rows_per_unit,
+            kv_cols_per_unit,
             kv_reduce,
             non_diag,
-            non_diag_value_tile,
+            non_diag_key_chunk,
+            non_diag_rows_per_unit,
+            non_diag_cols_per_unit,
         })
     }
 }

@@ -254,6 +254,7 @@ impl Launch<'_> {
                 block,
                 cb,
                 plan.diag_value_tile,
+                plan.diag_key_chunk,
             )
         });
         hook(Stage::KvParallel, &|| unsafe {
@@ -270,9 +271,9 @@ impl Launch<'_> {
                 d,
                 e,
                 block,
-                cb,
-                plan.kv_key_tile,
-                plan.kv_value_tile,
+                plan.kv_stage,
+                plan.kv_rows_per_unit,
+                plan.kv_cols_per_unit,
             )
         });
         hook(Stage::KvReduce, &|| unsafe {
@@ -308,7 +309,9 @@ impl Launch<'_> {
                 e,
                 block,
                 cb,
-                plan.non_diag_value_tile,
+                plan.non_diag_key_chunk,
+                plan.non_diag_rows_per_unit,
+                plan.non_diag_cols_per_unit,
             )
         });
     }

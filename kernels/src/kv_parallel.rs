@@ -6,11 +6,17 @@
 //!
 //! Geometry: one cube per (block, `b * h`, `d x e` tile); cube x runs over the
 //! blocks, y over `b * h`, z over `ceil(d / key_tile) * ceil(e / value_tile)`
-//! tiles. The cube has exactly `key_tile * value_tile` units, one per element of
-//! the tile. The block is walked in sub-blocks of `sub_block` tokens staged in
-//! shared memory: `sub_block * (key_tile + value_tile)` f32.
+//! tiles with `key_tile = 16 * rows_per_unit` and `value_tile = 16 * cols_per_unit`.
+//! The cube has exactly 256 units in a 16 x 16 grid; each accumulates
+//! `rows_per_unit x cols_per_unit` elements in registers, at rows and columns
+//! 16 apart so that neighbouring units read neighbouring shared words. The block
+//! is walked `stage` tokens at a time, K (decay folded in) and V staged in
+//! shared memory: `stage * (key_tile + value_tile)` f32.
 
 use cubecl::prelude::*;
+
+/// Units along each side of the cube's 16 x 16 grid.
+const SIDE: usize = 16;
 
 /// Launched with the geometry in the module doc.
 #[cube(launch_unchecked)]
@@ -25,10 +31,12 @@ pub fn kv_parallel<F: Float>(
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
-    #[comptime] sub_block: usize,
-    #[comptime] key_tile: usize,
-    #[comptime] value_tile: usize,
+    #[comptime] stage: usize,
+    #[comptime] rows_per_unit: usize,
+    #[comptime] cols_per_unit: usize,
 ) {
+    let key_tile = comptime!(SIDE * rows_per_unit);
+    let value_tile = comptime!(SIDE * cols_per_unit);
     let n = seq_len as usize;
     let bh = CUBE_POS_Y as usize;
     let neg_slope = -slopes[bh % heads as usize];
@@ -42,17 +50,17 @@ pub fn kv_parallel<F: Float>(
     let e0 = (CUBE_POS_Z as usize % value_tiles) * value_tile;
     let unit = UNIT_POS as usize;
     let units = CUBE_DIM as usize;
-    let row = unit / value_tile;
-    let col = unit % value_tile;
+    let unit_row = unit / SIDE;
+    let unit_col = unit % SIDE;
 
-    let mut k_tile = Shared::<[f32]>::new_slice(sub_block * key_tile);
-    let mut v_tile = Shared::<[f32]>::new_slice(sub_block * value_tile);
-    let mut acc = 0.0f32;
-    let sub_blocks = len.div_ceil(sub_block);
-    for sb in 0..sub_blocks {
-        let s0 = start + sb * sub_block;
+    let mut k_tile = Shared::<[f32]>::new_slice(stage * key_tile);
+    let mut v_tile = Shared::<[f32]>::new_slice(stage * value_tile);
+    let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
+    let steps = len.div_ceil(stage);
+    for step in 0..steps {
+        let s0 = start + step * stage;
         sync_cube();
-        for idx in range_stepped(unit, sub_block * key_tile, units) {
+        for idx in range_stepped(unit, stage * key_tile, units) {
             let t = s0 + idx / key_tile;
             let i = d0 + idx % key_tile;
             let mut value = 0.0f32;
@@ -63,7 +71,7 @@ pub fn kv_parallel<F: Float>(
             }
             k_tile[idx] = value;
         }
-        for idx in range_stepped(unit, sub_block * value_tile, units) {
+        for idx in range_stepped(unit, stage * value_tile, units) {
             let t = s0 + idx / value_tile;
             let j = e0 + idx % value_tile;
             let mut value = 0.0f32;
@@ -73,14 +81,33 @@ pub fn kv_parallel<F: Float>(
             v_tile[idx] = value;
         }
         sync_cube();
-        for c in 0..sub_block {
-            acc += k_tile[c * key_tile + row] * v_tile[c * value_tile + col];
+        for c in 0..stage {
+            let mut ks = Array::<f32>::new(rows_per_unit);
+            #[unroll]
+            for m in 0..rows_per_unit {
+                ks[m] = k_tile[c * key_tile + m * SIDE + unit_row];
+            }
+            #[unroll]
+            for j in 0..cols_per_unit {
+                let vj = v_tile[c * value_tile + j * SIDE + unit_col];
+                #[unroll]
+                for m in 0..rows_per_unit {
+                    acc[m * cols_per_unit + j] += ks[m] * vj;
+                }
+            }
         }
     }
 
-    let i = d0 + row;
-    let j = e0 + col;
-    if i < key_dim && j < value_dim {
-        block_states[((bh * num_blocks + blk) * key_dim + i) * value_dim + j] = acc;
+    #[unroll]
+    for m in 0..rows_per_unit {
+        let i = d0 + m * SIDE + unit_row;
+        #[unroll]
+        for j in 0..cols_per_unit {
+            let col = e0 + j * SIDE + unit_col;
+            if i < key_dim && col < value_dim {
+                block_states[((bh * num_blocks + blk) * key_dim + i) * value_dim + col] =
+                    acc[m * cols_per_unit + j];
+            }
+        }
     }
 }

@@ -5,11 +5,18 @@
 //! `_fwd_none_diag_kernel` uses `c`, one step short, which is wrong whenever the
 //! incoming state is not zero.
 //!
-//! Geometry: cube x runs over the `ceil(n / sub_block)` query sub-blocks, y over
-//! `b * h`, z over `ceil(e / value_tile)` value tiles; units stride over the
-//! `sub_block x value_tile` outputs of the cube.
+//! Geometry: cube x runs over the `ceil(n / sub_block)` query sub-blocks (a
+//! sub-block never straddles two blocks), y over `b * h`, z over
+//! `ceil(e / value_tile)` value tiles with `value_tile = 16 * cols_per_unit`.
+//! The cube has 256 units in a 16 x 16 grid; each computes
+//! `rows_per_unit x cols_per_unit` outputs (`rows_per_unit = max(1, sub_block / 16)`)
+//! at rows and columns 16 apart. `Q` and the incoming state are staged in
+//! chunks of `key_chunk` rows of `d`: `sub_block * (key_chunk + 1) + key_chunk * value_tile` f32.
 
 use cubecl::prelude::*;
+
+/// Units along each side of the cube's 16 x 16 grid.
+const SIDE: usize = 16;
 
 /// Launched with the geometry in the module doc, after kv-reduce.
 #[cube(launch_unchecked)]
@@ -26,30 +33,86 @@ pub fn non_diag<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
     #[comptime] sub_block: usize,
-    #[comptime] value_tile: usize,
+    #[comptime] key_chunk: usize,
+    #[comptime] rows_per_unit: usize,
+    #[comptime] cols_per_unit: usize,
 ) {
+    let value_tile = comptime!(SIDE * cols_per_unit);
+    let q_stride = key_chunk + 1;
     let n = seq_len as usize;
     let bh = CUBE_POS_Y as usize;
     let neg_slope = -slopes[bh % heads as usize];
     let num_blocks = n.div_ceil(block);
     let q_start = CUBE_POS_X as usize * sub_block;
+    let blk = q_start / block;
     let e0 = CUBE_POS_Z as usize * value_tile;
-    let state_len = key_dim * value_dim;
-    for idx in range_stepped(UNIT_POS as usize, sub_block * value_tile, CUBE_DIM as usize) {
-        let t = q_start + idx / value_tile;
-        let col = e0 + idx % value_tile;
-        if t < n && col < value_dim {
-            let blk = t / block;
-            let offset = t - blk * block;
-            let state_base = (bh * num_blocks + blk) * state_len;
-            let mut dot = 0.0f32;
-            for i in 0..key_dim {
-                dot += f32::cast_from(q[(bh * n + t) * key_dim + i])
-                    * block_states[state_base + i * value_dim + col];
+    let state_base = (bh * num_blocks + blk) * key_dim * value_dim;
+    let unit = UNIT_POS as usize;
+    let units = CUBE_DIM as usize;
+    let unit_row = unit / SIDE;
+    let unit_col = unit % SIDE;
+
+    let mut q_tile = Shared::<[f32]>::new_slice(sub_block * q_stride);
+    let mut s_tile = Shared::<[f32]>::new_slice(key_chunk * value_tile);
+    let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
+    for c0 in range_stepped(0, key_dim, key_chunk) {
+        sync_cube();
+        for idx in range_stepped(unit, sub_block * key_chunk, units) {
+            let t = q_start + idx / key_chunk;
+            let i = c0 + idx % key_chunk;
+            let mut value = 0.0f32;
+            if t < n && i < key_dim {
+                value = f32::cast_from(q[(bh * n + t) * key_dim + i]);
             }
-            let o = (bh * n + t) * value_dim + col;
+            q_tile[(idx / key_chunk) * q_stride + idx % key_chunk] = value;
+        }
+        for idx in range_stepped(unit, key_chunk * value_tile, units) {
+            let i = c0 + idx / value_tile;
+            let col = e0 + idx % value_tile;
+            let mut value = 0.0f32;
+            if i < key_dim && col < value_dim {
+                value = block_states[state_base + i * value_dim + col];
+            }
+            s_tile[idx] = value;
+        }
+        sync_cube();
+        for i in 0..key_chunk {
+            let mut qs = Array::<f32>::new(rows_per_unit);
+            #[unroll]
+            for m in 0..rows_per_unit {
+                let row = m * SIDE + unit_row;
+                let mut value = 0.0f32;
+                if row < sub_block {
+                    value = q_tile[row * q_stride + i];
+                }
+                qs[m] = value;
+            }
+            #[unroll]
+            for j in 0..cols_per_unit {
+                let s = s_tile[i * value_tile + j * SIDE + unit_col];
+                #[unroll]
+                for m in 0..rows_per_unit {
+                    acc[m * cols_per_unit + j] += qs[m] * s;
+                }
+            }
+        }
+    }
+
+    #[unroll]
+    for m in 0..rows_per_unit {
+        let row = m * SIDE + unit_row;
+        let t = q_start + row;
+        if row < sub_block && t < n {
+            let offset = t - blk * block;
             let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
-            out[o] = F::cast_from(f32::cast_from(out[o]) + decay * dot);
+            #[unroll]
+            for j in 0..cols_per_unit {
+                let col = e0 + j * SIDE + unit_col;
+                if col < value_dim {
+                    let o = (bh * n + t) * value_dim + col;
+                    out[o] = F::cast_from(f32::cast_from(out[o]) + decay * acc[m * cols_per_unit + j]);
+                }
+            }
         }
     }
 }
