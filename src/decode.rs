@@ -4,7 +4,7 @@ use cubecl::prelude::*;
 use lightning_attention_kernels as kernels;
 
 use crate::config::check_scale;
-use crate::plan::{DeviceLimits, LaunchDims, plan_decode};
+use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
 use crate::prefill::arg;
 use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
 use crate::{DeviceTensor, LightningError, Result};
@@ -32,7 +32,7 @@ pub struct DecodeInputs<'a> {
 }
 
 /// Validates and plans a decode step without launching anything.
-pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(DecodeShape, LaunchDims)> {
+pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(DecodeShape, DecodePlan)> {
     let shape = validate_decode(
         inputs.q,
         inputs.k,
@@ -47,8 +47,8 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
             runtime: client.name(),
         });
     }
-    let dims = plan_decode(&shape, &DeviceLimits::of(client))?;
-    Ok((shape, dims))
+    let plan = plan_decode(&shape, &DeviceLimits::of(client))?;
+    Ok((shape, plan))
 }
 
 /// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place.
@@ -65,7 +65,7 @@ pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
 
 /// Runs a decode step into caller-owned `out` `[b, h, 1, e]` (dtype of q).
 pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -> Result<()> {
-    let (shape, dims) = plan_decode_step(client, inputs)?;
+    let (shape, plan) = plan_decode_step(client, inputs)?;
     check_tensor(
         out,
         "out",
@@ -89,8 +89,8 @@ pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -
             unsafe {
                 kernels::decode::decode::launch_unchecked::<$f>(
                     client,
-                    dims.cube_count(),
-                    dims.cube_dim(),
+                    plan.dims.cube_count(),
+                    plan.dims.cube_dim(),
                     arg(inputs.q),
                     arg(inputs.k),
                     arg(inputs.v),
@@ -102,6 +102,8 @@ pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -
                     scale,
                     shape.key_dim,
                     shape.value_dim,
+                    plan.column_tile,
+                    plan.row_groups,
                 )
             }
         };

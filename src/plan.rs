@@ -252,19 +252,39 @@ impl PrefillPlan {
     }
 }
 
-/// Plans a validated decode step: one unit per value column, one cube row per (b, h).
-pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<LaunchDims> {
-    let units = count(shape.value_dim.next_power_of_two())
-        .min(TARGET_UNITS)
-        .min(limits.max_units);
-    LaunchDims {
+/// How a decode step is split: cube size and grid, and the kernel's tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// The launch.
+    pub dims: LaunchDims,
+    /// Value columns per cube.
+    pub column_tile: usize,
+    /// Groups the `d` rows of a column are split over (their partial dot
+    /// products are summed in shared memory).
+    pub row_groups: usize,
+}
+
+/// Plans a validated decode step: up to 32 value columns per cube, the rows of
+/// each column split over up to `256 / columns` units.
+pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<DecodePlan> {
+    let units = TARGET_UNITS.min(limits.max_units) as usize;
+    let column_tile = shape.value_dim.next_power_of_two().min(32).min(units);
+    let row_groups = (units / column_tile)
+        .min(shape.key_dim.next_power_of_two())
+        .max(1);
+    let dims = LaunchDims {
         cubes: (
-            count(shape.value_dim.div_ceil(units as usize)),
+            count(shape.value_dim.div_ceil(column_tile)),
             count(shape.batch * shape.heads),
             1,
         ),
-        units,
-        shared_bytes: 0,
+        units: count(column_tile * row_groups),
+        shared_bytes: column_tile * row_groups * 4,
     }
-    .check("decode", limits)
+    .check("decode", limits)?;
+    Ok(DecodePlan {
+        dims,
+        column_tile,
+        row_groups,
+    })
 }
