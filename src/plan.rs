@@ -10,8 +10,8 @@ use crate::{LightningError, PrefillConfig, Result};
 
 /// Units per cube the portable routines aim for.
 const TARGET_UNITS: u32 = 256;
-/// Largest tile along `e` staged by diag and non-diag.
-const MAX_VALUE_TILE: usize = 128;
+/// Most value columns one diag unit accumulates (a 128-wide tile).
+const MAX_DIAG_COLS_PER_UNIT: usize = 8;
 /// Largest chunk of `d` diag stages per step.
 const MAX_KEY_CHUNK: usize = 32;
 /// Units along each side of kv-parallel's square cube (fixed by the kernel).
@@ -116,10 +116,12 @@ pub struct PrefillPlan {
     pub block_states_len: usize,
     /// diag launch.
     pub diag: LaunchDims,
-    /// diag's tile along `e`.
-    pub diag_value_tile: usize,
     /// diag's chunk of `d` staged per step.
     pub diag_key_chunk: usize,
+    /// Query rows (and key columns) of scores and outputs each diag unit holds.
+    pub diag_rows_per_unit: usize,
+    /// Value columns of outputs each diag unit holds.
+    pub diag_cols_per_unit: usize,
     /// kv-parallel launch.
     pub kv_parallel: LaunchDims,
     /// Tokens kv-parallel stages at once.
@@ -171,28 +173,22 @@ impl PrefillPlan {
         }
         let sub_blocks = count(n.div_ceil(cb));
 
-        // diag stages sub_block^2 scores, sub_block x value-tile accumulators and
-        // two sub_block x (key-chunk + 1) tiles of Q and K. A wide value tile
-        // avoids recomputing scores per tile, a wide key chunk means fewer
-        // barriers; shrink the value tile first, down to 32, then the chunk.
-        let diag_bytes = |tile: usize, chunk: usize| (cb * cb + cb * tile + 2 * cb * (chunk + 1)) * 4;
-        let mut diag_value_tile = e.next_power_of_two().min(MAX_VALUE_TILE);
+        // diag: a 16 x 16 grid of units with register tiles of scores and outputs;
+        // shared memory holds the sub_block^2 scores and two sub_block x
+        // (key-chunk + 1) tiles of Q and K. A wide chunk means fewer barriers;
+        // it shrinks until the tiles fit.
+        let diag_rows_per_unit = (cb / KV_SIDE).max(1);
+        let diag_cols_per_unit = (e.next_power_of_two() / KV_SIDE).clamp(1, MAX_DIAG_COLS_PER_UNIT);
+        let diag_value_tile = KV_SIDE * diag_cols_per_unit;
+        let diag_bytes = |chunk: usize| (cb * cb + 2 * cb * (chunk + 1)) * 4;
         let mut diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
-        while diag_bytes(diag_value_tile, diag_key_chunk) > limits.shared_memory {
-            if diag_value_tile > 32 {
-                diag_value_tile /= 2;
-            } else if diag_key_chunk > 8 {
-                diag_key_chunk /= 2;
-            } else if diag_value_tile > 1 {
-                diag_value_tile /= 2;
-            } else {
-                break;
-            }
+        while diag_key_chunk > 1 && diag_bytes(diag_key_chunk) > limits.shared_memory {
+            diag_key_chunk /= 2;
         }
         let diag = LaunchDims {
             cubes: (sub_blocks, bh, count(e.div_ceil(diag_value_tile))),
-            units,
-            shared_bytes: diag_bytes(diag_value_tile, diag_key_chunk),
+            units: count(KV_SIDE * KV_SIDE),
+            shared_bytes: diag_bytes(diag_key_chunk),
         }
         .check("diag", limits)?;
 
@@ -237,8 +233,9 @@ impl PrefillPlan {
             num_blocks,
             block_states_len,
             diag,
-            diag_value_tile,
             diag_key_chunk,
+            diag_rows_per_unit,
+            diag_cols_per_unit,
             kv_parallel,
             kv_stage,
             kv_rows_per_unit,

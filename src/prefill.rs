@@ -253,8 +253,9 @@ impl Launch<'_> {
                 e,
                 block,
                 cb,
-                plan.diag_value_tile,
                 plan.diag_key_chunk,
+                plan.diag_rows_per_unit,
+                plan.diag_cols_per_unit,
             )
         });
         hook(Stage::KvParallel, &|| unsafe {

@@ -6,16 +6,23 @@
 //!
 //! Geometry: one cube per (query sub-block, `b * h`, value tile); cube x runs
 //! over the `ceil(n / sub_block)` query sub-blocks of the whole sequence, y over
-//! `b * h`, z over `ceil(e / value_tile)` tiles of the value dimension. Any 1-D
-//! cube size works; units stride over the tiles.
+//! `b * h`, z over `ceil(e / value_tile)` tiles of the value dimension, with
+//! `value_tile = 16 * cols_per_unit`. The cube has 256 units in a 16 x 16 grid.
 //!
-//! The scores `Q K^T` of a (query, key) sub-block pair are accumulated over
-//! chunks of `key_chunk` columns of `d`, each chunk of Q and K staged in shared
-//! memory with rows padded by one float so that units reading different rows of
-//! the same column hit different banks. Shared memory, in f32:
-//! `sub_block^2 + sub_block * value_tile + 2 * sub_block * (key_chunk + 1)`.
+//! For each key sub-block up to the query's own, the scores `Q K^T` are
+//! accumulated in registers (each unit `rows_per_unit^2` of them, at rows and
+//! columns 16 apart, `rows_per_unit = max(1, sub_block / 16)`) over chunks of
+//! `key_chunk` columns of `d`, each chunk of Q and K staged in shared memory
+//! with rows padded by one float so that units reading different rows of the
+//! same column hit different banks. The masked, decayed scores then go through
+//! shared memory to the `(Q K^T) V` step, whose `rows_per_unit x cols_per_unit`
+//! outputs per unit stay in registers across key sub-blocks. Shared memory, in
+//! f32: `sub_block^2 + 2 * sub_block * (key_chunk + 1)`.
 
 use cubecl::prelude::*;
+
+/// Units along each side of the cube's 16 x 16 grid.
+const SIDE: usize = 16;
 
 /// Launched with the geometry in the module doc.
 #[cube(launch_unchecked)]
@@ -33,9 +40,12 @@ pub fn diag<F: Float>(
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
     #[comptime] sub_block: usize,
-    #[comptime] value_tile: usize,
     #[comptime] key_chunk: usize,
+    #[comptime] rows_per_unit: usize,
+    #[comptime] cols_per_unit: usize,
 ) {
+    let value_tile = comptime!(SIDE * cols_per_unit);
+    let row_stride = key_chunk + 1;
     let n = seq_len as usize;
     let bh = CUBE_POS_Y as usize;
     let neg_slope = -slopes[bh % heads as usize];
@@ -46,24 +56,21 @@ pub fn diag<F: Float>(
     let v_base = bh * n * value_dim;
     let unit = UNIT_POS as usize;
     let units = CUBE_DIM as usize;
-    let row_stride = key_chunk + 1;
+    let unit_row = unit / SIDE;
+    let unit_col = unit % SIDE;
 
     let mut scores = Shared::<[f32]>::new_slice(sub_block * sub_block);
-    let mut acc = Shared::<[f32]>::new_slice(sub_block * value_tile);
     let mut q_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
     let mut k_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
-    // Each unit owns the same score and accumulator slots throughout; only the
-    // staged tiles and the finished scores are exchanged between units.
-    for idx in range_stepped(unit, sub_block * value_tile, units) {
-        acc[idx] = 0.0f32;
-    }
+    let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
 
     let key_sub_blocks = (q_start - block_start) / sub_block + 1;
     for ks in 0..key_sub_blocks {
         let k_start = block_start + ks * sub_block;
-        sync_cube();
-        for idx in range_stepped(unit, sub_block * sub_block, units) {
-            scores[idx] = 0.0f32;
+        let mut dots = Array::<f32>::new(rows_per_unit * rows_per_unit);
+        #[unroll]
+        for x in 0..rows_per_unit * rows_per_unit {
+            dots[x] = 0.0f32;
         }
         for c0 in range_stepped(0, key_dim, key_chunk) {
             sync_cube();
@@ -86,48 +93,80 @@ pub fn diag<F: Float>(
                 k_tile[r * row_stride + idx % key_chunk] = kv;
             }
             sync_cube();
-            for idx in range_stepped(unit, sub_block * sub_block, units) {
-                let q_row = (idx / sub_block) * row_stride;
-                let k_row = (idx % sub_block) * row_stride;
-                let mut dot = 0.0f32;
+            if unit_row < sub_block && unit_col < sub_block {
                 for i in 0..key_chunk {
-                    dot += q_tile[q_row + i] * k_tile[k_row + i];
-                }
-                scores[idx] += dot;
-            }
-        }
-        for idx in range_stepped(unit, sub_block * sub_block, units) {
-            let tq = q_start + idx / sub_block;
-            let tk = k_start + idx % sub_block;
-            // Masked before the exponential: exp(+x) of a future key could overflow.
-            let mut weight = 0.0f32;
-            if tk <= tq && tq < n {
-                weight = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32));
-            }
-            scores[idx] *= weight;
-        }
-        sync_cube();
-        for idx in range_stepped(unit, sub_block * value_tile, units) {
-            let row = idx / value_tile;
-            let col = e0 + idx % value_tile;
-            if col < value_dim {
-                let mut sum = 0.0f32;
-                for c in 0..sub_block {
-                    let tk = k_start + c;
-                    if tk < n {
-                        sum += scores[row * sub_block + c] * f32::cast_from(v[v_base + tk * value_dim + col]);
+                    let mut qs = Array::<f32>::new(rows_per_unit);
+                    #[unroll]
+                    for m in 0..rows_per_unit {
+                        qs[m] = q_tile[(m * SIDE + unit_row) * row_stride + i];
+                    }
+                    #[unroll]
+                    for j in 0..rows_per_unit {
+                        let kj = k_tile[(j * SIDE + unit_col) * row_stride + i];
+                        #[unroll]
+                        for m in 0..rows_per_unit {
+                            dots[m * rows_per_unit + j] += qs[m] * kj;
+                        }
                     }
                 }
-                acc[idx] += sum;
+            }
+        }
+        if unit_row < sub_block && unit_col < sub_block {
+            #[unroll]
+            for m in 0..rows_per_unit {
+                let r = m * SIDE + unit_row;
+                #[unroll]
+                for j in 0..rows_per_unit {
+                    let c = j * SIDE + unit_col;
+                    let tq = q_start + r;
+                    let tk = k_start + c;
+                    // Masked before the exponential: exp(+x) of a future key could overflow.
+                    let mut weight = 0.0f32;
+                    if tk <= tq && tq < n {
+                        weight = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32));
+                    }
+                    scores[r * sub_block + c] = weight * dots[m * rows_per_unit + j];
+                }
+            }
+        }
+        sync_cube();
+        if unit_row < sub_block {
+            for c in 0..sub_block {
+                let tk = k_start + c;
+                if tk < n {
+                    let mut ss = Array::<f32>::new(rows_per_unit);
+                    #[unroll]
+                    for m in 0..rows_per_unit {
+                        ss[m] = scores[(m * SIDE + unit_row) * sub_block + c];
+                    }
+                    #[unroll]
+                    for j in 0..cols_per_unit {
+                        let col = e0 + j * SIDE + unit_col;
+                        let mut vv = 0.0f32;
+                        if col < value_dim {
+                            vv = f32::cast_from(v[v_base + tk * value_dim + col]);
+                        }
+                        #[unroll]
+                        for m in 0..rows_per_unit {
+                            acc[m * cols_per_unit + j] += ss[m] * vv;
+                        }
+                    }
+                }
             }
         }
     }
 
-    for idx in range_stepped(unit, sub_block * value_tile, units) {
-        let tq = q_start + idx / value_tile;
-        let col = e0 + idx % value_tile;
-        if tq < n && col < value_dim {
-            out[v_base + tq * value_dim + col] = F::cast_from(acc[idx]);
+    if unit_row < sub_block {
+        #[unroll]
+        for m in 0..rows_per_unit {
+            let tq = q_start + m * SIDE + unit_row;
+            #[unroll]
+            for j in 0..cols_per_unit {
+                let col = e0 + j * SIDE + unit_col;
+                if tq < n && col < value_dim {
+                    out[v_base + tq * value_dim + col] = F::cast_from(acc[m * cols_per_unit + j]);
+                }
+            }
         }
     }
 }
