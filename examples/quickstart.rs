@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use lightning_attention::cubecl::future::block_on;
+use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::reference::{self, Dims, relative_error};
 use lightning_attention::{
     DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, decode, prefill, runtime, slopes,
@@ -18,19 +19,6 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
         .unwrap_or(default)
-}
-
-/// Deterministic inputs in [-1, 1).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn f64s(x: &[f32]) -> Vec<f64> {
@@ -49,9 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         value_dim: d,
     };
     let (q, k, v) = (
-        values(dims.qk_len(), 1),
-        values(dims.qk_len(), 2),
-        values(dims.v_len(), 3),
+        uniform_f32(dims.qk_len(), 1),
+        uniform_f32(dims.qk_len(), 2),
+        uniform_f32(dims.v_len(), 3),
     );
     let slope_values = slopes::layer_slopes(h, 0, 2)?;
     let upload = |x: &[f32], shape: &[usize]| DeviceTensor::from_f32(&client, x, shape, DType::F32);
@@ -88,7 +76,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // One decode step continuing the sequence from its final state (slot 0).
-    let (qd, kd, vd) = (values(h * d, 4), values(h * d, 5), values(h * d, 6));
+    let (qd, kd, vd) = (
+        uniform_f32(h * d, 4),
+        uniform_f32(h * d, 5),
+        uniform_f32(h * d, 6),
+    );
     let (qd_t, kd_t, vd_t) = (
         upload(&qd, &[1, h, 1, d])?,
         upload(&kd, &[1, h, 1, d])?,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
+use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
     DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, StageTimes, decode_into, prefill_into,
     profile_prefill_into, runtime,
@@ -91,7 +92,7 @@ fn median_time(client: &Client, reps: usize, work: impl Fn() + Send + Sync) -> D
 /// Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written).
 fn copy_bandwidth(client: &Client, reps: usize, quick: bool) -> f64 {
     let floats: usize = if quick { 1 << 22 } else { 1 << 28 };
-    let data = random(floats, 99);
+    let data = uniform_f32(floats, 99);
     let input = client.create_from_slice(f32::as_bytes(&data));
     let output = client.empty(floats * 4);
     let units = 256usize;
@@ -110,22 +111,9 @@ fn copy_bandwidth(client: &Client, reps: usize, quick: bool) -> f64 {
     2.0 * (floats * 4) as f64 / time.as_secs_f64()
 }
 
-/// Uniform values in [-1, 1): random, never zeros.
-fn random(len: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn upload(client: &Client, shape: &[usize], dtype: DType, seed: u64) -> DeviceTensor {
     let len = shape.iter().product();
-    DeviceTensor::from_f32(client, &random(len, seed), shape, dtype).expect("upload")
+    DeviceTensor::from_f32(client, &uniform_f32(len, seed), shape, dtype).expect("upload")
 }
 
 fn slopes(client: &Client, heads: usize) -> DeviceTensor {

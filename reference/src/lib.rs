@@ -17,6 +17,7 @@
 mod blocked;
 mod decode;
 mod dims;
+pub mod random;
 mod recurrence;
 pub mod slopes;
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 
+use crate::random::SeededRng;
 use crate::slopes::{base_slopes, layer_factor, layer_slopes};
 use crate::{Dims, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error};
 
@@ -141,15 +142,7 @@ fn last(x: &[f64], n: usize, w: usize) -> Vec<f64> {
 }
 
 fn values(len: usize, seed: u64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
+    SeededRng::new(seed).values(len)
 }
 
 proptest! {

@@ -1,7 +1,7 @@
 //! Shared helpers: the client, seeded random inputs, uploads, the error measure.
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::{DType, DeviceTensor, runtime};
+use lightning_attention::{DType, DeviceTensor, reference, runtime};
 
 pub use lightning_attention::reference::relative_error;
 
@@ -31,21 +31,17 @@ pub fn input_dtypes() -> Vec<DType> {
     dtypes
 }
 
-/// xorshift64*: small, seeded, reproducible.
-pub struct SeededRng(u64);
+/// The reference crate's seeded generator, with what the tests draw from it.
+pub struct SeededRng(reference::random::SeededRng);
 
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Self(reference::random::SeededRng::new(seed))
     }
 
     /// Uniform in `[-1, 1)`.
     pub fn unit(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-        bits as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        self.0.unit() as f32
     }
 
     /// `len` values in `[-1, 1)`, rounded to `dtype` so the reference sees what the kernel sees.

@@ -1,7 +1,7 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
 use lightning_attention::reference::{Dims, blocked_vllm_off_by_one, recurrence};
-use lightning_attention::{DType, PrefillConfig, PrefillInputs, prefill_into};
+use lightning_attention::{DType, PrefillConfig, PrefillInputs, prefill_into, profile_prefill_into};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -191,4 +191,52 @@ fn scale_multiplies_the_output() {
     assert!(relative_error(&read(&client, &out), &scaled) < 1e-4);
     // The state does not see the scale.
     assert!(relative_error(&read(&client, &state), &exact.state) < 1e-4);
+}
+
+/// The profiled prefill computes the same thing and reports a time for each kernel.
+#[test]
+fn profiled_prefill_matches_reference_and_times_each_kernel() {
+    let client = client();
+    let dims = Dims {
+        batch: 2,
+        heads: 2,
+        seq_len: 70,
+        key_dim: 16,
+        value_dim: 32,
+    };
+    let mut rng = SeededRng::new(21);
+    let q = rng.values(dims.qk_len(), DType::F32);
+    let k = rng.values(dims.qk_len(), DType::F32);
+    let v = rng.values(dims.v_len(), DType::F32);
+    let slopes = rng.slopes(2);
+    let q_t = upload(&client, &q, &[2, 2, 70, 16], DType::F32);
+    let k_t = upload(&client, &k, &[2, 2, 70, 16], DType::F32);
+    let v_t = upload(&client, &v, &[2, 2, 70, 32], DType::F32);
+    let s_t = upload(&client, &slopes, &[2], DType::F32);
+    let inputs = PrefillInputs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        slopes: &s_t,
+        initial_state: None,
+    };
+    let out = poisoned(&client, &[2, 2, 70, 32], DType::F32);
+    let state = poisoned(&client, &[2, 2, 16, 32], DType::F32);
+    let times = profile_prefill_into(&client, &inputs, &PrefillConfig::new(32, 16), &out, &state)
+        .expect("profiling works on this runtime");
+    let exact = recurrence(dims, &f64s(&q), &f64s(&k), &f64s(&v), &f64s(&slopes), None);
+    assert!(relative_error(&read(&client, &out), &exact.out) < 1e-4);
+    assert!(relative_error(&read(&client, &state), &exact.state) < 1e-4);
+    for (name, time) in [
+        ("diag", times.diag),
+        ("kv-parallel", times.kv_parallel),
+        ("kv-reduce", times.kv_reduce),
+        ("non-diag", times.non_diag),
+    ] {
+        assert!(!time.is_zero(), "{name} measured no time");
+    }
+    assert_eq!(
+        times.total(),
+        times.diag + times.kv_parallel + times.kv_reduce + times.non_diag
+    );
 }
