@@ -91,6 +91,7 @@ pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -
                     client,
                     plan.dims.cube_count(),
                     plan.dims.cube_dim(),
+                    plan.vector_size,
                     arg(inputs.q),
                     arg(inputs.k),
                     arg(inputs.v),

@@ -254,33 +254,39 @@ impl PrefillPlan {
 pub struct DecodePlan {
     /// The launch.
     pub dims: LaunchDims,
-    /// Value columns per cube.
+    /// Lanes of the vectors v, out and the cache are moved in (divides `e`).
+    pub vector_size: usize,
+    /// Vector columns per cube.
     pub column_tile: usize,
     /// Groups the `d` rows of a column are split over (their partial dot
     /// products are summed in shared memory).
     pub row_groups: usize,
 }
 
-/// Plans a validated decode step: up to 32 value columns per cube, the rows of
-/// each column split over up to `256 / columns` units.
+/// Plans a validated decode step: 4-lane vectors where `e` allows, up to 32
+/// vector columns per cube, the rows of each column split over up to
+/// `256 / columns` units.
 pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<DecodePlan> {
+    let vector_size = if shape.value_dim.is_multiple_of(4) { 4 } else { 1 };
+    let vector_cols = shape.value_dim / vector_size;
     let units = TARGET_UNITS.min(limits.max_units) as usize;
-    let column_tile = shape.value_dim.next_power_of_two().min(32).min(units);
+    let column_tile = vector_cols.next_power_of_two().min(32).min(units);
     let row_groups = (units / column_tile)
         .min(shape.key_dim.next_power_of_two())
         .max(1);
     let dims = LaunchDims {
         cubes: (
-            count(shape.value_dim.div_ceil(column_tile)),
+            count(vector_cols.div_ceil(column_tile)),
             count(shape.batch * shape.heads),
             1,
         ),
         units: count(column_tile * row_groups),
-        shared_bytes: column_tile * row_groups * 4,
+        shared_bytes: column_tile * row_groups * vector_size * 4,
     }
     .check("decode", limits)?;
     Ok(DecodePlan {
         dims,
+        vector_size,
         column_tile,
         row_groups,
     })

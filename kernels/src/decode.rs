@@ -4,27 +4,29 @@
 //! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = scale * q S`. A negative
 //! slot (padding) leaves the cache untouched and writes zeros to that output row.
 //!
-//! Geometry: cube x runs over `ceil(e / column_tile)` chunks of the value
-//! dimension, y over `b * h`. The cube has `column_tile * row_groups` units:
-//! unit `(g, c)` updates column `c` of the rows `i = g (mod row_groups)`, so each
-//! unit walks `d / row_groups` rows instead of all `d` (a short dependency chain
-//! at small batch), and the partial dot products meet in shared memory
-//! (`column_tile * row_groups` f32).
+//! v, out and the cache are read and written as vectors of `N` lanes along `e`
+//! (wide loads for a kernel that only streams the cache); the host picks `N`
+//! dividing `e`. Geometry: cube x runs over `ceil(e / (N * column_tile))`
+//! chunks of the value dimension, y over `b * h`. The cube has
+//! `column_tile * row_groups` units: unit `(g, c)` updates vector column `c` of
+//! the rows `i = g (mod row_groups)`, so each unit walks `d / row_groups` rows
+//! instead of all `d` (a short dependency chain at small batch), and the partial
+//! dot products meet in shared memory (`column_tile * row_groups` vectors).
 
 use cubecl::prelude::*;
 
 /// Launched with the geometry in the module doc. q, k `[b, h, d]`, v, out
-/// `[b, h, e]`, cache `[slots, h, d, e]`, slots `[b]`.
+/// `[b, h, e]`, cache `[slots, h, d, e]`, slots `[b]`; `value_dim` is `e` in scalars.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn decode<F: Float>(
+pub fn decode<F: Float, N: Size>(
     q: &[F],
     k: &[F],
-    v: &[F],
+    v: &[Vector<F, N>],
     slopes: &[f32],
     slots: &[i32],
-    cache: &mut [f32],
-    out: &mut [F],
+    cache: &mut [Vector<f32, N>],
+    out: &mut [Vector<F, N>],
     heads: u32,
     scale: f32,
     #[comptime] key_dim: usize,
@@ -32,6 +34,7 @@ pub fn decode<F: Float>(
     #[comptime] column_tile: usize,
     #[comptime] row_groups: usize,
 ) {
+    let vector_cols = value_dim / N::value();
     let h = heads as usize;
     let bh = CUBE_POS_Y as usize;
     let head = bh % h;
@@ -42,31 +45,32 @@ pub fn decode<F: Float>(
     let slot = slots[bh / h];
     // The slot is the same for the whole cube, so this branch is uniform.
     if slot < 0 {
-        if group == 0 && col < value_dim {
-            out[bh * value_dim + col] = F::cast_from(0.0f32);
+        if group == 0 && col < vector_cols {
+            out[bh * vector_cols + col] = Vector::new(F::cast_from(0.0f32));
         }
     } else {
-        let mut partial = Shared::<[f32]>::new_slice(column_tile * row_groups);
-        let mut acc = 0.0f32;
-        if col < value_dim {
-            let decay = f32::exp(-slopes[head]);
-            let base = (slot as usize * h + head) * key_dim * value_dim + col;
-            let vj = f32::cast_from(v[bh * value_dim + col]);
+        let mut partial = Shared::<[Vector<f32, N>]>::new_slice(column_tile * row_groups);
+        let mut acc = Vector::<f32, N>::new(0.0f32);
+        if col < vector_cols {
+            let decay = Vector::<f32, N>::new(f32::exp(-slopes[head]));
+            let base = (slot as usize * h + head) * key_dim * vector_cols + col;
+            let vj = Vector::<f32, N>::cast_from(v[bh * vector_cols + col]);
             for i in range_stepped(group, key_dim, row_groups) {
-                let idx = base + i * value_dim;
-                let updated = decay * cache[idx] + f32::cast_from(k[bh * key_dim + i]) * vj;
+                let idx = base + i * vector_cols;
+                let ki = Vector::<f32, N>::new(f32::cast_from(k[bh * key_dim + i]));
+                let updated = decay * cache[idx] + ki * vj;
                 cache[idx] = updated;
-                acc += f32::cast_from(q[bh * key_dim + i]) * updated;
+                acc += Vector::<f32, N>::new(f32::cast_from(q[bh * key_dim + i])) * updated;
             }
         }
         partial[unit] = acc;
         sync_cube();
-        if group == 0 && col < value_dim {
-            let mut sum = 0.0f32;
+        if group == 0 && col < vector_cols {
+            let mut sum = Vector::<f32, N>::new(0.0f32);
             for g in 0..row_groups {
                 sum += partial[g * column_tile + local_col];
             }
-            out[bh * value_dim + col] = F::cast_from(scale * sum);
+            out[bh * vector_cols + col] = Vector::cast_from(Vector::<f32, N>::new(scale) * sum);
         }
     }
 }

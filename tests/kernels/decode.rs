@@ -22,7 +22,15 @@ fn case() -> impl Strategy<Value = Case> {
     (
         1usize..=6,
         1usize..=3,
-        prop::sample::select(vec![(64, 128), (128, 64), (128, 128), (24, 40), (8, 16)]),
+        prop::sample::select(vec![
+            (64, 128),
+            (128, 64),
+            (128, 128),
+            (24, 40),
+            (8, 16),
+            (12, 6),
+            (16, 30),
+        ]),
         0usize..=3,
         prop::sample::select(input_dtypes()),
         any::<u64>(),
