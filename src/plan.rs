@@ -14,8 +14,9 @@ const TARGET_UNITS: u32 = 256;
 const MAX_DIAG_COLS_PER_UNIT: usize = 8;
 /// Largest chunk of `d` diag stages per step.
 const MAX_KEY_CHUNK: usize = 32;
-/// Units along each side of kv-parallel's square cube (fixed by the kernel).
-const KV_SIDE: usize = 16;
+/// Units along each side of the 16 x 16 unit grid of diag, kv-parallel and
+/// non-diag (fixed by the kernels).
+const GRID_SIDE: usize = 16;
 /// Most rows (and columns) of the state one kv-parallel unit accumulates.
 const MAX_PER_UNIT: usize = 4;
 /// Most tokens kv-parallel stages at once.
@@ -177,9 +178,9 @@ impl PrefillPlan {
         // shared memory holds the sub_block^2 scores and two sub_block x
         // (key-chunk + 1) tiles of Q and K. A wide chunk means fewer barriers;
         // it shrinks until the tiles fit.
-        let diag_rows_per_unit = (cb / KV_SIDE).max(1);
-        let diag_cols_per_unit = (e.next_power_of_two() / KV_SIDE).clamp(1, MAX_DIAG_COLS_PER_UNIT);
-        let diag_value_tile = KV_SIDE * diag_cols_per_unit;
+        let diag_rows_per_unit = (cb / GRID_SIDE).max(1);
+        let diag_cols_per_unit = (e.next_power_of_two() / GRID_SIDE).clamp(1, MAX_DIAG_COLS_PER_UNIT);
+        let diag_value_tile = GRID_SIDE * diag_cols_per_unit;
         let diag_bytes = |chunk: usize| (cb * cb + 2 * cb * (chunk + 1)) * 4;
         let mut diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
         while diag_key_chunk > 1 && diag_bytes(diag_key_chunk) > limits.shared_memory {
@@ -187,16 +188,16 @@ impl PrefillPlan {
         }
         let diag = LaunchDims {
             cubes: (sub_blocks, bh, count(e.div_ceil(diag_value_tile))),
-            units: count(KV_SIDE * KV_SIDE),
+            units: count(GRID_SIDE * GRID_SIDE),
             shared_bytes: diag_bytes(diag_key_chunk),
         }
         .check("diag", limits)?;
 
         // kv-parallel: a 16 x 16 grid of units, each holding up to 4 x 4 elements
         // of the d x e tile in registers; K and V staged up to 32 tokens deep.
-        let per_unit = |dim: usize| (dim.next_power_of_two() / KV_SIDE).clamp(1, MAX_PER_UNIT);
+        let per_unit = |dim: usize| (dim.next_power_of_two() / GRID_SIDE).clamp(1, MAX_PER_UNIT);
         let (kv_rows_per_unit, kv_cols_per_unit) = (per_unit(d), per_unit(e));
-        let (kv_key_tile, kv_value_tile) = (KV_SIDE * kv_rows_per_unit, KV_SIDE * kv_cols_per_unit);
+        let (kv_key_tile, kv_value_tile) = (GRID_SIDE * kv_rows_per_unit, GRID_SIDE * kv_cols_per_unit);
         let kv_stage = cb.min(MAX_KV_STAGE);
         let kv_parallel = LaunchDims {
             cubes: (
@@ -204,7 +205,7 @@ impl PrefillPlan {
                 bh,
                 count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
             ),
-            units: count(KV_SIDE * KV_SIDE),
+            units: count(GRID_SIDE * GRID_SIDE),
             shared_bytes: kv_stage * (kv_key_tile + kv_value_tile) * 4,
         }
         .check("kv-parallel", limits)?;
@@ -218,13 +219,13 @@ impl PrefillPlan {
 
         // non-diag: the same 16 x 16 grid, each unit holding sub_block / 16 rows
         // and up to 4 columns of outputs; Q and the state staged in chunks of d.
-        let non_diag_rows_per_unit = (cb / KV_SIDE).max(1);
+        let non_diag_rows_per_unit = (cb / GRID_SIDE).max(1);
         let non_diag_cols_per_unit = per_unit(e);
         let non_diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
-        let non_diag_value_tile = KV_SIDE * non_diag_cols_per_unit;
+        let non_diag_value_tile = GRID_SIDE * non_diag_cols_per_unit;
         let non_diag = LaunchDims {
             cubes: (sub_blocks, bh, count(e.div_ceil(non_diag_value_tile))),
-            units: count(KV_SIDE * KV_SIDE),
+            units: count(GRID_SIDE * GRID_SIDE),
             shared_bytes: (cb * (non_diag_key_chunk + 1) + non_diag_key_chunk * non_diag_value_tile) * 4,
         }
         .check("non-diag", limits)?;
