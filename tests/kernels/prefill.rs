@@ -1,7 +1,10 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
-use lightning_attention::reference::{Dims, blocked_vllm_off_by_one, recurrence};
-use lightning_attention::{DType, PrefillConfig, PrefillInputs, prefill_into, profile_prefill_into};
+use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
+use lightning_attention::{
+    DType, DeviceTensor, PrefillConfig, PrefillInputs, prefill_into, profile_prefill_into,
+};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -156,6 +159,76 @@ fn vllm_off_by_one_would_fail_the_bound() {
     }
 }
 
+/// An f32 prefill problem without an initial state: host inputs, their
+/// uploads, and poisoned outputs.
+struct F32Problem {
+    dims: Dims,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    slopes: Vec<f32>,
+    tensors: [DeviceTensor; 4],
+    out: DeviceTensor,
+    state: DeviceTensor,
+}
+
+impl F32Problem {
+    fn new(client: &Client, dims: Dims, seed: u64) -> Self {
+        let Dims {
+            batch: b,
+            heads: h,
+            seq_len: n,
+            key_dim: d,
+            value_dim: e,
+        } = dims;
+        let mut rng = SeededRng::new(seed);
+        let q = rng.values(dims.qk_len(), DType::F32);
+        let k = rng.values(dims.qk_len(), DType::F32);
+        let v = rng.values(dims.v_len(), DType::F32);
+        let slopes = rng.slopes(h);
+        let tensors = [
+            upload(client, &q, &[b, h, n, d], DType::F32),
+            upload(client, &k, &[b, h, n, d], DType::F32),
+            upload(client, &v, &[b, h, n, e], DType::F32),
+            upload(client, &slopes, &[h], DType::F32),
+        ];
+        let out = poisoned(client, &[b, h, n, e], DType::F32);
+        let state = poisoned(client, &[b, h, d, e], DType::F32);
+        Self {
+            dims,
+            q,
+            k,
+            v,
+            slopes,
+            tensors,
+            out,
+            state,
+        }
+    }
+
+    fn inputs(&self) -> PrefillInputs<'_> {
+        let [q, k, v, slopes] = &self.tensors;
+        PrefillInputs {
+            q,
+            k,
+            v,
+            slopes,
+            initial_state: None,
+        }
+    }
+
+    fn exact(&self) -> Prefill {
+        recurrence(
+            self.dims,
+            &f64s(&self.q),
+            &f64s(&self.k),
+            &f64s(&self.v),
+            &f64s(&self.slopes),
+            None,
+        )
+    }
+}
+
 #[test]
 fn scale_multiplies_the_output() {
     let client = client();
@@ -166,31 +239,14 @@ fn scale_multiplies_the_output() {
         key_dim: 16,
         value_dim: 24,
     };
-    let mut rng = SeededRng::new(7);
-    let q = rng.values(dims.qk_len(), DType::F32);
-    let k = rng.values(dims.qk_len(), DType::F32);
-    let v = rng.values(dims.v_len(), DType::F32);
-    let slopes = rng.slopes(2);
-    let q_t = upload(&client, &q, &[1, 2, 50, 16], DType::F32);
-    let k_t = upload(&client, &k, &[1, 2, 50, 16], DType::F32);
-    let v_t = upload(&client, &v, &[1, 2, 50, 24], DType::F32);
-    let s_t = upload(&client, &slopes, &[2], DType::F32);
-    let inputs = PrefillInputs {
-        q: &q_t,
-        k: &k_t,
-        v: &v_t,
-        slopes: &s_t,
-        initial_state: None,
-    };
-    let out = poisoned(&client, &[1, 2, 50, 24], DType::F32);
-    let state = poisoned(&client, &[1, 2, 16, 24], DType::F32);
+    let p = F32Problem::new(&client, dims, 7);
     let config = PrefillConfig::new(16, 8).with_scale(0.125);
-    prefill_into(&client, &inputs, &config, &out, &state).unwrap();
-    let exact = recurrence(dims, &f64s(&q), &f64s(&k), &f64s(&v), &f64s(&slopes), None);
+    prefill_into(&client, &p.inputs(), &config, &p.out, &p.state).unwrap();
+    let exact = p.exact();
     let scaled: Vec<f64> = exact.out.iter().map(|x| x * 0.125).collect();
-    assert!(relative_error(&read(&client, &out), &scaled) < 1e-4);
+    assert!(relative_error(&read(&client, &p.out), &scaled) < 1e-4);
     // The state does not see the scale.
-    assert!(relative_error(&read(&client, &state), &exact.state) < 1e-4);
+    assert!(relative_error(&read(&client, &p.state), &exact.state) < 1e-4);
 }
 
 /// The profiled prefill computes the same thing and reports a time for each kernel.
@@ -204,29 +260,18 @@ fn profiled_prefill_matches_reference_and_times_each_kernel() {
         key_dim: 16,
         value_dim: 32,
     };
-    let mut rng = SeededRng::new(21);
-    let q = rng.values(dims.qk_len(), DType::F32);
-    let k = rng.values(dims.qk_len(), DType::F32);
-    let v = rng.values(dims.v_len(), DType::F32);
-    let slopes = rng.slopes(2);
-    let q_t = upload(&client, &q, &[2, 2, 70, 16], DType::F32);
-    let k_t = upload(&client, &k, &[2, 2, 70, 16], DType::F32);
-    let v_t = upload(&client, &v, &[2, 2, 70, 32], DType::F32);
-    let s_t = upload(&client, &slopes, &[2], DType::F32);
-    let inputs = PrefillInputs {
-        q: &q_t,
-        k: &k_t,
-        v: &v_t,
-        slopes: &s_t,
-        initial_state: None,
-    };
-    let out = poisoned(&client, &[2, 2, 70, 32], DType::F32);
-    let state = poisoned(&client, &[2, 2, 16, 32], DType::F32);
-    let times = profile_prefill_into(&client, &inputs, &PrefillConfig::new(32, 16), &out, &state)
-        .expect("profiling works on this runtime");
-    let exact = recurrence(dims, &f64s(&q), &f64s(&k), &f64s(&v), &f64s(&slopes), None);
-    assert!(relative_error(&read(&client, &out), &exact.out) < 1e-4);
-    assert!(relative_error(&read(&client, &state), &exact.state) < 1e-4);
+    let p = F32Problem::new(&client, dims, 21);
+    let times = profile_prefill_into(
+        &client,
+        &p.inputs(),
+        &PrefillConfig::new(32, 16),
+        &p.out,
+        &p.state,
+    )
+    .expect("profiling works on this runtime");
+    let exact = p.exact();
+    assert!(relative_error(&read(&client, &p.out), &exact.out) < 1e-4);
+    assert!(relative_error(&read(&client, &p.state), &exact.state) < 1e-4);
     for (name, time) in [
         ("diag", times.diag),
         ("kv-parallel", times.kv_parallel),
