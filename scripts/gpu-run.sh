@@ -2,7 +2,8 @@
 # Runs on the GPU machine, from the repository root, over a bundle made by
 # scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
 # bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
-# `all` does both. RUNTIMES="wgpu" (say) limits the tests to one runtime.
+# `all` does both. RUNTIMES="wgpu" (say) limits the tests to one runtime;
+# BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench.
 # Logs and results go under $OUT.
 set -uo pipefail
 what="${1:-all}"
@@ -28,5 +29,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-    "$bundle/bin/bench" --runtimes cuda,wgpu --out "$out/bench" 2>"$out/bench.log"
+    # shellcheck disable=SC2086 # BENCH_ARGS holds several arguments
+    "$bundle/bin/bench" --runtimes cuda,wgpu --out "$out/bench" ${BENCH_ARGS:-} 2>"$out/bench.log"
 fi

@@ -28,6 +28,8 @@ use report::Row;
 struct Options {
     runtimes: Vec<String>,
     quick: bool,
+    /// Prefill (BLOCK, CBLOCK) pairs, `--configs 256/32,256/64`.
+    configs: Vec<(usize, usize)>,
     reps: usize,
     out: std::path::PathBuf,
 }
@@ -52,6 +54,14 @@ fn options() -> Options {
             .map(String::from)
             .collect(),
         quick: args.iter().any(|a| a == "--quick"),
+        configs: value("--configs")
+            .unwrap_or("256/32".into())
+            .split(',')
+            .map(|pair| {
+                let (block, sub_block) = pair.split_once('/').expect("--configs takes BLOCK/CBLOCK pairs");
+                (block.parse().expect("BLOCK"), sub_block.parse().expect("CBLOCK"))
+            })
+            .collect(),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
             .unwrap_or(20),
@@ -126,12 +136,18 @@ fn bench_prefill(
     target: &str,
     shape: [usize; 4],
     dtype: DType,
+    config: PrefillConfig,
     opts: &Options,
     bw: f64,
 ) -> Row {
     let [b, h, n, d] = shape;
     let e = d;
     let mut row = Row::new(target, "prefill", shape, dtype);
+    row.op = if config == PrefillConfig::default() {
+        "prefill".into()
+    } else {
+        format!("prefill {}/{}", config.block, config.sub_block)
+    };
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
@@ -149,7 +165,6 @@ fn bench_prefill(
         slopes: &s,
         initial_state: None,
     };
-    let config = PrefillConfig::default();
     if let Err(err) = prefill_into(client, &inputs, &config, &out, &state) {
         row.note = err.to_string();
         return row;
@@ -245,9 +260,12 @@ fn main() {
         rows.push(Row::copy(&target, bw));
         for &shape in &prefill_shapes {
             for dtype in [DType::F32, DType::BF16] {
-                let row = bench_prefill(&client, &target, shape, dtype, &opts, bw);
-                eprintln!("{}", row.line());
-                rows.push(row);
+                for &(block, sub_block) in &opts.configs {
+                    let config = PrefillConfig::new(block, sub_block);
+                    let row = bench_prefill(&client, &target, shape, dtype, config, &opts, bw);
+                    eprintln!("{}", row.line());
+                    rows.push(row);
+                }
             }
         }
         for &batch in &decode_batches {

@@ -8,7 +8,8 @@ use lightning_attention::{DType, StageTimes};
 /// One measured (or skipped) configuration.
 pub struct Row {
     pub target: String,
-    pub op: &'static str,
+    /// `copy`, `decode`, `prefill`, or `prefill BLOCK/CBLOCK` for a non-default config.
+    pub op: String,
     /// (b, h, n, d) with e = d; n = 1 for decode.
     pub shape: [usize; 4],
     pub dtype: String,
@@ -26,7 +27,7 @@ impl Row {
     pub fn new(target: &str, op: &'static str, shape: [usize; 4], dtype: DType) -> Self {
         Self {
             target: target.into(),
-            op,
+            op: op.into(),
             shape,
             dtype: dtype.to_string(),
             time: None,
