@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         slopes: &s_t,
         initial_state: None,
     };
-    let config = PrefillConfig::default();
+    let config = PrefillConfig::for_client(&client);
 
     // The first call compiles the kernels; time the second.
     prefill(&client, &inputs, &config)?;

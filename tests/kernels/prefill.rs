@@ -285,3 +285,28 @@ fn profiled_prefill_matches_reference_and_times_each_kernel() {
         times.diag + times.kv_parallel + times.kv_reduce + times.non_diag
     );
 }
+
+/// The per-device config plans and computes correctly on the device under test.
+#[test]
+fn device_config_matches_reference() {
+    let client = client();
+    let dims = Dims {
+        batch: 1,
+        heads: 2,
+        seq_len: 300,
+        key_dim: 128,
+        value_dim: 128,
+    };
+    let p = F32Problem::new(&client, dims, 33);
+    prefill_into(
+        &client,
+        &p.inputs(),
+        &PrefillConfig::for_client(&client),
+        &p.out,
+        &p.state,
+    )
+    .expect("the device's own config fits the device");
+    let exact = p.exact();
+    assert!(relative_error(&read(&client, &p.out), &exact.out) < 1e-4);
+    assert!(relative_error(&read(&client, &p.state), &exact.state) < 1e-4);
+}
