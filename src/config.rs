@@ -29,7 +29,7 @@ impl Default for PrefillConfig {
 impl PrefillConfig {
     /// The block configuration measured fastest for `client`'s device: BLOCK
     /// 128 / CBLOCK 64 where a cube has at least 64 KiB of shared memory (CUDA;
-    /// on an H100 it ran the benchmark's prefill shapes 1.2-1.45x faster than the
+    /// on an H100 it ran the benchmark's prefill shapes 1.3-1.45x faster than the
     /// default), else [`PrefillConfig::default`] (wgpu/Vulkan with 48 KiB, where
     /// the wider sub-block ran slower, and lavapipe with 32 KiB). See BENCHMARKS.md.
     pub fn for_client(client: &cubecl::prelude::Client) -> Self {
