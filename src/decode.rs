@@ -41,6 +41,7 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
         inputs.slopes,
         inputs.slots,
     )?;
+    check_scale(inputs.scale)?;
     if !shape.dtype.is_supported(client) {
         return Err(LightningError::UnsupportedDType {
             dtype: shape.dtype,
@@ -53,19 +54,30 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
 
 /// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place.
 pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
-    let (shape, _) = plan_decode_step(client, inputs)?;
+    let (shape, plan) = plan_decode_step(client, inputs)?;
     let out = DeviceTensor::empty(
         client,
         &[shape.batch, shape.heads, 1, shape.value_dim],
         shape.dtype,
     );
-    decode_into(client, inputs, &out)?;
+    launch_planned(client, inputs, shape, plan, &out)?;
     Ok(out)
 }
 
 /// Runs a decode step into caller-owned `out` `[b, h, 1, e]` (dtype of q).
 pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -> Result<()> {
     let (shape, plan) = plan_decode_step(client, inputs)?;
+    launch_planned(client, inputs, shape, plan, out)
+}
+
+/// Checks `out` against a step [`plan_decode_step`] accepted, then launches it.
+fn launch_planned(
+    client: &Client,
+    inputs: &DecodeInputs,
+    shape: DecodeShape,
+    plan: DecodePlan,
+    out: &DeviceTensor,
+) -> Result<()> {
     check_tensor(
         out,
         "out",
@@ -79,7 +91,6 @@ pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -
         &[shape.batch, shape.heads, 1, shape.value_dim],
         "[b, h, 1, e]",
     )?;
-    check_scale(inputs.scale)?;
     let slots = client.create_from_slice(i32::as_bytes(inputs.slots));
     let slots = unsafe { BufferArg::from_raw_parts(slots, inputs.slots.len()) };
     let scale = inputs.scale.unwrap_or(1.0);

@@ -53,10 +53,19 @@ pub fn plan_prefill(
 
 /// Runs the prefill, allocating the output and the final state.
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
-    let (shape, _) = plan_prefill(client, inputs, config)?;
+    let planned = plan_prefill(client, inputs, config)?;
+    let (shape, _) = planned;
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
     let final_state = DeviceTensor::empty(client, &shape.state_shape(), DType::F32);
-    prefill_into(client, inputs, config, &out, &final_state)?;
+    launch_planned(
+        client,
+        inputs,
+        config,
+        planned,
+        &out,
+        &final_state,
+        &mut |_, launch| launch(),
+    )?;
     Ok(PrefillOutput { out, final_state })
 }
 
@@ -155,7 +164,21 @@ fn run_stages(
     final_state: &DeviceTensor,
     hook: &mut dyn FnMut(Stage, &dyn Fn()),
 ) -> Result<()> {
-    let (shape, plan) = plan_prefill(client, inputs, config)?;
+    let planned = plan_prefill(client, inputs, config)?;
+    launch_planned(client, inputs, config, planned, out, final_state, hook)
+}
+
+/// Checks the outputs against a problem [`plan_prefill`] accepted, then hands
+/// each stage's launch to `hook` in order.
+fn launch_planned(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+    (shape, plan): (PrefillShape, PrefillPlan),
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+    hook: &mut dyn FnMut(Stage, &dyn Fn()),
+) -> Result<()> {
     check_tensor(
         out,
         "out",

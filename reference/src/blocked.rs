@@ -6,7 +6,7 @@
 //! incoming state is decayed by `exp(-s (c + 1))`: one step more than vLLM's
 //! Triton `_fwd_none_diag_kernel` uses, which is the step the recurrence takes.
 
-use crate::recurrence::check_lengths;
+use crate::recurrence::{check_lengths, starting_state};
 use crate::{Dims, Prefill};
 
 /// Computes the prefill with blocks of `block` tokens (the last may be shorter).
@@ -61,10 +61,7 @@ fn blocked_with_query_decay(
     } = dims;
     let num_blocks = n.div_ceil(block);
     let mut out = vec![0.0; dims.v_len()];
-    let mut state = match initial {
-        Some(s) => s.to_vec(),
-        None => vec![0.0; dims.state_len()],
-    };
+    let mut state = starting_state(dims, initial);
     for bh in 0..batch * heads {
         let s = slopes[bh % heads];
         let q = &q[bh * n * d..][..n * d];

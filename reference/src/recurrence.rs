@@ -31,10 +31,7 @@ pub fn recurrence(
     } = dims;
     check_lengths(dims, q, k, v, slopes, initial);
     let mut out = vec![0.0; dims.v_len()];
-    let mut state = match initial {
-        Some(s) => s.to_vec(),
-        None => vec![0.0; dims.state_len()],
-    };
+    let mut state = starting_state(dims, initial);
     for bh in 0..batch * heads {
         let decay = (-slopes[bh % heads]).exp();
         let kv = &mut state[bh * d * e..(bh + 1) * d * e];
@@ -70,5 +67,13 @@ pub(crate) fn check_lengths(
     assert_eq!(slopes.len(), dims.heads, "one slope per head");
     if let Some(s) = initial {
         assert_eq!(s.len(), dims.state_len(), "initial state length");
+    }
+}
+
+/// The state before the first token: a copy of `initial`, or zeros.
+pub(crate) fn starting_state(dims: Dims, initial: Option<&[f64]>) -> Vec<f64> {
+    match initial {
+        Some(s) => s.to_vec(),
+        None => vec![0.0; dims.state_len()],
     }
 }
