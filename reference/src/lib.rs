@@ -7,13 +7,15 @@
 //! causal part, per-block `K^T V`, a prefix over blocks, queries against the
 //! incoming state), so that the algorithm itself is tested apart from any GPU;
 //! [`decode`] is one token against a slot-indexed state cache; [`slopes`] is
-//! MiniMax's ALiBi-style slope ladder.
+//! MiniMax's ALiBi-style slope ladder; [`backward`] is the gradient of the
+//! recurrence with respect to q, k, v and the initial state.
 //!
 //! Layouts are row-major: q, k `[b, h, n, d]`, v and out `[b, h, n, e]`, state
 //! `[b, h, d, e]`. No GPU dependency.
 
 #![warn(missing_docs)]
 
+mod backward;
 mod blocked;
 mod decode;
 mod dims;
@@ -23,6 +25,7 @@ pub mod slopes;
 #[cfg(test)]
 mod tests;
 
+pub use backward::{Gradients, backward};
 pub use blocked::{blocked, blocked_vllm_off_by_one};
 pub use decode::{PADDING_SLOT, decode};
 pub use dims::Dims;

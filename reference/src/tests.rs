@@ -1,11 +1,12 @@
 //! The reference judged on its own: hand-worked cases, published slopes, and
-//! the blocked algorithm against the step recurrence.
+//! the blocked algorithm against the step recurrence, the backward pass against
+//! finite differences.
 
 use proptest::prelude::*;
 
 use crate::random::SeededRng;
 use crate::slopes::{base_slopes, layer_factor, layer_slopes};
-use crate::{Dims, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error};
+use crate::{Dims, backward, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error};
 
 fn dims(batch: usize, heads: usize, seq_len: usize, key_dim: usize, value_dim: usize) -> Dims {
     Dims {
@@ -180,4 +181,151 @@ fn the_vllm_off_by_one_is_far_outside_tolerance() {
     let exact = recurrence(d, &q, &k, &v, &slopes, Some(&init));
     let buggy = blocked_vllm_off_by_one(d, 16, &q, &k, &v, &slopes, Some(&init));
     assert!(relative_error(&buggy.out, &exact.out) > 1e-2);
+}
+
+#[test]
+fn backward_by_hand() {
+    // d = e = 1, n = 2, decay a = 1/2, scale c = 2, S_0 = 4,
+    // q = [1, 2], k = [3, 1], v = [1, 2], do = [1, -1], dF = 3.
+    // Forward: S_1 = 0.5 * 4 + 3 * 1 = 5, S_2 = 0.5 * 5 + 1 * 2 = 4.5.
+    // dq_t = c do_t S_t:    dq = [2 * 1 * 5, 2 * -1 * 4.5] = [10, -9].
+    // G_2 = dF + c q_2 do_2 = 3 + 2 * 2 * -1 = -1,
+    // G_1 = a G_2 + c q_1 do_1 = -0.5 + 2 = 1.5, dS_0 = a G_1 = 0.75.
+    // dk_t = v_t G_t:       dk = [1 * 1.5, 2 * -1] = [1.5, -2].
+    // dv_t = k_t G_t:       dv = [3 * 1.5, 1 * -1] = [4.5, -1].
+    // (A decay of exp(+s) = 2 would give G_1 = 0 and fail every line below.)
+    let g = backward(
+        dims(1, 1, 2, 1, 1),
+        &[1.0, 2.0],
+        &[3.0, 1.0],
+        &[1.0, 2.0],
+        &[std::f64::consts::LN_2],
+        Some(&[4.0]),
+        Some(2.0),
+        &[1.0, -1.0],
+        Some(&[3.0]),
+    );
+    assert_eq!(g.dq, vec![10.0, -9.0]);
+    assert_eq!(g.dk, vec![1.5, -2.0]);
+    assert_eq!(g.dv, vec![4.5, -1.0]);
+    assert_eq!(g.d_initial_state, vec![0.75]);
+}
+
+#[test]
+fn backward_of_an_empty_sequence_passes_the_final_gradient_through() {
+    // n = 0: S_n is S_0, so dS_0 = dF and there is nothing else.
+    let g = backward(
+        dims(1, 1, 0, 2, 1),
+        &[],
+        &[],
+        &[],
+        &[0.5],
+        None,
+        None,
+        &[],
+        Some(&[3.0, -1.0]),
+    );
+    assert_eq!(g.d_initial_state, vec![3.0, -1.0]);
+    assert!(g.dq.is_empty() && g.dk.is_empty() && g.dv.is_empty());
+}
+
+/// `L = sum(d_out * scale * o) + sum(d_final * S_n)` from the forward recurrence.
+#[allow(clippy::too_many_arguments)]
+fn loss(
+    d: Dims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    slopes: &[f64],
+    initial: &[f64],
+    scale: f64,
+    d_out: &[f64],
+    d_final: &[f64],
+) -> f64 {
+    let r = recurrence(d, q, k, v, slopes, Some(initial));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    scale * dot(d_out, &r.out) + dot(d_final, &r.state)
+}
+
+/// Central differences of `f` at every entry of `x`. L is affine in each single
+/// entry, so these are exact up to rounding.
+fn central_differences(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    const EPS: f64 = 1e-6;
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let x0 = x[i];
+            x[i] = x0 + EPS;
+            let up = f(&x);
+            x[i] = x0 - EPS;
+            let down = f(&x);
+            x[i] = x0;
+            (up - down) / (2.0 * EPS)
+        })
+        .collect()
+}
+
+fn assert_close(name: &str, analytic: &[f64], numeric: &[f64]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(analytic.len(), numeric.len());
+    for (i, (a, b)) in analytic.iter().zip(numeric).enumerate() {
+        prop_assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+            "{}[{}]: analytic {} vs finite difference {}",
+            name,
+            i,
+            a,
+            b
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn backward_matches_finite_differences(
+        batch in 1usize..=2,
+        heads in 1usize..=2,
+        seq_len in 1usize..=9,
+        key_dim in 1usize..=5,
+        value_dim in 1usize..=5,
+        with_state: bool,
+        with_d_final: bool,
+        with_scale: bool,
+        seed: u64,
+    ) {
+        let d = dims(batch, heads, seq_len, key_dim, value_dim);
+        let q = values(d.qk_len(), seed);
+        let k = values(d.qk_len(), seed ^ 1);
+        let v = values(d.v_len(), seed ^ 2);
+        // Slopes in [0.001, 0.9].
+        let slopes: Vec<f64> = values(heads, seed ^ 3)
+            .iter()
+            .map(|x| 0.001 + (x + 1.0) / 2.0 * 0.899)
+            .collect();
+        let init = with_state.then(|| values(d.state_len(), seed ^ 4));
+        let d_out = values(d.v_len(), seed ^ 5);
+        let d_final = with_d_final.then(|| values(d.state_len(), seed ^ 6));
+        let scale = with_scale.then_some(0.125 + (seed % 7) as f64 * 0.3);
+
+        let g = backward(
+            d, &q, &k, &v, &slopes, init.as_deref(), scale, &d_out, d_final.as_deref(),
+        );
+        // The loss is always evaluated at an explicit state: zeros stand for
+        // `None`, so d_initial_state is checked at the zero state too.
+        let s0 = init.unwrap_or_else(|| vec![0.0; d.state_len()]);
+        let df = d_final.unwrap_or_else(|| vec![0.0; d.state_len()]);
+        let c = scale.unwrap_or(1.0);
+        let l = |q: &[f64], k: &[f64], v: &[f64], s0: &[f64]| {
+            loss(d, q, k, v, &slopes, s0, c, &d_out, &df)
+        };
+        assert_close("dq", &g.dq, &central_differences(&q, |x| l(x, &k, &v, &s0)))?;
+        assert_close("dk", &g.dk, &central_differences(&k, |x| l(&q, x, &v, &s0)))?;
+        assert_close("dv", &g.dv, &central_differences(&v, |x| l(&q, &k, x, &s0)))?;
+        assert_close(
+            "d_initial_state",
+            &g.d_initial_state,
+            &central_differences(&s0, |x| l(&q, &k, &v, x)),
+        )?;
+    }
 }
