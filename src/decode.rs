@@ -1,11 +1,11 @@
 //! The decode host API: one token per sequence against the slot-indexed state cache.
 
 use cubecl::prelude::*;
-use lightning_attention_kernels as kernels;
 
 use crate::config::check_scale;
+use crate::launch::launch_decode;
 use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
-use crate::prefill::arg;
+use crate::sequences::upload;
 use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
 use crate::{DeviceTensor, LightningError, Result};
 
@@ -91,39 +91,30 @@ fn launch_planned(
         &[shape.batch, shape.heads, 1, shape.value_dim],
         "[b, h, 1, e]",
     )?;
-    let slots = client.create_from_slice(i32::as_bytes(inputs.slots));
-    let slots = unsafe { BufferArg::from_raw_parts(slots, inputs.slots.len()) };
+    let slots = upload(client, inputs.slots);
+    // Bound for the kernel's packed mode, which a dense step does not use.
+    let unused_tokens = upload::<u32>(client, &[]);
     let scale = inputs.scale.unwrap_or(1.0);
-    macro_rules! launch {
-        ($f:ty) => {
-            // SAFETY: shapes, slots and the grid were validated above.
-            unsafe {
-                kernels::decode::decode::launch_unchecked::<$f>(
-                    client,
-                    plan.dims.cube_count(),
-                    plan.dims.cube_dim(),
-                    plan.vector_size,
-                    arg(inputs.q),
-                    arg(inputs.k),
-                    arg(inputs.v),
-                    arg(inputs.slopes),
-                    slots,
-                    arg(inputs.cache),
-                    arg(out),
-                    shape.heads as u32,
-                    scale,
-                    shape.key_dim,
-                    shape.value_dim,
-                    plan.column_tile,
-                    plan.row_groups,
-                )
-            }
-        };
-    }
-    match shape.dtype {
-        crate::DType::F32 => launch!(f32),
-        crate::DType::F16 => launch!(half::f16),
-        crate::DType::BF16 => launch!(half::bf16),
-    }
+    let tensors = [inputs.q, inputs.k, inputs.v, inputs.slopes];
+    let (heads, d, e) = (shape.heads, shape.key_dim, shape.value_dim);
+    let launch = match shape.dtype {
+        crate::DType::F32 => launch_decode::<f32>,
+        crate::DType::F16 => launch_decode::<half::f16>,
+        crate::DType::BF16 => launch_decode::<half::bf16>,
+    };
+    launch(
+        client,
+        &plan,
+        tensors,
+        &slots,
+        &unused_tokens,
+        false,
+        inputs.cache,
+        out,
+        heads,
+        scale,
+        d,
+        e,
+    );
     Ok(())
 }

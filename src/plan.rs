@@ -108,12 +108,47 @@ impl LaunchDims {
     }
 }
 
-/// The four prefill launches and their tiles.
+/// How much work one prefill call holds, whatever its layout: the sizes the
+/// launches are planned from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillWork {
+    /// `h`.
+    pub heads: usize,
+    /// `d`.
+    pub key_dim: usize,
+    /// `e`.
+    pub value_dim: usize,
+    /// Query sub-blocks over all sequences run through the prefill kernels.
+    pub sub_blocks: usize,
+    /// Blocks over all those sequences.
+    pub blocks: usize,
+    /// Sequences run through the prefill kernels.
+    pub sequences: usize,
+    /// States written after chosen tokens (speculative decoding).
+    pub snapshots: usize,
+}
+
+impl PrefillWork {
+    /// The work of a dense `[b, h, n, ...]` prefill.
+    pub fn dense(shape: &PrefillShape, config: &PrefillConfig) -> Self {
+        Self {
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            sub_blocks: shape.batch * shape.seq_len.div_ceil(config.sub_block),
+            blocks: shape.batch * shape.seq_len.div_ceil(config.block),
+            sequences: shape.batch,
+            snapshots: 0,
+        }
+    }
+}
+
+/// The prefill launches and their tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillPlan {
-    /// Blocks in the sequence, `ceil(n / block)`.
-    pub num_blocks: usize,
-    /// Elements of the per-block state workspace `[b, h, num_blocks, d, e]`.
+    /// Blocks over all sequences (slots of the per-block workspace).
+    pub total_blocks: usize,
+    /// Elements of the per-block state workspace `[total_blocks, h, d, e]`.
     pub block_states_len: usize,
     /// diag launch.
     pub diag: LaunchDims,
@@ -141,6 +176,8 @@ pub struct PrefillPlan {
     pub non_diag_rows_per_unit: usize,
     /// Columns of outputs each non-diag unit computes.
     pub non_diag_cols_per_unit: usize,
+    /// kv-snapshot launch (zero cubes when no snapshot is asked for).
+    pub kv_snapshot: LaunchDims,
 }
 
 fn count(x: usize) -> u32 {
@@ -149,16 +186,15 @@ fn count(x: usize) -> u32 {
 
 impl PrefillPlan {
     /// Plans a validated prefill on a device with `limits`.
-    pub fn new(shape: &PrefillShape, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
+    pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
-        let (cb, e, d, n) = (config.sub_block, shape.value_dim, shape.key_dim, shape.seq_len);
-        let bh = count(shape.batch_heads());
+        let (cb, e, d) = (config.sub_block, work.value_dim, work.key_dim);
+        let heads = count(work.heads);
         let units = TARGET_UNITS.min(limits.max_units);
-        let num_blocks = n.div_ceil(config.block);
-        let block_states_len = shape.batch_heads() * num_blocks * d * e;
+        let block_states_len = work.blocks * work.heads * d * e;
         if block_states_len as u64 > MAX_ELEMENTS {
             return Err(LightningError::TooLarge {
-                tensor: "per-block state workspace [b, h, n / BLOCK, d, e]",
+                tensor: "per-block state workspace [blocks, h, d, e]",
                 elements: block_states_len as u64,
                 max: MAX_ELEMENTS,
             });
@@ -166,13 +202,13 @@ impl PrefillPlan {
         let workspace_bytes = block_states_len as u64 * 4;
         if workspace_bytes > limits.max_buffer {
             return Err(LightningError::DoesNotFit {
-                kernel: "per-block state workspace [b, h, n / BLOCK, d, e]",
+                kernel: "per-block state workspace [blocks, h, d, e]",
                 resource: "bytes in one buffer",
                 required: workspace_bytes,
                 available: limits.max_buffer,
             });
         }
-        let sub_blocks = count(n.div_ceil(cb));
+        let sub_blocks = count(work.sub_blocks);
 
         // diag: a 16 x 16 grid of units with register tiles of scores and outputs;
         // shared memory holds the sub_block^2 scores and two sub_block x
@@ -187,7 +223,7 @@ impl PrefillPlan {
             diag_key_chunk /= 2;
         }
         let diag = LaunchDims {
-            cubes: (sub_blocks, bh, count(e.div_ceil(diag_value_tile))),
+            cubes: (sub_blocks, heads, count(e.div_ceil(diag_value_tile))),
             units: count(GRID_SIDE * GRID_SIDE),
             shared_bytes: diag_bytes(diag_key_chunk),
         }
@@ -201,8 +237,8 @@ impl PrefillPlan {
         let kv_stage = cb.min(MAX_KV_STAGE);
         let kv_parallel = LaunchDims {
             cubes: (
-                count(num_blocks),
-                bh,
+                count(work.blocks),
+                heads,
                 count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
             ),
             units: count(GRID_SIDE * GRID_SIDE),
@@ -210,12 +246,20 @@ impl PrefillPlan {
         }
         .check("kv-parallel", limits)?;
 
+        // kv-reduce and kv-snapshot: one unit per element of the state.
+        let state_chunks = count((d * e).div_ceil(units as usize));
         let kv_reduce = LaunchDims {
-            cubes: (count((d * e).div_ceil(units as usize)), bh, 1),
+            cubes: (state_chunks, heads, count(work.sequences)),
             units,
             shared_bytes: 0,
         }
         .check("kv-reduce", limits)?;
+        let kv_snapshot = LaunchDims {
+            cubes: (state_chunks, heads, count(work.snapshots)),
+            units,
+            shared_bytes: 0,
+        }
+        .check("kv-snapshot", limits)?;
 
         // non-diag: the same 16 x 16 grid, each unit holding sub_block / 16 rows
         // and up to 4 columns of outputs; Q and the state staged in chunks of d.
@@ -224,14 +268,14 @@ impl PrefillPlan {
         let non_diag_key_chunk = d.next_power_of_two().min(MAX_KEY_CHUNK);
         let non_diag_value_tile = GRID_SIDE * non_diag_cols_per_unit;
         let non_diag = LaunchDims {
-            cubes: (sub_blocks, bh, count(e.div_ceil(non_diag_value_tile))),
+            cubes: (sub_blocks, heads, count(e.div_ceil(non_diag_value_tile))),
             units: count(GRID_SIDE * GRID_SIDE),
             shared_bytes: (cb * (non_diag_key_chunk + 1) + non_diag_key_chunk * non_diag_value_tile) * 4,
         }
         .check("non-diag", limits)?;
 
         Ok(Self {
-            num_blocks,
+            total_blocks: work.blocks,
             block_states_len,
             diag,
             diag_key_chunk,
@@ -246,6 +290,7 @@ impl PrefillPlan {
             non_diag_key_chunk,
             non_diag_rows_per_unit,
             non_diag_cols_per_unit,
+            kv_snapshot,
         })
     }
 }

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use cubecl::prelude::*;
-use lightning_attention_kernels as kernels;
 
-use crate::plan::{DeviceLimits, PrefillPlan};
+use crate::launch::{CallLaunch, Layout, Stage};
+use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
+use crate::sequences::{SequenceStates, SequenceTable};
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
@@ -47,7 +48,11 @@ pub fn plan_prefill(
             runtime: client.name(),
         });
     }
-    let plan = PrefillPlan::new(&shape, config, &DeviceLimits::of(client))?;
+    let plan = PrefillPlan::new(
+        &PrefillWork::dense(&shape, config),
+        config,
+        &DeviceLimits::of(client),
+    )?;
     Ok((shape, plan))
 }
 
@@ -126,6 +131,8 @@ pub fn profile_prefill_into(
                 Stage::KvParallel => times.kv_parallel = time,
                 Stage::KvReduce => times.kv_reduce = time,
                 Stage::NonDiag => times.non_diag = time,
+                // A dense prefill takes no snapshot and routes nothing to decode.
+                Stage::KvSnapshot | Stage::Decode => {}
             },
             Err(err) => failure = Some(err),
         },
@@ -144,15 +151,6 @@ fn time_on_device(client: &Client, launch: &dyn Fn()) -> Result<Duration> {
     cubecl::future::block_on(profile.resolve())
         .map(|ticks| ticks.duration())
         .ok_or_else(|| LightningError::Device("the device measured no time for a stage".into()))
-}
-
-/// The four prefill kernels, in launch order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Diag,
-    KvParallel,
-    KvReduce,
-    NonDiag,
 }
 
 /// Validates, plans, and hands each stage's launch to `hook` in order.
@@ -195,148 +193,41 @@ fn launch_planned(
         Some(DType::F32),
     )?;
     expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
-    let launch = Launch {
+    // A dense batch is `b` sequences of `n` tokens; sequence `i`'s state comes
+    // from row `i` of the initial state (if any) and goes to row `i` of the
+    // final state.
+    let n = shape.seq_len as u32;
+    let seq_starts: Vec<u32> = (0..=shape.batch as u32).map(|i| i * n).collect();
+    let states: Vec<SequenceStates> = (0..shape.batch as i32)
+        .map(|i| SequenceStates {
+            initial: if inputs.initial_state.is_some() { i } else { -1 },
+            last: i,
+        })
+        .collect();
+    let table = SequenceTable::new(&seq_starts, &states, &[], false, config).upload(client);
+    let workspace = client.empty(plan.block_states_len.max(1) * 4);
+    let unused = DeviceTensor::empty(client, &[1], DType::F32);
+    CallLaunch {
         client,
-        inputs,
-        config,
-        shape,
-        plan,
+        q: inputs.q,
+        k: inputs.k,
+        v: inputs.v,
+        slopes: inputs.slopes,
         out,
-        final_state,
-    };
-    match shape.dtype {
-        DType::F32 => launch.run::<f32>(hook),
-        DType::F16 => launch.run::<half::f16>(hook),
-        DType::BF16 => launch.run::<half::bf16>(hook),
+        heads: shape.heads,
+        key_dim: shape.key_dim,
+        value_dim: shape.value_dim,
+        scale: config.scale.unwrap_or(1.0),
+        config,
+        layout: Layout::dense(shape.seq_len),
+        table: &table,
+        plan: &plan,
+        decode: None,
+        initial: inputs.initial_state,
+        states: final_state,
+        workspace: &workspace,
+        unused: &unused,
     }
+    .run(hook);
     Ok(())
-}
-
-pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
-    // SAFETY: validation checked that the buffer holds `num_elements` of its dtype.
-    unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.num_elements()) }
-}
-
-/// One validated, planned prefill, ready to launch.
-struct Launch<'a> {
-    client: &'a Client,
-    inputs: &'a PrefillInputs<'a>,
-    config: &'a PrefillConfig,
-    shape: PrefillShape,
-    plan: PrefillPlan,
-    out: &'a DeviceTensor,
-    final_state: &'a DeviceTensor,
-}
-
-impl Launch<'_> {
-    fn run<F: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
-        let Self {
-            client,
-            inputs,
-            config,
-            shape,
-            plan,
-            out,
-            final_state,
-        } = self;
-        let (n, h) = (shape.seq_len as u32, shape.heads as u32);
-        let (d, e) = (shape.key_dim, shape.value_dim);
-        let (block, cb) = (config.block, config.sub_block);
-        let scale = config.scale.unwrap_or(1.0);
-        let block_states = client.empty(plan.block_states_len * 4);
-        // SAFETY: the workspace was allocated with exactly this many f32.
-        let states_arg = || unsafe { BufferArg::from_raw_parts(block_states.clone(), plan.block_states_len) };
-        // A bound buffer is required even when there is no initial state; the
-        // kernel is compiled without the read in that case.
-        let dummy;
-        let initial = match inputs.initial_state {
-            Some(state) => state,
-            None => {
-                dummy = DeviceTensor::empty(client, &[1], DType::F32);
-                &dummy
-            }
-        };
-        // SAFETY (every launch below): each size, tile and grid was validated and
-        // planned against the device's limits; each kernel bounds-checks the tails
-        // of n, d and e.
-        hook(Stage::Diag, &|| unsafe {
-            kernels::diag::diag::launch_unchecked::<F>(
-                client,
-                plan.diag.cube_count(),
-                plan.diag.cube_dim(),
-                arg(inputs.q),
-                arg(inputs.k),
-                arg(inputs.v),
-                arg(inputs.slopes),
-                arg(out),
-                n,
-                h,
-                scale,
-                d,
-                e,
-                block,
-                cb,
-                plan.diag_key_chunk,
-                plan.diag_rows_per_unit,
-                plan.diag_cols_per_unit,
-            )
-        });
-        hook(Stage::KvParallel, &|| unsafe {
-            kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
-                client,
-                plan.kv_parallel.cube_count(),
-                plan.kv_parallel.cube_dim(),
-                arg(inputs.k),
-                arg(inputs.v),
-                arg(inputs.slopes),
-                states_arg(),
-                n,
-                h,
-                d,
-                e,
-                block,
-                plan.kv_stage,
-                plan.kv_rows_per_unit,
-                plan.kv_cols_per_unit,
-            )
-        });
-        hook(Stage::KvReduce, &|| unsafe {
-            kernels::kv_reduce::kv_reduce::launch_unchecked(
-                client,
-                plan.kv_reduce.cube_count(),
-                plan.kv_reduce.cube_dim(),
-                arg(inputs.slopes),
-                arg(initial),
-                states_arg(),
-                arg(final_state),
-                n,
-                h,
-                d,
-                e,
-                block,
-                inputs.initial_state.is_some(),
-            )
-        });
-        hook(Stage::NonDiag, &|| unsafe {
-            kernels::non_diag::non_diag::launch_unchecked::<F>(
-                client,
-                plan.non_diag.cube_count(),
-                plan.non_diag.cube_dim(),
-                arg(inputs.q),
-                arg(inputs.slopes),
-                states_arg(),
-                arg(out),
-                n,
-                h,
-                scale,
-                d,
-                e,
-                block,
-                cb,
-                plan.non_diag_key_chunk,
-                plan.non_diag_rows_per_unit,
-                plan.non_diag_cols_per_unit,
-            )
-        });
-    }
 }

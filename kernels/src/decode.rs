@@ -4,6 +4,11 @@
 //! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = scale * q S`. A negative
 //! slot (padding) leaves the cache untouched and writes zeros to that output row.
 //!
+//! Rows are dense (`q`, `k` `[b, h, d]`, row `b * h + head`) or, with `indexed`,
+//! picked from a packed `[total_tokens, h, d]` batch: entry `b` is token
+//! `tokens[b]`, row `tokens[b] * h + head` (the decode rows of a mixed batch,
+//! served in place in the packed tensors).
+//!
 //! v, out and the cache are read and written as vectors of `N` lanes along `e`
 //! (wide loads for a kernel that only streams the cache); the host picks `N`
 //! dividing `e`. Geometry: cube x runs over `ceil(e / (N * column_tile))`
@@ -16,7 +21,8 @@
 use cubecl::prelude::*;
 
 /// Launched with the geometry in the module doc. q, k `[b, h, d]`, v, out
-/// `[b, h, e]`, cache `[slots, h, d, e]`, slots `[b]`; `value_dim` is `e` in scalars.
+/// `[b, h, e]` (or packed, with `indexed`), cache `[slots, h, d, e]`, slots and
+/// tokens `[b]` (`tokens` is read only with `indexed`); `value_dim` is `e` in scalars.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn decode<F: Float, N: Size>(
@@ -25,6 +31,7 @@ pub fn decode<F: Float, N: Size>(
     v: &[Vector<F, N>],
     slopes: &[f32],
     slots: &[i32],
+    tokens: &[u32],
     cache: &mut [Vector<f32, N>],
     out: &mut [Vector<F, N>],
     heads: u32,
@@ -33,20 +40,25 @@ pub fn decode<F: Float, N: Size>(
     #[comptime] value_dim: usize,
     #[comptime] column_tile: usize,
     #[comptime] row_groups: usize,
+    #[comptime] indexed: bool,
 ) {
     let vector_cols = value_dim / N::value();
     let h = heads as usize;
-    let bh = CUBE_POS_Y as usize;
-    let head = bh % h;
+    let entry = CUBE_POS_Y as usize / h;
+    let head = CUBE_POS_Y as usize % h;
+    let mut row = CUBE_POS_Y as usize;
+    if comptime!(indexed) {
+        row = tokens[entry] as usize * h + head;
+    }
     let unit = UNIT_POS as usize;
     let group = unit / column_tile;
     let local_col = unit % column_tile;
     let col = CUBE_POS_X as usize * column_tile + local_col;
-    let slot = slots[bh / h];
+    let slot = slots[entry];
     // The slot is the same for the whole cube, so this branch is uniform.
     if slot < 0 {
         if group == 0 && col < vector_cols {
-            out[bh * vector_cols + col] = Vector::new(F::cast_from(0.0f32));
+            out[row * vector_cols + col] = Vector::new(F::cast_from(0.0f32));
         }
     } else {
         let mut partial = Shared::<[Vector<f32, N>]>::new_slice(column_tile * row_groups);
@@ -54,13 +66,13 @@ pub fn decode<F: Float, N: Size>(
         if col < vector_cols {
             let decay = Vector::<f32, N>::new(f32::exp(-slopes[head]));
             let base = (slot as usize * h + head) * key_dim * vector_cols + col;
-            let vj = Vector::<f32, N>::cast_from(v[bh * vector_cols + col]);
+            let vj = Vector::<f32, N>::cast_from(v[row * vector_cols + col]);
             for i in range_stepped(group, key_dim, row_groups) {
                 let idx = base + i * vector_cols;
-                let ki = Vector::<f32, N>::new(f32::cast_from(k[bh * key_dim + i]));
+                let ki = Vector::<f32, N>::new(f32::cast_from(k[row * key_dim + i]));
                 let updated = decay * cache[idx] + ki * vj;
                 cache[idx] = updated;
-                acc += Vector::<f32, N>::new(f32::cast_from(q[bh * key_dim + i])) * updated;
+                acc += Vector::<f32, N>::new(f32::cast_from(q[row * key_dim + i])) * updated;
             }
         }
         partial[unit] = acc;
@@ -70,7 +82,7 @@ pub fn decode<F: Float, N: Size>(
             for g in 0..row_groups {
                 sum += partial[g * column_tile + local_col];
             }
-            out[bh * vector_cols + col] = Vector::cast_from(Vector::<f32, N>::new(scale) * sum);
+            out[row * vector_cols + col] = Vector::cast_from(Vector::<f32, N>::new(scale) * sum);
         }
     }
 }

@@ -4,10 +4,13 @@
 //! `o_t = scale * sum_{start <= j <= t} exp(-s (t - j)) (q_t . k_j) v_j`.
 //! The output is overwritten (non-diag adds to it afterwards).
 //!
-//! Geometry: one cube per (query sub-block, `b * h`, value tile); cube x runs
-//! over the `ceil(n / sub_block)` query sub-blocks of the whole sequence, y over
-//! `b * h`, z over `ceil(e / value_tile)` tiles of the value dimension, with
-//! `value_tile = 16 * cols_per_unit`. The cube has 256 units in a 16 x 16 grid.
+//! Geometry: one cube per (query sub-block, head, value tile); cube x runs over
+//! the work list `work` (pairs `(sequence, first token of the sub-block)`, every
+//! sub-block of every sequence, a sub-block never straddling two blocks), y over
+//! the `h` heads, z over `ceil(e / value_tile)` tiles of the value dimension,
+//! with `value_tile = 16 * cols_per_unit`. Sequence `i` holds tokens
+//! `seq_starts[i]..seq_starts[i + 1]` (see [`crate::layout`] for the
+//! addressing). The cube has 256 units in a 16 x 16 grid.
 //!
 //! For each key sub-block up to the query's own, the scores `Q K^T` are
 //! accumulated in registers (each unit `rows_per_unit^2` of them, at rows and
@@ -21,6 +24,8 @@
 
 use cubecl::prelude::*;
 
+use crate::layout::first_row;
+
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
 
@@ -32,9 +37,12 @@ pub fn diag<F: Float>(
     k: &[F],
     v: &[F],
     slopes: &[f32],
+    seq_starts: &[u32],
+    work: &[u32],
     out: &mut [F],
-    seq_len: u32,
     heads: u32,
+    head_stride: u32,
+    token_stride: u32,
     scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
@@ -46,14 +54,17 @@ pub fn diag<F: Float>(
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
     let row_stride = key_chunk + 1;
-    let n = seq_len as usize;
-    let bh = CUBE_POS_Y as usize;
-    let neg_slope = -slopes[bh % heads as usize];
-    let q_start = CUBE_POS_X as usize * sub_block;
+    let item = CUBE_POS_X as usize;
+    let head = CUBE_POS_Y as usize;
+    let seq = work[2 * item] as usize;
+    let q_start = work[2 * item + 1] as usize;
+    let seq_start = seq_starts[seq] as usize;
+    let n = seq_starts[seq + 1] as usize - seq_start;
+    let row0 = first_row(seq_start, head, heads as usize, head_stride as usize);
+    let step = token_stride as usize;
+    let neg_slope = -slopes[head];
     let block_start = (q_start / block) * block;
     let e0 = CUBE_POS_Z as usize * value_tile;
-    let qk_base = bh * n * key_dim;
-    let v_base = bh * n * value_dim;
     let unit = UNIT_POS as usize;
     let units = CUBE_DIM as usize;
     let unit_row = unit / SIDE;
@@ -83,10 +94,10 @@ pub fn diag<F: Float>(
                 let mut kv = 0.0f32;
                 if i < key_dim {
                     if tq < n {
-                        qv = f32::cast_from(q[qk_base + tq * key_dim + i]);
+                        qv = f32::cast_from(q[(row0 + tq * step) * key_dim + i]);
                     }
                     if tk < n {
-                        kv = f32::cast_from(k[qk_base + tk * key_dim + i]);
+                        kv = f32::cast_from(k[(row0 + tk * step) * key_dim + i]);
                     }
                 }
                 q_tile[r * row_stride + idx % key_chunk] = qv;
@@ -144,7 +155,7 @@ pub fn diag<F: Float>(
                         let col = e0 + j * SIDE + unit_col;
                         let mut vv = 0.0f32;
                         if col < value_dim {
-                            vv = f32::cast_from(v[v_base + tk * value_dim + col]);
+                            vv = f32::cast_from(v[(row0 + tk * step) * value_dim + col]);
                         }
                         #[unroll]
                         for m in 0..rows_per_unit {
@@ -164,7 +175,7 @@ pub fn diag<F: Float>(
             for j in 0..cols_per_unit {
                 let col = e0 + j * SIDE + unit_col;
                 if tq < n && col < value_dim {
-                    out[v_base + tq * value_dim + col] = F::cast_from(acc[m * cols_per_unit + j]);
+                    out[(row0 + tq * step) * value_dim + col] = F::cast_from(acc[m * cols_per_unit + j]);
                 }
             }
         }

@@ -1,11 +1,13 @@
 //! kv-parallel: each block's decayed `K^T V`.
 //!
 //! For block `[start, start + len)`: `KV_blk = sum_j exp(-s (start + len - 1 - j)) k_j^T v_j`,
-//! written to the per-block buffer `[b, h, num_blocks, d, e]` (f32). The last
-//! block may be shorter than `block`.
+//! written to the per-block buffer `[total_blocks, h, d, e]` (f32). The last
+//! block of a sequence may be shorter than `block`.
 //!
-//! Geometry: one cube per (block, `b * h`, `d x e` tile); cube x runs over the
-//! blocks, y over `b * h`, z over `ceil(d / key_tile) * ceil(e / value_tile)`
+//! Geometry: one cube per (block, head, `d x e` tile); cube x runs over the
+//! blocks of all sequences in order, `work` holding `(sequence, block index in
+//! the sequence)` for each (its index along x is its slot in the per-block
+//! buffer), y over the `h` heads, z over `ceil(d / key_tile) * ceil(e / value_tile)`
 //! tiles with `key_tile = 16 * rows_per_unit` and `value_tile = 16 * cols_per_unit`.
 //! The cube has exactly 256 units in a 16 x 16 grid; each accumulates
 //! `rows_per_unit x cols_per_unit` elements in registers, at rows and columns
@@ -14,6 +16,8 @@
 //! shared memory: `stage * (key_tile + value_tile)` f32.
 
 use cubecl::prelude::*;
+
+use crate::layout::first_row;
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
@@ -25,9 +29,12 @@ pub fn kv_parallel<F: Float>(
     k: &[F],
     v: &[F],
     slopes: &[f32],
+    seq_starts: &[u32],
+    work: &[u32],
     block_states: &mut [f32],
-    seq_len: u32,
     heads: u32,
+    head_stride: u32,
+    token_stride: u32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
@@ -37,11 +44,15 @@ pub fn kv_parallel<F: Float>(
 ) {
     let key_tile = comptime!(SIDE * rows_per_unit);
     let value_tile = comptime!(SIDE * cols_per_unit);
-    let n = seq_len as usize;
-    let bh = CUBE_POS_Y as usize;
-    let neg_slope = -slopes[bh % heads as usize];
-    let blk = CUBE_POS_X as usize;
-    let num_blocks = n.div_ceil(block);
+    let global_block = CUBE_POS_X as usize;
+    let head = CUBE_POS_Y as usize;
+    let seq = work[2 * global_block] as usize;
+    let blk = work[2 * global_block + 1] as usize;
+    let seq_start = seq_starts[seq] as usize;
+    let n = seq_starts[seq + 1] as usize - seq_start;
+    let row0 = first_row(seq_start, head, heads as usize, head_stride as usize);
+    let row_step = token_stride as usize;
+    let neg_slope = -slopes[head];
     let start = blk * block;
     let len = min(block, n - start);
     let end = start + len;
@@ -66,7 +77,7 @@ pub fn kv_parallel<F: Float>(
             let mut value = 0.0f32;
             if t < end && i < key_dim {
                 // The decay to the end of the block is folded into k once here.
-                value = f32::cast_from(k[(bh * n + t) * key_dim + i])
+                value = f32::cast_from(k[(row0 + t * row_step) * key_dim + i])
                     * f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
             }
             k_tile[idx] = value;
@@ -76,7 +87,7 @@ pub fn kv_parallel<F: Float>(
             let j = e0 + idx % value_tile;
             let mut value = 0.0f32;
             if t < end && j < value_dim {
-                value = f32::cast_from(v[(bh * n + t) * value_dim + j]);
+                value = f32::cast_from(v[(row0 + t * row_step) * value_dim + j]);
             }
             v_tile[idx] = value;
         }
@@ -105,7 +116,7 @@ pub fn kv_parallel<F: Float>(
         for j in 0..cols_per_unit {
             let col = e0 + j * SIDE + unit_col;
             if i < key_dim && col < value_dim {
-                block_states[((bh * num_blocks + blk) * key_dim + i) * value_dim + col] =
+                block_states[((global_block * heads as usize + head) * key_dim + i) * value_dim + col] =
                     acc[m * cols_per_unit + j];
             }
         }

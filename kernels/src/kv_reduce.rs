@@ -1,50 +1,78 @@
 //! kv-reduce: the prefix over blocks.
 //!
-//! Walks the blocks in order with the running state (the initial state, or
-//! zeros): each block's slot of the per-block buffer, which held that block's
-//! `K^T V` from kv-parallel, is replaced by the state entering the block, and the
-//! running state becomes `exp(-s len) state + KV_blk`. The state after the last
-//! block is written to `final_state`. Each element of `d x e` is independent.
+//! Walks a sequence's blocks in order with the running state (its initial
+//! state, or zeros): each block's slot of the per-block buffer, which held that
+//! block's `K^T V` from kv-parallel, is replaced by the state entering the
+//! block, and the running state becomes `exp(-s len) state + KV_blk`. The state
+//! after the last block is written to slot `final_slots[seq]` of `states`
+//! (nowhere if it is negative: a padding sequence). Each
+//! element of `d x e` is independent.
+//!
+//! Where the initial state comes from is per sequence: `initial_slots[seq]` is
+//! a slot index, or negative for zeros (a new request that starts clean without
+//! anyone clearing its slot). The slot indexes `initial` for a dense batch
+//! (`initial_in_states = false`: the caller's initial-state tensor), or `states`
+//! itself for a slot cache (`initial_in_states = true`: read and written in
+//! place by the same unit, so no other binding aliases the cache).
 //!
 //! Geometry: cube x runs over `ceil(d * e / units)` chunks of the state, y over
-//! `b * h`; one unit per element.
+//! the `h` heads, z over the sequences to reduce, `work[z]` naming each; one
+//! unit per element. `block_offsets[seq]` is the sequence's first block in
+//! `block_states` (`[total_blocks, h, d, e]`); states are `[slots, h, d, e]`.
 
 use cubecl::prelude::*;
 
-/// Launched with the geometry in the module doc. `initial_state` is read only
-/// when `has_initial_state` is set (any buffer may be bound otherwise).
+/// Launched with the geometry in the module doc. `initial` is read only when
+/// `initial_in_states` is false and some sequence has an initial slot (any
+/// buffer may be bound otherwise).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_reduce(
     slopes: &[f32],
-    initial_state: &[f32],
+    seq_starts: &[u32],
+    block_offsets: &[u32],
+    initial_slots: &[i32],
+    final_slots: &[i32],
+    work: &[u32],
+    initial: &[f32],
     block_states: &mut [f32],
-    final_state: &mut [f32],
-    seq_len: u32,
+    states: &mut [f32],
     heads: u32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
-    #[comptime] has_initial_state: bool,
+    #[comptime] initial_in_states: bool,
 ) {
-    let n = seq_len as usize;
-    let bh = CUBE_POS_Y as usize;
-    let neg_slope = -slopes[bh % heads as usize];
+    let h = heads as usize;
+    let head = CUBE_POS_Y as usize;
+    let seq = work[CUBE_POS_Z as usize] as usize;
+    let n = (seq_starts[seq + 1] - seq_starts[seq]) as usize;
+    let first_block = block_offsets[seq] as usize;
+    let neg_slope = -slopes[head];
     let state_len = key_dim * value_dim;
     let elem = CUBE_POS_X as usize * CUBE_DIM as usize + UNIT_POS as usize;
     if elem < state_len {
         let num_blocks = n.div_ceil(block);
         let mut state = 0.0f32;
-        if comptime!(has_initial_state) {
-            state = initial_state[bh * state_len + elem];
+        let initial_slot = initial_slots[seq];
+        if initial_slot >= 0 {
+            let idx = (initial_slot as usize * h + head) * state_len + elem;
+            if comptime!(initial_in_states) {
+                state = states[idx];
+            } else {
+                state = initial[idx];
+            }
         }
         for blk in 0..num_blocks {
-            let idx = (bh * num_blocks + blk) * state_len + elem;
+            let idx = ((first_block + blk) * h + head) * state_len + elem;
             let contribution = block_states[idx];
             block_states[idx] = state;
             let len = min(block, n - blk * block);
             state = f32::exp(neg_slope * f32::cast_from(len as u32)) * state + contribution;
         }
-        final_state[bh * state_len + elem] = state;
+        let final_slot = final_slots[seq];
+        if final_slot >= 0 {
+            states[(final_slot as usize * h + head) * state_len + elem] = state;
+        }
     }
 }

@@ -12,10 +12,15 @@
 //! no `cmma`, so it runs on every runtime. Inputs of any float type are loaded,
 //! converted to f32, computed in f32 and converted on store; the state is f32.
 //!
-//! Layouts (row-major, contiguous): q, k `[b, h, n, d]`; v, out `[b, h, n, e]`;
-//! per-block states `[b, h, num_blocks, d, e]`; state `[b, h, d, e]`; decode
-//! cache `[slots, h, d, e]`. Launch geometry is documented on each kernel and
-//! planned by the host crate, which validates every size before launching.
+//! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
+//!
+//! Layouts (row-major, contiguous): q, k `[b, h, n, d]` or packed
+//! `[total_tokens, h, d]`; v, out likewise with `e` (see [`layout`]: the prefill
+//! kernels take a table of sequences and a work list, so one kernel serves both);
+//! per-block states `[total_blocks, h, d, e]`; states `[slots, h, d, e]` (the
+//! final states of a dense batch are slots `0..b`). Launch geometry is
+//! documented on each kernel and planned by the host crate, which validates
+//! every size and every table before launching.
 
 // No `missing_docs` lint here: `#[cube]` generates undocumented launch items;
 // each kernel function and module is documented by hand.
@@ -24,4 +29,6 @@ pub mod decode;
 pub mod diag;
 pub mod kv_parallel;
 pub mod kv_reduce;
+pub mod kv_snapshot;
+pub mod layout;
 pub mod non_diag;

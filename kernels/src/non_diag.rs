@@ -5,8 +5,9 @@
 //! `_fwd_none_diag_kernel` uses `c`, one step short, which is wrong whenever the
 //! incoming state is not zero.
 //!
-//! Geometry: cube x runs over the `ceil(n / sub_block)` query sub-blocks (a
-//! sub-block never straddles two blocks), y over `b * h`, z over
+//! Geometry: cube x runs over the same work list of `(sequence, first token of
+//! the sub-block)` pairs as diag (a sub-block never straddles two blocks), y
+//! over the `h` heads, z over
 //! `ceil(e / value_tile)` value tiles with `value_tile = 16 * cols_per_unit`.
 //! The cube has 256 units in a 16 x 16 grid; each computes
 //! `rows_per_unit x cols_per_unit` outputs (`rows_per_unit = max(1, sub_block / 16)`)
@@ -15,19 +16,26 @@
 
 use cubecl::prelude::*;
 
+use crate::layout::first_row;
+
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
 
 /// Launched with the geometry in the module doc, after kv-reduce.
+/// `block_offsets[i]` is the index of sequence `i`'s first block in `block_states`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn non_diag<F: Float>(
     q: &[F],
     slopes: &[f32],
+    seq_starts: &[u32],
+    block_offsets: &[u32],
+    work: &[u32],
     block_states: &[f32],
     out: &mut [F],
-    seq_len: u32,
     heads: u32,
+    head_stride: u32,
+    token_stride: u32,
     scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
@@ -39,14 +47,19 @@ pub fn non_diag<F: Float>(
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
     let q_stride = key_chunk + 1;
-    let n = seq_len as usize;
-    let bh = CUBE_POS_Y as usize;
-    let neg_slope = -slopes[bh % heads as usize];
-    let num_blocks = n.div_ceil(block);
-    let q_start = CUBE_POS_X as usize * sub_block;
+    let item = CUBE_POS_X as usize;
+    let head = CUBE_POS_Y as usize;
+    let seq = work[2 * item] as usize;
+    let q_start = work[2 * item + 1] as usize;
+    let seq_start = seq_starts[seq] as usize;
+    let n = seq_starts[seq + 1] as usize - seq_start;
+    let row0 = first_row(seq_start, head, heads as usize, head_stride as usize);
+    let row_step = token_stride as usize;
+    let neg_slope = -slopes[head];
     let blk = q_start / block;
+    let global_block = block_offsets[seq] as usize + blk;
     let e0 = CUBE_POS_Z as usize * value_tile;
-    let state_base = (bh * num_blocks + blk) * key_dim * value_dim;
+    let state_base = (global_block * heads as usize + head) * key_dim * value_dim;
     let unit = UNIT_POS as usize;
     let units = CUBE_DIM as usize;
     let unit_row = unit / SIDE;
@@ -62,7 +75,7 @@ pub fn non_diag<F: Float>(
             let i = c0 + idx % key_chunk;
             let mut value = 0.0f32;
             if t < n && i < key_dim {
-                value = f32::cast_from(q[(bh * n + t) * key_dim + i]);
+                value = f32::cast_from(q[(row0 + t * row_step) * key_dim + i]);
             }
             q_tile[(idx / key_chunk) * q_stride + idx % key_chunk] = value;
         }
@@ -109,7 +122,7 @@ pub fn non_diag<F: Float>(
             for j in 0..cols_per_unit {
                 let col = e0 + j * SIDE + unit_col;
                 if col < value_dim {
-                    let o = (bh * n + t) * value_dim + col;
+                    let o = (row0 + t * row_step) * value_dim + col;
                     out[o] = F::cast_from(f32::cast_from(out[o]) + decay * acc[m * cols_per_unit + j]);
                 }
             }

@@ -1,0 +1,308 @@
+//! The launches of one planned call: the prefill kernels over a table of
+//! sequences, the snapshot kernel, and the decode kernel, in stream order.
+//!
+//! Dense prefill, packed (varlen) prefill, mixed batches and the serving
+//! backend all end here; they differ only in the table, the layout strides and
+//! where states live. Everything passed in was validated and planned against
+//! the device before, which is what makes the `launch_unchecked` calls sound.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use lightning_attention_kernels as kernels;
+
+use crate::plan::{DecodePlan, PrefillPlan};
+use crate::sequences::{DeviceTable, IndexBuffer};
+use crate::{DType, DeviceTensor, PrefillConfig};
+
+/// The kernels of a call, in launch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Diag,
+    KvParallel,
+    KvReduce,
+    NonDiag,
+    KvSnapshot,
+    Decode,
+}
+
+/// How rows of q, k, v and out step (see `kernels::layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub head_stride: u32,
+    pub token_stride: u32,
+}
+
+impl Layout {
+    /// `[b, h, n, x]`.
+    pub fn dense(seq_len: usize) -> Self {
+        Self {
+            head_stride: seq_len as u32,
+            token_stride: 1,
+        }
+    }
+    /// `[total_tokens, h, x]`.
+    pub fn packed(heads: usize) -> Self {
+        Self {
+            head_stride: 1,
+            token_stride: heads as u32,
+        }
+    }
+}
+
+/// A kernel argument over a whole validated tensor.
+pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
+    // SAFETY: validation checked that the buffer holds `num_elements` of its dtype.
+    unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.num_elements()) }
+}
+
+/// Everything one call launches with.
+pub(crate) struct CallLaunch<'a> {
+    pub client: &'a Client,
+    pub q: &'a DeviceTensor,
+    pub k: &'a DeviceTensor,
+    pub v: &'a DeviceTensor,
+    pub slopes: &'a DeviceTensor,
+    pub out: &'a DeviceTensor,
+    pub heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub scale: f32,
+    pub config: &'a PrefillConfig,
+    pub layout: Layout,
+    pub table: &'a DeviceTable,
+    pub plan: &'a PrefillPlan,
+    /// The decode launch, when the table routes sequences to it.
+    pub decode: Option<&'a DecodePlan>,
+    /// Caller-given initial states (dense batches); `None` reads them from `states`.
+    pub initial: Option<&'a DeviceTensor>,
+    /// `[slots, h, d, e]` f32: where final states (and snapshots) are written.
+    pub states: &'a DeviceTensor,
+    /// A buffer of at least `plan.block_states_len` f32.
+    pub workspace: &'a Handle,
+    /// A one-element f32 buffer bound where a kernel reads nothing.
+    pub unused: &'a DeviceTensor,
+}
+
+impl CallLaunch<'_> {
+    /// Hands each launch to `hook`, in order, for the dtype of q.
+    pub fn run(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+        match self.q.dtype {
+            DType::F32 => self.run_typed::<f32>(hook),
+            DType::F16 => self.run_typed::<half::f16>(hook),
+            DType::BF16 => self.run_typed::<half::bf16>(hook),
+        }
+    }
+
+    fn run_typed<F: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+        let Self {
+            client,
+            q,
+            k,
+            v,
+            slopes,
+            out,
+            table,
+            plan,
+            config,
+            layout,
+            ..
+        } = self;
+        let h = self.heads as u32;
+        let (d, e, block, cb, scale) = (
+            self.key_dim,
+            self.value_dim,
+            config.block,
+            config.sub_block,
+            self.scale,
+        );
+        let (head_stride, token_stride) = (layout.head_stride, layout.token_stride);
+        // SAFETY: the workspace holds at least this many f32.
+        let states_arg =
+            || unsafe { BufferArg::from_raw_parts(self.workspace.clone(), plan.block_states_len.max(1)) };
+        let initial = self.initial.unwrap_or(self.unused);
+        // SAFETY (every launch below): each size, tile, grid and table entry was
+        // validated and planned against the device's limits; each kernel
+        // bounds-checks the tails of n, d and e.
+        if plan.total_blocks > 0 {
+            hook(Stage::Diag, &|| unsafe {
+                kernels::diag::diag::launch_unchecked::<F>(
+                    client,
+                    plan.diag.cube_count(),
+                    plan.diag.cube_dim(),
+                    arg(q),
+                    arg(k),
+                    arg(v),
+                    arg(slopes),
+                    table.seq_starts.arg(),
+                    table.sub_block_work.arg(),
+                    arg(out),
+                    h,
+                    head_stride,
+                    token_stride,
+                    scale,
+                    d,
+                    e,
+                    block,
+                    cb,
+                    plan.diag_key_chunk,
+                    plan.diag_rows_per_unit,
+                    plan.diag_cols_per_unit,
+                )
+            });
+            hook(Stage::KvParallel, &|| unsafe {
+                kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
+                    client,
+                    plan.kv_parallel.cube_count(),
+                    plan.kv_parallel.cube_dim(),
+                    arg(k),
+                    arg(v),
+                    arg(slopes),
+                    table.seq_starts.arg(),
+                    table.block_work.arg(),
+                    states_arg(),
+                    h,
+                    head_stride,
+                    token_stride,
+                    d,
+                    e,
+                    block,
+                    plan.kv_stage,
+                    plan.kv_rows_per_unit,
+                    plan.kv_cols_per_unit,
+                )
+            });
+            hook(Stage::KvReduce, &|| unsafe {
+                kernels::kv_reduce::kv_reduce::launch_unchecked(
+                    client,
+                    plan.kv_reduce.cube_count(),
+                    plan.kv_reduce.cube_dim(),
+                    arg(slopes),
+                    table.seq_starts.arg(),
+                    table.block_offsets.arg(),
+                    table.initial_slots.arg(),
+                    table.final_slots.arg(),
+                    table.reduce_work.arg(),
+                    arg(initial),
+                    states_arg(),
+                    arg(self.states),
+                    h,
+                    d,
+                    e,
+                    block,
+                    self.initial.is_none(),
+                )
+            });
+            hook(Stage::NonDiag, &|| unsafe {
+                kernels::non_diag::non_diag::launch_unchecked::<F>(
+                    client,
+                    plan.non_diag.cube_count(),
+                    plan.non_diag.cube_dim(),
+                    arg(q),
+                    arg(slopes),
+                    table.seq_starts.arg(),
+                    table.block_offsets.arg(),
+                    table.sub_block_work.arg(),
+                    states_arg(),
+                    arg(out),
+                    h,
+                    head_stride,
+                    token_stride,
+                    scale,
+                    d,
+                    e,
+                    block,
+                    cb,
+                    plan.non_diag_key_chunk,
+                    plan.non_diag_rows_per_unit,
+                    plan.non_diag_cols_per_unit,
+                )
+            });
+        }
+        if plan.kv_snapshot.cubes.2 > 0 {
+            hook(Stage::KvSnapshot, &|| unsafe {
+                kernels::kv_snapshot::kv_snapshot::launch_unchecked::<F>(
+                    client,
+                    plan.kv_snapshot.cube_count(),
+                    plan.kv_snapshot.cube_dim(),
+                    arg(k),
+                    arg(v),
+                    arg(slopes),
+                    table.seq_starts.arg(),
+                    table.block_offsets.arg(),
+                    table.snapshot_work.arg(),
+                    states_arg(),
+                    arg(self.states),
+                    h,
+                    head_stride,
+                    token_stride,
+                    d,
+                    e,
+                    block,
+                )
+            });
+        }
+        if let Some(decode) = self.decode {
+            hook(Stage::Decode, &|| {
+                launch_decode::<F>(
+                    client,
+                    decode,
+                    [q, k, v, slopes],
+                    &table.decode_slots,
+                    &table.decode_tokens,
+                    true,
+                    self.states,
+                    out,
+                    self.heads,
+                    scale,
+                    d,
+                    e,
+                )
+            });
+        }
+    }
+}
+
+/// Launches the decode kernel. With `indexed`, entry `b` is packed token
+/// `tokens[b]`; without, rows are dense `[b, h, ...]` and `tokens` (bound,
+/// never read) may be any buffer other than `slots`: wgpu refuses one buffer
+/// bound twice in a dispatch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_decode<F: Float + CubeElement>(
+    client: &Client,
+    plan: &DecodePlan,
+    [q, k, v, slopes]: [&DeviceTensor; 4],
+    slots: &IndexBuffer,
+    tokens: &IndexBuffer,
+    indexed: bool,
+    cache: &DeviceTensor,
+    out: &DeviceTensor,
+    heads: usize,
+    scale: f32,
+    key_dim: usize,
+    value_dim: usize,
+) {
+    // SAFETY: shapes, slots, tokens and the grid were validated and planned.
+    unsafe {
+        kernels::decode::decode::launch_unchecked::<F>(
+            client,
+            plan.dims.cube_count(),
+            plan.dims.cube_dim(),
+            plan.vector_size,
+            arg(q),
+            arg(k),
+            arg(v),
+            arg(slopes),
+            slots.arg(),
+            tokens.arg(),
+            arg(cache),
+            arg(out),
+            heads as u32,
+            scale,
+            key_dim,
+            value_dim,
+            plan.column_tile,
+            plan.row_groups,
+            indexed,
+        )
+    }
+}

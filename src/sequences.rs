@@ -1,0 +1,177 @@
+//! The table of sequences and work lists the prefill kernels walk, built on the host.
+//!
+//! The kernels take no `[b, h, n]` shape: they take where each sequence starts
+//! (`cu_seqlens`), where its blocks sit in the per-block workspace, where its
+//! states come from and go, and flat lists of the sub-blocks, blocks,
+//! sequences and snapshots to compute, one entry per cube along x (or z). A
+//! dense batch is the special case of `b` sequences of `n` tokens. Sequences a
+//! mixed batch routes to the decode kernel appear in no prefill work list.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::PrefillConfig;
+use crate::plan::PrefillWork;
+
+/// Where a sequence's state comes from and goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SequenceStates {
+    /// Slot the initial state is read from, or negative for zeros.
+    pub initial: i32,
+    /// Slot the final state is written to, or negative for none (padding).
+    pub last: i32,
+}
+
+/// Host-side work lists of one call (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SequenceTable {
+    /// `cu_seqlens`: sequence `i` holds tokens `seq_starts[i]..seq_starts[i + 1]`.
+    pub seq_starts: Vec<u32>,
+    /// Index of each sequence's first block in the per-block workspace.
+    pub block_offsets: Vec<u32>,
+    /// Per sequence, the slot its initial state is read from (-1: zeros).
+    pub initial_slots: Vec<i32>,
+    /// Per sequence, the slot its final state is written to (-1: none).
+    pub final_slots: Vec<i32>,
+    /// `(sequence, first token)` of every query sub-block (diag, non-diag).
+    pub sub_block_work: Vec<u32>,
+    /// `(sequence, block)` of every block, in workspace order (kv-parallel).
+    pub block_work: Vec<u32>,
+    /// Sequences to reduce over blocks (kv-reduce).
+    pub reduce_work: Vec<u32>,
+    /// `(sequence, token, slot)` of every snapshot (kv-snapshot).
+    pub snapshot_work: Vec<u32>,
+    /// Token of each sequence routed to the decode kernel.
+    pub decode_tokens: Vec<u32>,
+    /// Slot of each sequence routed to the decode kernel.
+    pub decode_slots: Vec<i32>,
+    /// Blocks in the workspace.
+    pub blocks: usize,
+}
+
+impl SequenceTable {
+    /// Builds the work lists. `seq_starts` has one more entry than `states`, and
+    /// every sequence is at least one token long (validated by the caller).
+    /// With `route_decodes`, a one-token sequence that continues a stored state
+    /// and takes no snapshot goes to the decode kernel; `snapshots` lists
+    /// `(sequence, token, slot)`.
+    pub fn new(
+        seq_starts: &[u32],
+        states: &[SequenceStates],
+        snapshots: &[(u32, u32, i32)],
+        route_decodes: bool,
+        config: &PrefillConfig,
+    ) -> Self {
+        let mut table = Self {
+            seq_starts: seq_starts.to_vec(),
+            ..Self::default()
+        };
+        for (seq, state) in states.iter().enumerate() {
+            let len = (seq_starts[seq + 1] - seq_starts[seq]) as usize;
+            let has_snapshot = snapshots.iter().any(|&(s, _, _)| s as usize == seq);
+            table.initial_slots.push(state.initial);
+            table.final_slots.push(state.last);
+            table.block_offsets.push(table.blocks as u32);
+            if route_decodes && len == 1 && state.initial >= 0 && state.initial == state.last && !has_snapshot
+            {
+                table.decode_tokens.push(seq_starts[seq]);
+                table.decode_slots.push(state.last);
+                continue;
+            }
+            let seq_id = seq as u32;
+            for start in (0..len).step_by(config.sub_block) {
+                table.sub_block_work.extend([seq_id, start as u32]);
+            }
+            let blocks = len.div_ceil(config.block);
+            for blk in 0..blocks {
+                table.block_work.extend([seq_id, blk as u32]);
+            }
+            table.blocks += blocks;
+            table.reduce_work.push(seq_id);
+        }
+        for &(seq, token, slot) in snapshots {
+            table.snapshot_work.extend([seq, token, slot as u32]);
+        }
+        table
+    }
+
+    /// The sizes the launches are planned from.
+    pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize) -> PrefillWork {
+        PrefillWork {
+            heads,
+            key_dim,
+            value_dim,
+            sub_blocks: self.sub_block_work.len() / 2,
+            blocks: self.blocks,
+            sequences: self.reduce_work.len(),
+            snapshots: self.snapshot_work.len() / 3,
+        }
+    }
+
+    /// Sequences routed to the decode kernel.
+    pub fn decodes(&self) -> usize {
+        self.decode_tokens.len()
+    }
+
+    /// Copies the table to the device.
+    pub fn upload(&self, client: &Client) -> DeviceTable {
+        DeviceTable {
+            seq_starts: upload(client, &self.seq_starts),
+            block_offsets: upload(client, &self.block_offsets),
+            initial_slots: upload(client, &self.initial_slots),
+            final_slots: upload(client, &self.final_slots),
+            sub_block_work: upload(client, &self.sub_block_work),
+            block_work: upload(client, &self.block_work),
+            reduce_work: upload(client, &self.reduce_work),
+            snapshot_work: upload(client, &self.snapshot_work),
+            decode_tokens: upload(client, &self.decode_tokens),
+            decode_slots: upload(client, &self.decode_slots),
+        }
+    }
+}
+
+/// A device buffer of 32-bit integers and the count it holds.
+#[derive(Clone, Debug)]
+pub(crate) struct IndexBuffer {
+    handle: Handle,
+    len: usize,
+}
+
+impl IndexBuffer {
+    /// The buffer as a kernel argument.
+    pub fn arg(&self) -> BufferArg {
+        // SAFETY: the buffer was created with `len` 32-bit elements (at least one).
+        unsafe { BufferArg::from_raw_parts(self.handle.clone(), self.len) }
+    }
+}
+
+/// Copies `values` to a new device buffer.
+pub(crate) fn upload<T: CubeElement>(client: &Client, values: &[T]) -> IndexBuffer {
+    // An empty list still binds a buffer: a one-element one nobody reads.
+    if values.is_empty() {
+        let zero = [T::from_bytes(&[0u8; 4])[0]];
+        return IndexBuffer {
+            handle: client.create_from_slice(T::as_bytes(&zero)),
+            len: 1,
+        };
+    }
+    IndexBuffer {
+        handle: client.create_from_slice(T::as_bytes(values)),
+        len: values.len(),
+    }
+}
+
+/// The table on the device, ready to bind.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceTable {
+    pub seq_starts: IndexBuffer,
+    pub block_offsets: IndexBuffer,
+    pub initial_slots: IndexBuffer,
+    pub final_slots: IndexBuffer,
+    pub sub_block_work: IndexBuffer,
+    pub block_work: IndexBuffer,
+    pub reduce_work: IndexBuffer,
+    pub snapshot_work: IndexBuffer,
+    pub decode_tokens: IndexBuffer,
+    pub decode_slots: IndexBuffer,
+}
