@@ -95,6 +95,62 @@ pub enum LightningError {
         /// Second sequence using it.
         second: usize,
     },
+    /// `cu_seqlens` does not start at 0.
+    #[error("cu_seqlens[0] = {value}: expected 0 (offsets of each sequence's first token)")]
+    FirstOffset {
+        /// The first offset given.
+        value: u64,
+    },
+    /// An offset is not greater than the one before it: a sequence of no tokens.
+    #[error(
+        "cu_seqlens[{index}] = {value} is not greater than cu_seqlens[{}] = {previous}; offsets must increase (every sequence holds at least one token)",
+        index - 1
+    )]
+    OffsetsNotIncreasing {
+        /// Position of the offending offset.
+        index: usize,
+        /// The offset before it.
+        previous: u64,
+        /// The offset given.
+        value: u64,
+    },
+    /// An offset runs past the tokens of q, k and v, or stops short of them.
+    #[error(
+        "cu_seqlens[{index}] = {value}: q, k and v hold {total_tokens} tokens, which the last offset must equal"
+    )]
+    OffsetPastEnd {
+        /// Position of the offending offset.
+        index: usize,
+        /// The offset given.
+        value: u64,
+        /// Tokens in q, k and v.
+        total_tokens: usize,
+    },
+    /// A per-sequence list has the wrong length.
+    #[error("{what}: expected {expected} entries ({rule}), got {actual}")]
+    LengthMismatch {
+        /// Which list.
+        what: &'static str,
+        /// Entries expected.
+        expected: usize,
+        /// Why that many.
+        rule: &'static str,
+        /// Entries given.
+        actual: usize,
+    },
+    /// More snapshots were asked for than a sequence has tokens.
+    #[error("sequence {sequence} holds {tokens} tokens, fewer than the {snapshots} snapshots asked of it")]
+    SnapshotsExceedSequence {
+        /// The sequence.
+        sequence: usize,
+        /// Its length.
+        tokens: usize,
+        /// Snapshots asked for (K).
+        snapshots: usize,
+    },
+    /// A call made for one kind of step was given another.
+    #[error("{0}")]
+    WrongStep(String),
     /// The runtime cannot store or convert this input dtype.
     #[error(
         "the {runtime} runtime cannot run {dtype} inputs (it reports no buffer/conversion support); use f32 or f16 there"

@@ -25,6 +25,8 @@ mod sequences;
 pub mod shapes;
 pub mod slopes;
 mod tensor;
+mod varlen;
+mod varlen_checks;
 
 pub use config::PrefillConfig;
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
@@ -34,6 +36,8 @@ pub use prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
 };
 pub use tensor::DeviceTensor;
+pub use varlen::{Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into};
+pub use varlen_checks::VarlenShape;
 
 pub use cubecl;
 pub use lightning_attention_reference as reference;

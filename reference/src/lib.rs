@@ -8,7 +8,8 @@
 //! incoming state), so that the algorithm itself is tested apart from any GPU;
 //! [`decode`] is one token against a slot-indexed state cache; [`slopes`] is
 //! MiniMax's ALiBi-style slope ladder; [`backward`] is the gradient of the
-//! recurrence with respect to q, k, v and the initial state.
+//! recurrence with respect to q, k, v and the initial state; [`varlen`] is a
+//! packed batch of sequences of any lengths against a slot-indexed cache.
 //!
 //! Layouts are row-major: q, k `[b, h, n, d]`, v and out `[b, h, n, e]`, state
 //! `[b, h, d, e]`. No GPU dependency.
@@ -24,12 +25,14 @@ mod recurrence;
 pub mod slopes;
 #[cfg(test)]
 mod tests;
+mod varlen;
 
 pub use backward::{Gradients, backward};
 pub use blocked::{blocked, blocked_vllm_off_by_one};
 pub use decode::{PADDING_SLOT, decode};
 pub use dims::Dims;
 pub use recurrence::{Prefill, recurrence};
+pub use varlen::{VarlenProblem, varlen};
 
 /// `||a - b|| / ||b||` (Euclidean norms), the measure every kernel is judged by.
 ///

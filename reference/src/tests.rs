@@ -6,7 +6,10 @@ use proptest::prelude::*;
 
 use crate::random::SeededRng;
 use crate::slopes::{base_slopes, layer_factor, layer_slopes};
-use crate::{Dims, backward, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error};
+use crate::{
+    Dims, VarlenProblem, backward, blocked, blocked_vllm_off_by_one, decode, recurrence, relative_error,
+    varlen,
+};
 
 fn dims(batch: usize, heads: usize, seq_len: usize, key_dim: usize, value_dim: usize) -> Dims {
     Dims {
@@ -328,4 +331,77 @@ proptest! {
             &central_differences(&s0, |x| l(&q, &k, &v, x)),
         )?;
     }
+}
+
+/// Gathers head-major `[1, h, n, w]` rows of one sequence out of packed `[T, h, w]`.
+fn gather(packed: &[f64], start: usize, end: usize, h: usize, w: usize) -> Vec<f64> {
+    let mut rows = Vec::new();
+    for head in 0..h {
+        for t in start..end {
+            rows.extend_from_slice(&packed[(t * h + head) * w..(t * h + head + 1) * w]);
+        }
+    }
+    rows
+}
+
+#[test]
+fn varlen_is_an_independent_recurrence_per_sequence() {
+    let (h, d, e) = (2, 3, 4);
+    let cu = [0usize, 5, 6, 13];
+    let total = 13;
+    let (q, k, v) = (
+        values(total * h * d, 1),
+        values(total * h * d, 2),
+        values(total * h * e, 3),
+    );
+    let slopes = [0.3, 0.05];
+    let slots = [2i64, 0, 1];
+    let has_initial = [true, true, false];
+    // Two snapshots of the last sequence, into the spare slot 3 and nowhere.
+    let snapshot_slots = [-1i64, -1, -1, -1, 3, -1];
+    let before = values(4 * h * d * e, 4);
+    let mut cache = before.clone();
+    let problem = VarlenProblem {
+        heads: h,
+        key_dim: d,
+        value_dim: e,
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &slopes,
+        scale: 1.0,
+        cu_seqlens: &cu,
+        slots: &slots,
+        has_initial_state: &has_initial,
+        snapshots: Some((2, &snapshot_slots)),
+    };
+    let out = varlen(&problem, &mut cache);
+    let state_len = h * d * e;
+    for seq in 0..3 {
+        let (start, end) = (cu[seq], cu[seq + 1]);
+        let n = end - start;
+        let slot = slots[seq] as usize;
+        let initial = &before[slot * state_len..(slot + 1) * state_len];
+        let expected = recurrence(
+            dims(1, h, n, d, e),
+            &gather(&q, start, end, h, d),
+            &gather(&k, start, end, h, d),
+            &gather(&v, start, end, h, e),
+            &slopes,
+            has_initial[seq].then_some(initial),
+        );
+        assert!(relative_error(&gather(&out, start, end, h, e), &expected.out) < 1e-14);
+        assert!(relative_error(&cache[slot * state_len..(slot + 1) * state_len], &expected.state) < 1e-14);
+    }
+    // Slot 3 holds the last sequence's state after its second-to-last token.
+    let (start, end) = (cu[2], cu[3] - 1);
+    let expected = recurrence(
+        dims(1, h, end - start, d, e),
+        &gather(&q, start, end, h, d),
+        &gather(&k, start, end, h, d),
+        &gather(&v, start, end, h, e),
+        &slopes,
+        None,
+    );
+    assert!(relative_error(&cache[3 * state_len..], &expected.state) < 1e-14);
 }

@@ -10,3 +10,4 @@ mod consistency;
 mod decode;
 mod errors;
 mod prefill;
+mod varlen;

@@ -1,0 +1,272 @@
+//! Packed (varlen) prefill and mixed batches: many sequences of any lengths,
+//! prefills and decodes together, in one call against a slot-indexed state cache.
+//!
+//! q, k `[T, h, d]` and v `[T, h, e]` hold the tokens of `N` sequences back to
+//! back; `cu_seqlens` (`N + 1` offsets) says where each starts. Each sequence
+//! names its slot of the f32 state cache `[slots, h, d, e]` and whether it
+//! continues the state stored there or starts from zeros (a new request, with
+//! no need to clear its slot first); its final state is written back to the
+//! slot. A one-token sequence that continues its state is served by the decode
+//! kernel in the same call; everything else by the blocked prefill kernels. A
+//! call launches at most six kernels, however many sequences it holds.
+//!
+//! Padding: a sequence whose slot is -1 reads and writes no state; its output
+//! is computed from a zero state (and its `has_initial_state` flag is ignored).
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::launch::{CallLaunch, Layout};
+use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
+use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
+use crate::shapes::{DecodeShape, check_tensor, expect_shape};
+use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+
+/// States to keep after each of the last `count` tokens of every sequence, so
+/// that a speculative-decoding verifier can roll back to any accepted prefix.
+#[derive(Clone, Copy, Debug)]
+pub struct Snapshots<'a> {
+    /// `K`: snapshots per sequence.
+    pub count: usize,
+    /// `[N, K]` row-major: `slots[i * K + j]` receives sequence `i`'s state
+    /// after its token `len_i - K + j` (so `j = K - 1` is the final state), or
+    /// -1 for none. Distinct from each other and from the sequences' own slots.
+    pub slots: &'a [i32],
+}
+
+/// The batch metadata of one packed call (an engine step), without the tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct VarlenBatch<'a> {
+    /// `N + 1` offsets: sequence `i` is tokens `cu_seqlens[i]..cu_seqlens[i + 1]`;
+    /// starts at 0, increases strictly, ends at `T`.
+    pub cu_seqlens: &'a [u32],
+    /// `N` slots of the state cache, distinct, or -1 for padding.
+    pub slots: &'a [i32],
+    /// `N` flags: continue the state stored in the slot (`true`) or start from zeros.
+    pub has_initial_state: &'a [bool],
+    /// Speculative-decoding snapshots, if any.
+    pub snapshots: Option<Snapshots<'a>>,
+}
+
+/// The arguments of a packed call.
+#[derive(Clone, Copy, Debug)]
+pub struct VarlenInputs<'a> {
+    /// Queries `[T, h, d]`.
+    pub q: &'a DeviceTensor,
+    /// Keys `[T, h, d]`, same dtype as q.
+    pub k: &'a DeviceTensor,
+    /// Values `[T, h, e]`, same dtype as q.
+    pub v: &'a DeviceTensor,
+    /// One slope per head, `[h]` f32.
+    pub slopes: &'a DeviceTensor,
+    /// The state cache `[slots, h, d, e]` f32: read and written in place.
+    pub cache: &'a DeviceTensor,
+    /// Offsets, slots, flags and snapshots.
+    pub batch: VarlenBatch<'a>,
+}
+
+/// A batch validated and planned for one shape: what to upload and launch.
+#[derive(Clone, Debug)]
+pub(crate) struct PlannedBatch {
+    pub shape: VarlenShape,
+    pub table: SequenceTable,
+    pub prefill: PrefillPlan,
+    pub decode: Option<DecodePlan>,
+}
+
+impl PlannedBatch {
+    /// Validates `batch` against tensors of `shape` and plans its launches.
+    pub fn new(
+        client: &Client,
+        mut shape: VarlenShape,
+        batch: &VarlenBatch,
+        config: &PrefillConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        if !shape.dtype.is_supported(client) {
+            return Err(LightningError::UnsupportedDType {
+                dtype: shape.dtype,
+                runtime: client.name(),
+            });
+        }
+        let sequences = check_offsets(batch.cu_seqlens, shape.total_tokens)?;
+        shape.sequences = sequences;
+        check_len("slots", batch.slots.len(), sequences)?;
+        check_len("has_initial_state", batch.has_initial_state.len(), sequences)?;
+        let mut registry = SlotRegistry::new(shape.slots);
+        for (seq, &slot) in batch.slots.iter().enumerate() {
+            registry.claim(seq, slot)?;
+        }
+        let snapshots = snapshot_work(batch, &mut registry)?;
+        let states: Vec<SequenceStates> = batch
+            .slots
+            .iter()
+            .zip(batch.has_initial_state)
+            .map(|(&slot, &has_initial)| SequenceStates {
+                initial: if has_initial && slot >= 0 { slot } else { -1 },
+                last: slot,
+            })
+            .collect();
+        let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
+        let limits = DeviceLimits::of(client);
+        let prefill = PrefillPlan::new(
+            &table.work(shape.heads, shape.key_dim, shape.value_dim),
+            config,
+            &limits,
+        )?;
+        let decode = match table.decodes() {
+            0 => None,
+            decodes => Some(plan_decode(
+                &DecodeShape {
+                    batch: decodes,
+                    heads: shape.heads,
+                    key_dim: shape.key_dim,
+                    value_dim: shape.value_dim,
+                    slots: shape.slots,
+                    dtype: shape.dtype,
+                },
+                &limits,
+            )?),
+        };
+        Ok(Self {
+            shape,
+            table,
+            prefill,
+            decode,
+        })
+    }
+}
+
+/// Checks the snapshots and lists them as `(sequence, token, slot)`.
+fn snapshot_work(batch: &VarlenBatch, registry: &mut SlotRegistry) -> Result<Vec<(u32, u32, i32)>> {
+    let Some(snapshots) = batch.snapshots else {
+        return Ok(Vec::new());
+    };
+    let (count, sequences) = (snapshots.count, batch.slots.len());
+    if snapshots.slots.len() != sequences * count {
+        return Err(LightningError::LengthMismatch {
+            what: "snapshot slots",
+            expected: sequences * count,
+            rule: "K per sequence, [N, K]",
+            actual: snapshots.slots.len(),
+        });
+    }
+    let mut work = Vec::new();
+    for seq in 0..sequences {
+        let row = &snapshots.slots[seq * count..(seq + 1) * count];
+        if row.iter().all(|&slot| slot == -1) {
+            continue;
+        }
+        let tokens = (batch.cu_seqlens[seq + 1] - batch.cu_seqlens[seq]) as usize;
+        if count > tokens {
+            return Err(LightningError::SnapshotsExceedSequence {
+                sequence: seq,
+                tokens,
+                snapshots: count,
+            });
+        }
+        for (j, &slot) in row.iter().enumerate() {
+            registry.claim(seq, slot)?;
+            if slot >= 0 {
+                work.push((seq as u32, (tokens - count + j) as u32, slot));
+            }
+        }
+    }
+    Ok(work)
+}
+
+/// A planned batch on the device: its tables and the per-block workspace,
+/// reusable by every layer of a step (same shape, same batch).
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceBatch {
+    pub planned: PlannedBatch,
+    pub table: DeviceTable,
+    pub workspace: Handle,
+    pub unused: DeviceTensor,
+}
+
+impl DeviceBatch {
+    /// Uploads the tables and allocates the workspace.
+    pub fn upload(client: &Client, planned: PlannedBatch) -> Self {
+        let table = planned.table.upload(client);
+        let workspace = client.empty(planned.prefill.block_states_len.max(1) * 4);
+        Self {
+            planned,
+            table,
+            workspace,
+            unused: DeviceTensor::empty(client, &[1], DType::F32),
+        }
+    }
+
+    /// Launches the call on tensors already checked against `planned.shape`.
+    pub fn launch(&self, client: &Client, inputs: &VarlenInputs, config: &PrefillConfig, out: &DeviceTensor) {
+        let shape = &self.planned.shape;
+        CallLaunch {
+            client,
+            q: inputs.q,
+            k: inputs.k,
+            v: inputs.v,
+            slopes: inputs.slopes,
+            out,
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            scale: config.scale.unwrap_or(1.0),
+            config,
+            layout: Layout::packed(shape.heads),
+            table: &self.table,
+            plan: &self.planned.prefill,
+            decode: self.planned.decode.as_ref(),
+            initial: None,
+            states: inputs.cache,
+            workspace: &self.workspace,
+            unused: &self.unused,
+        }
+        .run(&mut |_, launch| launch());
+    }
+}
+
+/// Checks `out` `[T, h, e]` (dtype of q).
+pub(crate) fn check_out(shape: &VarlenShape, out: &DeviceTensor) -> Result<()> {
+    const OUT: &str = "[total_tokens, h, e]";
+    check_tensor(out, "out", &["total_tokens", "h", "e"], OUT, Some(shape.dtype))?;
+    expect_shape(out, "out", &shape.out_shape(), OUT)
+}
+
+/// Validates a packed call and plans it without launching anything.
+pub fn plan_varlen(client: &Client, inputs: &VarlenInputs, config: &PrefillConfig) -> Result<VarlenShape> {
+    Ok(plan(client, inputs, config)?.shape)
+}
+
+fn plan(client: &Client, inputs: &VarlenInputs, config: &PrefillConfig) -> Result<PlannedBatch> {
+    let shape = check_tensors(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.cache)?;
+    PlannedBatch::new(client, shape, &inputs.batch, config)
+}
+
+/// Runs a packed call, returning the output `[T, h, e]` (dtype of q); final
+/// states (and snapshots) are written to their slots of the cache.
+pub fn prefill_varlen(
+    client: &Client,
+    inputs: &VarlenInputs,
+    config: &PrefillConfig,
+) -> Result<DeviceTensor> {
+    let planned = plan(client, inputs, config)?;
+    let out = DeviceTensor::empty(client, &planned.shape.out_shape(), planned.shape.dtype);
+    DeviceBatch::upload(client, planned).launch(client, inputs, config, &out);
+    Ok(out)
+}
+
+/// Runs a packed call into caller-owned `out` `[T, h, e]` (dtype of q); every
+/// element is written.
+pub fn prefill_varlen_into(
+    client: &Client,
+    inputs: &VarlenInputs,
+    config: &PrefillConfig,
+    out: &DeviceTensor,
+) -> Result<()> {
+    let planned = plan(client, inputs, config)?;
+    check_out(&planned.shape, out)?;
+    DeviceBatch::upload(client, planned).launch(client, inputs, config, out);
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Validation of a packed (varlen) call: the tensors, `cu_seqlens`, slots,
+//! initial-state flags and snapshot slots, before anything is uploaded.
+
+use std::collections::HashMap;
+
+use crate::shapes::{check_tensor, expect_shape};
+use crate::{DType, DeviceTensor, LightningError, Result};
+
+/// Sizes of a validated packed call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VarlenShape {
+    /// Tokens of all sequences, `T`.
+    pub total_tokens: usize,
+    /// Sequences, `N`.
+    pub sequences: usize,
+    /// `h`.
+    pub heads: usize,
+    /// `d`.
+    pub key_dim: usize,
+    /// `e`.
+    pub value_dim: usize,
+    /// Slots in the state cache.
+    pub slots: usize,
+    /// dtype of q, k, v and the output.
+    pub dtype: DType,
+}
+
+impl VarlenShape {
+    /// Shape of the output `[T, h, e]`.
+    pub fn out_shape(&self) -> Vec<usize> {
+        vec![self.total_tokens, self.heads, self.value_dim]
+    }
+}
+
+/// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype, slopes `[h]` f32 and
+/// the cache `[slots, h, d, e]` f32.
+pub(crate) fn check_tensors(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    slopes: &DeviceTensor,
+    cache: &DeviceTensor,
+) -> Result<VarlenShape> {
+    const QK: &str = "[total_tokens, h, d]";
+    const V: &str = "[total_tokens, h, e]";
+    const CACHE: &str = "[slots, h, d, e]";
+    check_tensor(q, "q", &["total_tokens", "h", "d"], QK, None)?;
+    let (total_tokens, heads, key_dim) = (q.shape[0], q.shape[1], q.shape[2]);
+    check_tensor(k, "k", &["total_tokens", "h", "d"], QK, Some(q.dtype))?;
+    expect_shape(k, "k", &q.shape, QK)?;
+    check_tensor(v, "v", &["total_tokens", "h", "e"], V, Some(q.dtype))?;
+    let value_dim = v.shape[2];
+    expect_shape(v, "v", &[total_tokens, heads, value_dim], V)?;
+    check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
+    expect_shape(slopes, "slopes", &[heads], "[h]")?;
+    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
+    let slots = cache.shape[0];
+    expect_shape(cache, "cache", &[slots, heads, key_dim, value_dim], CACHE)?;
+    Ok(VarlenShape {
+        total_tokens,
+        sequences: 0,
+        heads,
+        key_dim,
+        value_dim,
+        slots,
+        dtype: q.dtype,
+    })
+}
+
+/// `cu_seqlens` starts at 0, increases strictly and ends at `total_tokens`.
+/// Returns the number of sequences.
+pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<usize> {
+    if cu_seqlens.len() < 2 {
+        return Err(LightningError::LengthMismatch {
+            what: "cu_seqlens",
+            expected: 2,
+            rule: "at least one sequence: N + 1 offsets",
+            actual: cu_seqlens.len(),
+        });
+    }
+    if cu_seqlens[0] != 0 {
+        return Err(LightningError::FirstOffset {
+            value: cu_seqlens[0] as u64,
+        });
+    }
+    for index in 1..cu_seqlens.len() {
+        let (previous, value) = (cu_seqlens[index - 1], cu_seqlens[index]);
+        if value as usize > total_tokens {
+            return Err(LightningError::OffsetPastEnd {
+                index,
+                value: value as u64,
+                total_tokens,
+            });
+        }
+        if value <= previous {
+            return Err(LightningError::OffsetsNotIncreasing {
+                index,
+                previous: previous as u64,
+                value: value as u64,
+            });
+        }
+    }
+    let last = cu_seqlens.len() - 1;
+    if cu_seqlens[last] as usize != total_tokens {
+        return Err(LightningError::OffsetPastEnd {
+            index: last,
+            value: cu_seqlens[last] as u64,
+            total_tokens,
+        });
+    }
+    Ok(last)
+}
+
+/// A per-sequence list holds one entry per sequence.
+pub(crate) fn check_len(what: &'static str, actual: usize, sequences: usize) -> Result<()> {
+    if actual != sequences {
+        return Err(LightningError::LengthMismatch {
+            what,
+            expected: sequences,
+            rule: "one per sequence",
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Every slot written in one call (each sequence's own, and each snapshot's)
+/// is in range and distinct, so no two units race on a slot.
+pub(crate) struct SlotRegistry {
+    slots: usize,
+    owners: HashMap<i32, usize>,
+}
+
+impl SlotRegistry {
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots,
+            owners: HashMap::new(),
+        }
+    }
+
+    /// Registers `slot` for `sequence`; -1 (padding, or no snapshot) is skipped.
+    pub fn claim(&mut self, sequence: usize, slot: i32) -> Result<()> {
+        if slot == -1 {
+            return Ok(());
+        }
+        if slot < 0 || slot as usize >= self.slots {
+            return Err(LightningError::SlotOutOfRange {
+                index: sequence,
+                slot: slot as i64,
+                slots: self.slots,
+            });
+        }
+        if let Some(first) = self.owners.insert(slot, sequence) {
+            return Err(LightningError::DuplicateSlot {
+                slot: slot as i64,
+                first,
+                second: sequence,
+            });
+        }
+        Ok(())
+    }
+}
