@@ -11,3 +11,4 @@ mod decode;
 mod errors;
 mod prefill;
 mod varlen;
+mod varlen_errors;
