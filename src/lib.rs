@@ -22,6 +22,7 @@ pub mod plan;
 mod prefill;
 pub mod runtime;
 mod sequences;
+mod serving;
 pub mod shapes;
 pub mod slopes;
 mod tensor;
@@ -35,6 +36,7 @@ pub use error::{LightningError, Result};
 pub use prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
 };
+pub use serving::{BackendConfig, LightningBackend};
 pub use tensor::DeviceTensor;
 pub use varlen::{Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into};
 pub use varlen_checks::VarlenShape;

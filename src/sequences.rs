@@ -138,6 +138,11 @@ pub(crate) struct IndexBuffer {
 }
 
 impl IndexBuffer {
+    /// The first `len` 32-bit elements of `handle` (which holds at least that many).
+    pub fn new(handle: Handle, len: usize) -> Self {
+        Self { handle, len }
+    }
+
     /// The buffer as a kernel argument.
     pub fn arg(&self) -> BufferArg {
         // SAFETY: the buffer was created with `len` 32-bit elements (at least one).

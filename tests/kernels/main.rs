@@ -10,5 +10,6 @@ mod consistency;
 mod decode;
 mod errors;
 mod prefill;
+mod serving;
 mod varlen;
 mod varlen_errors;

@@ -23,7 +23,12 @@ struct Packed {
 
 fn tensor(client: &Client, shape: &[usize], dtype: DType) -> DeviceTensor {
     let len = shape.iter().product();
-    upload(client, &SeededRng::new(len as u64).values(len, dtype), shape, dtype)
+    upload(
+        client,
+        &SeededRng::new(len as u64).values(len, dtype),
+        shape,
+        dtype,
+    )
 }
 
 fn valid(client: &Client) -> Packed {
@@ -73,7 +78,10 @@ fn refused(break_it: impl FnOnce(&Client, &mut Packed), expected: impl Fn(&Light
 
 #[test]
 fn offsets_must_start_at_zero_increase_and_end_at_the_tokens() {
-    refused(|_, p| p.cu[0] = 1, |e| matches!(e, LightningError::FirstOffset { value: 1 }));
+    refused(
+        |_, p| p.cu[0] = 1,
+        |e| matches!(e, LightningError::FirstOffset { value: 1 }),
+    );
     refused(
         |_, p| p.cu = vec![0, 5, 5, 10],
         |e| matches!(e, LightningError::OffsetsNotIncreasing { index: 2, .. }),
@@ -84,45 +92,142 @@ fn offsets_must_start_at_zero_increase_and_end_at_the_tokens() {
     );
     refused(
         |_, p| p.cu = vec![0, 5, 6, 11],
-        |e| matches!(e, LightningError::OffsetPastEnd { index: 3, value: 11, total_tokens: 10 }),
+        |e| {
+            matches!(
+                e,
+                LightningError::OffsetPastEnd {
+                    index: 3,
+                    value: 11,
+                    total_tokens: 10
+                }
+            )
+        },
     );
     refused(
         |_, p| p.cu = vec![0, 5, 6, 9],
-        |e| matches!(e, LightningError::OffsetPastEnd { index: 3, value: 9, .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::OffsetPastEnd {
+                    index: 3,
+                    value: 9,
+                    ..
+                }
+            )
+        },
     );
     refused(
         |_, p| p.cu = vec![0],
-        |e| matches!(e, LightningError::LengthMismatch { what: "cu_seqlens", .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::LengthMismatch {
+                    what: "cu_seqlens",
+                    ..
+                }
+            )
+        },
     );
 }
 
 #[test]
 fn slots_must_be_in_range_and_used_once() {
-    refused(|_, p| p.slots[1] = 6, |e| matches!(e, LightningError::SlotOutOfRange { index: 1, slot: 6, .. }));
-    refused(|_, p| p.slots[1] = -2, |e| matches!(e, LightningError::SlotOutOfRange { index: 1, slot: -2, .. }));
-    refused(|_, p| p.slots[1] = 3, |e| matches!(e, LightningError::DuplicateSlot { slot: 3, first: 0, second: 1 }));
+    refused(
+        |_, p| p.slots[1] = 6,
+        |e| {
+            matches!(
+                e,
+                LightningError::SlotOutOfRange {
+                    index: 1,
+                    slot: 6,
+                    ..
+                }
+            )
+        },
+    );
+    refused(
+        |_, p| p.slots[1] = -2,
+        |e| {
+            matches!(
+                e,
+                LightningError::SlotOutOfRange {
+                    index: 1,
+                    slot: -2,
+                    ..
+                }
+            )
+        },
+    );
+    refused(
+        |_, p| p.slots[1] = 3,
+        |e| {
+            matches!(
+                e,
+                LightningError::DuplicateSlot {
+                    slot: 3,
+                    first: 0,
+                    second: 1
+                }
+            )
+        },
+    );
     // A snapshot may not land on a slot another sequence reads or writes.
-    refused(|_, p| p.snapshot_slots[1] = 0, |e| matches!(e, LightningError::DuplicateSlot { slot: 0, .. }));
-    refused(|_, p| p.snapshot_slots[0] = 9, |e| matches!(e, LightningError::SlotOutOfRange { slot: 9, .. }));
+    refused(
+        |_, p| p.snapshot_slots[1] = 0,
+        |e| matches!(e, LightningError::DuplicateSlot { slot: 0, .. }),
+    );
+    refused(
+        |_, p| p.snapshot_slots[0] = 9,
+        |e| matches!(e, LightningError::SlotOutOfRange { slot: 9, .. }),
+    );
 }
 
 #[test]
 fn per_sequence_lists_must_have_one_entry_per_sequence() {
     refused(
         |_, p| p.slots.push(1),
-        |e| matches!(e, LightningError::LengthMismatch { what: "slots", expected: 3, actual: 4, .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::LengthMismatch {
+                    what: "slots",
+                    expected: 3,
+                    actual: 4,
+                    ..
+                }
+            )
+        },
     );
     refused(
         |_, p| {
             p.has_initial.pop();
         },
-        |e| matches!(e, LightningError::LengthMismatch { what: "has_initial_state", expected: 3, actual: 2, .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::LengthMismatch {
+                    what: "has_initial_state",
+                    expected: 3,
+                    actual: 2,
+                    ..
+                }
+            )
+        },
     );
     refused(
         |_, p| {
             p.snapshot_slots.pop();
         },
-        |e| matches!(e, LightningError::LengthMismatch { what: "snapshot slots", expected: 6, .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::LengthMismatch {
+                    what: "snapshot slots",
+                    expected: 6,
+                    ..
+                }
+            )
+        },
     );
 }
 
@@ -131,7 +236,16 @@ fn snapshots_may_not_outnumber_a_sequences_tokens() {
     // Sequence 1 holds one token; two snapshots of it cannot exist.
     refused(
         |_, p| p.snapshot_slots[2] = 1,
-        |e| matches!(e, LightningError::SnapshotsExceedSequence { sequence: 1, tokens: 1, snapshots: 2 }),
+        |e| {
+            matches!(
+                e,
+                LightningError::SnapshotsExceedSequence {
+                    sequence: 1,
+                    tokens: 1,
+                    snapshots: 2
+                }
+            )
+        },
     );
 }
 
@@ -139,7 +253,16 @@ fn snapshots_may_not_outnumber_a_sequences_tokens() {
 fn tensors_must_agree() {
     refused(
         |c, p| p.q = tensor(c, &[10, 2, 1, 8], DType::F32),
-        |e| matches!(e, LightningError::Rank { tensor: "q", expected: 3, .. }),
+        |e| {
+            matches!(
+                e,
+                LightningError::Rank {
+                    tensor: "q",
+                    expected: 3,
+                    ..
+                }
+            )
+        },
     );
     refused(
         |c, p| p.k = tensor(c, &[10, 2, 8], DType::F16),

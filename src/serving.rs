@@ -1,0 +1,342 @@
+//! The serving backend: what an inference engine holds per model, in the shape
+//! of SGLang's `LightningAttnBackend`.
+//!
+//! Built once with the model's heads, head dims, layer count, block sizes, slot
+//! count and tensor-parallel rank, it owns each layer's slopes (MiniMax's
+//! per-layer ladder, sliced to the rank's heads) and each layer's f32 state
+//! cache `[slots, h_rank, d, e]`. Per engine step the batch metadata is given
+//! once ([`LightningBackend::prepare_decode`] or
+//! [`LightningBackend::prepare_extend`], SGLang's `init_forward_metadata`),
+//! then every layer calls [`LightningBackend::forward_decode`] or
+//! [`LightningBackend::forward_extend`] on its packed q, k, v.
+//!
+//! A decode step is CUDA-graph friendly: `prepare_decode` writes the slots
+//! into one buffer allocated at construction (same device pointer every step,
+//! as a captured graph needs), and `forward_decode` checks shapes on the host
+//! and launches, allocating nothing and never waiting on the device. An extend
+//! (or mixed) step uploads its tables and workspace once in `prepare_extend`;
+//! its per-layer calls then allocate nothing either.
+
+use cubecl::bytes::Bytes;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::launch::launch_decode;
+use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
+use crate::sequences::{IndexBuffer, upload};
+use crate::shapes::{DecodeShape, check_slots};
+use crate::slopes::{layer_slopes, rank_slice};
+use crate::varlen::{DeviceBatch, PlannedBatch, VarlenInputs, check_out};
+use crate::varlen_checks::{VarlenShape, check_tensors};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, VarlenBatch};
+
+/// How a [`LightningBackend`] is built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackendConfig {
+    /// Attention heads of the whole model (all tensor-parallel ranks).
+    pub heads: usize,
+    /// `d`, the query/key head dim.
+    pub key_dim: usize,
+    /// `e`, the value head dim.
+    pub value_dim: usize,
+    /// Linear-attention layers (each has its own slopes and cache).
+    pub layers: usize,
+    /// Slots in each layer's state cache (concurrent requests).
+    pub slots: usize,
+    /// Most sequences in one decode step (sizes the persistent slot buffer).
+    pub max_batch: usize,
+    /// This rank and the tensor-parallel world size; heads are split evenly.
+    pub tensor_parallel: (usize, usize),
+    /// dtype of q, k, v and the outputs.
+    pub dtype: DType,
+    /// BLOCK, CBLOCK and the output scale of prefills.
+    pub prefill: PrefillConfig,
+}
+
+/// The step the backend was last prepared for.
+#[derive(Debug)]
+enum Step {
+    None,
+    Decode { batch: usize, plan: DecodePlan },
+    Extend(Box<DeviceBatch>),
+}
+
+/// Per-model lightning-attention state and launches for a serving engine (see the module doc).
+pub struct LightningBackend {
+    client: Client,
+    config: BackendConfig,
+    local_heads: usize,
+    slopes: Vec<DeviceTensor>,
+    caches: Vec<DeviceTensor>,
+    decode_slots: Handle,
+    unused_tokens: IndexBuffer,
+    step: Step,
+}
+
+impl std::fmt::Debug for LightningBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LightningBackend")
+            .field("config", &self.config)
+            .field("local_heads", &self.local_heads)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LightningBackend {
+    /// Validates `config`, builds each layer's slopes and allocates each
+    /// layer's cache (zeros: no slot holds a state until a request writes it).
+    pub fn new(client: &Client, config: BackendConfig) -> Result<Self> {
+        config.prefill.validate()?;
+        let (rank, world) = config.tensor_parallel;
+        for (what, value) in [
+            ("heads", config.heads),
+            ("key_dim", config.key_dim),
+            ("value_dim", config.value_dim),
+            ("layers", config.layers),
+            ("slots", config.slots),
+            ("max_batch", config.max_batch),
+        ] {
+            if value == 0 {
+                return Err(LightningError::EmptyDimension {
+                    tensor: "BackendConfig",
+                    dim: what,
+                    shape: vec![value],
+                });
+            }
+        }
+        if !config.dtype.is_supported(client) {
+            return Err(LightningError::UnsupportedDType {
+                dtype: config.dtype,
+                runtime: client.name(),
+            });
+        }
+        let mut slopes = Vec::with_capacity(config.layers);
+        let mut caches = Vec::with_capacity(config.layers);
+        let mut local_heads = 0;
+        for layer in 0..config.layers {
+            let local = rank_slice(&layer_slopes(config.heads, layer, config.layers)?, rank, world)?;
+            local_heads = local.len();
+            slopes.push(DeviceTensor::from_f32(
+                client,
+                &local,
+                &[local.len()],
+                DType::F32,
+            )?);
+            let cache_shape = [config.slots, local_heads, config.key_dim, config.value_dim];
+            caches.push(DeviceTensor::filled(client, &cache_shape, DType::F32, 0.0)?);
+        }
+        for cache in &caches {
+            crate::shapes::expect_buffer(cache, "cache")?;
+        }
+        Ok(Self {
+            client: client.clone(),
+            config,
+            local_heads,
+            slopes,
+            caches,
+            decode_slots: client.create_from_slice(i32::as_bytes(&vec![-1; config.max_batch])),
+            unused_tokens: upload::<u32>(client, &[]),
+            step: Step::None,
+        })
+    }
+
+    /// Heads on this rank.
+    pub fn local_heads(&self) -> usize {
+        self.local_heads
+    }
+
+    /// The configuration the backend was built with.
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    /// Layer `layer`'s state cache `[slots, h_rank, d, e]` f32.
+    pub fn cache(&self, layer: usize) -> Result<&DeviceTensor> {
+        self.check_layer(layer)?;
+        Ok(&self.caches[layer])
+    }
+
+    /// Layer `layer`'s slopes `[h_rank]` f32.
+    pub fn slopes(&self, layer: usize) -> Result<&DeviceTensor> {
+        self.check_layer(layer)?;
+        Ok(&self.slopes[layer])
+    }
+
+    /// Prepares a decode step: one token for each of `slots.len()` sequences
+    /// (-1 pads), continuing the state in its slot. Writes the slots in place
+    /// into the persistent slot buffer.
+    pub fn prepare_decode(&mut self, slots: &[i32]) -> Result<()> {
+        if slots.is_empty() || slots.len() > self.config.max_batch {
+            return Err(LightningError::LengthMismatch {
+                what: "decode slots",
+                expected: self.config.max_batch,
+                rule: "between 1 and max_batch sequences per decode step",
+                actual: slots.len(),
+            });
+        }
+        check_slots(slots, self.config.slots)?;
+        let shape = self.decode_shape(slots.len());
+        let plan = plan_decode(&shape, &DeviceLimits::of(&self.client))?;
+        self.client.write(
+            &self.decode_slots,
+            Bytes::from_bytes_vec(i32::as_bytes(slots).to_vec()),
+        );
+        self.step = Step::Decode {
+            batch: slots.len(),
+            plan,
+        };
+        Ok(())
+    }
+
+    /// Prepares an extend step: prefills of any lengths, new or continuing,
+    /// possibly mixed with decodes and speculative snapshots (see
+    /// [`VarlenBatch`]). Validates and uploads the tables once for all layers.
+    pub fn prepare_extend(&mut self, batch: &VarlenBatch) -> Result<()> {
+        let total_tokens = batch.cu_seqlens.last().copied().unwrap_or(0) as usize;
+        let shape = VarlenShape {
+            total_tokens,
+            sequences: 0,
+            heads: self.local_heads,
+            key_dim: self.config.key_dim,
+            value_dim: self.config.value_dim,
+            slots: self.config.slots,
+            dtype: self.config.dtype,
+        };
+        let planned = PlannedBatch::new(&self.client, shape, batch, &self.config.prefill)?;
+        self.step = Step::Extend(Box::new(DeviceBatch::upload(&self.client, planned)));
+        Ok(())
+    }
+
+    /// Layer `layer` of the prepared decode step: q, k `[B, h_rank, d]`, v and
+    /// out `[B, h_rank, e]`; the layer's cache is updated in place and padding
+    /// rows of `out` are zeros.
+    pub fn forward_decode(
+        &self,
+        layer: usize,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        out: &DeviceTensor,
+    ) -> Result<()> {
+        let Step::Decode { batch, plan } = &self.step else {
+            return Err(LightningError::WrongStep(
+                "forward_decode: the backend is not prepared for a decode step; call prepare_decode first"
+                    .into(),
+            ));
+        };
+        self.check_layer(layer)?;
+        let shape = self.check_layer_tensors(layer, q, k, v, out, *batch)?;
+        let slots = IndexBuffer::new(self.decode_slots.clone(), *batch);
+        let launch = match shape.dtype {
+            DType::F32 => launch_decode::<f32>,
+            DType::F16 => launch_decode::<half::f16>,
+            DType::BF16 => launch_decode::<half::bf16>,
+        };
+        launch(
+            &self.client,
+            plan,
+            [q, k, v, &self.slopes[layer]],
+            &slots,
+            &self.unused_tokens,
+            false,
+            &self.caches[layer],
+            out,
+            self.local_heads,
+            self.config.prefill.scale.unwrap_or(1.0),
+            self.config.key_dim,
+            self.config.value_dim,
+        );
+        Ok(())
+    }
+
+    /// Layer `layer` of the prepared extend step: q, k `[T, h_rank, d]`, v and
+    /// out `[T, h_rank, e]` packed as the step's `cu_seqlens` says; final
+    /// states (and snapshots) go to their slots of the layer's cache.
+    pub fn forward_extend(
+        &self,
+        layer: usize,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        out: &DeviceTensor,
+    ) -> Result<()> {
+        let Step::Extend(batch) = &self.step else {
+            return Err(LightningError::WrongStep(
+                "forward_extend: the backend is not prepared for an extend step; call prepare_extend first"
+                    .into(),
+            ));
+        };
+        self.check_layer(layer)?;
+        self.check_layer_tensors(layer, q, k, v, out, batch.planned.shape.total_tokens)?;
+        let inputs = VarlenInputs {
+            q,
+            k,
+            v,
+            slopes: &self.slopes[layer],
+            cache: &self.caches[layer],
+            // The tables were uploaded by prepare_extend; the launch reads none of this.
+            batch: VarlenBatch {
+                cu_seqlens: &[],
+                slots: &[],
+                has_initial_state: &[],
+                snapshots: None,
+            },
+        };
+        batch.launch(&self.client, &inputs, &self.config.prefill, out);
+        Ok(())
+    }
+
+    fn decode_shape(&self, batch: usize) -> DecodeShape {
+        DecodeShape {
+            batch,
+            heads: self.local_heads,
+            key_dim: self.config.key_dim,
+            value_dim: self.config.value_dim,
+            slots: self.config.slots,
+            dtype: self.config.dtype,
+        }
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.config.layers {
+            return Err(LightningError::LengthMismatch {
+                what: "layer index",
+                expected: self.config.layers,
+                rule: "a layer below the backend's layer count",
+                actual: layer,
+            });
+        }
+        Ok(())
+    }
+
+    /// Host-only checks of one layer's tensors against the prepared step.
+    fn check_layer_tensors(
+        &self,
+        layer: usize,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        out: &DeviceTensor,
+        tokens: usize,
+    ) -> Result<VarlenShape> {
+        let shape = check_tensors(q, k, v, &self.slopes[layer], &self.caches[layer])?;
+        if shape.dtype != self.config.dtype {
+            return Err(LightningError::DType {
+                tensor: "q",
+                expected: self.config.dtype,
+                actual: shape.dtype,
+            });
+        }
+        if shape.total_tokens != tokens {
+            return Err(LightningError::Shape {
+                tensor: "q",
+                expected: vec![tokens, self.local_heads, self.config.key_dim],
+                layout: "[tokens of the prepared step, h_rank, d]",
+                actual: q.shape.clone(),
+            });
+        }
+        check_out(&shape, out)?;
+        Ok(shape)
+    }
+}
