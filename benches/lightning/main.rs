@@ -11,6 +11,7 @@
 //! (`LIGHTNING_ATTENTION_RUNTIME` is ignored here: `--runtimes` picks.)
 
 mod chart;
+mod mixed;
 mod report;
 
 use std::time::Duration;
@@ -272,6 +273,12 @@ fn main() {
             let row = bench_decode(&client, &target, batch, &opts, bw);
             eprintln!("{}", row.line());
             rows.push(row);
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            for row in mixed::bench_mixed(&client, &target, dtype, &opts, bw) {
+                eprintln!("{}", row.line());
+                rows.push(row);
+            }
         }
     }
     report::write(&rows, &opts.out).expect("write the results");
