@@ -4,6 +4,11 @@
 //! `o_t = q_t kv_t`, with an f32 `d x e` state. [`prefill`] runs a whole
 //! sequence in blocks (five `#[cube]` kernels in `lightning-attention-kernels`),
 //! [`decode`] runs one token per sequence against a slot-indexed state cache.
+//! [`prefill_varlen`] runs a packed batch of sequences of any lengths (prefills
+//! and decodes mixed, optional speculative snapshots) against the cache in one
+//! call, and [`LightningBackend`] is the per-model object a serving engine
+//! holds (per-layer slopes and caches, per-step metadata, graph-capturable
+//! decode steps).
 //! Every call validates its arguments and plans its launches against the
 //! device's reported limits first, and returns a [`LightningError`] for
 //! anything it cannot run.
