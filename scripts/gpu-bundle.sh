@@ -5,13 +5,17 @@
 # (profile `gpu`: fat LTO, stripped), the Vulkan loader package for wgpu, and
 # scripts/gpu-run.sh. Then: device run with carry=["gpu-bundle"] and the
 # command `bash gpu-bundle/gpu-run.sh tests` (or `bench`, or `all`).
+# `bash scripts/gpu-bundle.sh tests` rebuilds only the test binary of an
+# existing bundle (after a change to the tests alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/cuda-llvm.sh
 # cudarc's CUDA 13.0 bindings, as on the H100's driver; libcuda and NVRTC load at run time.
 export CUDARC_CUDA_VERSION=13000
 bundle=gpu-bundle
-rm -rf "$bundle"
+only_tests=false
+if [ "${1:-}" = tests ] && [ -x "$bundle/bin/bench" ]; then only_tests=true; fi
+if ! $only_tests; then rm -rf "$bundle"; fi
 mkdir -p "$bundle/bin" "$bundle/debs"
 
 executables() {
@@ -23,8 +27,14 @@ for line in sys.stdin:
         print(m["executable"])'
 }
 cp "$(executables test --no-run --test kernels)" "$bundle/bin/kernels-tests"
+strip "$bundle/bin/kernels-tests"
+cp scripts/gpu-run.sh "$bundle/"
+if $only_tests; then
+    du -sh "$bundle" "$bundle"/bin/*
+    exit 0
+fi
 cp "$(executables build --bench lightning)" "$bundle/bin/bench"
-strip "$bundle/bin/"*
+strip "$bundle/bin/bench"
 
 # The Vulkan loader and the GL dispatch libraries the NVIDIA ICD links against
 # (the driver brings the ICD itself), as the device README says.

@@ -1,13 +1,53 @@
 //! Shared helpers: the client, seeded random inputs, uploads, the error measure.
 
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use lightning_attention::cubecl::prelude::Client;
 use lightning_attention::{DType, DeviceTensor, reference, runtime};
 
 pub use lightning_attention::reference::relative_error;
 
+/// Tests share the device; a test that captures a graph must have it alone,
+/// because a capture takes over the stream (CUDA refuses other tests'
+/// allocations and launches on it meanwhile). Every other test holds a read
+/// lock while it uses the device.
+static DEVICE: RwLock<()> = RwLock::new(());
+
+/// The client of the device under test, with this test's share of the device.
+pub struct TestClient {
+    client: Client,
+    _share: Share,
+}
+
+enum Share {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+impl std::ops::Deref for TestClient {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
 /// The client of the device under test; panics (fails the test) if there is none.
-pub fn client() -> Client {
-    runtime::best_client()
+pub fn client() -> TestClient {
+    // A panicking test poisons nothing a reader relies on: the lock guards no data.
+    let share = DEVICE.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    TestClient {
+        client: runtime::best_client(),
+        _share: Share::Shared(share),
+    }
+}
+
+/// The client with the device to this test alone (for graph captures).
+pub fn exclusive_client() -> TestClient {
+    let share = DEVICE.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    TestClient {
+        client: runtime::best_client(),
+        _share: Share::Exclusive(share),
+    }
 }
 
 /// Bound on `||out - ref|| / ||ref||` for outputs of `dtype` inputs.

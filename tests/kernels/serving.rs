@@ -67,7 +67,8 @@ fn write(client: &Client, t: &DeviceTensor, values: &[f32]) {
 
 #[test]
 fn decode_step_replays_as_a_captured_graph() {
-    let client = client();
+    // A capture takes over the stream: no other test may use the device meanwhile.
+    let client = exclusive_client();
     let mut backend = backend(&client, 2, 5);
     let (h, d, e) = (backend.local_heads(), 16, 24);
     assert_eq!(h, 2, "rank 1 of 2 holds half of the 4 heads");
