@@ -148,6 +148,14 @@ pub enum LightningError {
         /// Snapshots asked for (K).
         snapshots: usize,
     },
+    /// A finite scale that this operation cannot take.
+    #[error("scale {scale}: {reason}")]
+    UnsupportedScale {
+        /// The scale given (as text: the error type is `Eq`).
+        scale: String,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
     /// A call made for one kind of step was given another.
     #[error("{0}")]
     WrongStep(String),

@@ -49,6 +49,36 @@ impl Layout {
     }
 }
 
+/// How a call transforms the forward computation; the backward pass runs the
+/// forward kernels with these (see `kernels::kv_reduce` and `kernels::layout`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Variant {
+    /// Read every sequence back to front.
+    pub reversed: bool,
+    /// The initial state is stored transposed, `[e, d]`.
+    pub transpose_initial: bool,
+    /// Multiplies the initial state.
+    pub initial_scale: f32,
+    /// The initial state enters one decay step late (times `exp(s)`).
+    pub advance_initial: bool,
+    /// Multiplies the final state.
+    pub final_scale: f32,
+    /// The final state is decayed one more step (times `exp(-s)`).
+    pub retreat_final: bool,
+}
+
+impl Variant {
+    /// The forward computation as it is.
+    pub const FORWARD: Self = Self {
+        reversed: false,
+        transpose_initial: false,
+        initial_scale: 1.0,
+        advance_initial: false,
+        final_scale: 1.0,
+        retreat_final: false,
+    };
+}
+
 /// A kernel argument over a whole validated tensor.
 pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
     // SAFETY: validation checked that the buffer holds `num_elements` of its dtype.
@@ -81,6 +111,8 @@ pub(crate) struct CallLaunch<'a> {
     pub workspace: &'a Handle,
     /// A one-element f32 buffer bound where a kernel reads nothing.
     pub unused: &'a DeviceTensor,
+    /// [`Variant::FORWARD`] but for the backward pass.
+    pub variant: Variant,
 }
 
 impl CallLaunch<'_> {
@@ -116,6 +148,7 @@ impl CallLaunch<'_> {
             self.scale,
         );
         let (head_stride, token_stride) = (layout.head_stride, layout.token_stride);
+        let variant = self.variant;
         // SAFETY: the workspace holds at least this many f32.
         let states_arg =
             || unsafe { BufferArg::from_raw_parts(self.workspace.clone(), plan.block_states_len.max(1)) };
@@ -147,6 +180,7 @@ impl CallLaunch<'_> {
                     plan.diag_key_chunk,
                     plan.diag_rows_per_unit,
                     plan.diag_cols_per_unit,
+                    variant.reversed,
                 )
             });
             hook(Stage::KvParallel, &|| unsafe {
@@ -169,6 +203,7 @@ impl CallLaunch<'_> {
                     plan.kv_stage,
                     plan.kv_rows_per_unit,
                     plan.kv_cols_per_unit,
+                    variant.reversed,
                 )
             });
             hook(Stage::KvReduce, &|| unsafe {
@@ -186,10 +221,15 @@ impl CallLaunch<'_> {
                     states_arg(),
                     arg(self.states),
                     h,
+                    variant.initial_scale,
+                    variant.final_scale,
                     d,
                     e,
                     block,
                     self.initial.is_none(),
+                    variant.transpose_initial,
+                    variant.advance_initial,
+                    variant.retreat_final,
                 )
             });
             hook(Stage::NonDiag, &|| unsafe {
@@ -215,6 +255,7 @@ impl CallLaunch<'_> {
                     plan.non_diag_key_chunk,
                     plan.non_diag_rows_per_unit,
                     plan.non_diag_cols_per_unit,
+                    variant.reversed,
                 )
             });
         }

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod backward;
 mod config;
 mod decode;
 mod dtype;
@@ -34,6 +35,7 @@ mod tensor;
 mod varlen;
 mod varlen_checks;
 
+pub use backward::{BackwardInputs, Gradients, backward};
 pub use config::PrefillConfig;
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use dtype::DType;

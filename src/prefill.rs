@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use cubecl::prelude::*;
 
-use crate::launch::{CallLaunch, Layout, Stage};
+use crate::launch::{CallLaunch, Layout, Stage, Variant};
 use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
-use crate::sequences::{SequenceStates, SequenceTable};
+use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
@@ -193,18 +193,8 @@ fn launch_planned(
         Some(DType::F32),
     )?;
     expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
-    // A dense batch is `b` sequences of `n` tokens; sequence `i`'s state comes
-    // from row `i` of the initial state (if any) and goes to row `i` of the
-    // final state.
-    let n = shape.seq_len as u32;
-    let seq_starts: Vec<u32> = (0..=shape.batch as u32).map(|i| i * n).collect();
-    let states: Vec<SequenceStates> = (0..shape.batch as i32)
-        .map(|i| SequenceStates {
-            initial: if inputs.initial_state.is_some() { i } else { -1 },
-            last: i,
-        })
-        .collect();
-    let table = SequenceTable::new(&seq_starts, &states, &[], false, config).upload(client);
+    let table = SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
+        .upload(client);
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = DeviceTensor::empty(client, &[1], DType::F32);
     CallLaunch {
@@ -227,6 +217,7 @@ fn launch_planned(
         states: final_state,
         workspace: &workspace,
         unused: &unused,
+        variant: Variant::FORWARD,
     }
     .run(hook);
     Ok(())

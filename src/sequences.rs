@@ -95,6 +95,21 @@ impl SequenceTable {
         table
     }
 
+    /// A dense batch: `batch` sequences of `seq_len` tokens; sequence `i` reads
+    /// its initial state from row `i` (when there is one) and writes its final
+    /// state to row `i`.
+    pub fn dense(batch: usize, seq_len: usize, has_initial: bool, config: &PrefillConfig) -> Self {
+        let n = seq_len as u32;
+        let seq_starts: Vec<u32> = (0..=batch as u32).map(|i| i * n).collect();
+        let states: Vec<SequenceStates> = (0..batch as i32)
+            .map(|i| SequenceStates {
+                initial: if has_initial { i } else { -1 },
+                last: i,
+            })
+            .collect();
+        Self::new(&seq_starts, &states, &[], false, config)
+    }
+
     /// The sizes the launches are planned from.
     pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize) -> PrefillWork {
         PrefillWork {

@@ -16,7 +16,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::launch::{CallLaunch, Layout};
+use crate::launch::{CallLaunch, Layout, Variant};
 use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
 use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
@@ -222,6 +222,7 @@ impl DeviceBatch {
             states: inputs.cache,
             workspace: &self.workspace,
             unused: &self.unused,
+            variant: Variant::FORWARD,
         }
         .run(&mut |_, launch| launch());
     }

@@ -24,12 +24,13 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::first_row;
+use crate::layout::{first_row, token_row};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
 
-/// Launched with the geometry in the module doc.
+/// Launched with the geometry in the module doc; `reversed` reads every
+/// sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn diag<F: Float>(
@@ -51,6 +52,7 @@ pub fn diag<F: Float>(
     #[comptime] key_chunk: usize,
     #[comptime] rows_per_unit: usize,
     #[comptime] cols_per_unit: usize,
+    #[comptime] reversed: bool,
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
     let row_stride = key_chunk + 1;
@@ -94,10 +96,10 @@ pub fn diag<F: Float>(
                 let mut kv = 0.0f32;
                 if i < key_dim {
                     if tq < n {
-                        qv = f32::cast_from(q[(row0 + tq * step) * key_dim + i]);
+                        qv = f32::cast_from(q[token_row(row0, tq, n, step, reversed) * key_dim + i]);
                     }
                     if tk < n {
-                        kv = f32::cast_from(k[(row0 + tk * step) * key_dim + i]);
+                        kv = f32::cast_from(k[token_row(row0, tk, n, step, reversed) * key_dim + i]);
                     }
                 }
                 q_tile[r * row_stride + idx % key_chunk] = qv;
@@ -155,7 +157,7 @@ pub fn diag<F: Float>(
                         let col = e0 + j * SIDE + unit_col;
                         let mut vv = 0.0f32;
                         if col < value_dim {
-                            vv = f32::cast_from(v[(row0 + tk * step) * value_dim + col]);
+                            vv = f32::cast_from(v[token_row(row0, tk, n, step, reversed) * value_dim + col]);
                         }
                         #[unroll]
                         for m in 0..rows_per_unit {
@@ -175,7 +177,8 @@ pub fn diag<F: Float>(
             for j in 0..cols_per_unit {
                 let col = e0 + j * SIDE + unit_col;
                 if tq < n && col < value_dim {
-                    out[(row0 + tq * step) * value_dim + col] = F::cast_from(acc[m * cols_per_unit + j]);
+                    out[token_row(row0, tq, n, step, reversed) * value_dim + col] =
+                        F::cast_from(acc[m * cols_per_unit + j]);
                 }
             }
         }

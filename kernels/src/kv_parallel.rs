@@ -17,12 +17,13 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::first_row;
+use crate::layout::{first_row, token_row};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
 
-/// Launched with the geometry in the module doc.
+/// Launched with the geometry in the module doc; `reversed` reads every
+/// sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_parallel<F: Float>(
@@ -41,6 +42,7 @@ pub fn kv_parallel<F: Float>(
     #[comptime] stage: usize,
     #[comptime] rows_per_unit: usize,
     #[comptime] cols_per_unit: usize,
+    #[comptime] reversed: bool,
 ) {
     let key_tile = comptime!(SIDE * rows_per_unit);
     let value_tile = comptime!(SIDE * cols_per_unit);
@@ -77,7 +79,7 @@ pub fn kv_parallel<F: Float>(
             let mut value = 0.0f32;
             if t < end && i < key_dim {
                 // The decay to the end of the block is folded into k once here.
-                value = f32::cast_from(k[(row0 + t * row_step) * key_dim + i])
+                value = f32::cast_from(k[token_row(row0, t, n, row_step, reversed) * key_dim + i])
                     * f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
             }
             k_tile[idx] = value;
@@ -87,7 +89,7 @@ pub fn kv_parallel<F: Float>(
             let j = e0 + idx % value_tile;
             let mut value = 0.0f32;
             if t < end && j < value_dim {
-                value = f32::cast_from(v[(row0 + t * row_step) * value_dim + j]);
+                value = f32::cast_from(v[token_row(row0, t, n, row_step, reversed) * value_dim + j]);
             }
             v_tile[idx] = value;
         }

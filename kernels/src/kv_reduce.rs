@@ -15,6 +15,13 @@
 //! itself for a slot cache (`initial_in_states = true`: read and written in
 //! place by the same unit, so no other binding aliases the cache).
 //!
+//! For the backward pass (which runs the forward kernels on transformed
+//! operands) the initial state may be read transposed (`transpose_initial`:
+//! stored `[e, d]` for a `d x e` state), multiplied by `initial_scale` and, with
+//! `advance_initial`, by `exp(s)` (it then enters one decay step late); the
+//! final state is multiplied by `final_scale` and, with `retreat_final`, by
+//! `exp(-s)`. The forward uses none of these (scales 1).
+//!
 //! Geometry: cube x runs over `ceil(d * e / units)` chunks of the state, y over
 //! the `h` heads, z over the sequences to reduce, `work[z]` naming each; one
 //! unit per element. `block_offsets[seq]` is the sequence's first block in
@@ -38,10 +45,15 @@ pub fn kv_reduce(
     block_states: &mut [f32],
     states: &mut [f32],
     heads: u32,
+    initial_scale: f32,
+    final_scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] block: usize,
     #[comptime] initial_in_states: bool,
+    #[comptime] transpose_initial: bool,
+    #[comptime] advance_initial: bool,
+    #[comptime] retreat_final: bool,
 ) {
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
@@ -56,11 +68,19 @@ pub fn kv_reduce(
         let mut state = 0.0f32;
         let initial_slot = initial_slots[seq];
         if initial_slot >= 0 {
-            let idx = (initial_slot as usize * h + head) * state_len + elem;
+            let mut at = elem;
+            if comptime!(transpose_initial) {
+                at = (elem % value_dim) * key_dim + elem / value_dim;
+            }
+            let idx = (initial_slot as usize * h + head) * state_len + at;
             if comptime!(initial_in_states) {
                 state = states[idx];
             } else {
                 state = initial[idx];
+            }
+            state *= initial_scale;
+            if comptime!(advance_initial) {
+                state *= f32::exp(-neg_slope);
             }
         }
         for blk in 0..num_blocks {
@@ -72,7 +92,11 @@ pub fn kv_reduce(
         }
         let final_slot = final_slots[seq];
         if final_slot >= 0 {
-            states[(final_slot as usize * h + head) * state_len + elem] = state;
+            let mut last = state * final_scale;
+            if comptime!(retreat_final) {
+                last *= f32::exp(neg_slope);
+            }
+            states[(final_slot as usize * h + head) * state_len + elem] = last;
         }
     }
 }

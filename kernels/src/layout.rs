@@ -12,6 +12,10 @@
 //! In both, the row of token `t` of sequence `seq` in head `head` is
 //! `start(seq) * h + head * head_stride + t * token_stride`, and element `x` of
 //! it is at `row * width + x`.
+//!
+//! With `reversed`, a kernel sees each sequence's tokens in reverse order
+//! (its token `t` is the sequence's token `n - 1 - t`): the backward pass runs
+//! the forward kernels backwards in time this way, without copying anything.
 
 use cubecl::prelude::*;
 
@@ -19,4 +23,15 @@ use cubecl::prelude::*;
 #[cube]
 pub fn first_row(seq_start: usize, head: usize, heads: usize, head_stride: usize) -> usize {
     seq_start * heads + head * head_stride
+}
+
+/// The row of the kernel's token `t` of a sequence of `n` tokens whose token 0
+/// is at `row0`, rows `step` apart; read back to front when `reversed`.
+#[cube]
+pub fn token_row(row0: usize, t: usize, n: usize, step: usize, #[comptime] reversed: bool) -> usize {
+    let mut index = t;
+    if comptime!(reversed) {
+        index = n - 1 - t;
+    }
+    row0 + index * step
 }

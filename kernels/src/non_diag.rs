@@ -16,12 +16,13 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::first_row;
+use crate::layout::{first_row, token_row};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
 
-/// Launched with the geometry in the module doc, after kv-reduce.
+/// Launched with the geometry in the module doc, after kv-reduce; `reversed`
+/// reads every sequence back to front (see [`crate::layout`]).
 /// `block_offsets[i]` is the index of sequence `i`'s first block in `block_states`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -44,6 +45,7 @@ pub fn non_diag<F: Float>(
     #[comptime] key_chunk: usize,
     #[comptime] rows_per_unit: usize,
     #[comptime] cols_per_unit: usize,
+    #[comptime] reversed: bool,
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
     let q_stride = key_chunk + 1;
@@ -75,7 +77,7 @@ pub fn non_diag<F: Float>(
             let i = c0 + idx % key_chunk;
             let mut value = 0.0f32;
             if t < n && i < key_dim {
-                value = f32::cast_from(q[(row0 + t * row_step) * key_dim + i]);
+                value = f32::cast_from(q[token_row(row0, t, n, row_step, reversed) * key_dim + i]);
             }
             q_tile[(idx / key_chunk) * q_stride + idx % key_chunk] = value;
         }
@@ -122,7 +124,7 @@ pub fn non_diag<F: Float>(
             for j in 0..cols_per_unit {
                 let col = e0 + j * SIDE + unit_col;
                 if col < value_dim {
-                    let o = (row0 + t * row_step) * value_dim + col;
+                    let o = token_row(row0, t, n, row_step, reversed) * value_dim + col;
                     out[o] = F::cast_from(f32::cast_from(out[o]) + decay * acc[m * cols_per_unit + j]);
                 }
             }

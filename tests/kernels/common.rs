@@ -134,3 +134,16 @@ pub fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `||a - b|| / ||magnitude||`: the error relative to the size of what was
+/// summed (the same problem on absolute values), so that an output that cancels
+/// to almost nothing is judged by the rounding its terms allow. NaN never passes.
+pub fn bounded_error(a: &[f64], b: &[f64], magnitude: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "bounded_error: length mismatch");
+    let difference = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let norm = magnitude.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        return if difference == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    difference / norm
+}

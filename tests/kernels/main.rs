@@ -5,6 +5,7 @@
 //! failure, never a skip. Every output is poisoned with NaN before a launch,
 //! so an element a kernel forgets to write fails the comparison.
 
+mod backward;
 mod common;
 mod consistency;
 mod decode;

@@ -1,0 +1,197 @@
+//! The backward pass: gradients of a dense prefill with respect to q, k, v and
+//! the initial state, given the gradients of its output and final state.
+//!
+//! With `a = exp(-s)`, scale `c`, states `S_t` and `G_t` the gradient reaching
+//! `S_t` (`G_t = a G_{t+1} + c q_t^T do_t`, `G_n = dF + c q_n^T do_n`):
+//! `dq_t = c do_t S_t^T`, `dk_t = v_t G_t^T`, `dv_t = k_t G_t` and
+//! `d_initial = a G_1`. Each is a lightning-attention forward in its own right,
+//! so the forward kernels compute them (no copies, no extra kernels):
+//!
+//! - dq: forward in time with q' = do, k' = v, v' = k, whose state is `S^T`
+//!   (the initial state read transposed);
+//! - dv: backward in time (`reversed` addressing) with q' = k, k' = q, v' = do,
+//!   whose state is `G / c` once `dF / (c a)` is its initial state; its final
+//!   state times `c a` is `d_initial`;
+//! - dk: backward in time with q' = v, k' = do, v' = q, whose state is `G^T / c`.
+//!
+//! Each pass is diag (the intra-block part), kv-parallel, kv-reduce (for dv
+//! and dk the reverse sweep over blocks that carries dKV) and non-diag.
+//! Slopes are not differentiated: they are fixed per layer.
+
+use cubecl::prelude::*;
+
+use crate::launch::{CallLaunch, Layout, Variant};
+use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
+use crate::sequences::SequenceTable;
+use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+
+/// The arguments of a backward pass: the forward's inputs and the upstream gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardInputs<'a> {
+    /// Queries `[b, h, n, d]`.
+    pub q: &'a DeviceTensor,
+    /// Keys `[b, h, n, d]`.
+    pub k: &'a DeviceTensor,
+    /// Values `[b, h, n, e]`.
+    pub v: &'a DeviceTensor,
+    /// One slope per head, `[h]` f32.
+    pub slopes: &'a DeviceTensor,
+    /// The forward's initial state `[b, h, d, e]` f32; `None` for zeros.
+    pub initial_state: Option<&'a DeviceTensor>,
+    /// Gradient of the output `[b, h, n, e]`, dtype of q.
+    pub d_out: &'a DeviceTensor,
+    /// Gradient of the final state `[b, h, d, e]` f32; `None` for zeros.
+    pub d_final_state: Option<&'a DeviceTensor>,
+}
+
+/// What a backward pass returns.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// `[b, h, n, d]`, dtype of q.
+    pub dq: DeviceTensor,
+    /// `[b, h, n, d]`, dtype of q.
+    pub dk: DeviceTensor,
+    /// `[b, h, n, e]`, dtype of q.
+    pub dv: DeviceTensor,
+    /// Gradient of the initial state `[b, h, d, e]` f32 (defined whether or not
+    /// the forward had one).
+    pub d_initial_state: DeviceTensor,
+}
+
+/// Runs the backward pass of a prefill run with `config` (its blocks and scale).
+pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
+    config.validate()?;
+    let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
+    const OUT: &str = "[b, h, n, e]";
+    check_tensor(
+        inputs.d_out,
+        "d_out",
+        &["b", "h", "n", "e"],
+        OUT,
+        Some(shape.dtype),
+    )?;
+    expect_shape(inputs.d_out, "d_out", &shape.out_shape(), OUT)?;
+    if let Some(d_final) = inputs.d_final_state {
+        const STATE: &str = "[b, h, d, e]";
+        check_tensor(
+            d_final,
+            "d_final_state",
+            &["b", "h", "d", "e"],
+            STATE,
+            Some(DType::F32),
+        )?;
+        expect_shape(d_final, "d_final_state", &shape.state_shape(), STATE)?;
+    }
+    if !shape.dtype.is_supported(client) {
+        return Err(LightningError::UnsupportedDType {
+            dtype: shape.dtype,
+            runtime: client.name(),
+        });
+    }
+    let scale = config.scale.unwrap_or(1.0);
+    if scale == 0.0 {
+        return Err(LightningError::UnsupportedScale {
+            scale: scale.to_string(),
+            reason: "the backward pass divides the final-state gradient by the scale; use a nonzero scale",
+        });
+    }
+    let limits = DeviceLimits::of(client);
+    let (d, e) = (shape.key_dim, shape.value_dim);
+    // dq's passes have d and e swapped: its state is `d`-wide values of `e` keys.
+    let swapped = PrefillShape {
+        key_dim: e,
+        value_dim: d,
+        ..shape
+    };
+    let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
+    let swapped_plan = PrefillPlan::new(&PrefillWork::dense(&swapped, config), config, &limits)?;
+
+    let grads = Gradients {
+        dq: DeviceTensor::empty(client, &inputs.q.shape, shape.dtype),
+        dk: DeviceTensor::empty(client, &inputs.k.shape, shape.dtype),
+        dv: DeviceTensor::empty(client, &inputs.v.shape, shape.dtype),
+        d_initial_state: DeviceTensor::empty(client, &shape.state_shape(), DType::F32),
+    };
+    // The transposed final states of the dq and dk passes are not wanted.
+    let scratch = DeviceTensor::empty(client, &swapped.state_shape(), DType::F32);
+    let unused = DeviceTensor::empty(client, &[1], DType::F32);
+    let pass = |[q, k, v, out]: [&DeviceTensor; 4],
+                swap: bool,
+                initial: Option<&DeviceTensor>,
+                states: &DeviceTensor,
+                variant: Variant| {
+        let (pass_shape, pass_plan) = if swap {
+            (&swapped, &swapped_plan)
+        } else {
+            (&shape, &plan)
+        };
+        let table =
+            SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config).upload(client);
+        let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
+        CallLaunch {
+            client,
+            q,
+            k,
+            v,
+            slopes: inputs.slopes,
+            out,
+            heads: shape.heads,
+            key_dim: pass_shape.key_dim,
+            value_dim: pass_shape.value_dim,
+            scale,
+            config,
+            layout: Layout::dense(shape.seq_len),
+            table: &table,
+            plan: pass_plan,
+            decode: None,
+            initial,
+            states,
+            workspace: &workspace,
+            unused: &unused,
+            variant,
+        }
+        .run(&mut |_, launch| launch());
+    };
+    // dq = c do S^T: forward in time, state S^T from the initial state transposed.
+    pass(
+        [inputs.d_out, inputs.v, inputs.k, &grads.dq],
+        true,
+        inputs.initial_state,
+        &scratch,
+        Variant {
+            transpose_initial: true,
+            ..Variant::FORWARD
+        },
+    );
+    // dv = k G, backwards in time; its final state gives d_initial = a G_1.
+    let reverse = Variant {
+        reversed: true,
+        initial_scale: 1.0 / scale,
+        advance_initial: true,
+        ..Variant::FORWARD
+    };
+    pass(
+        [inputs.k, inputs.q, inputs.d_out, &grads.dv],
+        false,
+        inputs.d_final_state,
+        &grads.d_initial_state,
+        Variant {
+            final_scale: scale,
+            retreat_final: true,
+            ..reverse
+        },
+    );
+    // dk = v G^T, backwards in time, from dF transposed.
+    pass(
+        [inputs.v, inputs.d_out, inputs.q, &grads.dk],
+        true,
+        inputs.d_final_state,
+        &scratch,
+        Variant {
+            transpose_initial: true,
+            ..reverse
+        },
+    );
+    Ok(grads)
+}
