@@ -20,8 +20,8 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, StageTimes, decode_into, prefill_into,
-    profile_prefill_into, runtime,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, StageTimes, backward,
+    decode_into, prefill_into, profile_prefill_into, runtime,
 };
 use report::Row;
 
@@ -184,6 +184,61 @@ fn bench_prefill(
     row
 }
 
+/// Forward plus backward (the three gradient passes) of one prefill shape.
+fn bench_training(
+    client: &Client,
+    target: &str,
+    shape: [usize; 4],
+    dtype: DType,
+    opts: &Options,
+    bw: f64,
+) -> Row {
+    let [b, h, n, d] = shape;
+    let e = d;
+    let mut row = Row::new(target, "fwd+bwd", shape, dtype);
+    if !dtype.is_supported(client) {
+        row.note = "dtype unsupported by this runtime".into();
+        return row;
+    }
+    let config = PrefillConfig::default();
+    let q = upload(client, &[b, h, n, d], dtype, 11);
+    let k = upload(client, &[b, h, n, d], dtype, 12);
+    let v = upload(client, &[b, h, n, e], dtype, 13);
+    let d_out = upload(client, &[b, h, n, e], dtype, 14);
+    let s = slopes(client, h);
+    let out = DeviceTensor::empty(client, &[b, h, n, e], dtype);
+    let state = DeviceTensor::empty(client, &[b, h, d, e], DType::F32);
+    let inputs = PrefillInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &s,
+        initial_state: None,
+    };
+    let grads = BackwardInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &s,
+        initial_state: None,
+        d_out: &d_out,
+        d_final_state: None,
+    };
+    if let Err(err) = backward(client, &grads, &config) {
+        row.note = err.to_string();
+        return row;
+    }
+    let time = median_time(client, opts.reps, || {
+        prefill_into(client, &inputs, &config, &out, &state).expect("validated above");
+        backward(client, &grads, &config).expect("validated above");
+    });
+    // IO floor: the forward's q, k, v, out; the backward's q, k, v, d_out read
+    // and dq, dk, dv written.
+    let bytes = (2 * b * h * n * d + 2 * b * h * n * e) * dtype.size() * 3;
+    row.measured(time, b * n, bytes as f64, bw);
+    row
+}
+
 fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw: f64) -> Row {
     let (h, d, e) = (64, 128, 128);
     let mut row = Row::new(target, "decode", [batch, h, 1, d], DType::F32);
@@ -271,6 +326,16 @@ fn main() {
         }
         for &batch in &decode_batches {
             let row = bench_decode(&client, &target, batch, &opts, bw);
+            eprintln!("{}", row.line());
+            rows.push(row);
+        }
+        let training_shape = if opts.quick {
+            [1, 4, 512, 64]
+        } else {
+            [1, 64, 16384, 128]
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let row = bench_training(&client, &target, training_shape, dtype, &opts, bw);
             eprintln!("{}", row.line());
             rows.push(row);
         }
