@@ -97,12 +97,7 @@ fn launch_planned(
     let scale = inputs.scale.unwrap_or(1.0);
     let tensors = [inputs.q, inputs.k, inputs.v, inputs.slopes];
     let (heads, d, e) = (shape.heads, shape.key_dim, shape.value_dim);
-    let launch = match shape.dtype {
-        crate::DType::F32 => launch_decode::<f32>,
-        crate::DType::F16 => launch_decode::<half::f16>,
-        crate::DType::BF16 => launch_decode::<half::bf16>,
-    };
-    launch(
+    launch_decode(
         client,
         &plan,
         tensors,

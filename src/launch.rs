@@ -284,7 +284,7 @@ impl CallLaunch<'_> {
         }
         if let Some(decode) = self.decode {
             hook(Stage::Decode, &|| {
-                launch_decode::<F>(
+                launch_decode(
                     client,
                     decode,
                     [q, k, v, slopes],
@@ -308,7 +308,7 @@ impl CallLaunch<'_> {
 /// never read) may be any buffer other than `slots`: wgpu refuses one buffer
 /// bound twice in a dispatch.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_decode<F: Float + CubeElement>(
+pub(crate) fn launch_decode(
     client: &Client,
     plan: &DecodePlan,
     [q, k, v, slopes]: [&DeviceTensor; 4],
@@ -322,28 +322,38 @@ pub(crate) fn launch_decode<F: Float + CubeElement>(
     key_dim: usize,
     value_dim: usize,
 ) {
-    // SAFETY: shapes, slots, tokens and the grid were validated and planned.
-    unsafe {
-        kernels::decode::decode::launch_unchecked::<F>(
-            client,
-            plan.dims.cube_count(),
-            plan.dims.cube_dim(),
-            plan.vector_size,
-            arg(q),
-            arg(k),
-            arg(v),
-            arg(slopes),
-            slots.arg(),
-            tokens.arg(),
-            arg(cache),
-            arg(out),
-            heads as u32,
-            scale,
-            key_dim,
-            value_dim,
-            plan.column_tile,
-            plan.row_groups,
-            indexed,
-        )
+    macro_rules! launch {
+        ($f:ty) => {
+            // SAFETY: shapes, slots, tokens and the grid were validated and planned.
+            unsafe {
+                kernels::decode::decode::launch_unchecked::<$f>(
+                    client,
+                    plan.dims.cube_count(),
+                    plan.dims.cube_dim(),
+                    plan.vector_size,
+                    arg(q),
+                    arg(k),
+                    arg(v),
+                    arg(slopes),
+                    slots.arg(),
+                    tokens.arg(),
+                    arg(cache),
+                    arg(out),
+                    heads as u32,
+                    scale,
+                    key_dim,
+                    value_dim,
+                    plan.column_tile,
+                    plan.row_groups,
+                    indexed,
+                )
+            }
+        };
+    }
+    // The kernel's element type is the dtype of q (validated equal to k, v, out).
+    match q.dtype {
+        DType::F32 => launch!(f32),
+        DType::F16 => launch!(half::f16),
+        DType::BF16 => launch!(half::bf16),
     }
 }

@@ -226,14 +226,9 @@ impl LightningBackend {
             ));
         };
         self.check_layer(layer)?;
-        let shape = self.check_layer_tensors(layer, q, k, v, out, *batch)?;
+        self.check_layer_tensors(layer, q, k, v, out, *batch)?;
         let slots = IndexBuffer::new(self.decode_slots.clone(), *batch);
-        let launch = match shape.dtype {
-            DType::F32 => launch_decode::<f32>,
-            DType::F16 => launch_decode::<half::f16>,
-            DType::BF16 => launch_decode::<half::bf16>,
-        };
-        launch(
+        launch_decode(
             &self.client,
             plan,
             [q, k, v, &self.slopes[layer]],
