@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: every kernel against the f64 reference on the best device this
 # build selects (wgpu by default: a GPU, or lavapipe on the CPU when there is none).
-# Extra arguments go to cargo test, e.g. `scripts/test.sh --features cuda`.
+# The Burn extension's tests are included (feature `burn`). Extra arguments go
+# to cargo test, e.g. `scripts/test.sh --features cuda`.
 # Ends with one summary line over all test binaries: "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --features lightning-attention/burn "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ {
         for (i = 2; i <= NF; i++) {
             if ($i == "passed;") passed += $(i - 1)

@@ -197,6 +197,15 @@ pub enum LightningError {
     /// The device reported an error while reading back results.
     #[error("device error: {0}")]
     Device(String),
+    /// A Burn tensor has an element type the kernels do not take (they take
+    /// f32, f16 and bf16).
+    #[error("{tensor}: Burn dtype {dtype} is not supported; expected f32, f16 or bf16")]
+    UnsupportedBurnDType {
+        /// Which argument.
+        tensor: &'static str,
+        /// The Burn dtype given, as Burn prints it.
+        dtype: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -19,6 +19,8 @@
 #![warn(missing_docs)]
 
 mod backward;
+#[cfg(feature = "burn")]
+pub mod burn;
 mod config;
 mod decode;
 mod dtype;

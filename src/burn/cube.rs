@@ -1,0 +1,261 @@
+//! [`LightningAttentionBackend`] for Burn's CubeCL backend: converts
+//! `CubeTensor`s to the library's [`DeviceTensor`]s (same cubecl client and
+//! buffers, no copy for contiguous inputs) and calls the host API.
+
+use burn::backend::{DType as BurnDType, TensorMetadata};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeDevice};
+use cubecl::prelude::Client;
+
+use super::{LightningAttentionBackend, OptionalTensor};
+use crate::{
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, LightningError, PrefillConfig, PrefillInputs, Result,
+};
+
+/// The library's dtype of a Burn dtype, if the kernels take it.
+fn dtype_of(tensor: &'static str, dtype: BurnDType) -> Result<DType> {
+    match dtype {
+        BurnDType::F32 => Ok(DType::F32),
+        BurnDType::F16 => Ok(DType::F16),
+        BurnDType::BF16 => Ok(DType::BF16),
+        other => Err(LightningError::UnsupportedBurnDType {
+            tensor,
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Burn's dtype of a library dtype.
+fn burn_dtype(dtype: DType) -> BurnDType {
+    match dtype {
+        DType::F32 => BurnDType::F32,
+        DType::F16 => BurnDType::F16,
+        DType::BF16 => BurnDType::BF16,
+    }
+}
+
+/// A contiguous view of `tensor` as a [`DeviceTensor`] (copied only if it is not contiguous).
+fn to_device(tensor: CubeTensor, name: &'static str) -> Result<DeviceTensor> {
+    let dtype = dtype_of(name, tensor.dtype)?;
+    let tensor = if tensor.is_contiguous() {
+        tensor
+    } else {
+        into_contiguous(tensor)
+    };
+    let shape = tensor.shape().to_vec();
+    Ok(DeviceTensor {
+        handle: tensor.handle,
+        shape,
+        dtype,
+    })
+}
+
+/// Wraps a library result as a contiguous `CubeTensor` on `device`.
+fn from_device(tensor: DeviceTensor, client: &Client, device: &CubeDevice) -> CubeTensor {
+    CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        tensor.shape.into(),
+        tensor.handle,
+        burn_dtype(tensor.dtype),
+    )
+}
+
+/// The library's view of a prefill's arguments.
+struct Prefill {
+    client: Client,
+    device: CubeDevice,
+    q: DeviceTensor,
+    k: DeviceTensor,
+    v: DeviceTensor,
+    slopes: DeviceTensor,
+    initial_state: Option<DeviceTensor>,
+}
+
+impl Prefill {
+    fn new(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        initial_state: Option<CubeTensor>,
+    ) -> Result<Self> {
+        let client = q.client.clone();
+        let device = q.device.clone();
+        Ok(Self {
+            client,
+            device,
+            q: to_device(q, "q")?,
+            k: to_device(k, "k")?,
+            v: to_device(v, "v")?,
+            slopes: to_device(slopes, "slopes")?,
+            initial_state: initial_state.map(|s| to_device(s, "initial_state")).transpose()?,
+        })
+    }
+
+    fn inputs(&self) -> PrefillInputs<'_> {
+        PrefillInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            slopes: &self.slopes,
+            initial_state: self.initial_state.as_ref(),
+        }
+    }
+
+    fn wrap(&self, tensor: DeviceTensor) -> CubeTensor {
+        from_device(tensor, &self.client, &self.device)
+    }
+}
+
+/// The library's view of a decode step's arguments.
+struct Decode {
+    client: Client,
+    device: CubeDevice,
+    q: DeviceTensor,
+    k: DeviceTensor,
+    v: DeviceTensor,
+    cache: DeviceTensor,
+    slopes: DeviceTensor,
+}
+
+impl Decode {
+    fn new(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        cache: CubeTensor,
+        slopes: CubeTensor,
+    ) -> Result<Self> {
+        let client = q.client.clone();
+        let device = q.device.clone();
+        Ok(Self {
+            client,
+            device,
+            q: to_device(q, "q")?,
+            k: to_device(k, "k")?,
+            v: to_device(v, "v")?,
+            cache: to_device(cache, "cache")?,
+            slopes: to_device(slopes, "slopes")?,
+        })
+    }
+
+    fn inputs<'a>(&'a self, slots: &'a [i32], scale: Option<f32>) -> DecodeInputs<'a> {
+        DecodeInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            cache: &self.cache,
+            slopes: &self.slopes,
+            slots,
+            scale,
+        }
+    }
+}
+
+/// Unwraps a result the caller validated first (see the trait's docs).
+fn checked<T>(result: Result<T>) -> T {
+    result.unwrap_or_else(|e| panic!("lightning attention (call check_* first): {e}"))
+}
+
+impl LightningAttentionBackend for CubeBackend {
+    fn lightning_check_prefill(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        initial_state: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> Result<()> {
+        let args = Prefill::new(q, k, v, slopes, initial_state.into_option())?;
+        crate::plan_prefill(&args.client, &args.inputs(), &config).map(|_| ())
+    }
+
+    fn lightning_prefill(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        initial_state: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> (CubeTensor, CubeTensor) {
+        let args = checked(Prefill::new(q, k, v, slopes, initial_state.into_option()));
+        let result = checked(crate::prefill(&args.client, &args.inputs(), &config));
+        (args.wrap(result.out), args.wrap(result.final_state))
+    }
+
+    fn lightning_prefill_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        initial_state: OptionalTensor<Self>,
+        d_out: OptionalTensor<Self>,
+        d_final_state: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+        let args = checked(Prefill::new(q, k, v, slopes, initial_state.into_option()));
+        let d_out = match d_out.into_option() {
+            Some(d_out) => checked(to_device(d_out, "d_out")),
+            None => {
+                let shape = args.v.shape.clone();
+                checked(DeviceTensor::filled(&args.client, &shape, args.q.dtype, 0.0))
+            }
+        };
+        let d_final_state = d_final_state
+            .into_option()
+            .map(|d| checked(to_device(d, "d_final_state")));
+        let inputs = BackwardInputs {
+            q: &args.q,
+            k: &args.k,
+            v: &args.v,
+            slopes: &args.slopes,
+            initial_state: args.initial_state.as_ref(),
+            d_out: &d_out,
+            d_final_state: d_final_state.as_ref(),
+        };
+        let grads = checked(crate::backward(&args.client, &inputs, &config));
+        (
+            args.wrap(grads.dq),
+            args.wrap(grads.dk),
+            args.wrap(grads.dv),
+            args.wrap(grads.d_initial_state),
+        )
+    }
+
+    fn lightning_check_decode(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        cache: CubeTensor,
+        slopes: CubeTensor,
+        slots: Vec<i32>,
+        scale: Option<f32>,
+    ) -> Result<()> {
+        let args = Decode::new(q, k, v, cache, slopes)?;
+        crate::plan_decode_step(&args.client, &args.inputs(&slots, scale)).map(|_| ())
+    }
+
+    fn lightning_decode(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        cache: CubeTensor,
+        slopes: CubeTensor,
+        slots: Vec<i32>,
+        scale: Option<f32>,
+    ) -> (CubeTensor, CubeTensor) {
+        // The kernel updates the cache in place: only where no other tensor shares its buffer.
+        let cache = if cache.can_mut() && cache.is_contiguous() {
+            cache
+        } else {
+            cache.copy()
+        };
+        let args = checked(Decode::new(q, k, v, cache, slopes));
+        let out = checked(crate::decode(&args.client, &args.inputs(&slots, scale)));
+        let out = from_device(out, &args.client, &args.device);
+        let cache = from_device(args.cache.clone(), &args.client, &args.device);
+        (out, cache)
+    }
+}

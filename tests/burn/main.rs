@@ -1,0 +1,311 @@
+//! The Burn backend extension through Burn's public API on the wgpu backend:
+//! forward against the f64 reference recurrence, gradients through autodiff
+//! against the f64 reference backward, the FLA layout, decode, and a typed
+//! error on bad input.
+
+use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+use lightning_attention::burn::{
+    fla_lightning_attention, lightning_attention, lightning_attention_with_config, lightning_decode,
+};
+use lightning_attention::reference::random::SeededRng;
+use lightning_attention::reference::{self, Dims, relative_error};
+use lightning_attention::{LightningError, PrefillConfig};
+
+/// Bound on `||x - ref|| / ||ref||` for f32.
+const TOLERANCE: f64 = 1e-4;
+
+fn device() -> Device {
+    Device::wgpu(DeviceKind::DefaultDevice)
+}
+
+fn values(rng: &mut SeededRng, len: usize) -> Vec<f64> {
+    // Round to f32 so that the reference sees exactly what the device sees.
+    rng.values(len).into_iter().map(|x| x as f32 as f64).collect()
+}
+
+fn slopes(heads: usize) -> Vec<f64> {
+    (0..heads)
+        .map(|h| (0.1 + 0.15 * h as f64) as f32 as f64)
+        .collect()
+}
+
+fn tensor<const D: usize>(data: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
+    let data: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+fn read<const D: usize>(tensor: Tensor<D>) -> Vec<f64> {
+    tensor
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+fn check(what: &str, actual: &[f64], expected: &[f64]) {
+    let err = relative_error(actual, expected);
+    assert!(err < TOLERANCE, "{what}: relative error {err:e}");
+}
+
+struct Problem {
+    dims: Dims,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    slopes: Vec<f64>,
+    initial: Vec<f64>,
+}
+
+fn problem(
+    batch: usize,
+    heads: usize,
+    seq_len: usize,
+    key_dim: usize,
+    value_dim: usize,
+    seed: u64,
+) -> Problem {
+    let mut rng = SeededRng::new(seed);
+    let (b, h, n, d, e) = (batch, heads, seq_len, key_dim, value_dim);
+    Problem {
+        dims: Dims {
+            batch,
+            heads,
+            seq_len,
+            key_dim,
+            value_dim,
+        },
+        q: values(&mut rng, b * h * n * d),
+        k: values(&mut rng, b * h * n * d),
+        v: values(&mut rng, b * h * n * e),
+        slopes: slopes(h),
+        initial: values(&mut rng, b * h * d * e),
+    }
+}
+
+impl Problem {
+    fn shapes(&self) -> ([usize; 4], [usize; 4], [usize; 4]) {
+        let Dims {
+            batch: b,
+            heads: h,
+            seq_len: n,
+            key_dim: d,
+            value_dim: e,
+        } = self.dims;
+        ([b, h, n, d], [b, h, n, e], [b, h, d, e])
+    }
+}
+
+#[test]
+fn forward_matches_reference() {
+    let device = device();
+    for (block, sub_block, n, with_initial) in [(16, 16, 37, false), (32, 16, 70, true), (64, 32, 65, true)] {
+        let p = problem(2, 2, n, 16, 24, n as u64);
+        let (qk, ve, state) = p.shapes();
+        let initial = with_initial.then(|| tensor(&p.initial, state, &device));
+        let (out, final_state) = lightning_attention_with_config(
+            tensor(&p.q, qk, &device),
+            tensor(&p.k, qk, &device),
+            tensor(&p.v, ve, &device),
+            tensor(&p.slopes, [p.dims.heads], &device),
+            initial,
+            PrefillConfig::new(block, sub_block),
+        )
+        .expect("valid problem");
+        let expected = reference::recurrence(
+            p.dims,
+            &p.q,
+            &p.k,
+            &p.v,
+            &p.slopes,
+            with_initial.then_some(p.initial.as_slice()),
+        );
+        check(&format!("out, block {block}"), &read(out), &expected.out);
+        check(
+            &format!("final state, block {block}"),
+            &read(final_state),
+            &expected.state,
+        );
+    }
+}
+
+#[test]
+fn gradients_match_reference() {
+    let device = device().autodiff();
+    // (block, sub_block, tokens, final state in the loss, initial state given)
+    for (block, sub_block, n, use_state, with_initial) in [
+        (16, 16, 29, true, true),
+        (32, 16, 70, false, true),
+        (64, 32, 65, true, false),
+    ] {
+        let p = problem(1, 2, n, 16, 8, 100 + n as u64);
+        let (qk, ve, state) = p.shapes();
+        let mut rng = SeededRng::new(7 + n as u64);
+        let d_out = values(&mut rng, ve.iter().product());
+        let d_final = values(&mut rng, state.iter().product());
+
+        let q = tensor(&p.q, qk, &device).require_grad();
+        let k = tensor(&p.k, qk, &device).require_grad();
+        let v = tensor(&p.v, ve, &device).require_grad();
+        let initial = tensor(&p.initial, state, &device).require_grad();
+        let slopes = tensor(&p.slopes, [p.dims.heads], &device);
+        let (out, final_state) = lightning_attention_with_config(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            slopes,
+            with_initial.then(|| initial.clone()),
+            PrefillConfig::new(block, sub_block),
+        )
+        .expect("valid problem");
+        // L = <out, d_out> (+ <final_state, d_final>): its gradients are the backward's.
+        let mut loss = (out * tensor(&d_out, ve, &device)).sum();
+        if use_state {
+            loss = loss + (final_state * tensor(&d_final, state, &device)).sum();
+        }
+        let grads = loss.backward();
+
+        let expected = reference::backward(
+            p.dims,
+            &p.q,
+            &p.k,
+            &p.v,
+            &p.slopes,
+            with_initial.then_some(p.initial.as_slice()),
+            None,
+            &d_out,
+            use_state.then_some(d_final.as_slice()),
+        );
+        let grad = |t: &Tensor<4>| {
+            read(
+                t.grad(&grads)
+                    .unwrap_or_else(|| panic!("no gradient, block {block}")),
+            )
+        };
+        check(&format!("dq, block {block}"), &grad(&q), &expected.dq);
+        check(&format!("dk, block {block}"), &grad(&k), &expected.dk);
+        check(&format!("dv, block {block}"), &grad(&v), &expected.dv);
+        if with_initial {
+            check(
+                &format!("d_initial, block {block}"),
+                &grad(&initial),
+                &expected.d_initial_state,
+            );
+        } else {
+            assert!(initial.grad(&grads).is_none(), "no initial state was given");
+        }
+    }
+}
+
+#[test]
+fn fla_layout_matches_reference() {
+    let device = device();
+    let p = problem(1, 2, 21, 16, 8, 5);
+    let (qk, ve, state) = p.shapes();
+    let swap = [0, 2, 1, 3];
+    // Inputs given as [B, T, H, *]: permute the [B, H, T, *] data with Burn itself.
+    let (out, final_state) = fla_lightning_attention(
+        tensor(&p.q, qk, &device).permute(swap),
+        tensor(&p.k, qk, &device).permute(swap),
+        tensor(&p.v, ve, &device).permute(swap),
+        tensor(&p.slopes, [p.dims.heads], &device),
+        Some(tensor(&p.initial, state, &device)),
+        true,
+        PrefillConfig::new(16, 16),
+    )
+    .expect("valid problem");
+    let expected = reference::recurrence(p.dims, &p.q, &p.k, &p.v, &p.slopes, Some(&p.initial));
+    assert_eq!(out.dims(), [1, 21, 2, 8]);
+    check("fla out", &read(out.permute(swap)), &expected.out);
+    check(
+        "fla final state",
+        &read(final_state.expect("asked for")),
+        &expected.state,
+    );
+}
+
+#[test]
+fn decode_matches_reference() {
+    let device = device();
+    let (h, d, e, slots) = (2, 16, 8, 3);
+    let mut rng = SeededRng::new(11);
+    let cache = values(&mut rng, slots * h * d * e);
+    let q = values(&mut rng, 2 * h * d);
+    let k = values(&mut rng, 2 * h * d);
+    let v = values(&mut rng, 2 * h * e);
+    let s = slopes(h);
+    let slot_ids = [2, 0];
+    let cache_tensor = tensor(&cache, [slots, h, d, e], &device);
+    let (out, new_cache) = lightning_decode(
+        tensor(&q, [2, h, 1, d], &device),
+        tensor(&k, [2, h, 1, d], &device),
+        tensor(&v, [2, h, 1, e], &device),
+        cache_tensor.clone(),
+        tensor(&s, [h], &device),
+        &slot_ids,
+        None,
+    )
+    .expect("valid step");
+    // Each decoded sequence is a one-token prefill from its slot's state.
+    let (out, new_cache) = (read(out), read(new_cache));
+    let one = Dims {
+        batch: 1,
+        heads: h,
+        seq_len: 1,
+        key_dim: d,
+        value_dim: e,
+    };
+    for (i, &slot) in slot_ids.iter().enumerate() {
+        let slot = slot as usize;
+        let state = &cache[slot * h * d * e..(slot + 1) * h * d * e];
+        let expected = reference::recurrence(
+            one,
+            &q[i * h * d..(i + 1) * h * d],
+            &k[i * h * d..(i + 1) * h * d],
+            &v[i * h * e..(i + 1) * h * e],
+            &s,
+            Some(state),
+        );
+        check("decode out", &out[i * h * e..(i + 1) * h * e], &expected.out);
+        check(
+            "decode cache",
+            &new_cache[slot * h * d * e..(slot + 1) * h * d * e],
+            &expected.state,
+        );
+    }
+    // The caller's cache tensor still holds its values: Burn tensors are values.
+    assert_eq!(read(cache_tensor), cache);
+    // Slot 1 is untouched.
+    assert_eq!(
+        &new_cache[h * d * e..2 * h * d * e],
+        &cache[h * d * e..2 * h * d * e]
+    );
+}
+
+#[test]
+fn bad_input_returns_typed_error() {
+    let device = device().autodiff();
+    let (b, h, n, d, e) = (1, 2, 8, 16, 8);
+    let q = Tensor::<4>::zeros([b, h, n, d], &device);
+    let k = Tensor::<4>::zeros([b, h, n + 1, d], &device);
+    let v = Tensor::<4>::zeros([b, h, n, e], &device);
+    let slopes = Tensor::<1>::zeros([h], &device);
+    let err = lightning_attention(q.clone(), k, v.clone(), slopes.clone(), None).expect_err("k's n differs");
+    assert!(matches!(err, LightningError::Shape { tensor: "k", .. }), "{err}");
+
+    let err = lightning_attention_with_config(
+        q,
+        q_like(b, h, n, d, &device),
+        v,
+        slopes,
+        None,
+        PrefillConfig::new(48, 16),
+    )
+    .expect_err("bad block");
+    assert!(matches!(err, LightningError::InvalidBlock { .. }), "{err}");
+}
+
+fn q_like(b: usize, h: usize, n: usize, d: usize, device: &Device) -> Tensor<4> {
+    Tensor::zeros([b, h, n, d], device)
+}
