@@ -139,7 +139,6 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             heads: shape.heads,
             key_dim: pass_shape.key_dim,
             value_dim: pass_shape.value_dim,
-            scale,
             config,
             layout: Layout::dense(shape.seq_len),
             table: &table,

@@ -96,7 +96,6 @@ pub(crate) struct CallLaunch<'a> {
     pub heads: usize,
     pub key_dim: usize,
     pub value_dim: usize,
-    pub scale: f32,
     pub config: &'a PrefillConfig,
     pub layout: Layout,
     pub table: &'a DeviceTable,
@@ -145,7 +144,8 @@ impl CallLaunch<'_> {
             self.value_dim,
             config.block,
             config.sub_block,
-            self.scale,
+            // The output multiplier; `None` is 1.
+            config.scale.unwrap_or(1.0),
         );
         let (head_stride, token_stride) = (layout.head_stride, layout.token_stride);
         let variant = self.variant;

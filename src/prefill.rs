@@ -207,7 +207,6 @@ fn launch_planned(
         heads: shape.heads,
         key_dim: shape.key_dim,
         value_dim: shape.value_dim,
-        scale: config.scale.unwrap_or(1.0),
         config,
         layout: Layout::dense(shape.seq_len),
         table: &table,

@@ -26,7 +26,7 @@ use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
 use crate::sequences::{IndexBuffer, upload};
 use crate::shapes::{DecodeShape, check_slots};
 use crate::slopes::{layer_slopes, rank_slice};
-use crate::varlen::{DeviceBatch, PlannedBatch, VarlenInputs, check_out};
+use crate::varlen::{DeviceBatch, PlannedBatch, check_out};
 use crate::varlen_checks::{VarlenShape, check_tensors};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, VarlenBatch};
 
@@ -264,21 +264,13 @@ impl LightningBackend {
         };
         self.check_layer(layer)?;
         self.check_layer_tensors(layer, q, k, v, out, batch.planned.shape.total_tokens)?;
-        let inputs = VarlenInputs {
-            q,
-            k,
-            v,
-            slopes: &self.slopes[layer],
-            cache: &self.caches[layer],
-            // The tables were uploaded by prepare_extend; the launch reads none of this.
-            batch: VarlenBatch {
-                cu_seqlens: &[],
-                slots: &[],
-                has_initial_state: &[],
-                snapshots: None,
-            },
-        };
-        batch.launch(&self.client, &inputs, &self.config.prefill, out);
+        batch.launch(
+            &self.client,
+            [q, k, v, &self.slopes[layer]],
+            &self.caches[layer],
+            &self.config.prefill,
+            out,
+        );
         Ok(())
     }
 

@@ -199,33 +199,44 @@ impl DeviceBatch {
         }
     }
 
-    /// Launches the call on tensors already checked against `planned.shape`.
-    pub fn launch(&self, client: &Client, inputs: &VarlenInputs, config: &PrefillConfig, out: &DeviceTensor) {
+    /// Launches the call on q, k, v, slopes and the cache, already checked
+    /// against `planned.shape` (the batch metadata is in the uploaded tables).
+    pub fn launch(
+        &self,
+        client: &Client,
+        [q, k, v, slopes]: [&DeviceTensor; 4],
+        cache: &DeviceTensor,
+        config: &PrefillConfig,
+        out: &DeviceTensor,
+    ) {
         let shape = &self.planned.shape;
         CallLaunch {
             client,
-            q: inputs.q,
-            k: inputs.k,
-            v: inputs.v,
-            slopes: inputs.slopes,
+            q,
+            k,
+            v,
+            slopes,
             out,
             heads: shape.heads,
             key_dim: shape.key_dim,
             value_dim: shape.value_dim,
-            scale: config.scale.unwrap_or(1.0),
             config,
             layout: Layout::packed(shape.heads),
             table: &self.table,
             plan: &self.planned.prefill,
             decode: self.planned.decode.as_ref(),
             initial: None,
-            states: inputs.cache,
+            states: cache,
             workspace: &self.workspace,
             unused: &self.unused,
             variant: Variant::FORWARD,
         }
         .run(&mut |_, launch| launch());
     }
+}
+
+fn layer_tensors<'a>(inputs: &VarlenInputs<'a>) -> [&'a DeviceTensor; 4] {
+    [inputs.q, inputs.k, inputs.v, inputs.slopes]
 }
 
 /// Checks `out` `[T, h, e]` (dtype of q).
@@ -254,7 +265,7 @@ pub fn prefill_varlen(
 ) -> Result<DeviceTensor> {
     let planned = plan(client, inputs, config)?;
     let out = DeviceTensor::empty(client, &planned.shape.out_shape(), planned.shape.dtype);
-    DeviceBatch::upload(client, planned).launch(client, inputs, config, &out);
+    DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, &out);
     Ok(out)
 }
 
@@ -268,6 +279,6 @@ pub fn prefill_varlen_into(
 ) -> Result<()> {
     let planned = plan(client, inputs, config)?;
     check_out(&planned.shape, out)?;
-    DeviceBatch::upload(client, planned).launch(client, inputs, config, out);
+    DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, out);
     Ok(())
 }
