@@ -3,7 +3,8 @@
 # scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
 # bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
 # `all` does both. RUNTIMES="wgpu" (say) limits the tests to one runtime;
-# BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench.
+# BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench, and
+# BENCH_RUNTIMES (default "cuda,wgpu") picks its runtimes.
 # Logs and results go under $OUT.
 set -uo pipefail
 what="${1:-all}"
@@ -30,5 +31,5 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     # shellcheck disable=SC2086 # BENCH_ARGS holds several arguments
-    "$bundle/bin/bench" --runtimes cuda,wgpu --out "$out/bench" ${BENCH_ARGS:-} 2>"$out/bench.log"
+    "$bundle/bin/bench" --runtimes "${BENCH_RUNTIMES:-cuda,wgpu}" --out "$out/bench" ${BENCH_ARGS:-} 2>"$out/bench.log"
 fi

@@ -13,6 +13,20 @@ pub struct PrefillConfig {
     /// Multiplies every output (`o_t = scale * q_t kv_t`); `None` is 1, as in
     /// MiniMax (no `1/sqrt(d)` unless asked).
     pub scale: Option<f32>,
+    /// Which kernel routines the call may use.
+    pub routines: Routines,
+}
+
+/// Which routines a prefill may run: the accelerated ones where the device
+/// offers them (tensor cores), or only the portable ones (the same kernels on
+/// every runtime; for comparisons and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routines {
+    /// The fastest routine the device and dtype allow.
+    #[default]
+    Auto,
+    /// The portable routines only.
+    Portable,
 }
 
 impl Default for PrefillConfig {
@@ -22,6 +36,7 @@ impl Default for PrefillConfig {
             block: 256,
             sub_block: 32,
             scale: None,
+            routines: Routines::Auto,
         }
     }
 }
@@ -46,6 +61,7 @@ impl PrefillConfig {
             block,
             sub_block,
             scale: None,
+            routines: Routines::Auto,
         }
     }
 
@@ -55,6 +71,11 @@ impl PrefillConfig {
             scale: Some(scale),
             ..self
         }
+    }
+
+    /// The same config restricted to `routines`.
+    pub fn with_routines(self, routines: Routines) -> Self {
+        Self { routines, ..self }
     }
 
     /// Checks the rules the kernels rely on.

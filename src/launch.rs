@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::plan::{DecodePlan, PrefillPlan};
+use crate::plan::{DecodePlan, DiagRoutine, KvParallelRoutine, PrefillPlan};
 use crate::sequences::{DeviceTable, IndexBuffer};
 use crate::{DType, DeviceTensor, PrefillConfig};
 
@@ -157,54 +157,121 @@ impl CallLaunch<'_> {
         // validated and planned against the device's limits; each kernel
         // bounds-checks the tails of n, d and e.
         if plan.total_blocks > 0 {
-            hook(Stage::Diag, &|| unsafe {
-                kernels::diag::diag::launch_unchecked::<F>(
-                    client,
-                    plan.diag.cube_count(),
-                    plan.diag.cube_dim(),
-                    arg(q),
-                    arg(k),
-                    arg(v),
-                    arg(slopes),
-                    table.seq_starts.arg(),
-                    table.sub_block_work.arg(),
-                    arg(out),
-                    h,
-                    head_stride,
-                    token_stride,
-                    scale,
-                    d,
-                    e,
-                    block,
-                    cb,
-                    plan.diag_key_chunk,
-                    plan.diag_rows_per_unit,
-                    plan.diag_cols_per_unit,
-                    variant.reversed,
-                )
-            });
-            hook(Stage::KvParallel, &|| unsafe {
-                kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
-                    client,
-                    plan.kv_parallel.cube_count(),
-                    plan.kv_parallel.cube_dim(),
-                    arg(k),
-                    arg(v),
-                    arg(slopes),
-                    table.seq_starts.arg(),
-                    table.block_work.arg(),
-                    states_arg(),
-                    h,
-                    head_stride,
-                    token_stride,
-                    d,
-                    e,
-                    block,
-                    plan.kv_stage,
-                    plan.kv_rows_per_unit,
-                    plan.kv_cols_per_unit,
-                    variant.reversed,
-                )
+            let diag = || match plan.diag_routine {
+                DiagRoutine::Portable => unsafe {
+                    kernels::diag::diag::launch_unchecked::<F>(
+                        client,
+                        plan.diag.cube_count(),
+                        plan.diag.cube_dim(),
+                        arg(q),
+                        arg(k),
+                        arg(v),
+                        arg(slopes),
+                        table.seq_starts.arg(),
+                        table.sub_block_work.arg(),
+                        arg(out),
+                        h,
+                        head_stride,
+                        token_stride,
+                        scale,
+                        d,
+                        e,
+                        block,
+                        cb,
+                        plan.diag_key_chunk,
+                        plan.diag_rows_per_unit,
+                        plan.diag_cols_per_unit,
+                        variant.reversed,
+                    )
+                },
+                DiagRoutine::TensorCores {
+                    value_tile,
+                    fused_non_diag,
+                } => unsafe {
+                    kernels::diag_cmma::diag_cmma::launch_unchecked::<F>(
+                        client,
+                        plan.diag.cube_count(),
+                        plan.diag.cube_dim(),
+                        arg(q),
+                        arg(k),
+                        arg(v),
+                        arg(slopes),
+                        table.seq_starts.arg(),
+                        table.block_offsets.arg(),
+                        table.sub_block_work.arg(),
+                        states_arg(),
+                        arg(out),
+                        h,
+                        head_stride,
+                        token_stride,
+                        scale,
+                        d,
+                        e,
+                        block,
+                        cb,
+                        value_tile,
+                        plan.plane_size,
+                        fused_non_diag,
+                        variant.reversed,
+                    )
+                },
+            };
+            let fused = plan.diag_routine.fuses_non_diag();
+            if !fused {
+                hook(Stage::Diag, &diag);
+            }
+            hook(Stage::KvParallel, &|| match plan.kv_parallel_routine {
+                KvParallelRoutine::Portable => unsafe {
+                    kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
+                        client,
+                        plan.kv_parallel.cube_count(),
+                        plan.kv_parallel.cube_dim(),
+                        arg(k),
+                        arg(v),
+                        arg(slopes),
+                        table.seq_starts.arg(),
+                        table.block_work.arg(),
+                        states_arg(),
+                        h,
+                        head_stride,
+                        token_stride,
+                        d,
+                        e,
+                        block,
+                        plan.kv_stage,
+                        plan.kv_rows_per_unit,
+                        plan.kv_cols_per_unit,
+                        variant.reversed,
+                    )
+                },
+                KvParallelRoutine::TensorCores {
+                    stage,
+                    key_tile,
+                    value_tile,
+                } => unsafe {
+                    kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F>(
+                        client,
+                        plan.kv_parallel.cube_count(),
+                        plan.kv_parallel.cube_dim(),
+                        arg(k),
+                        arg(v),
+                        arg(slopes),
+                        table.seq_starts.arg(),
+                        table.block_work.arg(),
+                        states_arg(),
+                        h,
+                        head_stride,
+                        token_stride,
+                        d,
+                        e,
+                        block,
+                        stage,
+                        key_tile,
+                        value_tile,
+                        plan.plane_size,
+                        variant.reversed,
+                    )
+                },
             });
             hook(Stage::KvReduce, &|| unsafe {
                 kernels::kv_reduce::kv_reduce::launch_unchecked(
@@ -232,32 +299,36 @@ impl CallLaunch<'_> {
                     variant.retreat_final,
                 )
             });
-            hook(Stage::NonDiag, &|| unsafe {
-                kernels::non_diag::non_diag::launch_unchecked::<F>(
-                    client,
-                    plan.non_diag.cube_count(),
-                    plan.non_diag.cube_dim(),
-                    arg(q),
-                    arg(slopes),
-                    table.seq_starts.arg(),
-                    table.block_offsets.arg(),
-                    table.sub_block_work.arg(),
-                    states_arg(),
-                    arg(out),
-                    h,
-                    head_stride,
-                    token_stride,
-                    scale,
-                    d,
-                    e,
-                    block,
-                    cb,
-                    plan.non_diag_key_chunk,
-                    plan.non_diag_rows_per_unit,
-                    plan.non_diag_cols_per_unit,
-                    variant.reversed,
-                )
-            });
+            if fused {
+                hook(Stage::Diag, &diag);
+            } else {
+                hook(Stage::NonDiag, &|| unsafe {
+                    kernels::non_diag::non_diag::launch_unchecked::<F>(
+                        client,
+                        plan.non_diag.cube_count(),
+                        plan.non_diag.cube_dim(),
+                        arg(q),
+                        arg(slopes),
+                        table.seq_starts.arg(),
+                        table.block_offsets.arg(),
+                        table.sub_block_work.arg(),
+                        states_arg(),
+                        arg(out),
+                        h,
+                        head_stride,
+                        token_stride,
+                        scale,
+                        d,
+                        e,
+                        block,
+                        cb,
+                        plan.non_diag_key_chunk,
+                        plan.non_diag_rows_per_unit,
+                        plan.non_diag_cols_per_unit,
+                        variant.reversed,
+                    )
+                });
+            }
         }
         if plan.kv_snapshot.cubes.2 > 0 {
             hook(Stage::KvSnapshot, &|| unsafe {

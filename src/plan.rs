@@ -5,8 +5,11 @@
 
 use cubecl::prelude::*;
 
-use crate::shapes::{DecodeShape, MAX_ELEMENTS, PrefillShape};
-use crate::{LightningError, PrefillConfig, Result};
+use crate::config::check_scale;
+use crate::shapes::{
+    DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
+};
+use crate::{DType, LightningError, PrefillConfig, Result, Routines};
 
 /// Units per cube the portable routines aim for.
 const TARGET_UNITS: u32 = 256;
@@ -33,6 +36,51 @@ pub struct DeviceLimits {
     pub max_cube_count: (u32, u32, u32),
     /// Bytes in one buffer (wgpu caps a binding at about 2 GiB).
     pub max_buffer: u64,
+    /// Units per plane when the runtime has one fixed plane size, else `None`.
+    pub plane_size: Option<u32>,
+    /// Input dtypes with a 16 x 16 x 16 `cmma` into f32 accumulators.
+    pub tensor_cores: TensorCores,
+}
+
+/// Which input dtypes a device multiplies on tensor cores (a 16 x 16 x 16
+/// `cmma` with f32 accumulators, as its runtime reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TensorCores {
+    /// f16 inputs.
+    pub f16: bool,
+    /// bf16 inputs.
+    pub bf16: bool,
+}
+
+impl TensorCores {
+    /// What `client`'s runtime reports.
+    pub fn of(client: &Client) -> Self {
+        use cubecl::ir::{ElemType, FloatKind, features::MmaConfig};
+        let cmma = &client.properties().features.matmul.cmma;
+        let has = |kind: FloatKind| {
+            cmma.contains(&MmaConfig {
+                a_type: ElemType::Float(kind),
+                b_type: ElemType::Float(kind),
+                cd_type: ElemType::Float(FloatKind::F32),
+                m: 16,
+                n: 16,
+                k: 16,
+            })
+        };
+        Self {
+            f16: has(FloatKind::F16),
+            bf16: has(FloatKind::BF16),
+        }
+    }
+
+    /// Whether inputs of `dtype` go on tensor cores.
+    pub fn supports(&self, dtype: DType) -> bool {
+        match dtype {
+            DType::F32 => false,
+            DType::F16 => self.f16,
+            DType::BF16 => self.bf16,
+        }
+    }
 }
 
 impl DeviceLimits {
@@ -44,6 +92,8 @@ impl DeviceLimits {
             max_units: hw.max_units_per_cube,
             max_cube_count: hw.max_cube_count,
             max_buffer: client.properties().memory.max_page_size,
+            plane_size: (hw.plane_size_min == hw.plane_size_max).then_some(hw.plane_size_max),
+            tensor_cores: TensorCores::of(client),
         }
     }
 }
@@ -112,6 +162,8 @@ impl LaunchDims {
 /// launches are planned from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillWork {
+    /// dtype of q, k, v and the output.
+    pub dtype: DType,
     /// `h`.
     pub heads: usize,
     /// `d`.
@@ -132,6 +184,7 @@ impl PrefillWork {
     /// The work of a dense `[b, h, n, ...]` prefill.
     pub fn dense(shape: &PrefillShape, config: &PrefillConfig) -> Self {
         Self {
+            dtype: shape.dtype,
             heads: shape.heads,
             key_dim: shape.key_dim,
             value_dim: shape.value_dim,
@@ -143,6 +196,141 @@ impl PrefillWork {
     }
 }
 
+/// Which routine of diag a prefill runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiagRoutine {
+    /// The portable kernel (`kernels::diag`).
+    Portable,
+    /// Tensor cores (`kernels::diag_cmma`), with this many columns of `e` per cube.
+    TensorCores {
+        /// Columns of `e` per cube, a multiple of 16.
+        value_tile: usize,
+        /// The kernel adds the non-diag part too (bf16), runs after kv-reduce,
+        /// and non-diag is not launched.
+        fused_non_diag: bool,
+    },
+}
+
+impl DiagRoutine {
+    /// Whether diag also computes non-diag's part (and so runs after kv-reduce).
+    pub fn fuses_non_diag(&self) -> bool {
+        matches!(
+            self,
+            Self::TensorCores {
+                fused_non_diag: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Which routine of kv-parallel a prefill runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvParallelRoutine {
+    /// The portable kernel (`kernels::kv_parallel`).
+    Portable,
+    /// Tensor cores (`kernels::kv_parallel_cmma`).
+    TensorCores {
+        /// Tokens staged per step, a multiple of 16.
+        stage: usize,
+        /// Rows of `d` per cube, a multiple of 16 (one plane per 16).
+        key_tile: usize,
+        /// Columns of `e` per cube, a multiple of 16.
+        value_tile: usize,
+    },
+}
+
+/// Most rows of `d` one tensor-core kv-parallel cube holds (8 planes).
+const MAX_CMMA_KEY_TILE: usize = 128;
+/// Most columns of `e` one tensor-core kv-parallel cube holds (4 accumulators per plane).
+const MAX_CMMA_STATE_COLS: usize = 64;
+/// Most tokens tensor-core kv-parallel stages at once.
+const MAX_CMMA_STAGE: usize = 64;
+
+/// The tensor-core kv-parallel launch for this work, where the device, dtype,
+/// config and shared memory allow it.
+fn kv_parallel_on_tensor_cores(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Option<(LaunchDims, KvParallelRoutine)> {
+    let plane = limits.plane_size?;
+    if config.routines != Routines::Auto
+        || !limits.tensor_cores.supports(work.dtype)
+        || !config.block.is_multiple_of(16)
+    {
+        return None;
+    }
+    let key_tile = (work.key_dim.div_ceil(16) * 16).min(MAX_CMMA_KEY_TILE);
+    let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_STATE_COLS);
+    let stage = config.block.min(MAX_CMMA_STAGE);
+    let planes = key_tile / 16;
+    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile) + 4 * 256 * planes;
+    let dims = LaunchDims {
+        cubes: (
+            count(work.blocks),
+            count(work.heads),
+            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
+        ),
+        units: count(planes) * plane,
+        shared_bytes,
+    };
+    dims.check("kv-parallel (tensor cores)", limits).ok().map(|dims| {
+        (
+            dims,
+            KvParallelRoutine::TensorCores {
+                stage,
+                key_tile,
+                value_tile,
+            },
+        )
+    })
+}
+
+/// Most columns of `e` one tensor-core diag cube holds (8 accumulators per plane).
+const MAX_CMMA_VALUE_TILE: usize = 128;
+
+/// The tensor-core diag launch for this work, where the device, dtype, config
+/// and shared memory allow it.
+fn diag_on_tensor_cores(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Option<(LaunchDims, DiagRoutine)> {
+    let cb = config.sub_block;
+    let plane = limits.plane_size?;
+    if config.routines != Routines::Auto
+        || !limits.tensor_cores.supports(work.dtype)
+        || !cb.is_multiple_of(16)
+    {
+        return None;
+    }
+    let key_pad = work.key_dim.div_ceil(16) * 16;
+    let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_VALUE_TILE);
+    let elem = work.dtype.size();
+    let shared_bytes = elem * (2 * cb * key_pad + cb * value_tile + cb * cb) + 4 * cb * cb;
+    let dims = LaunchDims {
+        cubes: (
+            count(work.sub_blocks),
+            count(work.heads),
+            count(work.value_dim.div_ceil(value_tile)),
+        ),
+        units: count(cb / 16) * plane,
+        shared_bytes,
+    };
+    dims.check("diag (tensor cores)", limits).ok().map(|dims| {
+        // f16 keeps non-diag apart: a long sequence's state can exceed its range.
+        let fused_non_diag = work.dtype == DType::BF16;
+        (
+            dims,
+            DiagRoutine::TensorCores {
+                value_tile,
+                fused_non_diag,
+            },
+        )
+    })
+}
+
 /// The prefill launches and their tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillPlan {
@@ -152,6 +340,11 @@ pub struct PrefillPlan {
     pub block_states_len: usize,
     /// diag launch.
     pub diag: LaunchDims,
+    /// Which diag routine runs.
+    pub diag_routine: DiagRoutine,
+    /// Units per plane the tensor-core routines are compiled for (0 where the
+    /// runtime has no fixed plane size; the portable routines ignore it).
+    pub plane_size: usize,
     /// diag's chunk of `d` staged per step.
     pub diag_key_chunk: usize,
     /// Query rows (and key columns) of scores and outputs each diag unit holds.
@@ -160,6 +353,8 @@ pub struct PrefillPlan {
     pub diag_cols_per_unit: usize,
     /// kv-parallel launch.
     pub kv_parallel: LaunchDims,
+    /// Which kv-parallel routine runs.
+    pub kv_parallel_routine: KvParallelRoutine,
     /// Tokens kv-parallel stages at once.
     pub kv_stage: usize,
     /// Rows of the state each kv-parallel unit accumulates.
@@ -222,12 +417,18 @@ impl PrefillPlan {
         while diag_key_chunk > 1 && diag_bytes(diag_key_chunk) > limits.shared_memory {
             diag_key_chunk /= 2;
         }
-        let diag = LaunchDims {
-            cubes: (sub_blocks, heads, count(e.div_ceil(diag_value_tile))),
-            units: count(GRID_SIDE * GRID_SIDE),
-            shared_bytes: diag_bytes(diag_key_chunk),
-        }
-        .check("diag", limits)?;
+        let (diag, diag_routine) = match diag_on_tensor_cores(work, config, limits) {
+            Some(tensor_cores) => tensor_cores,
+            None => (
+                LaunchDims {
+                    cubes: (sub_blocks, heads, count(e.div_ceil(diag_value_tile))),
+                    units: count(GRID_SIDE * GRID_SIDE),
+                    shared_bytes: diag_bytes(diag_key_chunk),
+                }
+                .check("diag", limits)?,
+                DiagRoutine::Portable,
+            ),
+        };
 
         // kv-parallel: a 16 x 16 grid of units, each holding up to 4 x 4 elements
         // of the d x e tile in registers; K and V staged up to 32 tokens deep.
@@ -235,16 +436,22 @@ impl PrefillPlan {
         let (kv_rows_per_unit, kv_cols_per_unit) = (per_unit(d), per_unit(e));
         let (kv_key_tile, kv_value_tile) = (GRID_SIDE * kv_rows_per_unit, GRID_SIDE * kv_cols_per_unit);
         let kv_stage = cb.min(MAX_KV_STAGE);
-        let kv_parallel = LaunchDims {
-            cubes: (
-                count(work.blocks),
-                heads,
-                count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
+        let (kv_parallel, kv_parallel_routine) = match kv_parallel_on_tensor_cores(work, config, limits) {
+            Some(tensor_cores) => tensor_cores,
+            None => (
+                LaunchDims {
+                    cubes: (
+                        count(work.blocks),
+                        heads,
+                        count(d.div_ceil(kv_key_tile) * e.div_ceil(kv_value_tile)),
+                    ),
+                    units: count(GRID_SIDE * GRID_SIDE),
+                    shared_bytes: kv_stage * (kv_key_tile + kv_value_tile) * 4,
+                }
+                .check("kv-parallel", limits)?,
+                KvParallelRoutine::Portable,
             ),
-            units: count(GRID_SIDE * GRID_SIDE),
-            shared_bytes: kv_stage * (kv_key_tile + kv_value_tile) * 4,
-        }
-        .check("kv-parallel", limits)?;
+        };
 
         // kv-reduce and kv-snapshot: one unit per element of the state.
         let state_chunks = count((d * e).div_ceil(units as usize));
@@ -278,10 +485,13 @@ impl PrefillPlan {
             total_blocks: work.blocks,
             block_states_len,
             diag,
+            diag_routine,
+            plane_size: limits.plane_size.unwrap_or(0) as usize,
             diag_key_chunk,
             diag_rows_per_unit,
             diag_cols_per_unit,
             kv_parallel,
+            kv_parallel_routine,
             kv_stage,
             kv_rows_per_unit,
             kv_cols_per_unit,
@@ -336,4 +546,60 @@ pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<DecodeP
         column_tile,
         row_groups,
     })
+}
+
+/// The runtime can hold `dtype` (see [`DType::is_supported`]).
+fn check_supported(client: &Client, dtype: DType) -> Result<()> {
+    if dtype.is_supported(client) {
+        Ok(())
+    } else {
+        Err(LightningError::UnsupportedDType {
+            dtype,
+            runtime: client.name(),
+        })
+    }
+}
+
+/// Validates and plans a dense prefill from its arguments' shapes and dtypes
+/// alone: every check of [`crate::plan_prefill`] (block config, shapes,
+/// dtypes, the runtime's dtype support, the device's limits) but the buffers'
+/// sizes, for a caller whose buffers do not exist yet (Burn's Fusion backend).
+pub fn plan_prefill_shapes(
+    client: &Client,
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    slopes: &TensorShape,
+    initial_state: Option<&TensorShape>,
+    config: &PrefillConfig,
+) -> Result<(PrefillShape, PrefillPlan)> {
+    config.validate()?;
+    let shape = validate_prefill_shapes(q, k, v, slopes, initial_state)?;
+    check_supported(client, shape.dtype)?;
+    let plan = PrefillPlan::new(
+        &PrefillWork::dense(&shape, config),
+        config,
+        &DeviceLimits::of(client),
+    )?;
+    Ok((shape, plan))
+}
+
+/// Validates and plans a decode step from its arguments' shapes and dtypes
+/// alone: every check of [`crate::plan_decode_step`] but the buffers' sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_decode_shapes(
+    client: &Client,
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    cache: &TensorShape,
+    slopes: &TensorShape,
+    slots: &[i32],
+    scale: Option<f32>,
+) -> Result<(DecodeShape, DecodePlan)> {
+    let shape = validate_decode_shapes(q, k, v, cache, slopes, slots)?;
+    check_scale(scale)?;
+    check_supported(client, shape.dtype)?;
+    let plan = plan_decode(&shape, &DeviceLimits::of(client))?;
+    Ok((shape, plan))
 }

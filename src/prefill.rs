@@ -91,13 +91,14 @@ pub fn prefill_into(
 /// Device time of each prefill kernel, as measured by [`profile_prefill_into`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimes {
-    /// diag: the intra-block causal part.
+    /// diag: the intra-block causal part (with non-diag's part where the
+    /// tensor-core routine fuses it, see [`crate::plan::DiagRoutine`]).
     pub diag: Duration,
     /// kv-parallel: each block's decayed `K^T V`.
     pub kv_parallel: Duration,
     /// kv-reduce: the prefix over blocks.
     pub kv_reduce: Duration,
-    /// non-diag: queries against the incoming states.
+    /// non-diag: queries against the incoming states; zero where diag fused it.
     pub non_diag: Duration,
 }
 

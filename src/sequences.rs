@@ -10,8 +10,8 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::PrefillConfig;
 use crate::plan::PrefillWork;
+use crate::{DType, PrefillConfig};
 
 /// Where a sequence's state comes from and goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,8 +111,9 @@ impl SequenceTable {
     }
 
     /// The sizes the launches are planned from.
-    pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize) -> PrefillWork {
+    pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize, dtype: DType) -> PrefillWork {
         PrefillWork {
+            dtype,
             heads,
             key_dim,
             value_dim,

@@ -5,6 +5,52 @@ use crate::{DType, DeviceTensor, LightningError, Result};
 /// The largest element count a kernel addresses (indices are 32-bit on wgpu).
 pub(crate) const MAX_ELEMENTS: u64 = u32::MAX as u64;
 
+/// A tensor argument described by its shape and dtype alone, with no buffer:
+/// what [`validate_prefill_shapes`] and [`validate_decode_shapes`] take, for a
+/// caller that validates a call before its buffers exist (Burn's lazy Fusion
+/// backend). Everything is checked as for a [`DeviceTensor`] but the buffer's size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorShape {
+    /// The shape, outermost first.
+    pub shape: Vec<usize>,
+    /// The element type.
+    pub dtype: DType,
+}
+
+/// What validation reads of an argument: a [`DeviceTensor`] or a [`TensorShape`].
+pub(crate) trait Arg {
+    /// The shape, outermost first.
+    fn dims(&self) -> &[usize];
+    /// The element type.
+    fn elem(&self) -> DType;
+    /// Bytes in its buffer; `None` where there is no buffer yet.
+    fn buffer_bytes(&self) -> Option<u64>;
+}
+
+impl Arg for DeviceTensor {
+    fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+    fn elem(&self) -> DType {
+        self.dtype
+    }
+    fn buffer_bytes(&self) -> Option<u64> {
+        Some(self.handle.size())
+    }
+}
+
+impl Arg for TensorShape {
+    fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+    fn elem(&self) -> DType {
+        self.dtype
+    }
+    fn buffer_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// Sizes of a validated prefill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillShape {
@@ -38,30 +84,30 @@ impl PrefillShape {
 }
 
 pub(crate) fn expect_rank(
-    t: &DeviceTensor,
+    t: &impl Arg,
     tensor: &'static str,
     expected: usize,
     layout: &'static str,
 ) -> Result<()> {
-    if t.shape.len() != expected {
+    if t.dims().len() != expected {
         return Err(LightningError::Rank {
             tensor,
             expected,
             layout,
-            actual: t.shape.len(),
-            shape: t.shape.clone(),
+            actual: t.dims().len(),
+            shape: t.dims().to_vec(),
         });
     }
     Ok(())
 }
 
-pub(crate) fn expect_nonzero(t: &DeviceTensor, tensor: &'static str, names: &[&'static str]) -> Result<()> {
-    for (&size, &dim) in t.shape.iter().zip(names) {
+pub(crate) fn expect_nonzero(t: &impl Arg, tensor: &'static str, names: &[&'static str]) -> Result<()> {
+    for (&size, &dim) in t.dims().iter().zip(names) {
         if size == 0 {
             return Err(LightningError::EmptyDimension {
                 tensor,
                 dim,
-                shape: t.shape.clone(),
+                shape: t.dims().to_vec(),
             });
         }
     }
@@ -69,36 +115,37 @@ pub(crate) fn expect_nonzero(t: &DeviceTensor, tensor: &'static str, names: &[&'
 }
 
 pub(crate) fn expect_shape(
-    t: &DeviceTensor,
+    t: &impl Arg,
     tensor: &'static str,
     expected: &[usize],
     layout: &'static str,
 ) -> Result<()> {
-    if t.shape != expected {
+    if t.dims() != expected {
         return Err(LightningError::Shape {
             tensor,
             expected: expected.to_vec(),
             layout,
-            actual: t.shape.clone(),
+            actual: t.dims().to_vec(),
         });
     }
     Ok(())
 }
 
-pub(crate) fn expect_dtype(t: &DeviceTensor, tensor: &'static str, expected: DType) -> Result<()> {
-    if t.dtype != expected {
+pub(crate) fn expect_dtype(t: &impl Arg, tensor: &'static str, expected: DType) -> Result<()> {
+    if t.elem() != expected {
         return Err(LightningError::DType {
             tensor,
             expected,
-            actual: t.dtype,
+            actual: t.elem(),
         });
     }
     Ok(())
 }
 
-/// The buffer holds the shape, and the shape is addressable with 32-bit indices.
-pub(crate) fn expect_buffer(t: &DeviceTensor, tensor: &'static str) -> Result<()> {
-    let elements = t.num_elements() as u64;
+/// The buffer (where there is one) holds the shape, and the shape is
+/// addressable with 32-bit indices.
+pub(crate) fn expect_buffer(t: &impl Arg, tensor: &'static str) -> Result<()> {
+    let elements = t.dims().iter().product::<usize>() as u64;
     if elements > MAX_ELEMENTS {
         return Err(LightningError::TooLarge {
             tensor,
@@ -106,9 +153,10 @@ pub(crate) fn expect_buffer(t: &DeviceTensor, tensor: &'static str) -> Result<()
             max: MAX_ELEMENTS,
         });
     }
-    let expected = elements * t.dtype.size() as u64;
-    let actual = t.handle.size();
-    if actual < expected {
+    let expected = elements * t.elem().size() as u64;
+    if let Some(actual) = t.buffer_bytes()
+        && actual < expected
+    {
         return Err(LightningError::BufferTooSmall {
             tensor,
             expected,
@@ -120,7 +168,7 @@ pub(crate) fn expect_buffer(t: &DeviceTensor, tensor: &'static str) -> Result<()
 
 /// Checks one argument fully: rank, no empty dimension, dtype, buffer.
 pub(crate) fn check_tensor(
-    t: &DeviceTensor,
+    t: &impl Arg,
     tensor: &'static str,
     names: &[&'static str],
     layout: &'static str,
@@ -143,14 +191,30 @@ pub fn validate_prefill(
     slopes: &DeviceTensor,
     initial_state: Option<&DeviceTensor>,
 ) -> Result<PrefillShape> {
+    prefill_args(q, k, v, slopes, initial_state)
+}
+
+/// [`validate_prefill`] on shapes and dtypes alone (no buffers, so no buffer-size check).
+pub fn validate_prefill_shapes(
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    slopes: &TensorShape,
+    initial_state: Option<&TensorShape>,
+) -> Result<PrefillShape> {
+    prefill_args(q, k, v, slopes, initial_state)
+}
+
+fn prefill_args<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, initial_state: Option<&T>) -> Result<PrefillShape> {
     const QK: &str = "[b, h, n, d]";
     const V: &str = "[b, h, n, e]";
     check_tensor(q, "q", &["b", "h", "n", "d"], QK, None)?;
-    let (batch, heads, seq_len, key_dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    check_tensor(k, "k", &["b", "h", "n", "d"], QK, Some(q.dtype))?;
-    expect_shape(k, "k", &q.shape, QK)?;
-    check_tensor(v, "v", &["b", "h", "n", "e"], V, Some(q.dtype))?;
-    let value_dim = v.shape[3];
+    let (dtype, dims) = (q.elem(), q.dims());
+    let (batch, heads, seq_len, key_dim) = (dims[0], dims[1], dims[2], dims[3]);
+    check_tensor(k, "k", &["b", "h", "n", "d"], QK, Some(dtype))?;
+    expect_shape(k, "k", dims, QK)?;
+    check_tensor(v, "v", &["b", "h", "n", "e"], V, Some(dtype))?;
+    let value_dim = v.dims()[3];
     expect_shape(v, "v", &[batch, heads, seq_len, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
@@ -160,7 +224,7 @@ pub fn validate_prefill(
         seq_len,
         key_dim,
         value_dim,
-        dtype: q.dtype,
+        dtype,
     };
     if let Some(state) = initial_state {
         check_tensor(
@@ -203,21 +267,38 @@ pub fn validate_decode(
     slopes: &DeviceTensor,
     slots: &[i32],
 ) -> Result<DecodeShape> {
+    decode_args(q, k, v, cache, slopes, slots)
+}
+
+/// [`validate_decode`] on shapes and dtypes alone (no buffers, so no buffer-size check).
+pub fn validate_decode_shapes(
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    cache: &TensorShape,
+    slopes: &TensorShape,
+    slots: &[i32],
+) -> Result<DecodeShape> {
+    decode_args(q, k, v, cache, slopes, slots)
+}
+
+fn decode_args<T: Arg>(q: &T, k: &T, v: &T, cache: &T, slopes: &T, slots: &[i32]) -> Result<DecodeShape> {
     const QK: &str = "[b, h, 1, d]";
     const V: &str = "[b, h, 1, e]";
     check_tensor(q, "q", &["b", "h", "n", "d"], QK, None)?;
-    let (batch, heads, key_dim) = (q.shape[0], q.shape[1], q.shape[3]);
+    let (dtype, dims) = (q.elem(), q.dims());
+    let (batch, heads, key_dim) = (dims[0], dims[1], dims[3]);
     expect_shape(q, "q", &[batch, heads, 1, key_dim], QK)?;
-    check_tensor(k, "k", &["b", "h", "n", "d"], QK, Some(q.dtype))?;
-    expect_shape(k, "k", &q.shape, QK)?;
-    check_tensor(v, "v", &["b", "h", "n", "e"], V, Some(q.dtype))?;
-    let value_dim = v.shape[3];
+    check_tensor(k, "k", &["b", "h", "n", "d"], QK, Some(dtype))?;
+    expect_shape(k, "k", dims, QK)?;
+    check_tensor(v, "v", &["b", "h", "n", "e"], V, Some(dtype))?;
+    let value_dim = v.dims()[3];
     expect_shape(v, "v", &[batch, heads, 1, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
     const CACHE: &str = "[slots, h, d, e]";
     check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
-    let num_slots = cache.shape[0];
+    let num_slots = cache.dims()[0];
     expect_shape(cache, "cache", &[num_slots, heads, key_dim, value_dim], CACHE)?;
     if slots.len() != batch {
         return Err(LightningError::Shape {
@@ -234,7 +315,7 @@ pub fn validate_decode(
         key_dim,
         value_dim,
         slots: num_slots,
-        dtype: q.dtype,
+        dtype,
     })
 }
 

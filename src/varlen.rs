@@ -111,7 +111,7 @@ impl PlannedBatch {
         let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
         let limits = DeviceLimits::of(client);
         let prefill = PrefillPlan::new(
-            &table.work(shape.heads, shape.key_dim, shape.value_dim),
+            &table.work(shape.heads, shape.key_dim, shape.value_dim, shape.dtype),
             config,
             &limits,
         )?;

@@ -20,8 +20,8 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, StageTimes, backward,
-    decode_into, prefill_into, profile_prefill_into, runtime,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, Routines, StageTimes,
+    backward, decode_into, prefill_into, profile_prefill_into, runtime,
 };
 use report::Row;
 
@@ -31,6 +31,10 @@ struct Options {
     quick: bool,
     /// Prefill (BLOCK, CBLOCK) pairs, `--configs 256/32,256/64`.
     configs: Vec<(usize, usize)>,
+    /// Prefill routines, `--routines auto,portable` (auto: tensor cores where the device has them).
+    routines: Vec<Routines>,
+    /// Which groups of rows run, `--only prefill,decode,training,mixed` (default: all).
+    only: Vec<String>,
     reps: usize,
     out: std::path::PathBuf,
 }
@@ -62,6 +66,20 @@ fn options() -> Options {
                 let (block, sub_block) = pair.split_once('/').expect("--configs takes BLOCK/CBLOCK pairs");
                 (block.parse().expect("BLOCK"), sub_block.parse().expect("CBLOCK"))
             })
+            .collect(),
+        routines: value("--routines")
+            .unwrap_or("auto".into())
+            .split(',')
+            .map(|r| match r {
+                "auto" => Routines::Auto,
+                "portable" => Routines::Portable,
+                other => panic!("--routines takes auto and/or portable, not {other}"),
+            })
+            .collect(),
+        only: value("--only")
+            .unwrap_or("prefill,decode,training,mixed".into())
+            .split(',')
+            .map(String::from)
             .collect(),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
@@ -149,6 +167,9 @@ fn bench_prefill(
     } else {
         format!("prefill {}/{}", config.block, config.sub_block)
     };
+    if config.routines == Routines::Portable {
+        row.op += " portable";
+    }
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
@@ -314,17 +335,20 @@ fn main() {
         let bw = copy_bandwidth(&client, opts.reps, opts.quick);
         eprintln!("copy bandwidth {:.3} TB/s", bw / 1e12);
         rows.push(Row::copy(&target, bw));
-        for &shape in &prefill_shapes {
+        let runs = |group: &str| opts.only.iter().any(|g| g == group);
+        for &shape in prefill_shapes.iter().filter(|_| runs("prefill")) {
             for dtype in [DType::F32, DType::BF16] {
                 for &(block, sub_block) in &opts.configs {
-                    let config = PrefillConfig::new(block, sub_block);
-                    let row = bench_prefill(&client, &target, shape, dtype, config, &opts, bw);
-                    eprintln!("{}", row.line());
-                    rows.push(row);
+                    for &routines in &opts.routines {
+                        let config = PrefillConfig::new(block, sub_block).with_routines(routines);
+                        let row = bench_prefill(&client, &target, shape, dtype, config, &opts, bw);
+                        eprintln!("{}", row.line());
+                        rows.push(row);
+                    }
                 }
             }
         }
-        for &batch in &decode_batches {
+        for &batch in decode_batches.iter().filter(|_| runs("decode")) {
             let row = bench_decode(&client, &target, batch, &opts, bw);
             eprintln!("{}", row.line());
             rows.push(row);
@@ -334,12 +358,12 @@ fn main() {
         } else {
             [1, 64, 16384, 128]
         };
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16].into_iter().filter(|_| runs("training")) {
             let row = bench_training(&client, &target, training_shape, dtype, &opts, bw);
             eprintln!("{}", row.line());
             rows.push(row);
         }
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16].into_iter().filter(|_| runs("mixed")) {
             for row in mixed::bench_mixed(&client, &target, dtype, &opts, bw) {
                 eprintln!("{}", row.line());
                 rows.push(row);

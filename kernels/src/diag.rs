@@ -76,6 +76,11 @@ pub fn diag<F: Float>(
     let mut q_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
     let mut k_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
+    // Local arrays are not zeroed on every target (CUDA).
+    #[unroll]
+    for x in 0..rows_per_unit * cols_per_unit {
+        acc[x] = 0.0f32;
+    }
 
     let key_sub_blocks = (q_start - block_start) / sub_block + 1;
     for ks in 0..key_sub_blocks {

@@ -69,6 +69,11 @@ pub fn kv_parallel<F: Float>(
     let mut k_tile = Shared::<[f32]>::new_slice(stage * key_tile);
     let mut v_tile = Shared::<[f32]>::new_slice(stage * value_tile);
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
+    // Local arrays are not zeroed on every target (CUDA).
+    #[unroll]
+    for x in 0..rows_per_unit * cols_per_unit {
+        acc[x] = 0.0f32;
+    }
     let steps = len.div_ceil(stage);
     for step in 0..steps {
         let s0 = start + step * stage;

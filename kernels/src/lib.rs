@@ -8,9 +8,12 @@
 //! output of `diag`). [`decode`] is one token per sequence against a
 //! slot-indexed state cache, updated in place.
 //!
-//! Every kernel here is the portable routine: no plane (subgroup) operations and
-//! no `cmma`, so it runs on every runtime. Inputs of any float type are loaded,
-//! converted to f32, computed in f32 and converted on store; the state is f32.
+//! Each of these kernels is the portable routine: no plane (subgroup) operations
+//! and no `cmma`, so it runs on every runtime. Inputs of any float type are
+//! loaded, converted to f32, computed in f32 and converted on store; the state
+//! is f32. Accelerated routines sit beside them and are chosen by the host from
+//! what the device reports: [`diag_cmma`] and [`kv_parallel_cmma`] (tensor
+//! cores, f16/bf16 inputs).
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //!
@@ -27,7 +30,9 @@
 
 pub mod decode;
 pub mod diag;
+pub mod diag_cmma;
 pub mod kv_parallel;
+pub mod kv_parallel_cmma;
 pub mod kv_reduce;
 pub mod kv_snapshot;
 pub mod layout;

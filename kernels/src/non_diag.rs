@@ -70,6 +70,11 @@ pub fn non_diag<F: Float>(
     let mut q_tile = Shared::<[f32]>::new_slice(sub_block * q_stride);
     let mut s_tile = Shared::<[f32]>::new_slice(key_chunk * value_tile);
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
+    // Local arrays are not zeroed on every target (CUDA).
+    #[unroll]
+    for x in 0..rows_per_unit * cols_per_unit {
+        acc[x] = 0.0f32;
+    }
     for c0 in range_stepped(0, key_dim, key_chunk) {
         sync_cube();
         for idx in range_stepped(unit, sub_block * key_chunk, units) {

@@ -1,6 +1,9 @@
 //! [`LightningAttentionBackend`] for Burn's CubeCL backend: converts
 //! `CubeTensor`s to the library's [`DeviceTensor`]s (same cubecl client and
-//! buffers, no copy for contiguous inputs) and calls the host API.
+//! buffers, no copy for contiguous inputs) and calls the host API. The checks
+//! are the trait's default bodies. On Fusion (feature `fusion`) these same
+//! methods run when Fusion executes the lazy operation, on the tensors its
+//! handles resolve to.
 
 use burn::backend::{DType as BurnDType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
@@ -8,23 +11,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeDevice};
 use cubecl::prelude::Client;
 
-use super::{LightningAttentionBackend, OptionalTensor};
-use crate::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, LightningError, PrefillConfig, PrefillInputs, Result,
-};
-
-/// The library's dtype of a Burn dtype, if the kernels take it.
-fn dtype_of(tensor: &'static str, dtype: BurnDType) -> Result<DType> {
-    match dtype {
-        BurnDType::F32 => Ok(DType::F32),
-        BurnDType::F16 => Ok(DType::F16),
-        BurnDType::BF16 => Ok(DType::BF16),
-        other => Err(LightningError::UnsupportedBurnDType {
-            tensor,
-            dtype: format!("{other:?}"),
-        }),
-    }
-}
+use super::{LightningAttentionBackend, OptionalTensor, dtype_of};
+use crate::{BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, Result};
 
 /// Burn's dtype of a library dtype.
 fn burn_dtype(dtype: DType) -> BurnDType {
@@ -160,18 +148,6 @@ fn checked<T>(result: Result<T>) -> T {
 }
 
 impl LightningAttentionBackend for CubeBackend {
-    fn lightning_check_prefill(
-        q: CubeTensor,
-        k: CubeTensor,
-        v: CubeTensor,
-        slopes: CubeTensor,
-        initial_state: OptionalTensor<Self>,
-        config: PrefillConfig,
-    ) -> Result<()> {
-        let args = Prefill::new(q, k, v, slopes, initial_state.into_option())?;
-        crate::plan_prefill(&args.client, &args.inputs(), &config).map(|_| ())
-    }
-
     fn lightning_prefill(
         q: CubeTensor,
         k: CubeTensor,
@@ -224,19 +200,6 @@ impl LightningAttentionBackend for CubeBackend {
         )
     }
 
-    fn lightning_check_decode(
-        q: CubeTensor,
-        k: CubeTensor,
-        v: CubeTensor,
-        cache: CubeTensor,
-        slopes: CubeTensor,
-        slots: Vec<i32>,
-        scale: Option<f32>,
-    ) -> Result<()> {
-        let args = Decode::new(q, k, v, cache, slopes)?;
-        crate::plan_decode_step(&args.client, &args.inputs(&slots, scale)).map(|_| ())
-    }
-
     fn lightning_decode(
         q: CubeTensor,
         k: CubeTensor,
@@ -246,7 +209,9 @@ impl LightningAttentionBackend for CubeBackend {
         slots: Vec<i32>,
         scale: Option<f32>,
     ) -> (CubeTensor, CubeTensor) {
-        // The kernel updates the cache in place: only where no other tensor shares its buffer.
+        // The kernel updates the cache in place: only where no other tensor
+        // shares its buffer. Under Fusion, that is where the operation holds the
+        // cache tensor's last reference (its handle is handed over, not cloned).
         let cache = if cache.can_mut() && cache.is_contiguous() {
             cache
         } else {

@@ -9,22 +9,138 @@
 //! validate the whole problem through the library first and return a typed
 //! [`LightningError`](crate::LightningError) instead of panicking.
 //!
+//! With the feature `fusion` (which turns on Burn's `fusion`), Burn's Fusion
+//! backend (`Fusion<CubeBackend>`, what `Device::wgpu` and `Device::cuda`
+//! tensors live on when Burn's `fusion` feature is on) is covered too: each
+//! operation is registered as a lazy custom operation whose outputs' shapes and
+//! dtypes are known at once, and the kernels run on the inner CubeCL backend
+//! when Fusion executes its stream. Fusion does not merge them with
+//! neighbouring operations. Turn this feature on whenever Burn's `fusion` is on
+//! (Burn's default features turn it on): without it the extension has no
+//! implementation for Fusion and the build fails.
+//!
+//! The checks ([`LightningAttentionBackend::lightning_check_prefill`] and
+//! [`LightningAttentionBackend::lightning_check_decode`]) read only the
+//! tensors' shapes, dtypes and device (the device's limits through its CubeCL
+//! client): they launch nothing, read nothing back and run the same on the
+//! CubeCL backend, on Fusion (where no buffer exists yet) and under autodiff.
+//!
 //! Tensors on a device without the extension (Flex, NdArray, ...) are not
-//! supported: Burn's dispatch panics there. The Fusion backend is not covered.
+//! supported: Burn's dispatch panics there.
 
 mod autodiff;
 mod cube;
 
+use std::any::Any;
+
 use burn::backend::Dispatch;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, ExtensionType, backend_extension};
+use burn::backend::{Backend, DType as BurnDType, ExtensionType, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
+use cubecl::prelude::Client;
 
-use crate::{PrefillConfig, Result};
+use crate::shapes::TensorShape;
+// `Result` is spelled `crate::Result` here: the `ExtensionType` derive's
+// generated code names `Result<(), ExecutionError>` unqualified.
+use crate::{DType, LightningError, PrefillConfig};
+
+/// The library's dtype of a Burn dtype, if the kernels take it.
+fn dtype_of(tensor: &'static str, dtype: BurnDType) -> crate::Result<DType> {
+    match dtype {
+        BurnDType::F32 => Ok(DType::F32),
+        BurnDType::F16 => Ok(DType::F16),
+        BurnDType::BF16 => Ok(DType::BF16),
+        other => Err(LightningError::UnsupportedBurnDType {
+            tensor,
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The library's description of a tensor argument, from Burn's metadata alone.
+fn arg(tensor: &impl TensorMetadata, name: &'static str) -> crate::Result<TensorShape> {
+    Ok(TensorShape {
+        shape: tensor.shape().to_vec(),
+        dtype: dtype_of(name, tensor.dtype())?,
+    })
+}
+
+/// The CubeCL client of `tensor`'s device (the CubeCL backend's device type,
+/// `cubecl::Device`, is also Fusion's and autodiff's over it).
+fn client_of(tensor: &impl TensorMetadata) -> crate::Result<Client> {
+    let device = tensor.device();
+    match (&device as &dyn Any).downcast_ref::<cubecl::Device>() {
+        Some(device) => Ok(device.client()),
+        None => Err(LightningError::Device(format!(
+            "{device:?} is not a CubeCL device: the lightning-attention kernels run on CubeCL runtimes"
+        ))),
+    }
+}
+
+/// What Fusion is told of each operation's outputs before it runs them.
+#[cfg(feature = "fusion")]
+mod fusion_meta {
+    use burn::backend::fusion::custom::TensorSpec;
+    use burn::tensor::DType;
+
+    use super::OptionalTensorMetadata;
+    use crate::PrefillConfig;
+
+    /// `[b, h, d, e]` f32 from q `[b, h, n, d]` and v `[b, h, n, e]`.
+    fn state(q: &TensorSpec, v: &TensorSpec) -> TensorSpec {
+        TensorSpec::new(
+            [q.shape[0], q.shape[1], q.shape[3], v.shape[3]].into(),
+            DType::F32,
+        )
+    }
+
+    /// The output `[b, h, n, e]` (q's dtype) and the final state.
+    pub(super) fn prefill(
+        q: &TensorSpec,
+        _k: &TensorSpec,
+        v: &TensorSpec,
+        _slopes: &TensorSpec,
+        _initial_state: &OptionalTensorMetadata,
+        _config: &PrefillConfig,
+    ) -> (TensorSpec, TensorSpec) {
+        let out = TensorSpec::new([q.shape[0], q.shape[1], q.shape[2], v.shape[3]].into(), q.dtype);
+        (out, state(q, v))
+    }
+
+    /// dq, dk, dv like q, k, v, and the initial state's gradient `[b, h, d, e]` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prefill_backward(
+        q: &TensorSpec,
+        k: &TensorSpec,
+        v: &TensorSpec,
+        _slopes: &TensorSpec,
+        _initial_state: &OptionalTensorMetadata,
+        _d_out: &OptionalTensorMetadata,
+        _d_final_state: &OptionalTensorMetadata,
+        _config: &PrefillConfig,
+    ) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+        (q.clone(), k.clone(), v.clone(), state(q, v))
+    }
+
+    /// The output `[b, h, 1, e]` (q's dtype) and the cache, like the input's.
+    pub(super) fn decode(
+        q: &TensorSpec,
+        _k: &TensorSpec,
+        v: &TensorSpec,
+        cache: &TensorSpec,
+        _slopes: &TensorSpec,
+        _slots: &[i32],
+        _scale: &Option<f32>,
+    ) -> (TensorSpec, TensorSpec) {
+        let out = TensorSpec::new([q.shape[0], q.shape[1], 1, v.shape[3]].into(), q.dtype);
+        (out, cache.clone())
+    }
+}
 
 /// An optional tensor argument of [`LightningAttentionBackend`] (Burn's
 /// extension dispatch takes optional tensors as this enum).
 #[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "fusion"))]
 pub enum OptionalTensor<B: Backend> {
     /// A tensor.
     Present(FloatTensor<B>),
@@ -58,9 +174,20 @@ impl<B: Backend> OptionalTensor<B> {
 /// a call through the library (shapes, dtypes, block config, device limits)
 /// and the others assume a call that passed them (they panic otherwise): use
 /// the functions of this module, which check first.
-#[backend_extension(Cube: cfg(any(feature = "wgpu", feature = "cuda")), Autodiff)]
+///
+/// The checks have default bodies that read the tensors' metadata and their
+/// device's CubeCL client (any backend whose device is a `cubecl::Device`);
+/// they are what the CubeCL and Fusion backends use. On Fusion the other
+/// methods are lazy custom operations (feature `fusion`).
+#[backend_extension(
+    Cube: cfg(any(feature = "wgpu", feature = "cuda")),
+    Autodiff,
+    Fusion: cfg(feature = "fusion")
+)]
 pub trait LightningAttentionBackend: Backend {
-    /// Validates a prefill without launching it.
+    /// Validates a prefill without launching it, from the tensors' shapes,
+    /// dtypes and device alone.
+    #[fusion(default)]
     fn lightning_check_prefill(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -68,9 +195,24 @@ pub trait LightningAttentionBackend: Backend {
         slopes: FloatTensor<Self>,
         #[extension_type] initial_state: OptionalTensor<Self>,
         config: PrefillConfig,
-    ) -> Result<()>;
+    ) -> crate::Result<()> {
+        let client = client_of(&q)?;
+        let (q, k, v, slopes) = (
+            arg(&q, "q")?,
+            arg(&k, "k")?,
+            arg(&v, "v")?,
+            arg(&slopes, "slopes")?,
+        );
+        let initial_state = initial_state
+            .into_option()
+            .map(|state| arg(&state, "initial_state"))
+            .transpose()?;
+        crate::plan::plan_prefill_shapes(&client, &q, &k, &v, &slopes, initial_state.as_ref(), &config)
+            .map(|_| ())
+    }
 
     /// Runs a prefill: returns the output `[b, h, n, e]` and the final state `[b, h, d, e]`.
+    #[fusion(meta = fusion_meta::prefill)]
     fn lightning_prefill(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -83,6 +225,7 @@ pub trait LightningAttentionBackend: Backend {
     /// The backward pass of [`lightning_prefill`](Self::lightning_prefill):
     /// returns `(dq, dk, dv, d_initial_state)`. A `None` upstream gradient is zero.
     #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = fusion_meta::prefill_backward)]
     fn lightning_prefill_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -99,7 +242,9 @@ pub trait LightningAttentionBackend: Backend {
         FloatTensor<Self>,
     );
 
-    /// Validates a decode step without launching it.
+    /// Validates a decode step without launching it, from the tensors' shapes,
+    /// dtypes and device alone.
+    #[fusion(default)]
     fn lightning_check_decode(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -108,11 +253,19 @@ pub trait LightningAttentionBackend: Backend {
         slopes: FloatTensor<Self>,
         slots: Vec<i32>,
         scale: Option<f32>,
-    ) -> Result<()>;
+    ) -> crate::Result<()> {
+        let client = client_of(&q)?;
+        let (q, k, v) = (arg(&q, "q")?, arg(&k, "k")?, arg(&v, "v")?);
+        let (cache, slopes) = (arg(&cache, "cache")?, arg(&slopes, "slopes")?);
+        crate::plan::plan_decode_shapes(&client, &q, &k, &v, &cache, &slopes, &slots, scale).map(|_| ())
+    }
 
     /// Runs one decode step: returns the output `[b, h, 1, e]` and the updated
-    /// cache (the input cache's buffer, updated in place, where Burn allows it;
-    /// else a copy). Not differentiable.
+    /// cache. The kernel writes the cache's buffer in place where no other
+    /// tensor shares it, else a copy of it: on Fusion the returned cache is a
+    /// new tensor either way, and the input cache tensor, if still held,
+    /// keeps its values. Not differentiable.
+    #[fusion(meta = fusion_meta::decode)]
     fn lightning_decode(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -132,7 +285,7 @@ pub fn lightning_attention(
     v: Tensor<4>,
     slopes: Tensor<1>,
     initial_state: Option<Tensor<4>>,
-) -> Result<(Tensor<4>, Tensor<4>)> {
+) -> crate::Result<(Tensor<4>, Tensor<4>)> {
     lightning_attention_with_config(q, k, v, slopes, initial_state, PrefillConfig::default())
 }
 
@@ -157,7 +310,7 @@ pub fn lightning_attention_with_config(
     slopes: Tensor<1>,
     initial_state: Option<Tensor<4>>,
     config: PrefillConfig,
-) -> Result<(Tensor<4>, Tensor<4>)> {
+) -> crate::Result<(Tensor<4>, Tensor<4>)> {
     <Dispatch as LightningAttentionBackend>::lightning_check_prefill(
         q.clone().into_dispatch(),
         k.clone().into_dispatch(),
@@ -198,7 +351,7 @@ pub fn fla_lightning_attention(
     initial_state: Option<Tensor<4>>,
     output_final_state: bool,
     config: PrefillConfig,
-) -> Result<(Tensor<4>, Option<Tensor<4>>)> {
+) -> crate::Result<(Tensor<4>, Option<Tensor<4>>)> {
     let swap = [0, 2, 1, 3];
     let (out, state) = lightning_attention_with_config(
         q.permute(swap),
@@ -228,7 +381,7 @@ pub fn lightning_decode(
     slopes: Tensor<1>,
     slots: &[i32],
     scale: Option<f32>,
-) -> Result<(Tensor<4>, Tensor<4>)> {
+) -> crate::Result<(Tensor<4>, Tensor<4>)> {
     <Dispatch as LightningAttentionBackend>::lightning_check_decode(
         q.clone().into_dispatch(),
         k.clone().into_dispatch(),

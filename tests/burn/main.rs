@@ -3,6 +3,8 @@
 //! against the f64 reference backward, the FLA layout, decode, and a typed
 //! error on bad input.
 
+mod training;
+
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use lightning_attention::burn::{
     fla_lightning_attention, lightning_attention, lightning_attention_with_config, lightning_decode,
@@ -308,4 +310,169 @@ fn bad_input_returns_typed_error() {
 
 fn q_like(b: usize, h: usize, n: usize, d: usize, device: &Device) -> Tensor<4> {
     Tensor::zeros([b, h, n, d], device)
+}
+
+/// The operation between ordinary Burn ops, as a model uses it: inputs made by
+/// ops (a scaled q, a sliced sequence, a computed initial state), outputs
+/// consumed by ops (a second call continuing from the first's final state, a
+/// concatenation, a scale and a sum). Under Fusion all of it is lazy until the
+/// reads, so this checks that the custom operation is ordered right among them.
+#[test]
+fn composes_with_burn_ops() {
+    let device = device();
+    let p = problem(1, 2, 45, 16, 8, 21);
+    let Dims {
+        batch: b,
+        heads: h,
+        seq_len: n,
+        key_dim: d,
+        value_dim: e,
+    } = p.dims;
+    let (qk, ve, state) = p.shapes();
+    let config = PrefillConfig::new(16, 16);
+    let half = 20;
+    // The device sees q / 2 and doubles it with a Burn op (exact in f32).
+    let q_half: Vec<f64> = p.q.iter().map(|x| x / 2.0).collect();
+    let q = tensor(&q_half, qk, &device) * 2.0;
+    let k = tensor(&p.k, qk, &device);
+    let v = tensor(&p.v, ve, &device);
+    let initial = tensor(&p.initial, state, &device) * 0.5;
+    let part = |t: &Tensor<4>, dim: usize, range: std::ops::Range<usize>| {
+        let mut dims = t.dims().map(|size| 0..size);
+        dims[dim] = range;
+        t.clone().slice(dims)
+    };
+    let slopes = tensor(&p.slopes, [h], &device);
+    // The sequence in two calls: the second starts from the first's final state.
+    let (out_a, state_a) = lightning_attention_with_config(
+        part(&q, 2, 0..half),
+        part(&k, 2, 0..half),
+        part(&v, 2, 0..half),
+        slopes.clone(),
+        Some(initial),
+        config,
+    )
+    .expect("valid first half");
+    let (out_b, final_state) = lightning_attention_with_config(
+        part(&q, 2, half..n),
+        part(&k, 2, half..n),
+        part(&v, 2, half..n),
+        slopes,
+        Some(state_a),
+        config,
+    )
+    .expect("valid second half");
+    let out = Tensor::cat(vec![out_a, out_b], 2) * 3.0;
+    let total = out.clone().sum();
+    let state_sum = final_state.clone().sum_dim(3);
+
+    let initial_half: Vec<f64> = p.initial.iter().map(|x| x * 0.5).collect();
+    let expected = reference::recurrence(p.dims, &p.q, &p.k, &p.v, &p.slopes, Some(&initial_half));
+    let expected_out: Vec<f64> = expected.out.iter().map(|x| x * 3.0).collect();
+    assert_eq!(out.dims(), [b, h, n, e]);
+    check("composed out", &read(out), &expected_out);
+    check("composed final state", &read(final_state), &expected.state);
+    let expected_total: f64 = expected_out.iter().sum();
+    let scale = expected_out.iter().map(|x| x.abs()).sum::<f64>();
+    let total = read(total)[0];
+    assert!(
+        (total - expected_total).abs() <= TOLERANCE * scale,
+        "sum {total} vs {expected_total}"
+    );
+    let expected_rows: Vec<f64> = expected.state.chunks(e).map(|row| row.iter().sum()).collect();
+    assert_eq!(expected_rows.len(), b * h * d);
+    check("state row sums", &read(state_sum), &expected_rows);
+    // The inputs are untouched.
+    assert_eq!(read(v), p.v);
+}
+
+/// Bad calls come back as typed errors on whichever backend `Device::wgpu`
+/// runs (the CubeCL backend, or Fusion with the feature `fusion`), with and
+/// without autodiff, and before anything runs.
+#[test]
+fn typed_errors_on_the_active_backend() {
+    for device in [device(), device().autodiff()] {
+        let (b, h, n, d, e) = (1, 2, 8, 16, 8);
+        let q = Tensor::<4>::zeros([b, h, n, d], &device);
+        let v = Tensor::<4>::zeros([b, h, n, e], &device);
+        let slopes = Tensor::<1>::zeros([h], &device);
+        let call = |q: Tensor<4>, k: Tensor<4>, slopes: Tensor<1>, config: PrefillConfig| {
+            lightning_attention_with_config(q, k, v.clone(), slopes, None, config)
+        };
+        let ok = PrefillConfig::new(16, 16);
+
+        // A block that CBLOCK does not divide.
+        let err =
+            call(q.clone(), q.clone(), slopes.clone(), PrefillConfig::new(32, 24)).expect_err("bad block");
+        assert!(matches!(err, LightningError::InvalidBlock { .. }), "{err}");
+        // One slope too many.
+        let err = call(q.clone(), q.clone(), Tensor::zeros([h + 1], &device), ok).expect_err("bad slopes");
+        assert!(
+            matches!(err, LightningError::Shape { tensor: "slopes", .. }),
+            "{err}"
+        );
+        // k in another dtype than q.
+        let k = q.clone().cast(burn::tensor::FloatDType::F16);
+        let err = call(q.clone(), k, slopes.clone(), ok).expect_err("k is f16");
+        assert!(
+            matches!(
+                err,
+                LightningError::DType {
+                    tensor: "k",
+                    expected: lightning_attention::DType::F32,
+                    actual: lightning_attention::DType::F16
+                }
+            ),
+            "{err}"
+        );
+        // A tile larger than the device's shared memory: a device limit, from the device's client.
+        let err =
+            call(q.clone(), q.clone(), slopes.clone(), PrefillConfig::new(256, 256)).expect_err("too big");
+        assert!(matches!(err, LightningError::DoesNotFit { .. }), "{err}");
+        // The initial state in the wrong layout.
+        let err = lightning_attention(
+            q.clone(),
+            q.clone(),
+            v.clone(),
+            slopes.clone(),
+            Some(Tensor::zeros([b, h, e, d], &device)),
+        )
+        .expect_err("state is [b, h, e, d]");
+        assert!(
+            matches!(
+                err,
+                LightningError::Shape {
+                    tensor: "initial_state",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // Decode: a slot past the cache, a slot used twice, two tokens instead of one.
+        let step = |q_len: usize, slots: &[i32]| {
+            lightning_decode(
+                Tensor::zeros([2, h, q_len, d], &device),
+                Tensor::zeros([2, h, q_len, d], &device),
+                Tensor::zeros([2, h, q_len, e], &device),
+                Tensor::zeros([3, h, d, e], &device),
+                Tensor::zeros([h], &device),
+                slots,
+                None,
+            )
+        };
+        let err = step(1, &[0, 3]).expect_err("slot 3 of 3");
+        assert!(
+            matches!(err, LightningError::SlotOutOfRange { slot: 3, .. }),
+            "{err}"
+        );
+        let err = step(1, &[1, 1]).expect_err("slot 1 twice");
+        assert!(
+            matches!(err, LightningError::DuplicateSlot { slot: 1, .. }),
+            "{err}"
+        );
+        let err = step(2, &[0, 1]).expect_err("two tokens");
+        assert!(matches!(err, LightningError::Shape { tensor: "q", .. }), "{err}");
+        step(1, &[0, -1]).expect("valid step");
+    }
 }

@@ -1,9 +1,11 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
 use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::plan::{DiagRoutine, KvParallelRoutine, TensorCores};
 use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
 use lightning_attention::{
-    DType, DeviceTensor, PrefillConfig, PrefillInputs, prefill_into, profile_prefill_into,
+    DType, DeviceTensor, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
+    profile_prefill_into,
 };
 use proptest::prelude::*;
 
@@ -17,6 +19,8 @@ pub struct Case {
     pub dims: Dims,
     pub with_state: bool,
     pub dtype: DType,
+    /// Auto takes the tensor-core routines where the device has them.
+    pub routines: Routines,
     pub seed: u64,
 }
 
@@ -37,9 +41,10 @@ fn case() -> impl Strategy<Value = Case> {
         1usize..=3,
         any::<bool>(),
         prop::sample::select(input_dtypes()),
+        prop::sample::select(vec![Routines::Auto, Routines::Auto, Routines::Portable]),
         any::<u64>(),
     )
-        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, seed)| {
+        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, routines, seed)| {
             (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(
                 move |(sub_block, n)| Case {
                     block,
@@ -53,6 +58,7 @@ fn case() -> impl Strategy<Value = Case> {
                     },
                     with_state,
                     dtype,
+                    routines,
                     seed,
                 },
             )
@@ -91,7 +97,7 @@ pub fn run(case: &Case) -> (f64, f64, f64) {
     prefill_into(
         &client,
         &inputs,
-        &PrefillConfig::new(case.block, case.sub_block),
+        &PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines),
         &out,
         &final_state,
     )
@@ -147,6 +153,7 @@ fn vllm_off_by_one_would_fail_the_bound() {
             },
             with_state: i % 2 == 0,
             dtype,
+            routines: Routines::Auto,
             seed: 42 + i as u64,
         };
         let (out_err, _, bug_err) = run(&case);
@@ -309,4 +316,57 @@ fn device_config_matches_reference() {
     let exact = p.exact();
     assert!(relative_error(&read(&client, &p.out), &exact.out) < 1e-4);
     assert!(relative_error(&read(&client, &p.state), &exact.state) < 1e-4);
+}
+
+/// Where the device reports tensor cores for a dtype, the plan takes the
+/// tensor-core diag and kv-parallel (so the property tests run them on such
+/// devices), and `Routines::Portable` keeps the portable ones.
+#[test]
+fn tensor_core_routines_are_chosen_where_the_device_has_them() {
+    let client = client();
+    let cores = TensorCores::of(&client);
+    let dims = Dims {
+        batch: 1,
+        heads: 2,
+        seq_len: 100,
+        key_dim: 64,
+        value_dim: 64,
+    };
+    for dtype in input_dtypes() {
+        let mut rng = SeededRng::new(7);
+        let q = upload(
+            &client,
+            &rng.values(dims.qk_len(), dtype),
+            &[1, 2, 100, 64],
+            dtype,
+        );
+        let v = upload(&client, &rng.values(dims.v_len(), dtype), &[1, 2, 100, 64], dtype);
+        let slopes = upload(&client, &rng.slopes(2), &[2], DType::F32);
+        let inputs = PrefillInputs {
+            q: &q,
+            k: &q,
+            v: &v,
+            slopes: &slopes,
+            initial_state: None,
+        };
+        let config = PrefillConfig::new(64, 32);
+        let (_, auto) = plan_prefill(&client, &inputs, &config).expect("a valid prefill");
+        let (_, portable) = plan_prefill(&client, &inputs, &config.with_routines(Routines::Portable))
+            .expect("a valid prefill");
+        assert_eq!(portable.diag_routine, DiagRoutine::Portable);
+        assert_eq!(portable.kv_parallel_routine, KvParallelRoutine::Portable);
+        let expected_tensor_cores = cores.supports(dtype);
+        assert_eq!(
+            matches!(auto.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
+            expected_tensor_cores,
+            "{dtype}: {:?} with {cores:?}",
+            auto.kv_parallel_routine
+        );
+        assert_eq!(
+            matches!(auto.diag_routine, DiagRoutine::TensorCores { .. }),
+            expected_tensor_cores,
+            "{dtype}: {:?} with {cores:?}",
+            auto.diag_routine
+        );
+    }
 }

@@ -1,0 +1,192 @@
+//! MiniMax's linear-attention layer as a Burn [`Module`], on the library's kernels.
+//!
+//! The layer follows `MiniMaxText01LightningAttention` (MiniMax-01's modeling
+//! code) step by step:
+//!
+//! ```text
+//! qkv      = silu(x W_qkv)                      x [b, n, hidden], W_qkv [hidden, 3 h d], no bias
+//! q, k, v  = split(qkv viewed as [b, n, h, 3d]) each [b, n, h, d]: per head, q then k then v
+//! o, state = lightning_attention(q, k, v, slopes, state)   (FLA layout, no 1/sqrt(d))
+//! y        = (sigmoid(x W_gate) * rms_norm(o viewed as [b, n, h d])) W_out
+//! ```
+//!
+//! The decay slopes are MiniMax's ALiBi ladder scaled by the layer's depth
+//! ([`lightning_attention::slopes::layer_slopes`]): fixed, not learned, so they
+//! live in the module as a plain tensor, which Burn treats as a constant (no
+//! gradient, not visited by optimizers).
+//!
+//! Shared by `examples/minimax_layer/main.rs` and the training test
+//! (`tests/burn/training.rs`), so that both run the same code.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::{Device, Tensor, TensorData};
+use lightning_attention::burn::fla_lightning_attention;
+// Not `lightning_attention::Result`: Burn's `Config` derive expands to code
+// that names the prelude's `Result`.
+use lightning_attention::{LightningError, PrefillConfig, slopes};
+
+/// The shape of a [`MiniMaxLinearAttention`] layer and its kernels' block configuration.
+#[derive(Config, Debug)]
+pub struct MiniMaxLinearAttentionConfig {
+    /// Width of the residual stream (the input and output's last dimension).
+    pub hidden_size: usize,
+    /// Attention heads `h`.
+    pub heads: usize,
+    /// Head dimension `d`, of queries, keys and values alike (as in MiniMax).
+    pub head_dim: usize,
+    /// This layer's index, 0-based: it sets the decay slopes.
+    pub layer: usize,
+    /// Layers in the model (at least 2: the slope factor divides by `layers - 1`).
+    pub layers: usize,
+    /// `BLOCK` of the prefill kernels: tokens per block, a power of two.
+    #[config(default = 256)]
+    pub block: usize,
+    /// `CBLOCK` of the prefill kernels: a power of two dividing `block`.
+    #[config(default = 32)]
+    pub sub_block: usize,
+    /// Epsilon of the RMS norm over the attention output.
+    #[config(default = 1e-5)]
+    pub norm_epsilon: f64,
+}
+
+impl MiniMaxLinearAttentionConfig {
+    /// Builds the layer on `device` with Burn's default initializers.
+    ///
+    /// # Errors
+    ///
+    /// [`LightningError::Slopes`] for a layer index out of `0..layers` or fewer
+    /// than 2 layers, [`LightningError::InvalidBlock`] for a block configuration
+    /// the kernels cannot run: checked here so that a bad config fails when the
+    /// model is built, not at its first forward.
+    pub fn init(&self, device: &Device) -> Result<MiniMaxLinearAttention, LightningError> {
+        let attention = PrefillConfig::new(self.block, self.sub_block);
+        attention.validate()?;
+        let slopes = slopes::layer_slopes(self.heads, self.layer, self.layers)?;
+        if self.hidden_size == 0 || self.head_dim == 0 {
+            return Err(LightningError::EmptyDimension {
+                tensor: "config",
+                dim: if self.hidden_size == 0 {
+                    "hidden_size"
+                } else {
+                    "head_dim"
+                },
+                shape: vec![self.hidden_size, self.heads, self.head_dim],
+            });
+        }
+        let inner = self.heads * self.head_dim;
+        // MiniMax's projections carry no bias.
+        let linear = |d_in, d_out| LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+        Ok(MiniMaxLinearAttention {
+            qkv: linear(self.hidden_size, 3 * inner),
+            gate: linear(self.hidden_size, inner),
+            norm: RmsNormConfig::new(inner)
+                .with_epsilon(self.norm_epsilon)
+                .init(device),
+            out: linear(inner, self.hidden_size),
+            slopes: Tensor::from_data(TensorData::new(slopes, [self.heads]), device),
+            hidden_size: self.hidden_size,
+            heads: self.heads,
+            head_dim: self.head_dim,
+            attention,
+        })
+    }
+}
+
+/// MiniMax's lightning-attention layer: qkv projection with SiLU, lightning
+/// attention with per-layer decay, RMS norm, sigmoid output gate, output
+/// projection. Build it with [`MiniMaxLinearAttentionConfig::init`].
+#[derive(Module, Debug)]
+pub struct MiniMaxLinearAttention {
+    /// `hidden -> 3 h d`: per head, q, k and v side by side (MiniMax's `qkv_proj`).
+    pub qkv: Linear,
+    /// `hidden -> h d`: the output gate (MiniMax's `output_gate`).
+    pub gate: Linear,
+    /// RMS norm over the `h d` attention output, all heads together (MiniMax's `norm`).
+    pub norm: RmsNorm,
+    /// `h d -> hidden` (MiniMax's `out_proj`).
+    pub out: Linear,
+    /// Decay slopes `[h]` f32. A plain tensor field is a constant to Burn: it
+    /// moves with the module between devices, but gets no gradient and no
+    /// optimizer step.
+    pub slopes: Tensor<1>,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Heads `h`.
+    pub heads: usize,
+    /// Head dimension `d`.
+    pub head_dim: usize,
+    /// Block configuration of the prefill kernels (not a module: skipped).
+    #[module(skip)]
+    pub attention: PrefillConfig,
+}
+
+impl MiniMaxLinearAttention {
+    /// The layer over a whole sequence from a zero state: `x [batch, seq, hidden]`
+    /// to `[batch, seq, hidden]`.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_with_state`](Self::forward_with_state).
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>, LightningError> {
+        self.forward_with_state(x, None).map(|(y, _)| y)
+    }
+
+    /// The layer over one chunk of a sequence: continues from `state`
+    /// (`[batch, h, d, d]` f32, the previous chunk's; `None` is zeros) and
+    /// returns the output `[batch, seq, hidden]` with the state after the
+    /// chunk. Feeding a sequence chunk by chunk gives the same outputs as one
+    /// call over all of it; gradients flow through the state too.
+    ///
+    /// # Errors
+    ///
+    /// [`LightningError::Shape`] when the last dimension of `x` is not
+    /// `hidden_size` (checked here, since Burn's `Linear` would panic);
+    /// [`LightningError::EmptyDimension`] for an empty batch or sequence; and
+    /// whatever the kernels reject (a state of the wrong shape, a device
+    /// limit), before anything launches.
+    pub fn forward_with_state(
+        &self,
+        x: Tensor<3>,
+        state: Option<Tensor<4>>,
+    ) -> Result<(Tensor<3>, Tensor<4>), LightningError> {
+        let [batch, seq, hidden] = x.dims();
+        if hidden != self.hidden_size {
+            return Err(LightningError::Shape {
+                tensor: "x",
+                expected: vec![batch, seq, self.hidden_size],
+                layout: "[batch, seq, hidden]",
+                actual: vec![batch, seq, hidden],
+            });
+        }
+        // The projections would run on an empty tensor before the kernels'
+        // own check: refuse it first, with the layer's names.
+        for (dim, size) in [("batch", batch), ("seq", seq)] {
+            if size == 0 {
+                return Err(LightningError::EmptyDimension {
+                    tensor: "x",
+                    dim,
+                    shape: vec![batch, seq, hidden],
+                });
+            }
+        }
+        let (h, d) = (self.heads, self.head_dim);
+
+        // MiniMax views qkv as [b, n, h, 3d] and splits the last axis, so each
+        // head's q, k, v are adjacent columns of the projection. The FLA
+        // layout [B, T, H, D] is exactly this view: no transposes here.
+        let qkv = silu(self.qkv.forward(x.clone())).reshape([batch, seq, h, 3 * d]);
+        let [q, k, v] = <[Tensor<4>; 3]>::try_from(qkv.split(d, 3)).expect("3d columns split into 3 of d");
+        let (attn, state) =
+            fla_lightning_attention(q, k, v, self.slopes.clone(), state, true, self.attention)?;
+        let state = state.expect("output_final_state was asked for");
+
+        // Norm over all heads together (MiniMax normalizes the h*d vector), then
+        // the gate, computed from the layer's input, scales each channel.
+        let attn = self.norm.forward(attn.reshape([batch, seq, h * d]));
+        let gated = sigmoid(self.gate.forward(x)) * attn;
+        Ok((self.out.forward(gated), state))
+    }
+}
