@@ -6,13 +6,30 @@
 # scripts/gpu-run.sh. Then: device run with carry=["gpu-bundle"] and the
 # command `bash gpu-bundle/gpu-run.sh tests` (or `bench`, or `all`).
 # `bash scripts/gpu-bundle.sh tests` rebuilds only the test binary of an
-# existing bundle (after a change to the tests alone).
+# existing bundle (after a change to the tests alone). `bash
+# scripts/gpu-bundle.sh burn` builds the Burn tests for CUDA through Burn's
+# Fusion backend (features cuda, fusion) into gpu-bundle-burn/ instead (carry
+# that, and run `bash gpu-bundle-burn/gpu-run.sh burn`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/cuda-llvm.sh
 # cudarc's CUDA 13.0 bindings, as on the H100's driver; libcuda and NVRTC load at run time.
 export CUDARC_CUDA_VERSION=13000
 bundle=gpu-bundle
+if [ "${1:-}" = burn ]; then
+    rm -rf gpu-bundle-burn && mkdir -p gpu-bundle-burn/bin
+    exe="$(cargo test --no-run --test burn --profile gpu --features cuda,fusion --message-format=json-render-diagnostics |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])')"
+    cp "$exe" gpu-bundle-burn/bin/burn-tests
+    strip gpu-bundle-burn/bin/burn-tests
+    cp scripts/gpu-run.sh gpu-bundle-burn/
+    du -sh gpu-bundle-burn
+    exit 0
+fi
 only_tests=false
 if [ "${1:-}" = tests ] && [ -x "$bundle/bin/bench" ]; then only_tests=true; fi
 if ! $only_tests; then rm -rf "$bundle"; fi

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from the repository root, over a bundle made by
 # scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
 # bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
-# `all` does both. RUNTIMES="wgpu" (say) limits the tests to one runtime;
+# `all` does both; `burn` runs the Burn tests on CUDA from gpu-bundle-burn/. RUNTIMES="wgpu" (say) limits the tests to one runtime;
 # BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench, and
 # BENCH_RUNTIMES (default "cuda,wgpu") picks its runtimes.
 # Logs and results go under $OUT.
@@ -11,6 +11,12 @@ what="${1:-all}"
 bundle=gpu-bundle
 out="${OUT:-/tmp/lightning-out}"
 mkdir -p "$out"
+if [ "$what" = burn ]; then
+    LIGHTNING_ATTENTION_RUNTIME=cuda gpu-bundle-burn/bin/burn-tests >"$out/tests-burn-cuda.log" 2>&1
+    echo "== burn tests on cuda: exit $?"
+    grep -E "^test |^test result|panicked" "$out/tests-burn-cuda.log" | head -30
+    exit 0
+fi
 for deb in "$bundle"/debs/*.deb; do dpkg -x "$deb" /; done
 ldconfig
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json

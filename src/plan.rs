@@ -287,8 +287,10 @@ fn kv_parallel_on_tensor_cores(
     })
 }
 
-/// Most columns of `e` one tensor-core diag cube holds (8 accumulators per plane).
-const MAX_CMMA_VALUE_TILE: usize = 128;
+/// Most columns of `e` one tensor-core diag cube holds (4 accumulators per
+/// plane). At 128 (8 accumulators) ptxas gave diag 255 registers and spills,
+/// so 2 cubes per SM on an H100 (see SPEED_NOTES.md).
+const MAX_CMMA_VALUE_TILE: usize = 64;
 
 /// The tensor-core diag launch for this work, where the device, dtype, config
 /// and shared memory allow it.

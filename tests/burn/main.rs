@@ -16,7 +16,13 @@ use lightning_attention::{LightningError, PrefillConfig};
 /// Bound on `||x - ref|| / ||ref||` for f32.
 const TOLERANCE: f64 = 1e-4;
 
+/// The wgpu device, or CUDA's first device in a build with the `cuda`
+/// feature when `LIGHTNING_ATTENTION_RUNTIME=cuda` (as on the GPU machine).
 fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if std::env::var("LIGHTNING_ATTENTION_RUNTIME").as_deref() == Ok("cuda") {
+        return Device::cuda(0);
+    }
     Device::wgpu(DeviceKind::DefaultDevice)
 }
 
@@ -196,6 +202,75 @@ fn gradients_match_reference() {
             );
         } else {
             assert!(initial.grad(&grads).is_none(), "no initial state was given");
+        }
+    }
+}
+
+/// The gradients autodiff returns are the loss's slope: central differences
+/// of `L = <out, W> + <final_state, W_f>` through the forward on the device,
+/// at a few entries of q, k, v and the initial state, across two blocks.
+#[test]
+fn gradients_match_finite_differences() {
+    let device = device();
+    let p = problem(1, 1, 21, 8, 8, 31);
+    let (qk, ve, state) = p.shapes();
+    let mut rng = SeededRng::new(32);
+    let w_out = values(&mut rng, ve.iter().product());
+    let w_final = values(&mut rng, state.iter().product());
+    let config = PrefillConfig::new(16, 16);
+    let loss_at = |device: &Device, [q, k, v, initial]: [&[f64]; 4]| {
+        let slopes = tensor(&p.slopes, [1], device);
+        let (out, final_state) = lightning_attention_with_config(
+            tensor(q, qk, device),
+            tensor(k, qk, device),
+            tensor(v, ve, device),
+            slopes,
+            Some(tensor(initial, state, device)),
+            config,
+        )
+        .expect("valid problem");
+        (out * tensor(&w_out, ve, device)).sum() + (final_state * tensor(&w_final, state, device)).sum()
+    };
+
+    let ad = device.clone().autodiff();
+    let inputs = [&p.q, &p.k, &p.v, &p.initial];
+    let shapes = [qk, qk, ve, state];
+    let leaves: Vec<Tensor<4>> = inputs
+        .iter()
+        .zip(shapes)
+        .map(|(x, shape)| tensor(x, shape, &ad).require_grad())
+        .collect();
+    let slopes = tensor(&p.slopes, [1], &ad);
+    let (out, final_state) = lightning_attention_with_config(
+        leaves[0].clone(),
+        leaves[1].clone(),
+        leaves[2].clone(),
+        slopes,
+        Some(leaves[3].clone()),
+        config,
+    )
+    .expect("valid problem");
+    let loss = (out * tensor(&w_out, ve, &ad)).sum() + (final_state * tensor(&w_final, state, &ad)).sum();
+    let grads = loss.backward();
+
+    let eps = 1e-2;
+    for (which, leaf) in leaves.iter().enumerate() {
+        let grad = read(leaf.grad(&grads).expect("a gradient"));
+        for _ in 0..4 {
+            let at = (rng.values(1)[0].abs() * 1e6) as usize % grad.len();
+            let shifted = |delta: f64| {
+                let mut moved: Vec<Vec<f64>> = inputs.iter().map(|x| x.to_vec()).collect();
+                moved[which][at] += delta;
+                let args = [&moved[0][..], &moved[1][..], &moved[2][..], &moved[3][..]];
+                read(loss_at(&device, args).reshape([1, 1, 1, 1]))[0]
+            };
+            let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+            let err = (fd - grad[at]).abs();
+            assert!(
+                err <= 1e-2 * grad[at].abs().max(1.0),
+                "input {which}, entry {at}: autodiff {} vs finite difference {fd}",
+                grad[at]
+            );
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use lightning_attention::LightningError;
 use lightning_attention::reference::random::uniform_f32;
 
@@ -38,9 +38,7 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn device() -> Device {
-    Device::wgpu(DeviceKind::DefaultDevice)
-}
+use super::device;
 
 #[test]
 fn minimax_layer_learns_recall() {
