@@ -16,12 +16,21 @@
 //!
 //! Each pass is diag (the intra-block part), kv-parallel, kv-reduce (for dv
 //! and dk the reverse sweep over blocks that carries dKV) and non-diag.
+//!
+//! The dv and dk passes share their operands and their state (one is the
+//! transpose of the other), so where diag runs its portable routine they run
+//! as one pass: `kernels::backward_diag` writes the intra-block parts of both,
+//! the dv pass's kv-parallel and kv-reduce carry `G`, and
+//! `kernels::backward_non_diag` adds both gradients' parts from it (see
+//! [`crate::backward_launch`]). Where diag runs on tensor cores, the two
+//! forward passes run instead, each on the tensor-core routines.
 //! Slopes are not differentiated: they are fixed per layer.
 
 use cubecl::prelude::*;
 
-use crate::launch::{CallLaunch, Layout, Variant};
-use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
+use crate::backward_launch::{BackwardLaunch, BackwardPlan};
+use crate::launch::{CallLaunch, Layout, Stage, Variant};
+use crate::plan::{DeviceLimits, DiagRoutine, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
@@ -106,6 +115,10 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     };
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     let swapped_plan = PrefillPlan::new(&PrefillWork::dense(&swapped, config), config, &limits)?;
+    let fused_key_value = match plan.diag_routine {
+        DiagRoutine::Portable => Some(BackwardPlan::new(&plan, d, e, &limits)?),
+        DiagRoutine::TensorCores { .. } => None,
+    };
 
     let grads = Gradients {
         dq: DeviceTensor::empty(client, &inputs.q.shape, shape.dtype),
@@ -120,7 +133,8 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
                 swap: bool,
                 initial: Option<&DeviceTensor>,
                 states: &DeviceTensor,
-                variant: Variant| {
+                variant: Variant,
+                key_value_kernels: Option<&BackwardPlan>| {
         let (pass_shape, pass_plan) = if swap {
             (&swapped, &swapped_plan)
         } else {
@@ -129,7 +143,8 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         let table =
             SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config).upload(client);
         let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
-        CallLaunch {
+        let layout = Layout::dense(shape.seq_len);
+        let call = CallLaunch {
             client,
             q,
             k,
@@ -140,7 +155,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             key_dim: pass_shape.key_dim,
             value_dim: pass_shape.value_dim,
             config,
-            layout: Layout::dense(shape.seq_len),
+            layout,
             table: &table,
             plan: pass_plan,
             decode: None,
@@ -149,8 +164,37 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             workspace: &workspace,
             unused: &unused,
             variant,
-        }
-        .run(&mut |_, launch| launch());
+        };
+        let Some(key_value_plan) = key_value_kernels else {
+            call.run(&mut |_, launch| launch());
+            return;
+        };
+        let kernels = BackwardLaunch {
+            client,
+            plan: key_value_plan,
+            table: &table,
+            q: inputs.q,
+            k: inputs.k,
+            v: inputs.v,
+            d_out: inputs.d_out,
+            slopes: inputs.slopes,
+            dk: &grads.dk,
+            dv: &grads.dv,
+            block_states: &workspace,
+            block_states_len: pass_plan.block_states_len.max(1),
+            heads: shape.heads,
+            key_dim: d,
+            value_dim: e,
+            strides: (layout.head_stride, layout.token_stride),
+            config,
+        };
+        // The pass's kv-parallel and kv-reduce are the reverse sweep; its diag
+        // and non-diag give way to the backward kernels, which write dk too.
+        call.run(&mut |stage, launch| match stage {
+            Stage::Diag => kernels.diag(),
+            Stage::NonDiag => kernels.non_diag(),
+            _ => launch(),
+        });
     };
     // dq = c do S^T: forward in time, state S^T from the initial state transposed.
     pass(
@@ -162,6 +206,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             transpose_initial: true,
             ..Variant::FORWARD
         },
+        None,
     );
     // dv = k G, backwards in time; its final state gives d_initial = a G_1.
     let reverse = Variant {
@@ -170,16 +215,31 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         advance_initial: true,
         ..Variant::FORWARD
     };
+    let dv_variant = Variant {
+        final_scale: scale,
+        retreat_final: true,
+        ..reverse
+    };
+    let dv_operands = [inputs.k, inputs.q, inputs.d_out, &grads.dv];
+    if let Some(key_value_plan) = &fused_key_value {
+        // dv and dk together from the one reverse sweep.
+        pass(
+            dv_operands,
+            false,
+            inputs.d_final_state,
+            &grads.d_initial_state,
+            dv_variant,
+            Some(key_value_plan),
+        );
+        return Ok(grads);
+    }
     pass(
-        [inputs.k, inputs.q, inputs.d_out, &grads.dv],
+        dv_operands,
         false,
         inputs.d_final_state,
         &grads.d_initial_state,
-        Variant {
-            final_scale: scale,
-            retreat_final: true,
-            ..reverse
-        },
+        dv_variant,
+        None,
     );
     // dk = v G^T, backwards in time, from dF transposed.
     pass(
@@ -191,6 +251,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             transpose_initial: true,
             ..reverse
         },
+        None,
     );
     Ok(grads)
 }

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod backward;
+mod backward_launch;
 #[cfg(feature = "burn")]
 pub mod burn;
 mod config;

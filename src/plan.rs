@@ -110,7 +110,7 @@ pub struct LaunchDims {
 }
 
 impl LaunchDims {
-    fn check(self, kernel: &'static str, limits: &DeviceLimits) -> Result<Self> {
+    pub(crate) fn check(self, kernel: &'static str, limits: &DeviceLimits) -> Result<Self> {
         let fits = |resource, required: u64, available: u64| {
             if required > available {
                 Err(LightningError::DoesNotFit {

@@ -17,6 +17,12 @@
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //!
+//! The backward pass: the gradient of q is a forward pass on other operands;
+//! those of k and v are [`backward_diag`] (their intra-block parts, together)
+//! and [`backward_non_diag`] (their parts from the gradient state entering each
+//! block), around a reverse sweep of [`kv_parallel`] and [`kv_reduce`] that
+//! carries that state (dKV) back to front.
+//!
 //! Layouts (row-major, contiguous): q, k `[b, h, n, d]` or packed
 //! `[total_tokens, h, d]`; v, out likewise with `e` (see [`layout`]: the prefill
 //! kernels take a table of sequences and a work list, so one kernel serves both);
@@ -28,6 +34,8 @@
 // No `missing_docs` lint here: `#[cube]` generates undocumented launch items;
 // each kernel function and module is documented by hand.
 
+pub mod backward_diag;
+pub mod backward_non_diag;
 pub mod decode;
 pub mod diag;
 pub mod diag_cmma;
