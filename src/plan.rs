@@ -287,10 +287,11 @@ fn kv_parallel_on_tensor_cores(
     })
 }
 
-/// Most columns of `e` one tensor-core diag cube holds (4 accumulators per
-/// plane). At 128 (8 accumulators) ptxas gave diag 255 registers and spills,
-/// so 2 cubes per SM on an H100 (see SPEED_NOTES.md).
-const MAX_CMMA_VALUE_TILE: usize = 64;
+/// Most columns of `e` one tensor-core diag cube holds (8 accumulators per
+/// plane). ptxas gives diag 255 registers and some spills at 128, but 64 (no
+/// spills, still 255 registers) made bf16 diag 3.4x slower on an H100 (see
+/// SPEED_NOTES.md, variant 3).
+const MAX_CMMA_VALUE_TILE: usize = 128;
 
 /// The tensor-core diag launch for this work, where the device, dtype, config
 /// and shared memory allow it.

@@ -24,10 +24,14 @@
 //!
 //! Geometry: cube x runs over `ceil(d * e / units)` chunks of the state, y over
 //! the `h` heads, z over the sequences to reduce, `work[z]` naming each; one
-//! unit per element. `block_offsets[seq]` is the sequence's first block in
+//! unit per element, which loads the states of 8 blocks at a time before it
+//! stores theirs. `block_offsets[seq]` is the sequence's first block in
 //! `block_states` (`[total_blocks, h, d, e]`); states are `[slots, h, d, e]`.
 
 use cubecl::prelude::*;
+
+/// Blocks whose per-block states one unit loads before storing any of them.
+const LOADS_IN_FLIGHT: usize = 8;
 
 /// Launched with the geometry in the module doc. `initial` is read only when
 /// `initial_in_states` is false and some sequence has an initial slot (any
@@ -83,12 +87,29 @@ pub fn kv_reduce(
                 state *= f32::exp(-neg_slope);
             }
         }
-        for blk in 0..num_blocks {
-            let idx = ((first_block + blk) * h + head) * state_len + elem;
-            let contribution = block_states[idx];
-            block_states[idx] = state;
-            let len = min(block, n - blk * block);
-            state = f32::exp(neg_slope * f32::cast_from(len as u32)) * state + contribution;
+        // The loads of a group of blocks are issued before any of its stores:
+        // one load at a time, each behind the previous store to the same
+        // buffer, left the walk bound by memory latency.
+        for group in range_stepped(0, num_blocks, LOADS_IN_FLIGHT) {
+            let mut contributions = Array::<f32>::new(LOADS_IN_FLIGHT);
+            #[unroll]
+            for g in 0..LOADS_IN_FLIGHT {
+                let blk = group + g;
+                let mut contribution = 0.0f32;
+                if blk < num_blocks {
+                    contribution = block_states[((first_block + blk) * h + head) * state_len + elem];
+                }
+                contributions[g] = contribution;
+            }
+            #[unroll]
+            for g in 0..LOADS_IN_FLIGHT {
+                let blk = group + g;
+                if blk < num_blocks {
+                    block_states[((first_block + blk) * h + head) * state_len + elem] = state;
+                    let len = min(block, n - blk * block);
+                    state = f32::exp(neg_slope * f32::cast_from(len as u32)) * state + contributions[g];
+                }
+            }
         }
         let final_slot = final_slots[seq];
         if final_slot >= 0 {
