@@ -416,6 +416,7 @@ pub(crate) fn launch_decode(
                     value_dim,
                     plan.column_tile,
                     plan.row_groups,
+                    plan.rows_in_flight,
                     indexed,
                 )
             }

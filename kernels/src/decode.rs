@@ -15,14 +15,11 @@
 //! chunks of the value dimension, y over `b * h`. The cube has
 //! `column_tile * row_groups` units: unit `(g, c)` updates vector column `c` of
 //! the rows `i = g (mod row_groups)`, so each unit walks `d / row_groups` rows
-//! instead of all `d` (a short dependency chain at small batch), 8 rows loaded
-//! before any is stored, and the partial
+//! instead of all `d` (a short dependency chain at small batch), `rows_in_flight`
+//! rows loaded before any is stored (the host picks it per compiler), and the partial
 //! dot products meet in shared memory (`column_tile * row_groups` vectors).
 
 use cubecl::prelude::*;
-
-/// Rows of the cache one unit loads before it stores any of them.
-const ROWS_IN_FLIGHT: usize = 8;
 
 /// Launched with the geometry in the module doc. q, k `[b, h, d]`, v, out
 /// `[b, h, e]` (or packed, with `indexed`), cache `[slots, h, d, e]`, slots and
@@ -44,6 +41,7 @@ pub fn decode<F: Float, N: Size>(
     #[comptime] value_dim: usize,
     #[comptime] column_tile: usize,
     #[comptime] row_groups: usize,
+    #[comptime] rows_in_flight: usize,
     #[comptime] indexed: bool,
 ) {
     let vector_cols = value_dim / N::value();
@@ -71,31 +69,42 @@ pub fn decode<F: Float, N: Size>(
             let decay = Vector::<f32, N>::new(f32::exp(-slopes[head]));
             let base = (slot as usize * h + head) * key_dim * vector_cols + col;
             let vj = Vector::<f32, N>::cast_from(v[row * vector_cols + col]);
-            // Row `i = group + m * row_groups` for m = 0, 1, ...: the unit's
-            // rows are loaded a group at a time before any is stored back. One
-            // row at a time, each load waited behind the previous store to the
-            // cache, so a small batch was bound by memory latency.
-            let rows_per_unit = comptime!(key_dim.div_ceil(row_groups));
-            for m0 in range_stepped(0, rows_per_unit, ROWS_IN_FLIGHT) {
-                let mut states = Array::<Vector<f32, N>>::new(ROWS_IN_FLIGHT);
-                let mut ks = Array::<f32>::new(ROWS_IN_FLIGHT);
-                let mut qs = Array::<f32>::new(ROWS_IN_FLIGHT);
-                #[unroll]
-                for r in 0..ROWS_IN_FLIGHT {
-                    let i = group + (m0 + r) * row_groups;
-                    if i < key_dim {
-                        states[r] = cache[base + i * vector_cols];
-                        ks[r] = f32::cast_from(k[row * key_dim + i]);
-                        qs[r] = f32::cast_from(q[row * key_dim + i]);
-                    }
+            // Row `i = group + m * row_groups` for m = 0, 1, ... With
+            // `rows_in_flight > 1` the unit's rows are loaded a group at a time
+            // before any is stored back: one row at a time, each load waits
+            // behind the previous store to the cache (CUDA). WGSL keeps the
+            // plain walk, which measured faster there.
+            if comptime!(rows_in_flight == 1) {
+                for i in range_stepped(group, key_dim, row_groups) {
+                    let idx = base + i * vector_cols;
+                    let ki = Vector::<f32, N>::new(f32::cast_from(k[row * key_dim + i]));
+                    let updated = decay * cache[idx] + ki * vj;
+                    cache[idx] = updated;
+                    acc += Vector::<f32, N>::new(f32::cast_from(q[row * key_dim + i])) * updated;
                 }
-                #[unroll]
-                for r in 0..ROWS_IN_FLIGHT {
-                    let i = group + (m0 + r) * row_groups;
-                    if i < key_dim {
-                        let updated = decay * states[r] + Vector::<f32, N>::new(ks[r]) * vj;
-                        cache[base + i * vector_cols] = updated;
-                        acc += Vector::<f32, N>::new(qs[r]) * updated;
+            } else {
+                let rows_per_unit = comptime!(key_dim.div_ceil(row_groups));
+                for m0 in range_stepped(0, rows_per_unit, rows_in_flight) {
+                    let mut states = Array::<Vector<f32, N>>::new(rows_in_flight);
+                    let mut ks = Array::<f32>::new(rows_in_flight);
+                    let mut qs = Array::<f32>::new(rows_in_flight);
+                    #[unroll]
+                    for r in 0..rows_in_flight {
+                        let i = group + (m0 + r) * row_groups;
+                        if i < key_dim {
+                            states[r] = cache[base + i * vector_cols];
+                            ks[r] = f32::cast_from(k[row * key_dim + i]);
+                            qs[r] = f32::cast_from(q[row * key_dim + i]);
+                        }
+                    }
+                    #[unroll]
+                    for r in 0..rows_in_flight {
+                        let i = group + (m0 + r) * row_groups;
+                        if i < key_dim {
+                            let updated = decay * states[r] + Vector::<f32, N>::new(ks[r]) * vj;
+                            cache[base + i * vector_cols] = updated;
+                            acc += Vector::<f32, N>::new(qs[r]) * updated;
+                        }
                     }
                 }
             }
