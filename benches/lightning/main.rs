@@ -10,6 +10,7 @@
 //! `cargo bench --bench lightning -- [--runtimes cuda,wgpu] [--quick] [--reps N] [--out DIR]`
 //! (`LIGHTNING_ATTENTION_RUNTIME` is ignored here: `--runtimes` picks.)
 
+mod backend_decode;
 mod chart;
 mod mixed;
 mod report;
@@ -350,6 +351,9 @@ fn main() {
         }
         for &batch in decode_batches.iter().filter(|_| runs("decode")) {
             let row = bench_decode(&client, &target, batch, &opts, bw);
+            eprintln!("{}", row.line());
+            rows.push(row);
+            let row = backend_decode::bench_backend_decode(&client, &target, batch, &opts, bw);
             eprintln!("{}", row.line());
             rows.push(row);
         }
