@@ -22,7 +22,8 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::tiles::{apply_scores, masked_scores, store_rows};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
@@ -100,6 +101,7 @@ pub fn backward_diag<F: Float>(
             sub_block,
             key_chunk,
             rows_per_unit,
+            true,
         );
         sync_cube();
         apply_scores::<F>(
@@ -115,6 +117,7 @@ pub fn backward_diag<F: Float>(
             sub_block,
             rows_per_unit,
             cols_per_unit,
+            true,
         );
         // dk += (w . V dO^T) Q; masked_scores starts with a barrier, so no
         // unit overwrites the scores above while another still reads them.
@@ -135,6 +138,7 @@ pub fn backward_diag<F: Float>(
             sub_block,
             key_chunk,
             rows_per_unit,
+            true,
         );
         sync_cube();
         apply_scores::<F>(
@@ -150,6 +154,7 @@ pub fn backward_diag<F: Float>(
             sub_block,
             rows_per_unit,
             cols_per_unit,
+            true,
         );
     }
 
@@ -165,6 +170,7 @@ pub fn backward_diag<F: Float>(
             value_dim,
             rows_per_unit,
             cols_per_unit,
+            true,
         );
         store_rows::<F>(
             &acc_dk,
@@ -177,182 +183,7 @@ pub fn backward_diag<F: Float>(
             key_dim,
             rows_per_unit,
             cols_per_unit,
+            true,
         );
-    }
-}
-
-/// Reads element `x` of the reversed token `t` of a row-major operand `width` wide,
-/// as f32 (zero past the sequence or the width).
-#[cube]
-fn load<F: Float>(
-    src: &[F],
-    row0: usize,
-    n: usize,
-    step: usize,
-    t: usize,
-    x: usize,
-    #[comptime] width: usize,
-) -> f32 {
-    let mut value = 0.0f32;
-    if t < n && x < width {
-        value = f32::cast_from(src[token_row(row0, t, n, step, true) * width + x]);
-    }
-    value
-}
-
-/// Writes `scores[r * sub_block + c] = w(row_start + r, key_start + c) *
-/// (rows_src_{row_start + r} . cols_src_{key_start + c})`, the dot product over
-/// `width`, masked to the causal part (zero elsewhere and past the sequence).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn masked_scores<F: Float>(
-    rows_src: &[F],
-    cols_src: &[F],
-    scores: &mut Shared<[f32]>,
-    row_tile: &mut Shared<[f32]>,
-    col_tile: &mut Shared<[f32]>,
-    row0: usize,
-    n: usize,
-    step: usize,
-    row_start: usize,
-    key_start: usize,
-    neg_slope: f32,
-    scale: f32,
-    #[comptime] width: usize,
-    #[comptime] sub_block: usize,
-    #[comptime] key_chunk: usize,
-    #[comptime] rows_per_unit: usize,
-) {
-    // Rows padded by one float: units reading one column of different rows hit different banks.
-    let stride = key_chunk + 1;
-    let unit = UNIT_POS as usize;
-    let units = CUBE_DIM as usize;
-    let unit_row = unit / SIDE;
-    let unit_col = unit % SIDE;
-    let mut dots = Array::<f32>::new(rows_per_unit * rows_per_unit);
-    #[unroll]
-    for x in 0..rows_per_unit * rows_per_unit {
-        dots[x] = 0.0f32;
-    }
-    for c0 in range_stepped(0, width, key_chunk) {
-        sync_cube();
-        for idx in range_stepped(unit, sub_block * key_chunk, units) {
-            let r = idx / key_chunk;
-            let x = c0 + idx % key_chunk;
-            row_tile[r * stride + idx % key_chunk] =
-                load::<F>(rows_src, row0, n, step, row_start + r, x, width);
-            col_tile[r * stride + idx % key_chunk] =
-                load::<F>(cols_src, row0, n, step, key_start + r, x, width);
-        }
-        sync_cube();
-        if unit_row < sub_block && unit_col < sub_block {
-            for x in 0..key_chunk {
-                let mut rs = Array::<f32>::new(rows_per_unit);
-                #[unroll]
-                for m in 0..rows_per_unit {
-                    rs[m] = row_tile[(m * SIDE + unit_row) * stride + x];
-                }
-                #[unroll]
-                for j in 0..rows_per_unit {
-                    let cj = col_tile[(j * SIDE + unit_col) * stride + x];
-                    #[unroll]
-                    for m in 0..rows_per_unit {
-                        dots[m * rows_per_unit + j] += rs[m] * cj;
-                    }
-                }
-            }
-        }
-    }
-    if unit_row < sub_block && unit_col < sub_block {
-        #[unroll]
-        for m in 0..rows_per_unit {
-            let r = m * SIDE + unit_row;
-            #[unroll]
-            for j in 0..rows_per_unit {
-                let c = j * SIDE + unit_col;
-                let tr = row_start + r;
-                let tc = key_start + c;
-                // Masked before the exponential: exp(+x) of a later token could overflow.
-                let mut weight = 0.0f32;
-                if tc <= tr && tr < n {
-                    weight = scale * f32::exp(neg_slope * f32::cast_from((tr - tc) as u32));
-                }
-                scores[r * sub_block + c] = weight * dots[m * rows_per_unit + j];
-            }
-        }
-    }
-}
-
-/// `acc[m, j] += sum_c scores[row(m), c] * src[key_start + c, col0 + col(j)]`,
-/// rows and columns 16 apart from the unit's place in the grid.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn apply_scores<F: Float>(
-    scores: &Shared<[f32]>,
-    src: &[F],
-    acc: &mut Array<f32>,
-    row0: usize,
-    n: usize,
-    step: usize,
-    key_start: usize,
-    col0: usize,
-    #[comptime] width: usize,
-    #[comptime] sub_block: usize,
-    #[comptime] rows_per_unit: usize,
-    #[comptime] cols_per_unit: usize,
-) {
-    let unit_row = UNIT_POS as usize / SIDE;
-    let unit_col = UNIT_POS as usize % SIDE;
-    if unit_row < sub_block {
-        for c in 0..sub_block {
-            let tc = key_start + c;
-            if tc < n {
-                let mut ss = Array::<f32>::new(rows_per_unit);
-                #[unroll]
-                for m in 0..rows_per_unit {
-                    ss[m] = scores[(m * SIDE + unit_row) * sub_block + c];
-                }
-                #[unroll]
-                for j in 0..cols_per_unit {
-                    let value = load::<F>(src, row0, n, step, tc, col0 + j * SIDE + unit_col, width);
-                    #[unroll]
-                    for m in 0..rows_per_unit {
-                        acc[m * cols_per_unit + j] += ss[m] * value;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Stores a unit's `rows_per_unit x cols_per_unit` accumulators into `dst`
-/// (`width` wide), skipping rows past the sequence and columns past the width.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_rows<F: Float>(
-    acc: &Array<f32>,
-    dst: &mut [F],
-    row0: usize,
-    n: usize,
-    step: usize,
-    row_start: usize,
-    col0: usize,
-    #[comptime] width: usize,
-    #[comptime] rows_per_unit: usize,
-    #[comptime] cols_per_unit: usize,
-) {
-    let unit_row = UNIT_POS as usize / SIDE;
-    let unit_col = UNIT_POS as usize % SIDE;
-    #[unroll]
-    for m in 0..rows_per_unit {
-        let t = row_start + m * SIDE + unit_row;
-        #[unroll]
-        for j in 0..cols_per_unit {
-            let col = col0 + j * SIDE + unit_col;
-            if t < n && col < width {
-                dst[token_row(row0, t, n, step, true) * width + col] =
-                    F::cast_from(acc[m * cols_per_unit + j]);
-            }
-        }
     }
 }

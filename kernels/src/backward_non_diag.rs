@@ -23,7 +23,8 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::tiles::{add_decayed, times_state};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
@@ -92,6 +93,7 @@ pub fn backward_non_diag<F: Float>(
         key_chunk,
         rows_per_unit,
         cols_per_unit,
+        true,
     );
     add_decayed::<F>(
         &acc,
@@ -108,6 +110,7 @@ pub fn backward_non_diag<F: Float>(
         sub_block,
         rows_per_unit,
         cols_per_unit,
+        true,
     );
     // dk_t += decay * v_t G^T: contract over e, columns of d.
     times_state::<F>(
@@ -129,6 +132,7 @@ pub fn backward_non_diag<F: Float>(
         key_chunk,
         rows_per_unit,
         cols_per_unit,
+        true,
     );
     add_decayed::<F>(
         &acc,
@@ -145,131 +149,6 @@ pub fn backward_non_diag<F: Float>(
         sub_block,
         rows_per_unit,
         cols_per_unit,
+        true,
     );
-}
-
-/// `acc = rows x state` for the unit's rows and columns: `rows` are the
-/// sub-block's tokens of `src` (`inner` wide), `state` is `G` (`d x e`, at
-/// `state_base`) or, with `transposed`, `G^T`; `cols` is the width of the result.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn times_state<F: Float>(
-    src: &[F],
-    block_states: &[f32],
-    row_tile: &mut Shared<[f32]>,
-    state_tile: &mut Shared<[f32]>,
-    acc: &mut Array<f32>,
-    row0: usize,
-    n: usize,
-    step: usize,
-    row_start: usize,
-    state_base: usize,
-    col0: usize,
-    #[comptime] inner: usize,
-    #[comptime] cols: usize,
-    #[comptime] transposed: bool,
-    #[comptime] sub_block: usize,
-    #[comptime] key_chunk: usize,
-    #[comptime] rows_per_unit: usize,
-    #[comptime] cols_per_unit: usize,
-) {
-    let column_tile = comptime!(SIDE * cols_per_unit);
-    let stride = key_chunk + 1;
-    let unit = UNIT_POS as usize;
-    let units = CUBE_DIM as usize;
-    let unit_row = unit / SIDE;
-    let unit_col = unit % SIDE;
-    // Local arrays are not zeroed on every target (CUDA).
-    #[unroll]
-    for x in 0..rows_per_unit * cols_per_unit {
-        acc[x] = 0.0f32;
-    }
-    for c0 in range_stepped(0, inner, key_chunk) {
-        // Also keeps the tiles of a previous call from being overwritten while read.
-        sync_cube();
-        for idx in range_stepped(unit, sub_block * key_chunk, units) {
-            let t = row_start + idx / key_chunk;
-            let x = c0 + idx % key_chunk;
-            let mut value = 0.0f32;
-            if t < n && x < inner {
-                value = f32::cast_from(src[token_row(row0, t, n, step, true) * inner + x]);
-            }
-            row_tile[(idx / key_chunk) * stride + idx % key_chunk] = value;
-        }
-        for idx in range_stepped(unit, key_chunk * column_tile, units) {
-            let x = c0 + idx / column_tile;
-            let col = col0 + idx % column_tile;
-            let mut value = 0.0f32;
-            if x < inner && col < cols {
-                // G is stored [d, e]: row-major in (x, col) as is, in (col, x) transposed.
-                let mut offset = x * cols + col;
-                if comptime!(transposed) {
-                    offset = col * inner + x;
-                }
-                value = block_states[state_base + offset];
-            }
-            state_tile[idx] = value;
-        }
-        sync_cube();
-        for x in 0..key_chunk {
-            let mut rs = Array::<f32>::new(rows_per_unit);
-            #[unroll]
-            for m in 0..rows_per_unit {
-                let row = m * SIDE + unit_row;
-                let mut value = 0.0f32;
-                if row < sub_block {
-                    value = row_tile[row * stride + x];
-                }
-                rs[m] = value;
-            }
-            #[unroll]
-            for j in 0..cols_per_unit {
-                let s = state_tile[x * column_tile + j * SIDE + unit_col];
-                #[unroll]
-                for m in 0..rows_per_unit {
-                    acc[m * cols_per_unit + j] += rs[m] * s;
-                }
-            }
-        }
-    }
-}
-
-/// `dst[t, col] += scale * exp(-s (t - block_start + 1)) * acc` for the unit's
-/// rows and columns inside the sequence and the width.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn add_decayed<F: Float>(
-    acc: &Array<f32>,
-    dst: &mut [F],
-    row0: usize,
-    n: usize,
-    step: usize,
-    row_start: usize,
-    block_start: usize,
-    neg_slope: f32,
-    scale: f32,
-    col0: usize,
-    #[comptime] width: usize,
-    #[comptime] sub_block: usize,
-    #[comptime] rows_per_unit: usize,
-    #[comptime] cols_per_unit: usize,
-) {
-    let unit_row = UNIT_POS as usize / SIDE;
-    let unit_col = UNIT_POS as usize % SIDE;
-    #[unroll]
-    for m in 0..rows_per_unit {
-        let row = m * SIDE + unit_row;
-        let t = row_start + row;
-        if row < sub_block && t < n {
-            let decay = scale * f32::exp(neg_slope * f32::cast_from((t - block_start + 1) as u32));
-            #[unroll]
-            for j in 0..cols_per_unit {
-                let col = col0 + j * SIDE + unit_col;
-                if col < width {
-                    let o = token_row(row0, t, n, step, true) * width + col;
-                    dst[o] = F::cast_from(f32::cast_from(dst[o]) + decay * acc[m * cols_per_unit + j]);
-                }
-            }
-        }
-    }
 }

@@ -12,8 +12,8 @@
 //! `seq_starts[i]..seq_starts[i + 1]` (see [`crate::layout`] for the
 //! addressing). The cube has 256 units in a 16 x 16 grid.
 //!
-//! For each key sub-block up to the query's own, the scores `Q K^T` are
-//! accumulated in registers (each unit `rows_per_unit^2` of them, at rows and
+//! For each key sub-block up to the query's own (the steps are in
+//! [`crate::tiles`]), the scores `Q K^T` are accumulated in registers (each unit `rows_per_unit^2` of them, at rows and
 //! columns 16 apart, `rows_per_unit = max(1, sub_block / 16)`) over chunks of
 //! `key_chunk` columns of `d`, each chunk of Q and K staged in shared memory
 //! with rows padded by one float so that units reading different rows of the
@@ -24,7 +24,8 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::tiles::{apply_scores, masked_scores, store_rows};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
@@ -55,7 +56,6 @@ pub fn diag<F: Float>(
     #[comptime] reversed: bool,
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
-    let row_stride = key_chunk + 1;
     let item = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
     let seq = work[2 * item] as usize;
@@ -67,14 +67,11 @@ pub fn diag<F: Float>(
     let neg_slope = -slopes[head];
     let block_start = (q_start / block) * block;
     let e0 = CUBE_POS_Z as usize * value_tile;
-    let unit = UNIT_POS as usize;
-    let units = CUBE_DIM as usize;
-    let unit_row = unit / SIDE;
-    let unit_col = unit % SIDE;
+    let unit_row = UNIT_POS as usize / SIDE;
 
     let mut scores = Shared::<[f32]>::new_slice(sub_block * sub_block);
-    let mut q_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
-    let mut k_tile = Shared::<[f32]>::new_slice(sub_block * row_stride);
+    let mut q_tile = Shared::<[f32]>::new_slice(sub_block * (key_chunk + 1));
+    let mut k_tile = Shared::<[f32]>::new_slice(sub_block * (key_chunk + 1));
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
     // Local arrays are not zeroed on every target (CUDA).
     #[unroll]
@@ -85,107 +82,58 @@ pub fn diag<F: Float>(
     let key_sub_blocks = (q_start - block_start) / sub_block + 1;
     for ks in 0..key_sub_blocks {
         let k_start = block_start + ks * sub_block;
-        let mut dots = Array::<f32>::new(rows_per_unit * rows_per_unit);
-        #[unroll]
-        for x in 0..rows_per_unit * rows_per_unit {
-            dots[x] = 0.0f32;
-        }
-        for c0 in range_stepped(0, key_dim, key_chunk) {
-            sync_cube();
-            for idx in range_stepped(unit, sub_block * key_chunk, units) {
-                let r = idx / key_chunk;
-                let i = c0 + idx % key_chunk;
-                let tq = q_start + r;
-                let tk = k_start + r;
-                let mut qv = 0.0f32;
-                let mut kv = 0.0f32;
-                if i < key_dim {
-                    if tq < n {
-                        qv = f32::cast_from(q[token_row(row0, tq, n, step, reversed) * key_dim + i]);
-                    }
-                    if tk < n {
-                        kv = f32::cast_from(k[token_row(row0, tk, n, step, reversed) * key_dim + i]);
-                    }
-                }
-                q_tile[r * row_stride + idx % key_chunk] = qv;
-                k_tile[r * row_stride + idx % key_chunk] = kv;
-            }
-            sync_cube();
-            if unit_row < sub_block && unit_col < sub_block {
-                for i in 0..key_chunk {
-                    let mut qs = Array::<f32>::new(rows_per_unit);
-                    #[unroll]
-                    for m in 0..rows_per_unit {
-                        qs[m] = q_tile[(m * SIDE + unit_row) * row_stride + i];
-                    }
-                    #[unroll]
-                    for j in 0..rows_per_unit {
-                        let kj = k_tile[(j * SIDE + unit_col) * row_stride + i];
-                        #[unroll]
-                        for m in 0..rows_per_unit {
-                            dots[m * rows_per_unit + j] += qs[m] * kj;
-                        }
-                    }
-                }
-            }
-        }
-        if unit_row < sub_block && unit_col < sub_block {
-            #[unroll]
-            for m in 0..rows_per_unit {
-                let r = m * SIDE + unit_row;
-                #[unroll]
-                for j in 0..rows_per_unit {
-                    let c = j * SIDE + unit_col;
-                    let tq = q_start + r;
-                    let tk = k_start + c;
-                    // Masked before the exponential: exp(+x) of a future key could overflow.
-                    let mut weight = 0.0f32;
-                    if tk <= tq && tq < n {
-                        weight = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32));
-                    }
-                    scores[r * sub_block + c] = weight * dots[m * rows_per_unit + j];
-                }
-            }
-        }
+        // masked_scores starts with a barrier, so no unit overwrites the
+        // scores of the previous key sub-block while another still reads them.
+        masked_scores::<F>(
+            q,
+            k,
+            &mut scores,
+            &mut q_tile,
+            &mut k_tile,
+            row0,
+            n,
+            step,
+            q_start,
+            k_start,
+            neg_slope,
+            scale,
+            key_dim,
+            sub_block,
+            key_chunk,
+            rows_per_unit,
+            reversed,
+        );
         sync_cube();
-        if unit_row < sub_block {
-            for c in 0..sub_block {
-                let tk = k_start + c;
-                if tk < n {
-                    let mut ss = Array::<f32>::new(rows_per_unit);
-                    #[unroll]
-                    for m in 0..rows_per_unit {
-                        ss[m] = scores[(m * SIDE + unit_row) * sub_block + c];
-                    }
-                    #[unroll]
-                    for j in 0..cols_per_unit {
-                        let col = e0 + j * SIDE + unit_col;
-                        let mut vv = 0.0f32;
-                        if col < value_dim {
-                            vv = f32::cast_from(v[token_row(row0, tk, n, step, reversed) * value_dim + col]);
-                        }
-                        #[unroll]
-                        for m in 0..rows_per_unit {
-                            acc[m * cols_per_unit + j] += ss[m] * vv;
-                        }
-                    }
-                }
-            }
-        }
+        apply_scores::<F>(
+            &scores,
+            v,
+            &mut acc,
+            row0,
+            n,
+            step,
+            k_start,
+            e0,
+            value_dim,
+            sub_block,
+            rows_per_unit,
+            cols_per_unit,
+            reversed,
+        );
     }
 
     if unit_row < sub_block {
-        #[unroll]
-        for m in 0..rows_per_unit {
-            let tq = q_start + m * SIDE + unit_row;
-            #[unroll]
-            for j in 0..cols_per_unit {
-                let col = e0 + j * SIDE + unit_col;
-                if tq < n && col < value_dim {
-                    out[token_row(row0, tq, n, step, reversed) * value_dim + col] =
-                        F::cast_from(acc[m * cols_per_unit + j]);
-                }
-            }
-        }
+        store_rows::<F>(
+            &acc,
+            out,
+            row0,
+            n,
+            step,
+            q_start,
+            e0,
+            value_dim,
+            rows_per_unit,
+            cols_per_unit,
+            reversed,
+        );
     }
 }

@@ -45,3 +45,4 @@ pub mod kv_reduce;
 pub mod kv_snapshot;
 pub mod layout;
 pub mod non_diag;
+pub mod tiles;

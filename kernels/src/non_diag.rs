@@ -16,7 +16,8 @@
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::tiles::{add_decayed, times_state};
 
 /// Units along each side of the cube's 16 x 16 grid.
 const SIDE: usize = 16;
@@ -48,7 +49,6 @@ pub fn non_diag<F: Float>(
     #[comptime] reversed: bool,
 ) {
     let value_tile = comptime!(SIDE * cols_per_unit);
-    let q_stride = key_chunk + 1;
     let item = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
     let seq = work[2 * item] as usize;
@@ -56,83 +56,50 @@ pub fn non_diag<F: Float>(
     let seq_start = seq_starts[seq] as usize;
     let n = seq_starts[seq + 1] as usize - seq_start;
     let row0 = first_row(seq_start, head, heads as usize, head_stride as usize);
-    let row_step = token_stride as usize;
-    let neg_slope = -slopes[head];
     let blk = q_start / block;
     let global_block = block_offsets[seq] as usize + blk;
     let e0 = CUBE_POS_Z as usize * value_tile;
     let state_base = (global_block * heads as usize + head) * key_dim * value_dim;
-    let unit = UNIT_POS as usize;
-    let units = CUBE_DIM as usize;
-    let unit_row = unit / SIDE;
-    let unit_col = unit % SIDE;
 
-    let mut q_tile = Shared::<[f32]>::new_slice(sub_block * q_stride);
+    let mut q_tile = Shared::<[f32]>::new_slice(sub_block * (key_chunk + 1));
     let mut s_tile = Shared::<[f32]>::new_slice(key_chunk * value_tile);
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
-    // Local arrays are not zeroed on every target (CUDA).
-    #[unroll]
-    for x in 0..rows_per_unit * cols_per_unit {
-        acc[x] = 0.0f32;
-    }
-    for c0 in range_stepped(0, key_dim, key_chunk) {
-        sync_cube();
-        for idx in range_stepped(unit, sub_block * key_chunk, units) {
-            let t = q_start + idx / key_chunk;
-            let i = c0 + idx % key_chunk;
-            let mut value = 0.0f32;
-            if t < n && i < key_dim {
-                value = f32::cast_from(q[token_row(row0, t, n, row_step, reversed) * key_dim + i]);
-            }
-            q_tile[(idx / key_chunk) * q_stride + idx % key_chunk] = value;
-        }
-        for idx in range_stepped(unit, key_chunk * value_tile, units) {
-            let i = c0 + idx / value_tile;
-            let col = e0 + idx % value_tile;
-            let mut value = 0.0f32;
-            if i < key_dim && col < value_dim {
-                value = block_states[state_base + i * value_dim + col];
-            }
-            s_tile[idx] = value;
-        }
-        sync_cube();
-        for i in 0..key_chunk {
-            let mut qs = Array::<f32>::new(rows_per_unit);
-            #[unroll]
-            for m in 0..rows_per_unit {
-                let row = m * SIDE + unit_row;
-                let mut value = 0.0f32;
-                if row < sub_block {
-                    value = q_tile[row * q_stride + i];
-                }
-                qs[m] = value;
-            }
-            #[unroll]
-            for j in 0..cols_per_unit {
-                let s = s_tile[i * value_tile + j * SIDE + unit_col];
-                #[unroll]
-                for m in 0..rows_per_unit {
-                    acc[m * cols_per_unit + j] += qs[m] * s;
-                }
-            }
-        }
-    }
-
-    #[unroll]
-    for m in 0..rows_per_unit {
-        let row = m * SIDE + unit_row;
-        let t = q_start + row;
-        if row < sub_block && t < n {
-            let offset = t - blk * block;
-            let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
-            #[unroll]
-            for j in 0..cols_per_unit {
-                let col = e0 + j * SIDE + unit_col;
-                if col < value_dim {
-                    let o = token_row(row0, t, n, row_step, reversed) * value_dim + col;
-                    out[o] = F::cast_from(f32::cast_from(out[o]) + decay * acc[m * cols_per_unit + j]);
-                }
-            }
-        }
-    }
+    times_state::<F>(
+        q,
+        block_states,
+        &mut q_tile,
+        &mut s_tile,
+        &mut acc,
+        row0,
+        n,
+        token_stride as usize,
+        q_start,
+        state_base,
+        e0,
+        key_dim,
+        value_dim,
+        false,
+        sub_block,
+        key_chunk,
+        rows_per_unit,
+        cols_per_unit,
+        reversed,
+    );
+    add_decayed::<F>(
+        &acc,
+        out,
+        row0,
+        n,
+        token_stride as usize,
+        q_start,
+        blk * block,
+        -slopes[head],
+        scale,
+        e0,
+        value_dim,
+        sub_block,
+        rows_per_unit,
+        cols_per_unit,
+        reversed,
+    );
 }
