@@ -83,6 +83,32 @@ impl std::fmt::Debug for LightningBackend {
     }
 }
 
+/// A layer's cache must be one buffer the device can allocate and 32-bit
+/// indices can address: refused here with a typed error rather than by the
+/// runtime's allocator (which panics).
+fn check_cache_fits(client: &Client, shape: &[usize; 4]) -> Result<()> {
+    const CACHE: &str = "state cache [slots, h, d, e] of one layer";
+    let elements = shape.iter().product::<usize>() as u64;
+    if elements > crate::shapes::MAX_ELEMENTS {
+        return Err(LightningError::TooLarge {
+            tensor: CACHE,
+            elements,
+            max: crate::shapes::MAX_ELEMENTS,
+        });
+    }
+    let bytes = elements * 4;
+    let available = crate::plan::DeviceLimits::of(client).max_buffer;
+    if bytes > available {
+        return Err(LightningError::DoesNotFit {
+            kernel: CACHE,
+            resource: "bytes in one buffer",
+            required: bytes,
+            available,
+        });
+    }
+    Ok(())
+}
+
 impl LightningBackend {
     /// Validates `config`, builds each layer's slopes and allocates each
     /// layer's cache (zeros: no slot holds a state until a request writes it).
@@ -124,6 +150,7 @@ impl LightningBackend {
                 DType::F32,
             )?);
             let cache_shape = [config.slots, local_heads, config.key_dim, config.value_dim];
+            check_cache_fits(client, &cache_shape)?;
             caches.push(DeviceTensor::filled(client, &cache_shape, DType::F32, 0.0)?);
         }
         for cache in &caches {

@@ -7,6 +7,7 @@ mod simulation;
 
 use lightning_attention::cubecl::bytes::Bytes;
 use lightning_attention::cubecl::prelude::*;
+use lightning_attention::plan::DeviceLimits;
 use lightning_attention::reference::{PADDING_SLOT, decode as reference_decode};
 use lightning_attention::{
     BackendConfig, DType, DeviceTensor, LightningBackend, LightningError, PrefillConfig, VarlenBatch,
@@ -218,4 +219,20 @@ fn backend_errors_are_typed() {
     config.tensor_parallel = (0, 3);
     let err = LightningBackend::new(&client, config).unwrap_err();
     assert!(matches!(err, LightningError::Slopes(_)), "{err}");
+    // A cache that 32-bit indices cannot address, or that no buffer of the
+    // device can hold, is refused before anything is allocated.
+    config.tensor_parallel = (0, 1);
+    (config.heads, config.key_dim, config.value_dim) = (2, 32, 32);
+    let slot_elements = 2 * 32 * 32u64;
+    config.slots = (u32::MAX as u64 / slot_elements + 1) as usize;
+    let err = LightningBackend::new(&client, config).unwrap_err();
+    assert!(matches!(err, LightningError::TooLarge { .. }), "{err}");
+    let max_buffer = DeviceLimits::of(&client).max_buffer;
+    let slots = max_buffer / (slot_elements * 4) + 1;
+    // Where the largest buffer is past 16 GiB, 32-bit indexing refuses first (above).
+    if slots * slot_elements <= u32::MAX as u64 {
+        config.slots = slots as usize;
+        let err = LightningBackend::new(&client, config).unwrap_err();
+        assert!(matches!(err, LightningError::DoesNotFit { .. }), "{err}");
+    }
 }
