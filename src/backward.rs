@@ -172,6 +172,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         let kernels = BackwardLaunch {
             client,
             plan: key_value_plan,
+            pass: pass_plan,
             table: &table,
             q: inputs.q,
             k: inputs.k,
@@ -181,7 +182,6 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             dk: &grads.dk,
             dv: &grads.dv,
             block_states: &workspace,
-            block_states_len: pass_plan.block_states_len.max(1),
             heads: shape.heads,
             key_dim: d,
             value_dim: e,

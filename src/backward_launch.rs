@@ -14,17 +14,12 @@ use crate::plan::{DeviceLimits, LaunchDims, PrefillPlan};
 use crate::sequences::DeviceTable;
 use crate::{DType, DeviceTensor, PrefillConfig, Result};
 
-/// The launch geometry of the two backward kernels for one pass.
+/// The grids of the two backward kernels for one pass; their tiles are the
+/// pass's diag and non-diag tiles (see [`BackwardLaunch::pass`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BackwardPlan {
     diag: LaunchDims,
     non_diag: LaunchDims,
-    diag_key_chunk: usize,
-    diag_rows_per_unit: usize,
-    diag_cols_per_unit: usize,
-    non_diag_key_chunk: usize,
-    non_diag_rows_per_unit: usize,
-    non_diag_cols_per_unit: usize,
 }
 
 impl BackwardPlan {
@@ -53,16 +48,7 @@ impl BackwardPlan {
             ..pass.non_diag
         }
         .check("backward-non-diag", limits)?;
-        Ok(Self {
-            diag,
-            non_diag,
-            diag_key_chunk: pass.diag_key_chunk,
-            diag_rows_per_unit: pass.diag_rows_per_unit,
-            diag_cols_per_unit: pass.diag_cols_per_unit,
-            non_diag_key_chunk: pass.non_diag_key_chunk,
-            non_diag_rows_per_unit: pass.non_diag_rows_per_unit,
-            non_diag_cols_per_unit: pass.non_diag_cols_per_unit,
-        })
+        Ok(Self { diag, non_diag })
     }
 }
 
@@ -70,6 +56,8 @@ impl BackwardPlan {
 pub(crate) struct BackwardLaunch<'a> {
     pub client: &'a Client,
     pub plan: &'a BackwardPlan,
+    /// The (portable) plan of the pass [`BackwardPlan`] was made from.
+    pub pass: &'a PrefillPlan,
     pub table: &'a DeviceTable,
     pub q: &'a DeviceTensor,
     pub k: &'a DeviceTensor,
@@ -80,7 +68,6 @@ pub(crate) struct BackwardLaunch<'a> {
     pub dv: &'a DeviceTensor,
     /// The pass's per-block gradient states `[blocks, h, d, e]`.
     pub block_states: &'a Handle,
-    pub block_states_len: usize,
     pub heads: usize,
     pub key_dim: usize,
     pub value_dim: usize,
@@ -135,16 +122,16 @@ impl BackwardLaunch<'_> {
                 self.value_dim,
                 self.config.block,
                 self.config.sub_block,
-                plan.diag_key_chunk,
-                plan.diag_rows_per_unit,
-                plan.diag_cols_per_unit,
+                self.pass.diag_key_chunk,
+                self.pass.diag_rows_per_unit,
+                self.pass.diag_cols_per_unit,
             )
         }
     }
 
     fn non_diag_typed<F: Float + CubeElement>(&self) {
         let plan = self.plan;
-        // SAFETY: as for diag; the workspace holds `block_states_len` f32.
+        // SAFETY: as for diag; the workspace holds the pass's `block_states_len` f32.
         unsafe {
             kernels::backward_non_diag::backward_non_diag::launch_unchecked::<F>(
                 self.client,
@@ -156,7 +143,7 @@ impl BackwardLaunch<'_> {
                 self.table.seq_starts.arg(),
                 self.table.block_offsets.arg(),
                 self.table.sub_block_work.arg(),
-                BufferArg::from_raw_parts(self.block_states.clone(), self.block_states_len),
+                BufferArg::from_raw_parts(self.block_states.clone(), self.pass.block_states_len.max(1)),
                 arg(self.dk),
                 arg(self.dv),
                 self.heads as u32,
@@ -167,9 +154,9 @@ impl BackwardLaunch<'_> {
                 self.value_dim,
                 self.config.block,
                 self.config.sub_block,
-                plan.non_diag_key_chunk,
-                plan.non_diag_rows_per_unit,
-                plan.non_diag_cols_per_unit,
+                self.pass.non_diag_key_chunk,
+                self.pass.non_diag_rows_per_unit,
+                self.pass.non_diag_cols_per_unit,
             )
         }
     }

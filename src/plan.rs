@@ -94,11 +94,16 @@ impl TensorCores {
 pub const DECODE_ROWS_IN_FLIGHT_VAR: &str = "LIGHTNING_ATTENTION_DECODE_ROWS_IN_FLIGHT";
 
 fn decode_rows_in_flight(client: &Client) -> usize {
+    // Read once: the limits are taken on every call that plans a launch.
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let by_runtime = if client.name().starts_with("cuda") { 8 } else { 1 };
-    std::env::var(DECODE_ROWS_IN_FLIGHT_VAR)
-        .ok()
-        .and_then(|value| value.parse::<usize>().ok())
-        .filter(|&rows| (1..=32).contains(&rows))
+    OVERRIDE
+        .get_or_init(|| {
+            std::env::var(DECODE_ROWS_IN_FLIGHT_VAR)
+                .ok()
+                .and_then(|value| value.parse::<usize>().ok())
+                .filter(|&rows| (1..=32).contains(&rows))
+        })
         .unwrap_or(by_runtime)
 }
 
