@@ -373,6 +373,9 @@ pub struct PrefillPlan {
     /// Units per plane the tensor-core routines are compiled for (0 where the
     /// runtime has no fixed plane size; the portable routines ignore it).
     pub plane_size: usize,
+    /// Scalars per vector the tensor-core routines move q, k, v, the output
+    /// and the block states in (see [`cmma_vector_size`]).
+    pub cmma_vector_size: usize,
     /// diag's chunk of `d` staged per step.
     pub diag_key_chunk: usize,
     /// Query rows (and key columns) of scores and outputs each diag unit holds.
@@ -401,6 +404,17 @@ pub struct PrefillPlan {
     pub non_diag_cols_per_unit: usize,
     /// kv-snapshot launch (zero cubes when no snapshot is asked for).
     pub kv_snapshot: LaunchDims,
+}
+
+/// The widest vector (8, 4, 2 or 1 scalars) dividing both `d` and `e`: the
+/// tensor-core routines load rows of q, k, v and the block states in vectors
+/// of this many scalars (16 bytes for 16-bit inputs at 8), and every row and
+/// tile edge falls on a vector boundary.
+pub fn cmma_vector_size(key_dim: usize, value_dim: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|lanes| key_dim.is_multiple_of(*lanes) && value_dim.is_multiple_of(*lanes))
+        .unwrap_or(1)
 }
 
 fn count(x: usize) -> u32 {
@@ -515,6 +529,7 @@ impl PrefillPlan {
             diag,
             diag_routine,
             plane_size: limits.plane_size.unwrap_or(0) as usize,
+            cmma_vector_size: cmma_vector_size(d, e),
             diag_key_chunk,
             diag_rows_per_unit,
             diag_cols_per_unit,

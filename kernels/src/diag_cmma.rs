@@ -32,33 +32,33 @@
 //! Shared memory, bytes: `2 * (2 * sub_block * d16 + sub_block * value_tile +
 //! sub_block^2) + 4 * sub_block^2`, with `d16` = d rounded up to 16 (tails are
 //! zero-padded, so any `d` and `e` work).
+//!
+//! q, k, v, out and the block states travel as vectors of `N` scalars along
+//! their rows (see [`crate::staging`]); the host picks `N` dividing `d` and `e`.
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::staging::{TILE, fragment, stage_rows, store_tile, zero_accumulator};
 
-/// Side of one tensor-core tile (`m = n = k = 16`).
-const TILE: usize = 16;
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
-/// Global loads each unit issues before storing them to shared memory.
-const BATCH: usize = 8;
 
 /// Launched with the geometry in the module doc and `sub_block / 16` planes of
-/// `plane_size` units (the device's fixed plane size); `reversed` reads every sequence back to front (see
-/// [`crate::layout`]).
+/// `plane_size` units (the device's fixed plane size); `reversed` reads every
+/// sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn diag_cmma<F: Float>(
-    q: &[F],
-    k: &[F],
-    v: &[F],
+pub fn diag_cmma<F: Float, N: Size>(
+    q: &[Vector<F, N>],
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
     slopes: &[f32],
     seq_starts: &[u32],
     block_offsets: &[u32],
     work: &[u32],
-    block_states: &[f32],
-    out: &mut [F],
+    block_states: &[Vector<f32, N>],
+    out: &mut [Vector<F, N>],
     heads: u32,
     head_stride: u32,
     token_stride: u32,
@@ -72,18 +72,16 @@ pub fn diag_cmma<F: Float>(
     #[comptime] with_state: bool,
     #[comptime] reversed: bool,
 ) {
+    let lanes_v = N::value();
     let key_pad = comptime!(key_dim.div_ceil(TILE) * TILE);
     let key_tiles = comptime!(key_pad / TILE);
     let row_tiles = comptime!(sub_block / TILE);
     let value_tiles = comptime!(value_tile / TILE);
-    let qk_len = comptime!(sub_block * key_pad);
-    let v_len = comptime!(sub_block * value_tile);
+    // Shared tiles, in vectors of N.
+    let qk_len = comptime!(sub_block * key_pad / lanes_v);
+    let v_len = comptime!(sub_block * value_tile / lanes_v);
     let s_len = comptime!(sub_block * sub_block);
-    // Known at compile time so that the staging loops unroll and keep BATCH
-    // loads in flight per unit (one at a time, the loads' latency dominated).
     let units = comptime!(sub_block / TILE * plane_size);
-    let qk_batches = comptime!(qk_len.div_ceil(units * BATCH));
-    let v_batches = comptime!(v_len.div_ceil(units * BATCH));
 
     let item = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
@@ -103,46 +101,21 @@ pub fn diag_cmma<F: Float>(
     // This plane's 16 query rows.
     let strip = plane * TILE;
 
-    let mut q_s = Shared::<[F]>::new_aligned_slice(qk_len, ALIGN);
-    let mut k_s = Shared::<[F]>::new_aligned_slice(qk_len, ALIGN);
-    let mut v_s = Shared::<[F]>::new_aligned_slice(v_len, ALIGN);
+    let mut q_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
+    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
+    let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
     let mut s_f = Shared::<[f32]>::new_aligned_slice(s_len, ALIGN);
     let mut s_h = Shared::<[F]>::new_aligned_slice(s_len, ALIGN);
 
-    #[unroll]
-    for b in 0..qk_batches {
-        let mut regs = Array::<F>::new(BATCH);
-        #[unroll]
-        for x in 0..BATCH {
-            let idx = (b * BATCH + x) * units + unit;
-            let tq = q_start + idx / key_pad;
-            let i = idx % key_pad;
-            let mut val = F::cast_from(0.0f32);
-            if idx < qk_len && i < key_dim && tq < n {
-                val = q[token_row(row0, tq, n, step, reversed) * key_dim + i];
-            }
-            regs[x] = val;
-        }
-        #[unroll]
-        for x in 0..BATCH {
-            let idx = (b * BATCH + x) * units + unit;
-            if idx < qk_len {
-                q_s[idx] = regs[x];
-            }
-        }
-    }
+    stage_rows::<F, F, N>(
+        q, &mut q_s, row0, n, step, q_start, n, 0, neg_slope, sub_block, key_pad, key_dim,
+        units, false, reversed,
+    );
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
     for _ in 0..value_tiles {
-        acc.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            TILE,
-            TILE,
-            TILE,
-            cmma::MatrixLayout::Undefined,
-            0.0f32,
-        ));
+        acc.push(zero_accumulator());
     }
 
     let key_sub_blocks = (q_start - block_start) / sub_block + 1;
@@ -150,83 +123,34 @@ pub fn diag_cmma<F: Float>(
         let k_start = block_start + ks * sub_block;
         // The previous step's readers of k_s, v_s and s_h are done.
         sync_cube();
-        #[unroll]
-        for b in 0..qk_batches {
-            let mut regs = Array::<F>::new(BATCH);
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                let tk = k_start + idx / key_pad;
-                let i = idx % key_pad;
-                let mut val = F::cast_from(0.0f32);
-                if idx < qk_len && i < key_dim && tk < n {
-                    val = k[token_row(row0, tk, n, step, reversed) * key_dim + i];
-                }
-                regs[x] = val;
-            }
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                if idx < qk_len {
-                    k_s[idx] = regs[x];
-                }
-            }
-        }
-        #[unroll]
-        for b in 0..v_batches {
-            let mut regs = Array::<F>::new(BATCH);
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                let tk = k_start + idx / value_tile;
-                let col = e0 + idx % value_tile;
-                let mut val = F::cast_from(0.0f32);
-                if idx < v_len && col < value_dim && tk < n {
-                    val = v[token_row(row0, tk, n, step, reversed) * value_dim + col];
-                }
-                regs[x] = val;
-            }
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                if idx < v_len {
-                    v_s[idx] = regs[x];
-                }
-            }
-        }
+        stage_rows::<F, F, N>(
+            k, &mut k_s, row0, n, step, k_start, n, 0, neg_slope, sub_block, key_pad, key_dim,
+            units, false, reversed,
+        );
+        stage_rows::<F, F, N>(
+            v, &mut v_s, row0, n, step, k_start, n, e0, neg_slope, sub_block, value_tile,
+            value_dim, units, false, reversed,
+        );
         sync_cube();
 
         // 2. This plane's strip of Q K^T: A = Q rows (row-major), B = K^T (K
         // read column-major), one 16 x 16 score tile per key tile.
         #[unroll]
         for j in 0..row_tiles {
-            let scores = cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                TILE,
-                TILE,
-                TILE,
-                cmma::MatrixLayout::Undefined,
-                0.0f32,
-            );
+            let scores = zero_accumulator();
             #[unroll]
             for kk in 0..key_tiles {
-                let a = cmma::Matrix::<F>::from_slice(
+                let a = fragment::<F, N>(
                     cmma::MatrixIdent::A,
-                    TILE,
-                    TILE,
-                    TILE,
                     cmma::MatrixLayout::RowMajor,
-                    &q_s[strip * key_pad + kk * TILE..qk_len],
-                    key_pad as u32,
+                    &q_s[(strip * key_pad + kk * TILE) / lanes_v..qk_len],
+                    key_pad,
                 );
-                let b = cmma::Matrix::<F>::from_slice(
+                let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
-                    TILE,
-                    TILE,
-                    TILE,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[j * TILE * key_pad + kk * TILE..qk_len],
-                    key_pad as u32,
+                    &k_s[(j * TILE * key_pad + kk * TILE) / lanes_v..qk_len],
+                    key_pad,
                 );
                 cmma::execute(&a, &b, &scores, &scores);
             }
@@ -268,14 +192,11 @@ pub fn diag_cmma<F: Float>(
                     &s_h[strip * sub_block + kk * TILE..s_len],
                     sub_block as u32,
                 );
-                let b = cmma::Matrix::<F>::from_slice(
+                let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
-                    TILE,
-                    TILE,
-                    TILE,
                     cmma::MatrixLayout::RowMajor,
-                    &v_s[kk * TILE * value_tile + jt * TILE..v_len],
-                    value_tile as u32,
+                    &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
+                    value_tile,
                 );
                 let o = acc.index(jt);
                 cmma::execute(&a, &b, o, o);
@@ -290,37 +211,24 @@ pub fn diag_cmma<F: Float>(
         // in f32, then rounded to the input dtype (bf16 keeps f32's exponent
         // range, so nothing overflows or flushes that matters).
         let global_block = block_offsets[seq] as usize + q_start / block;
-        let state_base = (global_block * heads as usize + head) * key_dim * value_dim;
+        let state_row0 = (global_block * heads as usize + head) * key_dim;
+        let row_v = comptime!(key_pad / lanes_v);
         sync_cube();
         for idx in range_stepped(unit, qk_len, units) {
-            let offset = q_start + idx / key_pad - block_start;
+            let offset = q_start + idx / row_v - block_start;
             let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
-            q_s[idx] = F::cast_from(f32::cast_from(q_s[idx]) * decay);
+            q_s[idx] = Vector::cast_from(
+                Vector::<f32, N>::cast_from(q_s[idx]) * Vector::<f32, N>::new(decay),
+            );
         }
         for c0 in range_stepped(0, key_pad, sub_block) {
             sync_cube();
-            #[unroll]
-            for b in 0..v_batches {
-                let mut regs = Array::<f32>::new(BATCH);
-                #[unroll]
-                for x in 0..BATCH {
-                    let idx = (b * BATCH + x) * units + unit;
-                    let i = c0 + idx / value_tile;
-                    let col = e0 + idx % value_tile;
-                    let mut val = 0.0f32;
-                    if idx < v_len && i < key_dim && col < value_dim {
-                        val = block_states[state_base + i * value_dim + col];
-                    }
-                    regs[x] = val;
-                }
-                #[unroll]
-                for x in 0..BATCH {
-                    let idx = (b * BATCH + x) * units + unit;
-                    if idx < v_len {
-                        v_s[idx] = F::cast_from(regs[x]);
-                    }
-                }
-            }
+            // Rows c0 .. c0 + sub_block of the state, as if they were tokens
+            // of a sequence of key_dim rows, one apart.
+            stage_rows::<f32, F, N>(
+                block_states, &mut v_s, state_row0, key_dim, 1, c0, key_dim, e0, neg_slope,
+                sub_block, value_tile, value_dim, units, false, false,
+            );
             sync_cube();
             #[unroll]
             for jt in 0..value_tiles {
@@ -328,23 +236,17 @@ pub fn diag_cmma<F: Float>(
                 for kk in 0..row_tiles {
                     // The last chunk of a `d` that is not a multiple of sub_block is short.
                     if c0 + kk * TILE < key_pad {
-                        let a = cmma::Matrix::<F>::from_slice(
+                        let a = fragment::<F, N>(
                             cmma::MatrixIdent::A,
-                            TILE,
-                            TILE,
-                            TILE,
                             cmma::MatrixLayout::RowMajor,
-                            &q_s[strip * key_pad + c0 + kk * TILE..qk_len],
-                            key_pad as u32,
+                            &q_s[(strip * key_pad + c0 + kk * TILE) / lanes_v..qk_len],
+                            key_pad,
                         );
-                        let b = cmma::Matrix::<F>::from_slice(
+                        let b = fragment::<F, N>(
                             cmma::MatrixIdent::B,
-                            TILE,
-                            TILE,
-                            TILE,
                             cmma::MatrixLayout::RowMajor,
-                            &v_s[kk * TILE * value_tile + jt * TILE..v_len],
-                            value_tile as u32,
+                            &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
+                            value_tile,
                         );
                         let o = acc.index(jt);
                         cmma::execute(&a, &b, o, o);
@@ -366,14 +268,20 @@ pub fn diag_cmma<F: Float>(
             cmma::MatrixLayout::RowMajor,
         );
         sync_plane();
-        for idx in range_stepped(lane, TILE * TILE, lanes) {
-            let r = idx / TILE;
-            let tq = q_start + strip + r;
-            let col = e0 + jt * TILE + idx % TILE;
-            if tq < n && col < value_dim {
-                out[token_row(row0, tq, n, step, reversed) * value_dim + col] =
-                    F::cast_from(s_f[(strip + r) * sub_block + idx % TILE]);
-            }
-        }
+        store_tile::<F, N>(
+            &s_f,
+            strip * sub_block,
+            out,
+            row0,
+            n,
+            step,
+            q_start + strip,
+            n,
+            e0 + jt * TILE,
+            sub_block,
+            value_dim,
+            plane_size,
+            reversed,
+        );
     }
 }

@@ -15,26 +15,26 @@
 //! dtype) and V are staged in shared memory, and each plane multiplies
 //! `K_stage^T V_stage` into its accumulators. Shared memory, bytes:
 //! `elem * stage * (key_tile + value_tile) + 4 * 256 * planes`.
+//!
+//! k and v travel as vectors of `N` scalars along their rows (see
+//! [`crate::staging`]); the host picks `N` dividing `d` and `e`.
 
 use cubecl::prelude::*;
 
-use crate::layout::{first_row, token_row};
+use crate::layout::first_row;
+use crate::staging::{TILE, fragment, stage_rows, zero_accumulator};
 
-/// Side of one tensor-core tile (`m = n = k = 16`).
-const TILE: usize = 16;
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
-/// Global loads each unit issues before storing them to shared memory.
-const BATCH: usize = 8;
 
 /// Launched with the geometry in the module doc and `key_tile / 16` planes of
 /// `plane_size` units (the device's fixed plane size); `stage` is a multiple of 16; `reversed` reads
 /// every sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn kv_parallel_cmma<F: Float>(
-    k: &[F],
-    v: &[F],
+pub fn kv_parallel_cmma<F: Float, N: Size>(
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
     slopes: &[f32],
     seq_starts: &[u32],
     work: &[u32],
@@ -51,16 +51,14 @@ pub fn kv_parallel_cmma<F: Float>(
     #[comptime] plane_size: usize,
     #[comptime] reversed: bool,
 ) {
-    let k_len = comptime!(stage * key_tile);
-    let v_len = comptime!(stage * value_tile);
+    let lanes_v = N::value();
+    // Shared tiles, in vectors of N.
+    let k_len = comptime!(stage * key_tile / lanes_v);
+    let v_len = comptime!(stage * value_tile / lanes_v);
     let value_tiles = comptime!(value_tile / TILE);
     let stage_tiles = comptime!(stage / TILE);
     let planes = comptime!(key_tile / TILE);
-    // Known at compile time so that the staging loops unroll and keep BATCH
-    // loads in flight per unit.
     let units = comptime!(planes * plane_size);
-    let k_batches = comptime!(k_len.div_ceil(units * BATCH));
-    let v_batches = comptime!(v_len.div_ceil(units * BATCH));
 
     let global_block = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
@@ -82,98 +80,45 @@ pub fn kv_parallel_cmma<F: Float>(
     let lanes = comptime!(plane_size);
     let plane = unit / lanes;
 
-    let mut k_s = Shared::<[F]>::new_aligned_slice(k_len, ALIGN);
-    let mut v_s = Shared::<[F]>::new_aligned_slice(v_len, ALIGN);
+    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(k_len, ALIGN);
+    let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
     let mut out_s = Shared::<[f32]>::new_aligned_slice(planes * TILE * TILE, ALIGN);
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
     for _ in 0..value_tiles {
-        acc.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            TILE,
-            TILE,
-            TILE,
-            cmma::MatrixLayout::Undefined,
-            0.0f32,
-        ));
+        acc.push(zero_accumulator());
     }
 
     for s0 in range_stepped(start, end, stage) {
         sync_cube();
-        // K_stage stored token-major, `[stage, key_tile]`: read column-major it
-        // is the `key_tile x stage` operand K^T.
-        #[unroll]
-        for b in 0..k_batches {
-            let mut regs = Array::<F>::new(BATCH);
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                let t = s0 + idx / key_tile;
-                let i = d0 + idx % key_tile;
-                let mut val = F::cast_from(0.0f32);
-                if idx < k_len && t < end && i < key_dim {
-                    val = k[token_row(row0, t, n, row_step, reversed) * key_dim + i];
-                }
-                regs[x] = val;
-            }
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                let t = s0 + idx / key_tile;
-                if idx < k_len {
-                    let mut decay = 0.0f32;
-                    if t < end {
-                        decay = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
-                    }
-                    k_s[idx] = F::cast_from(f32::cast_from(regs[x]) * decay);
-                }
-            }
-        }
-        #[unroll]
-        for b in 0..v_batches {
-            let mut regs = Array::<F>::new(BATCH);
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                let t = s0 + idx / value_tile;
-                let col = e0 + idx % value_tile;
-                let mut val = F::cast_from(0.0f32);
-                if idx < v_len && t < end && col < value_dim {
-                    val = v[token_row(row0, t, n, row_step, reversed) * value_dim + col];
-                }
-                regs[x] = val;
-            }
-            #[unroll]
-            for x in 0..BATCH {
-                let idx = (b * BATCH + x) * units + unit;
-                if idx < v_len {
-                    v_s[idx] = regs[x];
-                }
-            }
-        }
+        // K_stage stored token-major, `[stage, key_tile]`, with each token's
+        // decay to the block's end folded in: read column-major it is the
+        // `key_tile x stage` operand K^T.
+        stage_rows::<F, F, N>(
+            k, &mut k_s, row0, n, row_step, s0, end, d0, neg_slope, stage, key_tile, key_dim,
+            units, true, reversed,
+        );
+        stage_rows::<F, F, N>(
+            v, &mut v_s, row0, n, row_step, s0, end, e0, neg_slope, stage, value_tile, value_dim,
+            units, false, reversed,
+        );
         sync_cube();
         #[unroll]
         for jt in 0..value_tiles {
             #[unroll]
             for kk in 0..stage_tiles {
-                let a = cmma::Matrix::<F>::from_slice(
+                let a = fragment::<F, N>(
                     cmma::MatrixIdent::A,
-                    TILE,
-                    TILE,
-                    TILE,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[kk * TILE * key_tile + plane * TILE..k_len],
-                    key_tile as u32,
+                    &k_s[(kk * TILE * key_tile + plane * TILE) / lanes_v..k_len],
+                    key_tile,
                 );
-                let b = cmma::Matrix::<F>::from_slice(
+                let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
-                    TILE,
-                    TILE,
-                    TILE,
                     cmma::MatrixLayout::RowMajor,
-                    &v_s[kk * TILE * value_tile + jt * TILE..v_len],
-                    value_tile as u32,
+                    &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
+                    value_tile,
                 );
                 let o = acc.index(jt);
                 cmma::execute(&a, &b, o, o);

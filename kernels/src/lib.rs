@@ -13,7 +13,8 @@
 //! loaded, converted to f32, computed in f32 and converted on store; the state
 //! is f32. Accelerated routines sit beside them and are chosen by the host from
 //! what the device reports: [`diag_cmma`] and [`kv_parallel_cmma`] (tensor
-//! cores, f16/bf16 inputs).
+//! cores, f16/bf16 inputs), which share [`staging`] (wide loads into shared
+//! memory, fragment loads).
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //!
@@ -45,4 +46,5 @@ pub mod kv_reduce;
 pub mod kv_snapshot;
 pub mod layout;
 pub mod non_diag;
+pub mod staging;
 pub mod tiles;

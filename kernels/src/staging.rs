@@ -1,0 +1,162 @@
+//! Global-to-shared staging and fragment loads for the tensor-core kernels
+//! ([`crate::diag_cmma`], [`crate::kv_parallel_cmma`]).
+//!
+//! Operands travel as vectors of `N` scalars along their rows (`N` = 8 for
+//! 16-bit inputs: 16-byte loads), picked by the host to divide `d` and `e`.
+//! One scalar load per element left those kernels issuing eight times the
+//! instructions and holding eight times the addresses for the same bytes
+//! (SPEED_NOTES.md, "Global accesses are 2-byte scalars").
+//!
+//! A staged tile is row-major in shared memory, `cols` scalars per row; a
+//! fragment's stride is given in scalars, its start in vectors.
+
+use cubecl::prelude::*;
+
+use crate::layout::token_row;
+
+/// Side of one tensor-core tile (`m = n = k = 16`).
+pub const TILE: usize = 16;
+/// Vector loads each unit issues before storing them to shared memory: with
+/// one at a time, each load's latency was paid in full.
+const BATCH: usize = 8;
+
+/// Copies rows `first .. first + rows` of a row-major operand into `dst` as a
+/// `[rows, cols]` tile of the columns `col0 .. col0 + cols`, converted to `F`.
+///
+/// Rows are tokens addressed as [`crate::layout`] says (`row0`, `n`, `step`,
+/// `reversed`); a source row is `width` scalars. Rows from `end` on and
+/// columns from `width` on are zero. With `decayed`, row `t` is scaled by
+/// `exp(neg_slope * (end - 1 - t))` in f32 before rounding to `F` (the decay
+/// to the end of a block). `units` units of the cube share the copy; `col0`,
+/// `cols` and `width` are multiples of `N`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn stage_rows<S: Float, F: Float, N: Size>(
+    src: &[Vector<S, N>],
+    dst: &mut Shared<[Vector<F, N>]>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    first: usize,
+    end: usize,
+    col0: usize,
+    neg_slope: f32,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] width: usize,
+    #[comptime] units: usize,
+    #[comptime] decayed: bool,
+    #[comptime] reversed: bool,
+) {
+    let lanes = N::value();
+    let cols_v = comptime!(cols / lanes);
+    let width_v = comptime!(width / lanes);
+    let len = comptime!(rows * cols_v);
+    let batches = comptime!(len.div_ceil(units * BATCH));
+    let col0_v = col0 / lanes;
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for b in 0..batches {
+        let mut regs = Array::<Vector<S, N>>::new(BATCH);
+        #[unroll]
+        for x in 0..BATCH {
+            let idx = (b * BATCH + x) * units + unit;
+            let t = first + idx / cols_v;
+            let c = col0_v + idx % cols_v;
+            let mut val = Vector::<S, N>::new(S::cast_from(0.0f32));
+            if idx < len && t < end && c < width_v {
+                val = src[token_row(row0, t, n, step, reversed) * width_v + c];
+            }
+            regs[x] = val;
+        }
+        #[unroll]
+        for x in 0..BATCH {
+            let idx = (b * BATCH + x) * units + unit;
+            if idx < len {
+                if comptime!(decayed) {
+                    let t = first + idx / cols_v;
+                    let mut weight = 0.0f32;
+                    if t < end {
+                        weight = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
+                    }
+                    dst[idx] = Vector::cast_from(
+                        Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight),
+                    );
+                } else {
+                    dst[idx] = Vector::cast_from(regs[x]);
+                }
+            }
+        }
+    }
+}
+
+/// A 16 x 16 `A` or `B` fragment loaded from a staged tile: `src` starts at
+/// the fragment's first element, rows (or columns, for `ColMajor`) `stride`
+/// scalars apart.
+#[cube]
+pub fn fragment<F: Float, N: Size>(
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] layout: cmma::MatrixLayout,
+    src: &[Vector<F, N>],
+    #[comptime] stride: usize,
+) -> cmma::Matrix<F> {
+    // SAFETY: loaded in full on the next line.
+    let mut matrix = unsafe { cmma::Matrix::<F>::uninitialized(ident, TILE, TILE, TILE, layout) };
+    cmma::load(&mut matrix, src, stride as u32);
+    matrix
+}
+
+/// A zeroed 16 x 16 f32 accumulator.
+#[cube]
+pub fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        TILE,
+        TILE,
+        TILE,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    )
+}
+
+/// Writes a plane's 16 x 16 f32 tile, staged row-major in `tile` with rows
+/// `tile_stride` scalars apart, to rows `first .. first + 16` (tokens,
+/// addressed as in [`stage_rows`]; rows from `end` on are skipped) and
+/// columns `col0 .. col0 + 16` (those from `width` on are skipped) of `dst`,
+/// converted to `F`, one vector per unit.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_tile<F: Float, N: Size>(
+    tile: &Shared<[f32]>,
+    tile_start: usize,
+    dst: &mut [Vector<F, N>],
+    row0: usize,
+    n: usize,
+    step: usize,
+    first: usize,
+    end: usize,
+    col0: usize,
+    #[comptime] tile_stride: usize,
+    #[comptime] width: usize,
+    #[comptime] plane_size: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = N::value();
+    let row_v = comptime!(TILE / lanes);
+    let width_v = comptime!(width / lanes);
+    let lane = UNIT_POS_PLANE as usize;
+    for idx in range_stepped(lane, TILE * row_v, plane_size) {
+        let r = idx / row_v;
+        let cv = idx % row_v;
+        let t = first + r;
+        let c = col0 / lanes + cv;
+        if t < end && c < width_v {
+            let mut value = Vector::<F, N>::empty();
+            #[unroll]
+            for x in 0..lanes {
+                value.insert(x, F::cast_from(tile[tile_start + r * tile_stride + cv * lanes + x]));
+            }
+            dst[token_row(row0, t, n, step, reversed) * width_v + c] = value;
+        }
+    }
+}
