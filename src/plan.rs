@@ -290,7 +290,8 @@ fn kv_parallel_on_tensor_cores(
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_STATE_COLS);
     let stage = config.block.min(MAX_CMMA_STAGE);
     let planes = key_tile / 16;
-    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile) + 4 * 256 * planes;
+    // Rows padded by 16 bytes (kernels::staging): 8 halves, 4 floats.
+    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile + 16) + 4 * 16 * (16 + 4) * planes;
     let dims = LaunchDims {
         cubes: (
             count(work.blocks),
@@ -336,7 +337,8 @@ fn diag_on_tensor_cores(
     let key_pad = work.key_dim.div_ceil(16) * 16;
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_VALUE_TILE);
     let elem = work.dtype.size();
-    let shared_bytes = elem * (2 * cb * key_pad + cb * value_tile + cb * cb) + 4 * cb * cb;
+    // Rows padded by 16 bytes (kernels::staging): 8 halves, 4 floats.
+    let shared_bytes = elem * cb * (2 * (key_pad + 8) + (value_tile + 8) + (cb + 8)) + 4 * cb * (cb + 4);
     let dims = LaunchDims {
         cubes: (
             count(work.sub_blocks),

@@ -29,9 +29,10 @@
 //!
 //! The decayed scores are rounded to the input dtype before `(Q K^T) V`, as in
 //! flash-linear-attention's chunk kernels; everything accumulates in f32.
-//! Shared memory, bytes: `2 * (2 * sub_block * d16 + sub_block * value_tile +
-//! sub_block^2) + 4 * sub_block^2`, with `d16` = d rounded up to 16 (tails are
-//! zero-padded, so any `d` and `e` work).
+//! Shared memory, bytes: `2 * sub_block * (2 * (d16 + 8) + (value_tile + 8) +
+//! (sub_block + 8)) + 4 * sub_block * (sub_block + 4)`, with `d16` = d rounded
+//! up to 16 (tails are zero-padded, so any `d` and `e` work) and each row
+//! padded by 16 bytes (see [`crate::staging`]).
 //!
 //! q, k, v, out and the block states travel as vectors of `N` scalars along
 //! their rows (see [`crate::staging`]); the host picks `N` dividing `d` and `e`.
@@ -39,7 +40,7 @@
 use cubecl::prelude::*;
 
 use crate::layout::first_row;
-use crate::staging::{TILE, fragment, stage_rows, store_tile, zero_accumulator};
+use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, stage_rows, store_tile, zero_accumulator};
 
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
@@ -77,10 +78,16 @@ pub fn diag_cmma<F: Float, N: Size>(
     let key_tiles = comptime!(key_pad / TILE);
     let row_tiles = comptime!(sub_block / TILE);
     let value_tiles = comptime!(value_tile / TILE);
-    // Shared tiles, in vectors of N.
-    let qk_len = comptime!(sub_block * key_pad / lanes_v);
-    let v_len = comptime!(sub_block * value_tile / lanes_v);
-    let s_len = comptime!(sub_block * sub_block);
+    // Row strides of the shared tiles, padded (see crate::staging), in scalars.
+    let qk_stride = comptime!(key_pad + ROW_PAD);
+    let v_stride = comptime!(value_tile + ROW_PAD);
+    let sf_stride = comptime!(sub_block + F32_ROW_PAD);
+    let sh_stride = comptime!(sub_block + ROW_PAD);
+    // Their lengths: q_s, k_s and v_s in vectors of N, s_f and s_h in scalars.
+    let qk_len = comptime!(sub_block * qk_stride / lanes_v);
+    let v_len = comptime!(sub_block * v_stride / lanes_v);
+    let sf_len = comptime!(sub_block * sf_stride);
+    let sh_len = comptime!(sub_block * sh_stride);
     let units = comptime!(sub_block / TILE * plane_size);
 
     let item = CUBE_POS_X as usize;
@@ -104,12 +111,12 @@ pub fn diag_cmma<F: Float, N: Size>(
     let mut q_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
     let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
     let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
-    let mut s_f = Shared::<[f32]>::new_aligned_slice(s_len, ALIGN);
-    let mut s_h = Shared::<[F]>::new_aligned_slice(s_len, ALIGN);
+    let mut s_f = Shared::<[f32]>::new_aligned_slice(sf_len, ALIGN);
+    let mut s_h = Shared::<[F]>::new_aligned_slice(sh_len, ALIGN);
 
     stage_rows::<F, F, N>(
-        q, &mut q_s, row0, n, step, q_start, n, 0, neg_slope, sub_block, key_pad, key_dim,
-        units, false, reversed,
+        q, &mut q_s, row0, n, step, q_start, n, 0, neg_slope, sub_block, key_pad, qk_stride, key_dim, units,
+        false, reversed,
     );
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
@@ -124,11 +131,11 @@ pub fn diag_cmma<F: Float, N: Size>(
         // The previous step's readers of k_s, v_s and s_h are done.
         sync_cube();
         stage_rows::<F, F, N>(
-            k, &mut k_s, row0, n, step, k_start, n, 0, neg_slope, sub_block, key_pad, key_dim,
+            k, &mut k_s, row0, n, step, k_start, n, 0, neg_slope, sub_block, key_pad, qk_stride, key_dim,
             units, false, reversed,
         );
         stage_rows::<F, F, N>(
-            v, &mut v_s, row0, n, step, k_start, n, e0, neg_slope, sub_block, value_tile,
+            v, &mut v_s, row0, n, step, k_start, n, e0, neg_slope, sub_block, value_tile, v_stride,
             value_dim, units, false, reversed,
         );
         sync_cube();
@@ -143,21 +150,21 @@ pub fn diag_cmma<F: Float, N: Size>(
                 let a = fragment::<F, N>(
                     cmma::MatrixIdent::A,
                     cmma::MatrixLayout::RowMajor,
-                    &q_s[(strip * key_pad + kk * TILE) / lanes_v..qk_len],
-                    key_pad,
+                    &q_s[(strip * qk_stride + kk * TILE) / lanes_v..qk_len],
+                    qk_stride,
                 );
                 let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[(j * TILE * key_pad + kk * TILE) / lanes_v..qk_len],
-                    key_pad,
+                    &k_s[(j * TILE * qk_stride + kk * TILE) / lanes_v..qk_len],
+                    qk_stride,
                 );
                 cmma::execute(&a, &b, &scores, &scores);
             }
             cmma::store(
-                &mut s_f[strip * sub_block + j * TILE..s_len],
+                &mut s_f[strip * sf_stride + j * TILE..sf_len],
                 &scores,
-                sub_block as u32,
+                sf_stride as u32,
                 cmma::MatrixLayout::RowMajor,
             );
         }
@@ -172,9 +179,9 @@ pub fn diag_cmma<F: Float, N: Size>(
             let tk = k_start + c;
             let mut w = 0.0f32;
             if tk <= tq && tq < n {
-                w = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32)) * s_f[r * sub_block + c];
+                w = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32)) * s_f[r * sf_stride + c];
             }
-            s_h[r * sub_block + c] = F::cast_from(w);
+            s_h[r * sh_stride + c] = F::cast_from(w);
         }
         sync_plane();
 
@@ -189,14 +196,14 @@ pub fn diag_cmma<F: Float, N: Size>(
                     TILE,
                     TILE,
                     cmma::MatrixLayout::RowMajor,
-                    &s_h[strip * sub_block + kk * TILE..s_len],
-                    sub_block as u32,
+                    &s_h[strip * sh_stride + kk * TILE..sh_len],
+                    sh_stride as u32,
                 );
                 let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
                     cmma::MatrixLayout::RowMajor,
-                    &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
-                    value_tile,
+                    &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
+                    v_stride,
                 );
                 let o = acc.index(jt);
                 cmma::execute(&a, &b, o, o);
@@ -212,22 +219,35 @@ pub fn diag_cmma<F: Float, N: Size>(
         // range, so nothing overflows or flushes that matters).
         let global_block = block_offsets[seq] as usize + q_start / block;
         let state_row0 = (global_block * heads as usize + head) * key_dim;
-        let row_v = comptime!(key_pad / lanes_v);
+        let row_v = comptime!(qk_stride / lanes_v);
         sync_cube();
         for idx in range_stepped(unit, qk_len, units) {
             let offset = q_start + idx / row_v - block_start;
             let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
-            q_s[idx] = Vector::cast_from(
-                Vector::<f32, N>::cast_from(q_s[idx]) * Vector::<f32, N>::new(decay),
-            );
+            q_s[idx] =
+                Vector::cast_from(Vector::<f32, N>::cast_from(q_s[idx]) * Vector::<f32, N>::new(decay));
         }
         for c0 in range_stepped(0, key_pad, sub_block) {
             sync_cube();
             // Rows c0 .. c0 + sub_block of the state, as if they were tokens
             // of a sequence of key_dim rows, one apart.
             stage_rows::<f32, F, N>(
-                block_states, &mut v_s, state_row0, key_dim, 1, c0, key_dim, e0, neg_slope,
-                sub_block, value_tile, value_dim, units, false, false,
+                block_states,
+                &mut v_s,
+                state_row0,
+                key_dim,
+                1,
+                c0,
+                key_dim,
+                e0,
+                neg_slope,
+                sub_block,
+                value_tile,
+                v_stride,
+                value_dim,
+                units,
+                false,
+                false,
             );
             sync_cube();
             #[unroll]
@@ -239,14 +259,14 @@ pub fn diag_cmma<F: Float, N: Size>(
                         let a = fragment::<F, N>(
                             cmma::MatrixIdent::A,
                             cmma::MatrixLayout::RowMajor,
-                            &q_s[(strip * key_pad + c0 + kk * TILE) / lanes_v..qk_len],
-                            key_pad,
+                            &q_s[(strip * qk_stride + c0 + kk * TILE) / lanes_v..qk_len],
+                            qk_stride,
                         );
                         let b = fragment::<F, N>(
                             cmma::MatrixIdent::B,
                             cmma::MatrixLayout::RowMajor,
-                            &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
-                            value_tile,
+                            &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
+                            v_stride,
                         );
                         let o = acc.index(jt);
                         cmma::execute(&a, &b, o, o);
@@ -262,15 +282,15 @@ pub fn diag_cmma<F: Float, N: Size>(
     for jt in 0..value_tiles {
         sync_plane();
         cmma::store(
-            &mut s_f[strip * sub_block..s_len],
+            &mut s_f[strip * sf_stride..sf_len],
             acc.index(jt),
-            sub_block as u32,
+            sf_stride as u32,
             cmma::MatrixLayout::RowMajor,
         );
         sync_plane();
         store_tile::<F, N>(
             &s_f,
-            strip * sub_block,
+            strip * sf_stride,
             out,
             row0,
             n,
@@ -278,7 +298,7 @@ pub fn diag_cmma<F: Float, N: Size>(
             q_start + strip,
             n,
             e0 + jt * TILE,
-            sub_block,
+            sf_stride,
             value_dim,
             plane_size,
             reversed,

@@ -14,15 +14,16 @@
 //! a time: K with the decay folded in (computed in f32, rounded to the input
 //! dtype) and V are staged in shared memory, and each plane multiplies
 //! `K_stage^T V_stage` into its accumulators. Shared memory, bytes:
-//! `elem * stage * (key_tile + value_tile) + 4 * 256 * planes`.
+//! `elem * stage * (key_tile + value_tile + 16) + 4 * 16 * 20 * planes` (each
+//! row padded by 16 bytes, see [`crate::staging`]).
 //!
-//! k and v travel as vectors of `N` scalars along their rows (see
+//! k, v and the block states travel as vectors of `N` scalars along their rows (see
 //! [`crate::staging`]); the host picks `N` dividing `d` and `e`.
 
 use cubecl::prelude::*;
 
 use crate::layout::first_row;
-use crate::staging::{TILE, fragment, stage_rows, zero_accumulator};
+use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, stage_rows, store_tile, zero_accumulator};
 
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
@@ -38,7 +39,7 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     slopes: &[f32],
     seq_starts: &[u32],
     work: &[u32],
-    block_states: &mut [f32],
+    block_states: &mut [Vector<f32, N>],
     heads: u32,
     head_stride: u32,
     token_stride: u32,
@@ -52,9 +53,14 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     #[comptime] reversed: bool,
 ) {
     let lanes_v = N::value();
-    // Shared tiles, in vectors of N.
-    let k_len = comptime!(stage * key_tile / lanes_v);
-    let v_len = comptime!(stage * value_tile / lanes_v);
+    // Row strides of the shared tiles, padded (see crate::staging), in
+    // scalars, and the staged tiles' lengths in vectors of N.
+    let k_stride = comptime!(key_tile + ROW_PAD);
+    let v_stride = comptime!(value_tile + ROW_PAD);
+    let out_stride = comptime!(TILE + F32_ROW_PAD);
+    let k_len = comptime!(stage * k_stride / lanes_v);
+    let v_len = comptime!(stage * v_stride / lanes_v);
+    let out_len = comptime!(key_tile * out_stride);
     let value_tiles = comptime!(value_tile / TILE);
     let stage_tiles = comptime!(stage / TILE);
     let planes = comptime!(key_tile / TILE);
@@ -76,13 +82,11 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     let d0 = (CUBE_POS_Z as usize / tiles_along_e) * key_tile;
     let e0 = (CUBE_POS_Z as usize % tiles_along_e) * value_tile;
     let unit = UNIT_POS as usize;
-    let lane = UNIT_POS_PLANE as usize;
-    let lanes = comptime!(plane_size);
-    let plane = unit / lanes;
+    let plane = unit / plane_size;
 
     let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(k_len, ALIGN);
     let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
-    let mut out_s = Shared::<[f32]>::new_aligned_slice(planes * TILE * TILE, ALIGN);
+    let mut out_s = Shared::<[f32]>::new_aligned_slice(out_len, ALIGN);
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
@@ -96,11 +100,11 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
         // decay to the block's end folded in: read column-major it is the
         // `key_tile x stage` operand K^T.
         stage_rows::<F, F, N>(
-            k, &mut k_s, row0, n, row_step, s0, end, d0, neg_slope, stage, key_tile, key_dim,
+            k, &mut k_s, row0, n, row_step, s0, end, d0, neg_slope, stage, key_tile, k_stride, key_dim,
             units, true, reversed,
         );
         stage_rows::<F, F, N>(
-            v, &mut v_s, row0, n, row_step, s0, end, e0, neg_slope, stage, value_tile, value_dim,
+            v, &mut v_s, row0, n, row_step, s0, end, e0, neg_slope, stage, value_tile, v_stride, value_dim,
             units, false, reversed,
         );
         sync_cube();
@@ -111,14 +115,14 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
                 let a = fragment::<F, N>(
                     cmma::MatrixIdent::A,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[(kk * TILE * key_tile + plane * TILE) / lanes_v..k_len],
-                    key_tile,
+                    &k_s[(kk * TILE * k_stride + plane * TILE) / lanes_v..k_len],
+                    k_stride,
                 );
                 let b = fragment::<F, N>(
                     cmma::MatrixIdent::B,
                     cmma::MatrixLayout::RowMajor,
-                    &v_s[(kk * TILE * value_tile + jt * TILE) / lanes_v..v_len],
-                    value_tile,
+                    &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
+                    v_stride,
                 );
                 let o = acc.index(jt);
                 cmma::execute(&a, &b, o, o);
@@ -126,25 +130,35 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
         }
     }
 
-    // Each tile goes through the plane's own 16 x 16 staging area.
-    let staging = plane * TILE * TILE;
-    let state_base = (global_block * heads as usize + head) * key_dim * value_dim;
+    // Each tile goes through the plane's own 16 x 16 staging area, then to
+    // rows d0 + 16 plane .. of the block's state (as if they were tokens of a
+    // sequence of key_dim rows, one apart).
+    let staging = plane * TILE * out_stride;
+    let state_row0 = (global_block * heads as usize + head) * key_dim;
     #[unroll]
     for jt in 0..value_tiles {
         sync_plane();
         cmma::store(
-            &mut out_s[staging..planes * TILE * TILE],
+            &mut out_s[staging..out_len],
             acc.index(jt),
-            TILE as u32,
+            out_stride as u32,
             cmma::MatrixLayout::RowMajor,
         );
         sync_plane();
-        for idx in range_stepped(lane, TILE * TILE, lanes) {
-            let i = d0 + plane * TILE + idx / TILE;
-            let col = e0 + jt * TILE + idx % TILE;
-            if i < key_dim && col < value_dim {
-                block_states[state_base + i * value_dim + col] = out_s[staging + idx];
-            }
-        }
+        store_tile::<f32, N>(
+            &out_s,
+            staging,
+            block_states,
+            state_row0,
+            key_dim,
+            1,
+            d0 + plane * TILE,
+            key_dim,
+            e0 + jt * TILE,
+            out_stride,
+            value_dim,
+            plane_size,
+            false,
+        );
     }
 }

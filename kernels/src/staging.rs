@@ -16,19 +16,27 @@ use crate::layout::token_row;
 
 /// Side of one tensor-core tile (`m = n = k = 16`).
 pub const TILE: usize = 16;
+/// Padding of a staged 16-bit tile's rows, in scalars (16 bytes). Rows of
+/// 128 or 64 scalars start in the same banks, so a fragment's 16 rows
+/// conflicted; Nsight Compute put diag_cmma's shared-memory pipe at 82% with
+/// DRAM at 14% (SPEED_NOTES.md, variant 8).
+pub const ROW_PAD: usize = 8;
+/// Padding of a staged f32 tile's rows, in scalars (16 bytes).
+pub const F32_ROW_PAD: usize = 4;
 /// Vector loads each unit issues before storing them to shared memory: with
 /// one at a time, each load's latency was paid in full.
 const BATCH: usize = 8;
 
 /// Copies rows `first .. first + rows` of a row-major operand into `dst` as a
-/// `[rows, cols]` tile of the columns `col0 .. col0 + cols`, converted to `F`.
+/// `[rows, cols]` tile of the columns `col0 .. col0 + cols`, converted to `F`,
+/// its rows `stride` scalars apart.
 ///
 /// Rows are tokens addressed as [`crate::layout`] says (`row0`, `n`, `step`,
 /// `reversed`); a source row is `width` scalars. Rows from `end` on and
 /// columns from `width` on are zero. With `decayed`, row `t` is scaled by
 /// `exp(neg_slope * (end - 1 - t))` in f32 before rounding to `F` (the decay
 /// to the end of a block). `units` units of the cube share the copy; `col0`,
-/// `cols` and `width` are multiples of `N`.
+/// `cols`, `stride` and `width` are multiples of `N`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn stage_rows<S: Float, F: Float, N: Size>(
@@ -43,6 +51,7 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
     neg_slope: f32,
     #[comptime] rows: usize,
     #[comptime] cols: usize,
+    #[comptime] stride: usize,
     #[comptime] width: usize,
     #[comptime] units: usize,
     #[comptime] decayed: bool,
@@ -50,40 +59,58 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
 ) {
     let lanes = N::value();
     let cols_v = comptime!(cols / lanes);
+    let stride_v = comptime!(stride / lanes);
     let width_v = comptime!(width / lanes);
     let len = comptime!(rows * cols_v);
-    let batches = comptime!(len.div_ceil(units * BATCH));
+    // Each unit's share, known at compile time, so the loops unroll without
+    // loads that could never be valid (they cost registers).
+    let per_unit = comptime!(len.div_ceil(units));
+    let ragged = comptime!(!len.is_multiple_of(units));
+    let batch = comptime!(per_unit.min(BATCH));
+    let batches = comptime!(per_unit.div_ceil(batch));
+    // Whether some unit's slot can fall past the tile.
+    let checked = comptime!(ragged || batches * batch != per_unit);
     let col0_v = col0 / lanes;
     let unit = UNIT_POS as usize;
     #[unroll]
     for b in 0..batches {
-        let mut regs = Array::<Vector<S, N>>::new(BATCH);
+        let mut regs = Array::<Vector<S, N>>::new(batch);
         #[unroll]
-        for x in 0..BATCH {
-            let idx = (b * BATCH + x) * units + unit;
+        for x in 0..batch {
+            let idx = (b * batch + x) * units + unit;
             let t = first + idx / cols_v;
             let c = col0_v + idx % cols_v;
             let mut val = Vector::<S, N>::new(S::cast_from(0.0f32));
-            if idx < len && t < end && c < width_v {
+            let mut inside = t < end && c < width_v;
+            if comptime!(checked) {
+                inside = inside && idx < len;
+            }
+            if inside {
                 val = src[token_row(row0, t, n, step, reversed) * width_v + c];
             }
             regs[x] = val;
         }
         #[unroll]
-        for x in 0..BATCH {
-            let idx = (b * BATCH + x) * units + unit;
-            if idx < len {
+        for x in 0..batch {
+            let idx = (b * batch + x) * units + unit;
+            let mut inside = true;
+            if comptime!(checked) {
+                inside = idx < len;
+            }
+            if inside {
+                let r = idx / cols_v;
+                let at = r * stride_v + idx % cols_v;
                 if comptime!(decayed) {
-                    let t = first + idx / cols_v;
+                    let t = first + r;
                     let mut weight = 0.0f32;
                     if t < end {
                         weight = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
                     }
-                    dst[idx] = Vector::cast_from(
+                    dst[at] = Vector::cast_from(
                         Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight),
                     );
                 } else {
-                    dst[idx] = Vector::cast_from(regs[x]);
+                    dst[at] = Vector::cast_from(regs[x]);
                 }
             }
         }
@@ -154,7 +181,10 @@ pub fn store_tile<F: Float, N: Size>(
             let mut value = Vector::<F, N>::empty();
             #[unroll]
             for x in 0..lanes {
-                value.insert(x, F::cast_from(tile[tile_start + r * tile_stride + cv * lanes + x]));
+                value.insert(
+                    x,
+                    F::cast_from(tile[tile_start + r * tile_stride + cv * lanes + x]),
+                );
             }
             dst[token_row(row0, t, n, step, reversed) * width_v + c] = value;
         }
