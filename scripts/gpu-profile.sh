@@ -11,12 +11,13 @@ out="${OUT:-/tmp/lightning-out}"
 mkdir -p "$out"
 for deb in gpu-bundle/debs/*.deb; do dpkg -x "$deb" /; done
 ldconfig
-bench=(gpu-bundle/bin/bench --runtimes cuda --out "$out/profile-bench" --only prefill
+# Only the reports go under $OUT: the device tool brings back a limited number of files.
+bench=(gpu-bundle/bin/bench --runtimes cuda --out /tmp/profile-bench --only prefill
     --configs "${CONFIG:-128/64}" --reps 2)
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 echo "ncu: $ncu"
 "$ncu" --clock-control none --set full -k "regex:${KERNELS:-cmma}" -c "${COUNT:-2}" \
-    "${bench[@]}" >"$out/ncu-full.txt" 2>&1
+    "${bench[@]}" >"$out/ncu-full.txt" 2>/tmp/ncu-stderr.txt
 echo "== ncu exit $?"
 if ! grep -q "Section: " "$out/ncu-full.txt"; then
     tail -20 "$out/ncu-full.txt"
