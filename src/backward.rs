@@ -128,7 +128,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     };
     // The transposed final states of the dq and dk passes are not wanted.
     let scratch = DeviceTensor::empty(client, &swapped.state_shape(), DType::F32);
-    let unused = DeviceTensor::empty(client, &[1], DType::F32);
+    let unused = crate::launch::unused_binding(client);
     let pass = |[q, k, v, out]: [&DeviceTensor; 4],
                 swap: bool,
                 initial: Option<&DeviceTensor>,

@@ -79,6 +79,14 @@ impl Variant {
     };
 }
 
+/// The tensor bound where a kernel's optional input is absent: four f32, one
+/// vector of the widest binding that may receive it (kv-reduce reads
+/// `initial` in vectors of 4), or wgpu refuses a binding smaller than one
+/// vector.
+pub(crate) fn unused_binding(client: &Client) -> DeviceTensor {
+    DeviceTensor::empty(client, &[4], DType::F32)
+}
+
 /// A kernel argument over a whole validated tensor.
 pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
     // SAFETY: validation checked that the buffer holds `num_elements` of its dtype.
@@ -280,6 +288,7 @@ impl CallLaunch<'_> {
                     client,
                     plan.kv_reduce.cube_count(),
                     plan.kv_reduce.cube_dim(),
+                    plan.kv_reduce_vector_size,
                     arg(slopes),
                     table.seq_starts.arg(),
                     table.block_offsets.arg(),

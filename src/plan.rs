@@ -269,8 +269,10 @@ pub enum KvParallelRoutine {
 const MAX_CMMA_KEY_TILE: usize = 128;
 /// Most columns of `e` one tensor-core kv-parallel cube holds (4 accumulators per plane).
 const MAX_CMMA_STATE_COLS: usize = 64;
-/// Most tokens tensor-core kv-parallel stages at once.
-const MAX_CMMA_STAGE: usize = 64;
+/// Most tokens tensor-core kv-parallel stages at once: a whole block of 128,
+/// so that a cube loads, waits and multiplies once instead of twice (its
+/// stalls were mostly waits on global loads, SPEED_NOTES.md variant 9).
+const MAX_CMMA_STAGE: usize = 128;
 
 /// The tensor-core kv-parallel launch for this work, where the device, dtype,
 /// config and shared memory allow it.
@@ -396,6 +398,8 @@ pub struct PrefillPlan {
     pub kv_cols_per_unit: usize,
     /// kv-reduce launch.
     pub kv_reduce: LaunchDims,
+    /// Scalars per vector kv-reduce moves states in (see [`kv_reduce_vector_size`]).
+    pub kv_reduce_vector_size: usize,
     /// non-diag launch.
     pub non_diag: LaunchDims,
     /// non-diag's chunk of `d` staged per step.
@@ -417,6 +421,17 @@ pub fn cmma_vector_size(key_dim: usize, value_dim: usize) -> usize {
         .into_iter()
         .find(|lanes| key_dim.is_multiple_of(*lanes) && value_dim.is_multiple_of(*lanes))
         .unwrap_or(1)
+}
+
+/// kv-reduce's vector: 4 scalars (16 bytes) where they divide the flat
+/// `d x e` state, else 1. The kernel only streams states, so wide accesses
+/// are what it has to gain.
+pub fn kv_reduce_vector_size(key_dim: usize, value_dim: usize) -> usize {
+    if (key_dim * value_dim).is_multiple_of(4) {
+        4
+    } else {
+        1
+    }
 }
 
 fn count(x: usize) -> u32 {
@@ -499,8 +514,13 @@ impl PrefillPlan {
 
         // kv-reduce and kv-snapshot: one unit per element of the state.
         let state_chunks = count((d * e).div_ceil(units as usize));
+        let kv_reduce_vector_size = kv_reduce_vector_size(d, e);
         let kv_reduce = LaunchDims {
-            cubes: (state_chunks, heads, count(work.sequences)),
+            cubes: (
+                count((d * e / kv_reduce_vector_size).div_ceil(units as usize)),
+                heads,
+                count(work.sequences),
+            ),
             units,
             shared_bytes: 0,
         }
@@ -541,6 +561,7 @@ impl PrefillPlan {
             kv_rows_per_unit,
             kv_cols_per_unit,
             kv_reduce,
+            kv_reduce_vector_size,
             non_diag,
             non_diag_key_chunk,
             non_diag_rows_per_unit,

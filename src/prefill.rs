@@ -197,7 +197,7 @@ fn launch_planned(
     let table = SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
         .upload(client);
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
-    let unused = DeviceTensor::empty(client, &[1], DType::F32);
+    let unused = crate::launch::unused_binding(client);
     CallLaunch {
         client,
         q: inputs.q,

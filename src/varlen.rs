@@ -21,7 +21,7 @@ use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
 use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
 /// that a speculative-decoding verifier can roll back to any accepted prefix.
@@ -195,7 +195,7 @@ impl DeviceBatch {
             planned,
             table,
             workspace,
-            unused: DeviceTensor::empty(client, &[1], DType::F32),
+            unused: crate::launch::unused_binding(client),
         }
     }
 

@@ -22,10 +22,11 @@
 //! final state is multiplied by `final_scale` and, with `retreat_final`, by
 //! `exp(-s)`. The forward uses none of these (scales 1).
 //!
-//! Geometry: cube x runs over `ceil(d * e / units)` chunks of the state, y over
-//! the `h` heads, z over the sequences to reduce, `work[z]` naming each; one
-//! unit per element, which loads the states of 8 blocks at a time before it
-//! stores theirs. `block_offsets[seq]` is the sequence's first block in
+//! Geometry: cube x runs over `ceil(d * e / (N * units))` chunks of the state,
+//! y over the `h` heads, z over the sequences to reduce, `work[z]` naming each;
+//! one unit per vector of `N` elements (the host picks `N` dividing `d * e`;
+//! wide loads for a kernel that only streams states), which loads the states
+//! of 8 blocks at a time before it stores theirs. `block_offsets[seq]` is the sequence's first block in
 //! `block_states` (`[total_blocks, h, d, e]`); states are `[slots, h, d, e]`.
 
 use cubecl::prelude::*;
@@ -33,21 +34,48 @@ use cubecl::prelude::*;
 /// Blocks whose per-block states one unit loads before storing any of them.
 const LOADS_IN_FLIGHT: usize = 8;
 
+/// The initial state's vector `at` (in vectors of the flat `d x e` state of
+/// one slot and head, starting at vector `base`), read from `src` as stored, or, with
+/// `transposed`, gathered from a `[e, d]` copy one element at a time.
+#[cube]
+fn initial_vector<N: Size>(
+    src: &[Vector<f32, N>],
+    base: usize,
+    at: usize,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] transposed: bool,
+) -> Vector<f32, N> {
+    let lanes = N::value();
+    let mut value = Vector::<f32, N>::empty();
+    if comptime!(transposed) {
+        #[unroll]
+        for x in 0..lanes {
+            let scalar = at * lanes + x;
+            let from = (scalar % value_dim) * key_dim + scalar / value_dim;
+            value.insert(x, src[base + from / lanes].extract_dynamic(from % lanes));
+        }
+    } else {
+        value = src[base + at];
+    }
+    value
+}
+
 /// Launched with the geometry in the module doc. `initial` is read only when
 /// `initial_in_states` is false and some sequence has an initial slot (any
 /// buffer may be bound otherwise).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn kv_reduce(
+pub fn kv_reduce<N: Size>(
     slopes: &[f32],
     seq_starts: &[u32],
     block_offsets: &[u32],
     initial_slots: &[i32],
     final_slots: &[i32],
     work: &[u32],
-    initial: &[f32],
-    block_states: &mut [f32],
-    states: &mut [f32],
+    initial: &[Vector<f32, N>],
+    block_states: &mut [Vector<f32, N>],
+    states: &mut [Vector<f32, N>],
     heads: u32,
     initial_scale: f32,
     final_scale: f32,
@@ -65,37 +93,36 @@ pub fn kv_reduce(
     let n = (seq_starts[seq + 1] - seq_starts[seq]) as usize;
     let first_block = block_offsets[seq] as usize;
     let neg_slope = -slopes[head];
-    let state_len = key_dim * value_dim;
+    // The flat d x e state of one (slot or block, head), in vectors.
+    let lanes = N::value();
+    let state_len = comptime!(key_dim * value_dim / lanes);
     let elem = CUBE_POS_X as usize * CUBE_DIM as usize + UNIT_POS as usize;
     if elem < state_len {
         let num_blocks = n.div_ceil(block);
-        let mut state = 0.0f32;
+        let mut state = Vector::<f32, N>::new(0.0f32);
         let initial_slot = initial_slots[seq];
         if initial_slot >= 0 {
-            let mut at = elem;
-            if comptime!(transpose_initial) {
-                at = (elem % value_dim) * key_dim + elem / value_dim;
-            }
-            let idx = (initial_slot as usize * h + head) * state_len + at;
+            let base = (initial_slot as usize * h + head) * state_len;
             if comptime!(initial_in_states) {
-                state = states[idx];
+                state = initial_vector::<N>(&states[0..], base, elem, key_dim, value_dim, transpose_initial);
             } else {
-                state = initial[idx];
+                state = initial_vector::<N>(initial, base, elem, key_dim, value_dim, transpose_initial);
             }
-            state *= initial_scale;
+            let mut factor = initial_scale;
             if comptime!(advance_initial) {
-                state *= f32::exp(-neg_slope);
+                factor *= f32::exp(-neg_slope);
             }
+            state *= Vector::new(factor);
         }
         // The loads of a group of blocks are issued before any of its stores:
         // one load at a time, each behind the previous store to the same
         // buffer, left the walk bound by memory latency.
         for group in range_stepped(0, num_blocks, LOADS_IN_FLIGHT) {
-            let mut contributions = Array::<f32>::new(LOADS_IN_FLIGHT);
+            let mut contributions = Array::<Vector<f32, N>>::new(LOADS_IN_FLIGHT);
             #[unroll]
             for g in 0..LOADS_IN_FLIGHT {
                 let blk = group + g;
-                let mut contribution = 0.0f32;
+                let mut contribution = Vector::<f32, N>::new(0.0f32);
                 if blk < num_blocks {
                     contribution = block_states[((first_block + blk) * h + head) * state_len + elem];
                 }
@@ -107,17 +134,18 @@ pub fn kv_reduce(
                 if blk < num_blocks {
                     block_states[((first_block + blk) * h + head) * state_len + elem] = state;
                     let len = min(block, n - blk * block);
-                    state = f32::exp(neg_slope * f32::cast_from(len as u32)) * state + contributions[g];
+                    let decay = f32::exp(neg_slope * f32::cast_from(len as u32));
+                    state = Vector::<f32, N>::new(decay) * state + contributions[g];
                 }
             }
         }
         let final_slot = final_slots[seq];
         if final_slot >= 0 {
-            let mut last = state * final_scale;
+            let mut factor = final_scale;
             if comptime!(retreat_final) {
-                last *= f32::exp(neg_slope);
+                factor *= f32::exp(neg_slope);
             }
-            states[(final_slot as usize * h + head) * state_len + elem] = last;
+            states[(final_slot as usize * h + head) * state_len + elem] = state * Vector::new(factor);
         }
     }
 }
