@@ -316,10 +316,27 @@ fn kv_parallel_on_tensor_cores(
 }
 
 /// Most columns of `e` one tensor-core diag cube holds (8 accumulators per
-/// plane). ptxas gives diag 255 registers and some spills at 128, but 64 (no
-/// spills, still 255 registers) made bf16 diag 3.4x slower on an H100 (see
-/// SPEED_NOTES.md, variant 3).
+/// plane): with scalar loads, 64 made bf16 diag 2x slower on an H100
+/// (SPEED_NOTES.md, variants 3 and 10).
 const MAX_CMMA_VALUE_TILE: usize = 128;
+
+/// The environment variable that overrides the most columns of `e` one
+/// tensor-core diag cube holds (128 unless set; 16 to 128, a multiple of 16):
+/// for measuring other tiles without a rebuild (SPEED_NOTES.md).
+pub const DIAG_VALUE_TILE_VAR: &str = "LIGHTNING_ATTENTION_DIAG_VALUE_TILE";
+
+fn max_cmma_value_tile() -> usize {
+    // Read once: every call that plans a launch asks.
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    OVERRIDE
+        .get_or_init(|| {
+            std::env::var(DIAG_VALUE_TILE_VAR)
+                .ok()
+                .and_then(|value| value.parse::<usize>().ok())
+                .filter(|&tile| (16..=128).contains(&tile) && tile.is_multiple_of(16))
+        })
+        .unwrap_or(MAX_CMMA_VALUE_TILE)
+}
 
 /// The tensor-core diag launch for this work, where the device, dtype, config
 /// and shared memory allow it.
@@ -337,7 +354,7 @@ fn diag_on_tensor_cores(
         return None;
     }
     let key_pad = work.key_dim.div_ceil(16) * 16;
-    let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_VALUE_TILE);
+    let value_tile = (work.value_dim.div_ceil(16) * 16).min(max_cmma_value_tile());
     let elem = work.dtype.size();
     // Rows padded by 16 bytes (kernels::staging): 8 halves, 4 floats.
     let shared_bytes = elem * cb * (2 * (key_pad + 8) + (value_tile + 8) + (cb + 8)) + 4 * cb * (cb + 4);
