@@ -604,44 +604,14 @@ pub struct DecodePlan {
     pub rows_in_flight: usize,
 }
 
-/// The fewest cubes a decode step is split into, where columns allow (see
-/// [`plan_decode`]), unless [`DECODE_MIN_CUBES_VAR`] says otherwise.
-pub const DECODE_MIN_CUBES: usize = 2048;
-/// The narrowest column tile (vector columns per cube) a small batch is split to.
-const MIN_DECODE_COLUMN_TILE: usize = 8;
-/// The environment variable that overrides [`DECODE_MIN_CUBES`] (0 keeps 32
-/// vector columns per cube whatever the batch): for measuring.
-pub const DECODE_MIN_CUBES_VAR: &str = "LIGHTNING_ATTENTION_DECODE_MIN_CUBES";
-
-fn decode_min_cubes() -> usize {
-    // Read once: every decode step plans.
-    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    OVERRIDE
-        .get_or_init(|| {
-            std::env::var(DECODE_MIN_CUBES_VAR)
-                .ok()
-                .and_then(|value| value.parse::<usize>().ok())
-        })
-        .unwrap_or(DECODE_MIN_CUBES)
-}
-
 /// Plans a validated decode step: 4-lane vectors where `e` allows, up to 32
 /// vector columns per cube, the rows of each column split over up to
-/// `256 / columns` units. A small batch (`b * h` cubes fewer than
-/// [`DECODE_MIN_CUBES`]) gets narrower column tiles, down to 8, so that more
-/// cubes share the state: one cube per head left most of an H100's 132
-/// multiprocessors idle at batch 1 (SPEED_NOTES.md, Decode).
+/// `256 / columns` units.
 pub fn plan_decode(shape: &DecodeShape, limits: &DeviceLimits) -> Result<DecodePlan> {
     let vector_size = if shape.value_dim.is_multiple_of(4) { 4 } else { 1 };
     let vector_cols = shape.value_dim / vector_size;
     let units = TARGET_UNITS.min(limits.max_units) as usize;
-    let mut column_tile = vector_cols.next_power_of_two().min(32).min(units);
-    let rows = shape.batch * shape.heads;
-    while column_tile > MIN_DECODE_COLUMN_TILE
-        && vector_cols.div_ceil(column_tile) * rows < decode_min_cubes()
-    {
-        column_tile /= 2;
-    }
+    let column_tile = vector_cols.next_power_of_two().min(32).min(units);
     let row_groups = (units / column_tile)
         .min(shape.key_dim.next_power_of_two())
         .max(1);
