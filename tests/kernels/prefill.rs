@@ -1,7 +1,7 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::plan::{DiagRoutine, KvParallelRoutine, TensorCores};
+use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, TensorCores};
 use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
 use lightning_attention::{
     DType, DeviceTensor, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
@@ -33,7 +33,18 @@ fn sub_blocks(block: usize) -> Vec<usize> {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    let head_dims = vec![(64, 128), (128, 64), (128, 128), (32, 32), (24, 40), (16, 8)];
+    // (20, 12) and (15, 7): the tensor-core routines' 4- and 1-lane vectors,
+    // and kv-reduce's 1-lane one (d * e not a multiple of 4).
+    let head_dims = vec![
+        (64, 128),
+        (128, 64),
+        (128, 128),
+        (32, 32),
+        (24, 40),
+        (16, 8),
+        (20, 12),
+        (15, 7),
+    ];
     (
         prop::sample::select(vec![16usize, 32, 64, 128, 256]),
         prop::sample::select(head_dims),
@@ -316,6 +327,31 @@ fn device_config_matches_reference() {
     let exact = p.exact();
     assert!(relative_error(&read(&client, &p.out), &exact.out) < 1e-4);
     assert!(relative_error(&read(&client, &p.state), &exact.state) < 1e-4);
+}
+
+/// The vectors the tensor-core routines and kv-reduce move rows in divide the
+/// head dims (16 bytes of 16-bit inputs at most; 4 f32 for kv-reduce).
+#[test]
+fn vector_sizes_divide_the_head_dims() {
+    for ((d, e), cmma, reduce) in [
+        ((128, 128), 8, 4),
+        ((24, 40), 8, 4),
+        ((20, 12), 4, 4),
+        ((12, 6), 2, 4),
+        ((15, 7), 1, 1),
+        ((6, 3), 1, 1),
+    ] {
+        assert_eq!(
+            plan::cmma_vector_size(d, e),
+            cmma,
+            "cmma vector for d = {d}, e = {e}"
+        );
+        assert_eq!(
+            plan::kv_reduce_vector_size(d, e),
+            reduce,
+            "kv-reduce vector for d = {d}, e = {e}"
+        );
+    }
 }
 
 /// Where the device reports tensor cores for a dtype, the plan takes the
