@@ -285,6 +285,7 @@ fn kv_parallel_on_tensor_cores(
     if config.routines != Routines::Auto
         || !limits.tensor_cores.supports(work.dtype)
         || !config.block.is_multiple_of(16)
+        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
     {
         return None;
     }
@@ -350,6 +351,7 @@ fn diag_on_tensor_cores(
     if config.routines != Routines::Auto
         || !limits.tensor_cores.supports(work.dtype)
         || !cb.is_multiple_of(16)
+        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
     {
         return None;
     }
@@ -429,10 +431,17 @@ pub struct PrefillPlan {
     pub kv_snapshot: LaunchDims,
 }
 
+/// The vector the tensor-core routines run with: 8 scalars, 16 bytes of
+/// 16-bit inputs. They are planned only where `d` and `e` are multiples of 8
+/// (the head dims of real models); other dims take the portable routines.
+/// The kernels take any vector dividing both, but only 8 has run on a GPU
+/// with tensor cores, so only 8 is planned.
+pub const CMMA_VECTOR: usize = 8;
+
 /// The widest vector (8, 4, 2 or 1 scalars) dividing both `d` and `e`: the
 /// tensor-core routines load rows of q, k, v and the block states in vectors
-/// of this many scalars (16 bytes for 16-bit inputs at 8), and every row and
-/// tile edge falls on a vector boundary.
+/// of this many scalars, and every row and tile edge falls on a vector
+/// boundary (they are planned only where it is [`CMMA_VECTOR`]).
 pub fn cmma_vector_size(key_dim: usize, value_dim: usize) -> usize {
     [8, 4, 2]
         .into_iter()

@@ -33,8 +33,9 @@ fn sub_blocks(block: usize) -> Vec<usize> {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    // (20, 12) and (15, 7): the tensor-core routines' 4- and 1-lane vectors,
-    // and kv-reduce's 1-lane one (d * e not a multiple of 4).
+    // (20, 12) and (15, 7): dims that are not multiples of 8 (the portable
+    // routines even where tensor cores are), and kv-reduce's 4- and 1-lane
+    // vectors (d * e not a multiple of 4).
     let head_dims = vec![
         (64, 128),
         (128, 64),
@@ -356,7 +357,8 @@ fn vector_sizes_divide_the_head_dims() {
 
 /// Where the device reports tensor cores for a dtype, the plan takes the
 /// tensor-core diag and kv-parallel (so the property tests run them on such
-/// devices), and `Routines::Portable` keeps the portable ones.
+/// devices) for head dims that are multiples of 8, and `Routines::Portable`
+/// keeps the portable ones.
 #[test]
 fn tensor_core_routines_are_chosen_where_the_device_has_them() {
     let client = client();
@@ -403,6 +405,28 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             expected_tensor_cores,
             "{dtype}: {:?} with {cores:?}",
             auto.diag_routine
+        );
+
+        // d = 20, e = 12: not multiples of 8, so the portable routines.
+        let q = upload(&client, &rng.values(2 * 100 * 20, dtype), &[1, 2, 100, 20], dtype);
+        let v = upload(&client, &rng.values(2 * 100 * 12, dtype), &[1, 2, 100, 12], dtype);
+        let inputs = PrefillInputs {
+            q: &q,
+            k: &q,
+            v: &v,
+            slopes: &slopes,
+            initial_state: None,
+        };
+        let (_, narrow) = plan_prefill(&client, &inputs, &config).expect("a valid prefill");
+        assert_eq!(
+            narrow.diag_routine,
+            DiagRoutine::Portable,
+            "{dtype}, d = 20, e = 12"
+        );
+        assert_eq!(
+            narrow.kv_parallel_routine,
+            KvParallelRoutine::Portable,
+            "{dtype}, d = 20, e = 12"
         );
     }
 }
