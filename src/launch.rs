@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::plan::{DecodePlan, DiagRoutine, KvParallelRoutine, PrefillPlan};
+use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, PrefillPlan};
 use crate::sequences::{DeviceTable, IndexBuffer};
 use crate::{DType, DeviceTensor, PrefillConfig};
 
@@ -200,7 +200,7 @@ impl CallLaunch<'_> {
                         client,
                         plan.diag.cube_count(),
                         plan.diag.cube_dim(),
-                        plan.cmma_vector_size,
+                        CMMA_VECTOR,
                         arg(q),
                         arg(k),
                         arg(v),
@@ -262,7 +262,7 @@ impl CallLaunch<'_> {
                         client,
                         plan.kv_parallel.cube_count(),
                         plan.kv_parallel.cube_dim(),
-                        plan.cmma_vector_size,
+                        CMMA_VECTOR,
                         arg(k),
                         arg(v),
                         arg(slopes),

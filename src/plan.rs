@@ -4,6 +4,7 @@
 //! launches that follow are `launch_unchecked` on a configuration known to fit.
 
 use cubecl::prelude::*;
+use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
 use crate::config::check_scale;
 use crate::shapes::{
@@ -274,6 +275,16 @@ const MAX_CMMA_STATE_COLS: usize = 64;
 /// stalls were mostly waits on global loads, SPEED_NOTES.md variant 9).
 const MAX_CMMA_STAGE: usize = 128;
 
+/// Whether the tensor-core routines may run this work at all: the config
+/// allows them, the device multiplies its dtype on tensor cores, and `d` and
+/// `e` take [`CMMA_VECTOR`]-wide vectors. Each routine adds its own tile and
+/// shared-memory checks.
+fn tensor_cores_may_run(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
+    config.routines == Routines::Auto
+        && limits.tensor_cores.supports(work.dtype)
+        && cmma_vector_size(work.key_dim, work.value_dim) == CMMA_VECTOR
+}
+
 /// The tensor-core kv-parallel launch for this work, where the device, dtype,
 /// config and shared memory allow it.
 fn kv_parallel_on_tensor_cores(
@@ -282,19 +293,16 @@ fn kv_parallel_on_tensor_cores(
     limits: &DeviceLimits,
 ) -> Option<(LaunchDims, KvParallelRoutine)> {
     let plane = limits.plane_size?;
-    if config.routines != Routines::Auto
-        || !limits.tensor_cores.supports(work.dtype)
-        || !config.block.is_multiple_of(16)
-        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
-    {
+    if !tensor_cores_may_run(work, config, limits) || !config.block.is_multiple_of(16) {
         return None;
     }
     let key_tile = (work.key_dim.div_ceil(16) * 16).min(MAX_CMMA_KEY_TILE);
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_STATE_COLS);
     let stage = config.block.min(MAX_CMMA_STAGE);
     let planes = key_tile / 16;
-    // Rows padded by 16 bytes (kernels::staging): 8 halves, 4 floats.
-    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile + 16) + 4 * 16 * (16 + 4) * planes;
+    // Staged rows padded as kernels::staging pads them.
+    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile + 2 * ROW_PAD)
+        + 4 * 16 * (16 + F32_ROW_PAD) * planes;
     let dims = LaunchDims {
         cubes: (
             count(work.blocks),
@@ -348,18 +356,15 @@ fn diag_on_tensor_cores(
 ) -> Option<(LaunchDims, DiagRoutine)> {
     let cb = config.sub_block;
     let plane = limits.plane_size?;
-    if config.routines != Routines::Auto
-        || !limits.tensor_cores.supports(work.dtype)
-        || !cb.is_multiple_of(16)
-        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
-    {
+    if !tensor_cores_may_run(work, config, limits) || !cb.is_multiple_of(16) {
         return None;
     }
     let key_pad = work.key_dim.div_ceil(16) * 16;
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(max_cmma_value_tile());
     let elem = work.dtype.size();
-    // Rows padded by 16 bytes (kernels::staging): 8 halves, 4 floats.
-    let shared_bytes = elem * cb * (2 * (key_pad + 8) + (value_tile + 8) + (cb + 8)) + 4 * cb * (cb + 4);
+    // Staged rows padded as kernels::staging pads them.
+    let shared_bytes = elem * cb * (2 * (key_pad + ROW_PAD) + (value_tile + ROW_PAD) + (cb + ROW_PAD))
+        + 4 * cb * (cb + F32_ROW_PAD);
     let dims = LaunchDims {
         cubes: (
             count(work.sub_blocks),
@@ -396,9 +401,6 @@ pub struct PrefillPlan {
     /// Units per plane the tensor-core routines are compiled for (0 where the
     /// runtime has no fixed plane size; the portable routines ignore it).
     pub plane_size: usize,
-    /// Scalars per vector the tensor-core routines move q, k, v, the output
-    /// and the block states in (see [`cmma_vector_size`]).
-    pub cmma_vector_size: usize,
     /// diag's chunk of `d` staged per step.
     pub diag_key_chunk: usize,
     /// Query rows (and key columns) of scores and outputs each diag unit holds.
@@ -538,7 +540,8 @@ impl PrefillPlan {
             ),
         };
 
-        // kv-reduce and kv-snapshot: one unit per element of the state.
+        // kv-snapshot: one unit per element of the state; kv-reduce: one per
+        // vector of them.
         let state_chunks = count((d * e).div_ceil(units as usize));
         let kv_reduce_vector_size = kv_reduce_vector_size(d, e);
         let kv_reduce = LaunchDims {
@@ -577,7 +580,6 @@ impl PrefillPlan {
             diag,
             diag_routine,
             plane_size: limits.plane_size.unwrap_or(0) as usize,
-            cmma_vector_size: cmma_vector_size(d, e),
             diag_key_chunk,
             diag_rows_per_unit,
             diag_cols_per_unit,

@@ -1,7 +1,7 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, TensorCores};
+use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, PrefillPlan, TensorCores};
 use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
 use lightning_attention::{
     DType, DeviceTensor, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
@@ -355,6 +355,23 @@ fn vector_sizes_divide_the_head_dims() {
     }
 }
 
+/// The plan of a prefill of random `[1, 2, 100, d]` q and k and
+/// `[1, 2, 100, e]` v of `dtype` under `config`.
+fn plan_for(client: &Client, dtype: DType, d: usize, e: usize, config: &PrefillConfig) -> PrefillPlan {
+    let mut rng = SeededRng::new(7);
+    let q = upload(client, &rng.values(2 * 100 * d, dtype), &[1, 2, 100, d], dtype);
+    let v = upload(client, &rng.values(2 * 100 * e, dtype), &[1, 2, 100, e], dtype);
+    let slopes = upload(client, &rng.slopes(2), &[2], DType::F32);
+    let inputs = PrefillInputs {
+        q: &q,
+        k: &q,
+        v: &v,
+        slopes: &slopes,
+        initial_state: None,
+    };
+    plan_prefill(client, &inputs, config).expect("a valid prefill").1
+}
+
 /// Where the device reports tensor cores for a dtype, the plan takes the
 /// tensor-core diag and kv-parallel (so the property tests run them on such
 /// devices) for head dims that are multiples of 8, and `Routines::Portable`
@@ -363,34 +380,10 @@ fn vector_sizes_divide_the_head_dims() {
 fn tensor_core_routines_are_chosen_where_the_device_has_them() {
     let client = client();
     let cores = TensorCores::of(&client);
-    let dims = Dims {
-        batch: 1,
-        heads: 2,
-        seq_len: 100,
-        key_dim: 64,
-        value_dim: 64,
-    };
+    let config = PrefillConfig::new(64, 32);
     for dtype in input_dtypes() {
-        let mut rng = SeededRng::new(7);
-        let q = upload(
-            &client,
-            &rng.values(dims.qk_len(), dtype),
-            &[1, 2, 100, 64],
-            dtype,
-        );
-        let v = upload(&client, &rng.values(dims.v_len(), dtype), &[1, 2, 100, 64], dtype);
-        let slopes = upload(&client, &rng.slopes(2), &[2], DType::F32);
-        let inputs = PrefillInputs {
-            q: &q,
-            k: &q,
-            v: &v,
-            slopes: &slopes,
-            initial_state: None,
-        };
-        let config = PrefillConfig::new(64, 32);
-        let (_, auto) = plan_prefill(&client, &inputs, &config).expect("a valid prefill");
-        let (_, portable) = plan_prefill(&client, &inputs, &config.with_routines(Routines::Portable))
-            .expect("a valid prefill");
+        let auto = plan_for(&client, dtype, 64, 64, &config);
+        let portable = plan_for(&client, dtype, 64, 64, &config.with_routines(Routines::Portable));
         assert_eq!(portable.diag_routine, DiagRoutine::Portable);
         assert_eq!(portable.kv_parallel_routine, KvParallelRoutine::Portable);
         let expected_tensor_cores = cores.supports(dtype);
@@ -408,16 +401,7 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
         );
 
         // d = 20, e = 12: not multiples of 8, so the portable routines.
-        let q = upload(&client, &rng.values(2 * 100 * 20, dtype), &[1, 2, 100, 20], dtype);
-        let v = upload(&client, &rng.values(2 * 100 * 12, dtype), &[1, 2, 100, 12], dtype);
-        let inputs = PrefillInputs {
-            q: &q,
-            k: &q,
-            v: &v,
-            slopes: &slopes,
-            initial_state: None,
-        };
-        let (_, narrow) = plan_prefill(&client, &inputs, &config).expect("a valid prefill");
+        let narrow = plan_for(&client, dtype, 20, 12, &config);
         assert_eq!(
             narrow.diag_routine,
             DiagRoutine::Portable,
