@@ -140,8 +140,8 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         } else {
             (&shape, &plan)
         };
-        let table =
-            SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config).upload(client);
+        let table = SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config)
+            .upload(client, pass_plan);
         let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
         let layout = Layout::dense(shape.seq_len);
         let call = CallLaunch {

@@ -18,15 +18,21 @@ pub struct PrefillConfig {
 }
 
 /// Which routines a prefill may run: the accelerated ones where the device
-/// offers them (tensor cores), or only the portable ones (the same kernels on
-/// every runtime; for comparisons and tests).
+/// offers them (tensor cores), only the portable ones (the same kernels on
+/// every runtime; for comparisons and tests), or the chunk-recurrent routine
+/// everywhere.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Routines {
     /// The fastest routine the device and dtype allow.
     #[default]
     Auto,
-    /// The portable routines only.
+    /// The portable routines only (the five kernels).
     Portable,
+    /// The chunk-recurrent routine (one walk over each sequence's blocks
+    /// instead of kv-parallel and kv-reduce): on tensor cores where the device
+    /// has them, else its portable variant. `Auto` takes it wherever tensor
+    /// cores run; this forces it everywhere (for tests and comparisons).
+    ChunkRecurrent,
 }
 
 impl Default for PrefillConfig {

@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, PrefillPlan};
+use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan};
 use crate::sequences::{DeviceTable, IndexBuffer};
 use crate::{DType, DeviceTensor, PrefillConfig};
 
@@ -20,6 +20,8 @@ pub(crate) enum Stage {
     Diag,
     KvParallel,
     KvReduce,
+    /// The chunk-recurrent state pass (in place of kv-parallel and kv-reduce).
+    ChunkState,
     NonDiag,
     KvSnapshot,
     Decode,
@@ -160,7 +162,6 @@ impl CallLaunch<'_> {
         // SAFETY: the workspace holds at least this many f32.
         let states_arg =
             || unsafe { BufferArg::from_raw_parts(self.workspace.clone(), plan.block_states_len.max(1)) };
-        let initial = self.initial.unwrap_or(self.unused);
         // SAFETY (every launch below): each size, tile, grid and table entry was
         // validated and planned against the device's limits; each kernel
         // bounds-checks the tails of n, d and e.
@@ -195,121 +196,66 @@ impl CallLaunch<'_> {
                 DiagRoutine::TensorCores {
                     value_tile,
                     fused_non_diag,
-                } => unsafe {
-                    kernels::diag_cmma::diag_cmma::launch_unchecked::<F>(
-                        client,
-                        plan.diag.cube_count(),
-                        plan.diag.cube_dim(),
-                        CMMA_VECTOR,
-                        arg(q),
-                        arg(k),
-                        arg(v),
-                        arg(slopes),
-                        table.seq_starts.arg(),
-                        table.block_offsets.arg(),
-                        table.sub_block_work.arg(),
-                        states_arg(),
-                        arg(out),
-                        h,
-                        head_stride,
-                        token_stride,
-                        scale,
-                        d,
-                        e,
-                        block,
-                        cb,
-                        value_tile,
-                        plan.plane_size,
-                        fused_non_diag,
-                        variant.reversed,
-                    )
-                },
+                } => {
+                    // The per-block states as the state pass stored them.
+                    macro_rules! diag_cmma {
+                        ($states:ty) => {
+                            unsafe {
+                                kernels::diag_cmma::diag_cmma::launch_unchecked::<F, $states>(
+                                    client,
+                                    plan.diag.cube_count(),
+                                    plan.diag.cube_dim(),
+                                    CMMA_VECTOR,
+                                    arg(q),
+                                    arg(k),
+                                    arg(v),
+                                    arg(slopes),
+                                    table.seq_starts.arg(),
+                                    table.block_offsets.arg(),
+                                    table.sub_block_work.arg(),
+                                    states_arg(),
+                                    arg(out),
+                                    h,
+                                    head_stride,
+                                    token_stride,
+                                    scale,
+                                    d,
+                                    e,
+                                    block,
+                                    cb,
+                                    value_tile,
+                                    plan.plane_size,
+                                    fused_non_diag,
+                                    variant.reversed,
+                                )
+                            }
+                        };
+                    }
+                    if plan.chunk_state.is_some_and(|chunk| chunk.states_in_input_dtype) {
+                        diag_cmma!(F)
+                    } else {
+                        diag_cmma!(f32)
+                    }
+                }
             };
             let fused = plan.diag_routine.fuses_non_diag();
             if !fused {
                 hook(Stage::Diag, &diag);
             }
-            hook(Stage::KvParallel, &|| match plan.kv_parallel_routine {
-                KvParallelRoutine::Portable => unsafe {
-                    kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
-                        client,
-                        plan.kv_parallel.cube_count(),
-                        plan.kv_parallel.cube_dim(),
-                        arg(k),
-                        arg(v),
-                        arg(slopes),
-                        table.seq_starts.arg(),
-                        table.block_work.arg(),
-                        states_arg(),
-                        h,
-                        head_stride,
-                        token_stride,
-                        d,
-                        e,
-                        block,
-                        plan.kv_stage,
-                        plan.kv_rows_per_unit,
-                        plan.kv_cols_per_unit,
-                        variant.reversed,
-                    )
-                },
-                KvParallelRoutine::TensorCores {
-                    stage,
-                    key_tile,
-                    value_tile,
-                } => unsafe {
-                    kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F>(
-                        client,
-                        plan.kv_parallel.cube_count(),
-                        plan.kv_parallel.cube_dim(),
-                        CMMA_VECTOR,
-                        arg(k),
-                        arg(v),
-                        arg(slopes),
-                        table.seq_starts.arg(),
-                        table.block_work.arg(),
-                        states_arg(),
-                        h,
-                        head_stride,
-                        token_stride,
-                        d,
-                        e,
-                        block,
-                        stage,
-                        key_tile,
-                        value_tile,
-                        plan.plane_size,
-                        variant.reversed,
-                    )
-                },
-            });
-            hook(Stage::KvReduce, &|| unsafe {
-                kernels::kv_reduce::kv_reduce::launch_unchecked(
-                    client,
-                    plan.kv_reduce.cube_count(),
-                    plan.kv_reduce.cube_dim(),
-                    plan.kv_reduce_vector_size,
-                    arg(slopes),
-                    table.seq_starts.arg(),
-                    table.block_offsets.arg(),
-                    table.initial_slots.arg(),
-                    table.final_slots.arg(),
-                    table.reduce_work.arg(),
-                    arg(initial),
-                    states_arg(),
-                    arg(self.states),
-                    h,
-                    variant.initial_scale,
-                    variant.final_scale,
-                    d,
-                    e,
+            if let Some(chunk) = &plan.chunk_state {
+                hook(Stage::ChunkState, &|| self.launch_chunk_state::<F>(chunk));
+            } else {
+                let blocks = BlockRun {
                     block,
-                    self.initial.is_none(),
-                    variant.transpose_initial,
-                    variant.advance_initial,
-                    variant.retreat_final,
-                )
-            });
+                    cubes: plan.kv_parallel.cubes.0,
+                    work: &table.block_work,
+                    offsets: &table.block_offsets,
+                    states: self.workspace,
+                    states_len: plan.block_states_len,
+                };
+                hook(Stage::KvParallel, &|| self.launch_kv_parallel::<F>(&blocks));
+                hook(Stage::KvReduce, &|| self.launch_kv_reduce(&blocks));
+            }
             if fused {
                 hook(Stage::Diag, &diag);
             } else {
@@ -381,6 +327,137 @@ impl CallLaunch<'_> {
                     e,
                 )
             });
+        }
+    }
+}
+
+/// The blocks kv-parallel and kv-reduce run over: a call's blocks (the
+/// five-kernel design), or the segments of the chunk-recurrent routine's
+/// segmented walk (a segment as one long block).
+pub(crate) struct BlockRun<'a> {
+    /// Tokens per block.
+    pub block: usize,
+    /// Blocks in `work` (kv-parallel's cubes along x).
+    pub cubes: u32,
+    /// `(sequence, block)` of each block, in the order of `states`.
+    pub work: &'a IndexBuffer,
+    /// Each sequence's first block in `states`.
+    pub offsets: &'a IndexBuffer,
+    /// `[blocks, h, d, e]` f32: each block's `K^T V`, then its incoming state.
+    pub states: &'a Handle,
+    /// Elements of `states` the kernels may touch.
+    pub states_len: usize,
+}
+
+impl CallLaunch<'_> {
+    fn run_states(&self, run: &BlockRun) -> BufferArg {
+        // SAFETY: the caller's buffer holds at least this many f32.
+        unsafe { BufferArg::from_raw_parts(run.states.clone(), run.states_len.max(1)) }
+    }
+
+    /// kv-parallel over `run`: each block's decayed `K^T V` into its slot.
+    pub(crate) fn launch_kv_parallel<F: Float + CubeElement>(&self, run: &BlockRun) {
+        let plan = self.plan;
+        let (client, table, variant) = (self.client, self.table, self.variant);
+        let h = self.heads as u32;
+        let (d, e) = (self.key_dim, self.value_dim);
+        let (head_stride, token_stride) = (self.layout.head_stride, self.layout.token_stride);
+        let dims = LaunchDims {
+            cubes: (run.cubes, plan.kv_parallel.cubes.1, plan.kv_parallel.cubes.2),
+            ..plan.kv_parallel
+        };
+        // SAFETY: the plan checked the tiles and the grid (no more cubes
+        // along x than the call has blocks) against the device; every table
+        // entry and buffer size was validated.
+        match plan.kv_parallel_routine {
+            KvParallelRoutine::Portable => unsafe {
+                kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
+                    client,
+                    dims.cube_count(),
+                    dims.cube_dim(),
+                    arg(self.k),
+                    arg(self.v),
+                    arg(self.slopes),
+                    table.seq_starts.arg(),
+                    run.work.arg(),
+                    self.run_states(run),
+                    h,
+                    head_stride,
+                    token_stride,
+                    d,
+                    e,
+                    run.block,
+                    plan.kv_stage,
+                    plan.kv_rows_per_unit,
+                    plan.kv_cols_per_unit,
+                    variant.reversed,
+                )
+            },
+            KvParallelRoutine::TensorCores {
+                stage,
+                key_tile,
+                value_tile,
+            } => unsafe {
+                kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F>(
+                    client,
+                    dims.cube_count(),
+                    dims.cube_dim(),
+                    CMMA_VECTOR,
+                    arg(self.k),
+                    arg(self.v),
+                    arg(self.slopes),
+                    table.seq_starts.arg(),
+                    run.work.arg(),
+                    self.run_states(run),
+                    h,
+                    head_stride,
+                    token_stride,
+                    d,
+                    e,
+                    run.block,
+                    stage,
+                    key_tile,
+                    value_tile,
+                    plan.plane_size,
+                    variant.reversed,
+                )
+            },
+        }
+    }
+
+    /// kv-reduce over `run`: each block's slot becomes its incoming state,
+    /// and each sequence's final state goes to its slot of `states`.
+    pub(crate) fn launch_kv_reduce(&self, run: &BlockRun) {
+        let plan = self.plan;
+        let (table, variant) = (self.table, self.variant);
+        let initial = self.initial.unwrap_or(self.unused);
+        // SAFETY: as for kv-parallel; kv-reduce's grid was planned per sequence.
+        unsafe {
+            kernels::kv_reduce::kv_reduce::launch_unchecked(
+                self.client,
+                plan.kv_reduce.cube_count(),
+                plan.kv_reduce.cube_dim(),
+                plan.kv_reduce_vector_size,
+                arg(self.slopes),
+                table.seq_starts.arg(),
+                run.offsets.arg(),
+                table.initial_slots.arg(),
+                table.final_slots.arg(),
+                table.reduce_work.arg(),
+                arg(initial),
+                self.run_states(run),
+                arg(self.states),
+                self.heads as u32,
+                variant.initial_scale,
+                variant.final_scale,
+                self.key_dim,
+                self.value_dim,
+                run.block,
+                self.initial.is_none(),
+                variant.transpose_initial,
+                variant.advance_initial,
+                variant.retreat_final,
+            )
         }
     }
 }

@@ -22,6 +22,8 @@ mod backward;
 mod backward_launch;
 #[cfg(feature = "burn")]
 pub mod burn;
+mod chunk_launch;
+pub mod chunk_plan;
 mod config;
 mod decode;
 mod dtype;

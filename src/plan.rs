@@ -6,6 +6,7 @@
 use cubecl::prelude::*;
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
+use crate::chunk_plan::{ChunkStatePlan, plan_chunk_state};
 use crate::config::check_scale;
 use crate::shapes::{
     DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
@@ -46,6 +47,9 @@ pub struct DeviceLimits {
     /// (1 to 32). On an H100 the batched loads raised CUDA's decode bandwidth
     /// by 5-10% and lowered wgpu's (WGSL) by 25% (BENCHMARKS.md).
     pub decode_rows_in_flight: usize,
+    /// Multiprocessors (SMs), where the runtime reports them: the
+    /// chunk-recurrent routine narrows its tiles until its walks fill them.
+    pub multiprocessors: Option<u32>,
 }
 
 /// Which input dtypes a device multiplies on tensor cores (a 16 x 16 x 16
@@ -120,6 +124,7 @@ impl DeviceLimits {
             plane_size: (hw.plane_size_min == hw.plane_size_max).then_some(hw.plane_size_max),
             tensor_cores: TensorCores::of(client),
             decode_rows_in_flight: decode_rows_in_flight(client),
+            multiprocessors: hw.num_streaming_multiprocessors,
         }
     }
 }
@@ -280,7 +285,7 @@ const MAX_CMMA_STAGE: usize = 128;
 /// `e` take [`CMMA_VECTOR`]-wide vectors. Each routine adds its own tile and
 /// shared-memory checks.
 fn tensor_cores_may_run(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
-    config.routines == Routines::Auto
+    config.routines != Routines::Portable
         && limits.tensor_cores.supports(work.dtype)
         && cmma_vector_size(work.key_dim, work.value_dim) == CMMA_VECTOR
 }
@@ -431,6 +436,9 @@ pub struct PrefillPlan {
     pub non_diag_cols_per_unit: usize,
     /// kv-snapshot launch (zero cubes when no snapshot is asked for).
     pub kv_snapshot: LaunchDims,
+    /// The chunk-recurrent state pass, where it replaces kv-parallel and
+    /// kv-reduce (see [`crate::chunk_plan`]).
+    pub chunk_state: Option<ChunkStatePlan>,
 }
 
 /// The vector the tensor-core routines run with: 8 scalars, 16 bytes of
@@ -595,6 +603,13 @@ impl PrefillPlan {
             non_diag_rows_per_unit,
             non_diag_cols_per_unit,
             kv_snapshot,
+            // kv-snapshot reads the per-block states in f32: then they stay f32.
+            chunk_state: plan_chunk_state(
+                work,
+                config,
+                limits,
+                diag_routine.fuses_non_diag() && work.snapshots == 0,
+            )?,
         })
     }
 }

@@ -100,12 +100,15 @@ pub struct StageTimes {
     pub kv_reduce: Duration,
     /// non-diag: queries against the incoming states; zero where diag fused it.
     pub non_diag: Duration,
+    /// The chunk-recurrent state pass; zero where kv-parallel and kv-reduce
+    /// ran instead (and they are zero where it ran).
+    pub chunk_state: Duration,
 }
 
 impl StageTimes {
-    /// The four stages together.
+    /// The stages together.
     pub fn total(&self) -> Duration {
-        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag
+        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag + self.chunk_state
     }
 }
 
@@ -131,6 +134,7 @@ pub fn profile_prefill_into(
                 Stage::Diag => times.diag = time,
                 Stage::KvParallel => times.kv_parallel = time,
                 Stage::KvReduce => times.kv_reduce = time,
+                Stage::ChunkState => times.chunk_state = time,
                 Stage::NonDiag => times.non_diag = time,
                 // A dense prefill takes no snapshot and routes nothing to decode.
                 Stage::KvSnapshot | Stage::Decode => {}
@@ -195,7 +199,7 @@ fn launch_planned(
     )?;
     expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
     let table = SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
-        .upload(client);
+        .upload(client, &plan);
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = crate::launch::unused_binding(client);
     CallLaunch {

@@ -10,7 +10,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::plan::PrefillWork;
+use crate::plan::{PrefillPlan, PrefillWork};
 use crate::{DType, PrefillConfig};
 
 /// Where a sequence's state comes from and goes to.
@@ -129,9 +129,45 @@ impl SequenceTable {
         self.decode_tokens.len()
     }
 
-    /// Copies the table to the device.
-    pub fn upload(&self, client: &Client) -> DeviceTable {
+    /// The runs the chunk-recurrent state pass walks (see
+    /// `kernels::chunk_state`): one per sequence, or, with segments of
+    /// `segment_blocks` blocks, one per segment, with the segments' own lists.
+    pub fn chunk_runs(&self, block: usize, segment_blocks: Option<usize>) -> ChunkRuns {
+        let mut runs = ChunkRuns {
+            segment_offsets: vec![0; self.initial_slots.len()],
+            ..ChunkRuns::default()
+        };
+        for &seq in &self.reduce_work {
+            let len = (self.seq_starts[seq as usize + 1] - self.seq_starts[seq as usize]) as usize;
+            let blocks = len.div_ceil(block);
+            let Some(per_segment) = segment_blocks else {
+                runs.walks.extend([seq, 0, blocks as u32]);
+                continue;
+            };
+            runs.segment_offsets[seq as usize] = runs.segments as u32;
+            for (segment, first) in (0..blocks).step_by(per_segment).enumerate() {
+                runs.walks
+                    .extend([seq, first as u32, per_segment.min(blocks - first) as u32]);
+                runs.segment_work.extend([seq, segment as u32]);
+                runs.segments += 1;
+            }
+        }
+        runs
+    }
+
+    /// Copies the table to the device, with the runs `plan`'s chunk-recurrent
+    /// state pass walks, if it has one.
+    pub fn upload(&self, client: &Client, plan: &PrefillPlan) -> DeviceTable {
+        let runs = plan
+            .chunk_state
+            .map(|chunk| self.chunk_runs(chunk.block, chunk.segment_blocks))
+            .unwrap_or_default();
         DeviceTable {
+            chunk_walks: upload(client, &runs.walks),
+            segment_work: upload(client, &runs.segment_work),
+            segment_offsets: upload(client, &runs.segment_offsets),
+            segments: runs.segments,
+            walks: runs.walks.len() / 3,
             seq_starts: upload(client, &self.seq_starts),
             block_offsets: upload(client, &self.block_offsets),
             initial_slots: upload(client, &self.initial_slots),
@@ -144,6 +180,19 @@ impl SequenceTable {
             decode_slots: upload(client, &self.decode_slots),
         }
     }
+}
+
+/// Host-side runs of the chunk-recurrent state pass ([`SequenceTable::chunk_runs`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ChunkRuns {
+    /// `(sequence, first block, blocks)` of each walk.
+    pub walks: Vec<u32>,
+    /// `(sequence, segment)` of each segment (empty without segments).
+    pub segment_work: Vec<u32>,
+    /// Per sequence, its first segment.
+    pub segment_offsets: Vec<u32>,
+    /// Segments over all sequences.
+    pub segments: usize,
 }
 
 /// A device buffer of 32-bit integers and the count it holds.
@@ -195,4 +244,10 @@ pub(crate) struct DeviceTable {
     pub snapshot_work: IndexBuffer,
     pub decode_tokens: IndexBuffer,
     pub decode_slots: IndexBuffer,
+    /// The chunk-recurrent state pass's walks (see [`ChunkRuns`]).
+    pub chunk_walks: IndexBuffer,
+    pub segment_work: IndexBuffer,
+    pub segment_offsets: IndexBuffer,
+    pub segments: usize,
+    pub walks: usize,
 }

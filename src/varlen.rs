@@ -189,7 +189,7 @@ pub(crate) struct DeviceBatch {
 impl DeviceBatch {
     /// Uploads the tables and allocates the workspace.
     pub fn upload(client: &Client, planned: PlannedBatch) -> Self {
-        let table = planned.table.upload(client);
+        let table = planned.table.upload(client, &planned.prefill);
         let workspace = client.empty(planned.prefill.block_states_len.max(1) * 4);
         Self {
             planned,

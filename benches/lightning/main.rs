@@ -32,10 +32,14 @@ struct Options {
     quick: bool,
     /// Prefill (BLOCK, CBLOCK) pairs, `--configs 256/32,256/64`.
     configs: Vec<(usize, usize)>,
-    /// Prefill routines, `--routines auto,portable` (auto: tensor cores where the device has them).
+    /// Prefill routines, `--routines auto,portable,chunk` (auto: tensor cores and
+    /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
     /// Which groups of rows run, `--only prefill,decode,training,mixed` (default: all).
     only: Vec<String>,
+    /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
+    /// (default f32,bf16).
+    dtypes: Vec<DType>,
     reps: usize,
     out: std::path::PathBuf,
 }
@@ -74,13 +78,24 @@ fn options() -> Options {
             .map(|r| match r {
                 "auto" => Routines::Auto,
                 "portable" => Routines::Portable,
-                other => panic!("--routines takes auto and/or portable, not {other}"),
+                "chunk" => Routines::ChunkRecurrent,
+                other => panic!("--routines takes auto, portable and/or chunk, not {other}"),
             })
             .collect(),
         only: value("--only")
             .unwrap_or("prefill,decode,training,mixed".into())
             .split(',')
             .map(String::from)
+            .collect(),
+        dtypes: value("--dtypes")
+            .unwrap_or("f32,bf16".into())
+            .split(',')
+            .map(|dtype| match dtype {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => panic!("--dtypes takes f32, f16 and/or bf16, not {other}"),
+            })
             .collect(),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
@@ -168,8 +183,10 @@ fn bench_prefill(
     } else {
         format!("prefill {}/{}", config.block, config.sub_block)
     };
-    if config.routines == Routines::Portable {
-        row.op += " portable";
+    match config.routines {
+        Routines::Portable => row.op += " portable",
+        Routines::ChunkRecurrent => row.op += " chunk",
+        Routines::Auto => {}
     }
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
@@ -212,17 +229,23 @@ fn bench_training(
     target: &str,
     shape: [usize; 4],
     dtype: DType,
+    config: PrefillConfig,
     opts: &Options,
     bw: f64,
 ) -> Row {
     let [b, h, n, d] = shape;
     let e = d;
     let mut row = Row::new(target, "fwd+bwd", shape, dtype);
+    row.op = format!("fwd+bwd {}/{}", config.block, config.sub_block);
+    match config.routines {
+        Routines::Portable => row.op += " portable",
+        Routines::ChunkRecurrent => row.op += " chunk",
+        Routines::Auto => {}
+    }
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
     }
-    let config = PrefillConfig::default();
     let q = upload(client, &[b, h, n, d], dtype, 11);
     let k = upload(client, &[b, h, n, d], dtype, 12);
     let v = upload(client, &[b, h, n, e], dtype, 13);
@@ -338,7 +361,7 @@ fn main() {
         rows.push(Row::copy(&target, bw));
         let runs = |group: &str| opts.only.iter().any(|g| g == group);
         for &shape in prefill_shapes.iter().filter(|_| runs("prefill")) {
-            for dtype in [DType::F32, DType::BF16] {
+            for &dtype in &opts.dtypes {
                 for &(block, sub_block) in &opts.configs {
                     for &routines in &opts.routines {
                         let config = PrefillConfig::new(block, sub_block).with_routines(routines);
@@ -357,17 +380,20 @@ fn main() {
             eprintln!("{}", row.line());
             rows.push(row);
         }
-        let training_shape = if opts.quick {
-            [1, 4, 512, 64]
-        } else {
-            [1, 64, 16384, 128]
-        };
-        for dtype in [DType::F32, DType::BF16].into_iter().filter(|_| runs("training")) {
-            let row = bench_training(&client, &target, training_shape, dtype, &opts, bw);
-            eprintln!("{}", row.line());
-            rows.push(row);
+        // Forward+backward at every prefill shape, config and routine.
+        for &shape in prefill_shapes.iter().filter(|_| runs("training")) {
+            for &dtype in &opts.dtypes {
+                for &(block, sub_block) in &opts.configs {
+                    for &routines in &opts.routines {
+                        let config = PrefillConfig::new(block, sub_block).with_routines(routines);
+                        let row = bench_training(&client, &target, shape, dtype, config, &opts, bw);
+                        eprintln!("{}", row.line());
+                        rows.push(row);
+                    }
+                }
+            }
         }
-        for dtype in [DType::F32, DType::BF16].into_iter().filter(|_| runs("mixed")) {
+        for &dtype in opts.dtypes.iter().filter(|_| runs("mixed")) {
             for row in mixed::bench_mixed(&client, &target, dtype, &opts, bw) {
                 eprintln!("{}", row.line());
                 rows.push(row);

@@ -113,6 +113,7 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
     let sequences = prefills.len() + decode_count;
     let shape = [sequences, heads, tokens, dim];
     let mut one_call = Row::new(target, "mixed step, 1 call", shape, dtype);
+    one_call.op = format!("mixed step, 1 call, {}/{}", opts.configs[0].0, opts.configs[0].1);
     let mut looped = Row::new(target, "mixed step, per-request loop", shape, dtype);
     if !dtype.is_supported(client) {
         for row in [&mut one_call, &mut looped] {
@@ -120,7 +121,9 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
         }
         return vec![one_call, looped];
     }
-    let config = PrefillConfig::default();
+    // The first of the bench's configs (`--configs`).
+    let (block, sub_block) = opts.configs[0];
+    let config = PrefillConfig::new(block, sub_block);
     let s = slopes(client, heads);
     // Small random states: the decodes continue them over many timed steps.
     let cache = upload(client, &[sequences, heads, dim, dim], DType::F32, 20);

@@ -58,11 +58,20 @@ impl Row {
         format!("({b},{h},{n},{d})")
     }
 
-    /// "diag / kv-parallel / kv-reduce / non-diag" in ms.
+    /// "diag / kv-parallel / kv-reduce / non-diag" in ms, or "diag / chunk
+    /// state / non-diag" where the chunk-recurrent routine ran.
     pub fn stages_label(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         self.stages
             .map(|s| {
+                if !s.chunk_state.is_zero() {
+                    return format!(
+                        "{:.2} / chunk {:.2} / {:.2}",
+                        ms(s.diag),
+                        ms(s.chunk_state),
+                        ms(s.non_diag)
+                    );
+                }
                 format!(
                     "{:.2} / {:.2} / {:.2} / {:.2}",
                     ms(s.diag),

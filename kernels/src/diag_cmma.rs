@@ -22,7 +22,9 @@
 //!    accumulators, which stay in registers across key sub-blocks.
 //!
 //! With `with_state` (bf16), the cube also adds the non-diag part, each query
-//! against its block's incoming state from kv-reduce, into the same
+//! against its block's incoming state (stored as `S`: f32 from kv-reduce, or
+//! the input dtype from [`crate::chunk_state`]; rounded to the input dtype
+//! either way before its product), into the same
 //! accumulators: it then runs after kv-reduce and replaces non-diag, which
 //! saves a pass over Q and the output. Without it (f16, whose range a long
 //! sequence's state can exceed), non-diag runs after it as usual.
@@ -50,7 +52,7 @@ const ALIGN: usize = 128;
 /// sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn diag_cmma<F: Float, N: Size>(
+pub fn diag_cmma<F: Float, S: Float, N: Size>(
     q: &[Vector<F, N>],
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
@@ -58,7 +60,7 @@ pub fn diag_cmma<F: Float, N: Size>(
     seq_starts: &[u32],
     block_offsets: &[u32],
     work: &[u32],
-    block_states: &[Vector<f32, N>],
+    block_states: &[Vector<S, N>],
     out: &mut [Vector<F, N>],
     heads: u32,
     head_stride: u32,
@@ -231,7 +233,7 @@ pub fn diag_cmma<F: Float, N: Size>(
             sync_cube();
             // Rows c0 .. c0 + sub_block of the state, as if they were tokens
             // of a sequence of key_dim rows, one apart.
-            stage_rows::<f32, F, N>(
+            stage_rows::<S, F, N>(
                 block_states,
                 &mut v_s,
                 state_row0,

@@ -38,7 +38,7 @@ const LOADS_IN_FLIGHT: usize = 8;
 /// one slot and head, starting at vector `base`), read from `src` as stored, or, with
 /// `transposed`, gathered from a `[e, d]` copy one element at a time.
 #[cube]
-fn initial_vector<N: Size>(
+pub fn initial_vector<N: Size>(
     src: &[Vector<f32, N>],
     base: usize,
     at: usize,

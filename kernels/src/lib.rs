@@ -37,6 +37,7 @@
 
 pub mod backward_diag;
 pub mod backward_non_diag;
+pub mod chunk_state;
 pub mod decode;
 pub mod diag;
 pub mod diag_cmma;

@@ -1,5 +1,5 @@
 //! Global-to-shared staging and fragment loads for the tensor-core kernels
-//! ([`crate::diag_cmma`], [`crate::kv_parallel_cmma`]).
+//! ([`crate::diag_cmma`], [`crate::kv_parallel_cmma`], [`crate::chunk_state`]).
 //!
 //! Operands travel as vectors of `N` scalars along their rows (`N` = 8 for
 //! 16-bit inputs: 16-byte loads), picked by the host to divide `d` and `e`.
@@ -27,6 +27,13 @@ pub const F32_ROW_PAD: usize = 4;
 /// one at a time, each load's latency was paid in full.
 const BATCH: usize = 8;
 
+/// Slots of a `[rows, cols]` tile (in vectors of `lanes`) each of `units`
+/// units holds when the tile is split evenly between them: the length of the
+/// register arrays of [`load_share`] and [`store_share`].
+pub fn share_len(rows: usize, cols: usize, lanes: usize, units: usize) -> usize {
+    (rows * (cols / lanes)).div_ceil(units)
+}
+
 /// Copies rows `first .. first + rows` of a row-major operand into `dst` as a
 /// `[rows, cols]` tile of the columns `col0 .. col0 + cols`, converted to `F`,
 /// its rows `stride` scalars apart.
@@ -36,7 +43,9 @@ const BATCH: usize = 8;
 /// columns from `width` on are zero. With `decayed`, row `t` is scaled by
 /// `exp(neg_slope * (end - 1 - t))` in f32 before rounding to `F` (the decay
 /// to the end of a block). `units` units of the cube share the copy; `col0`,
-/// `cols`, `stride` and `width` are multiples of `N`.
+/// `cols`, `stride` and `width` are multiples of `N`. The loads go
+/// [`BATCH`] at a time through registers ([`load_share`] and [`store_share`]
+/// split the same copy in two, for a caller that overlaps it with other work).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn stage_rows<S: Float, F: Float, N: Size>(
@@ -58,60 +67,188 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
     #[comptime] reversed: bool,
 ) {
     let lanes = N::value();
-    let cols_v = comptime!(cols / lanes);
-    let stride_v = comptime!(stride / lanes);
-    let width_v = comptime!(width / lanes);
-    let len = comptime!(rows * cols_v);
-    // Each unit's share, known at compile time, so the loops unroll without
-    // loads that could never be valid (they cost registers).
-    let per_unit = comptime!(len.div_ceil(units));
-    let ragged = comptime!(!len.is_multiple_of(units));
+    let per_unit = comptime!(share_len(rows, cols, lanes, units));
     let batch = comptime!(per_unit.min(BATCH));
     let batches = comptime!(per_unit.div_ceil(batch));
+    #[unroll]
+    for b in 0..batches {
+        // The last batch may be short.
+        let count = comptime!(batch.min(per_unit - b * batch));
+        let mut regs = Array::<Vector<S, N>>::new(count);
+        load_slots::<S, N>(
+            src,
+            &mut regs,
+            row0,
+            n,
+            step,
+            first,
+            end,
+            col0,
+            comptime!(b * batch),
+            count,
+            rows,
+            cols,
+            width,
+            units,
+            reversed,
+        );
+        store_slots::<S, F, N>(
+            &regs,
+            dst,
+            first,
+            end,
+            neg_slope,
+            comptime!(b * batch),
+            count,
+            rows,
+            cols,
+            stride,
+            units,
+            decayed,
+        );
+    }
+}
+
+/// The global half of [`stage_rows`]: loads this unit's whole share of the
+/// tile ([`share_len`] vectors) into `regs`, with the same addressing and
+/// zeros. The loads are in flight until `regs` is read.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_share<S: Float, N: Size>(
+    src: &[Vector<S, N>],
+    regs: &mut Array<Vector<S, N>>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    first: usize,
+    end: usize,
+    col0: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] width: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = N::value();
+    let count = comptime!(share_len(rows, cols, lanes, units));
+    load_slots::<S, N>(
+        src, regs, row0, n, step, first, end, col0, 0usize, count, rows, cols, width, units, reversed,
+    );
+}
+
+/// The shared half of [`stage_rows`]: stores a share loaded by [`load_share`]
+/// for rows `first ..` into `dst`, decayed to `end` with `decayed`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_share<S: Float, F: Float, N: Size>(
+    regs: &Array<Vector<S, N>>,
+    dst: &mut Shared<[Vector<F, N>]>,
+    first: usize,
+    end: usize,
+    neg_slope: f32,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] stride: usize,
+    #[comptime] units: usize,
+    #[comptime] decayed: bool,
+) {
+    let lanes = N::value();
+    let count = comptime!(share_len(rows, cols, lanes, units));
+    store_slots::<S, F, N>(
+        regs, dst, first, end, neg_slope, 0usize, count, rows, cols, stride, units, decayed,
+    );
+}
+
+/// Loads slots `first_slot .. first_slot + count` of this unit's share (slot
+/// `x` is tile vector `x * units + unit`) into `regs[0 .. count]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_slots<S: Float, N: Size>(
+    src: &[Vector<S, N>],
+    regs: &mut Array<Vector<S, N>>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    first: usize,
+    end: usize,
+    col0: usize,
+    #[comptime] first_slot: usize,
+    #[comptime] count: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] width: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = N::value();
+    let cols_v = comptime!(cols / lanes);
+    let width_v = comptime!(width / lanes);
+    let len = comptime!(rows * cols_v);
     // Whether some unit's slot can fall past the tile.
-    let checked = comptime!(ragged || batches * batch != per_unit);
+    let checked = comptime!((first_slot + count) * units > len);
     let col0_v = col0 / lanes;
     let unit = UNIT_POS as usize;
     #[unroll]
-    for b in 0..batches {
-        let mut regs = Array::<Vector<S, N>>::new(batch);
-        #[unroll]
-        for x in 0..batch {
-            let idx = (b * batch + x) * units + unit;
-            let t = first + idx / cols_v;
-            let c = col0_v + idx % cols_v;
-            let mut val = Vector::<S, N>::new(S::cast_from(0.0f32));
-            let mut inside = t < end && c < width_v;
-            if comptime!(checked) {
-                inside = inside && idx < len;
-            }
-            if inside {
-                val = src[token_row(row0, t, n, step, reversed) * width_v + c];
-            }
-            regs[x] = val;
+    for x in 0..count {
+        let idx = (first_slot + x) * units + unit;
+        let t = first + idx / cols_v;
+        let c = col0_v + idx % cols_v;
+        let mut val = Vector::<S, N>::new(S::cast_from(0.0f32));
+        let mut inside = t < end && c < width_v;
+        if comptime!(checked) {
+            inside = inside && idx < len;
         }
-        #[unroll]
-        for x in 0..batch {
-            let idx = (b * batch + x) * units + unit;
-            let mut inside = true;
-            if comptime!(checked) {
-                inside = idx < len;
-            }
-            if inside {
-                let r = idx / cols_v;
-                let at = r * stride_v + idx % cols_v;
-                if comptime!(decayed) {
-                    let t = first + r;
-                    let mut weight = 0.0f32;
-                    if t < end {
-                        weight = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
-                    }
-                    dst[at] = Vector::cast_from(
-                        Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight),
-                    );
-                } else {
-                    dst[at] = Vector::cast_from(regs[x]);
+        if inside {
+            val = src[token_row(row0, t, n, step, reversed) * width_v + c];
+        }
+        regs[x] = val;
+    }
+}
+
+/// Stores `regs[0 .. count]`, slots `first_slot ..` of this unit's share
+/// loaded by [`load_slots`], into `dst` (see [`stage_rows`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_slots<S: Float, F: Float, N: Size>(
+    regs: &Array<Vector<S, N>>,
+    dst: &mut Shared<[Vector<F, N>]>,
+    first: usize,
+    end: usize,
+    neg_slope: f32,
+    #[comptime] first_slot: usize,
+    #[comptime] count: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] stride: usize,
+    #[comptime] units: usize,
+    #[comptime] decayed: bool,
+) {
+    let lanes = N::value();
+    let cols_v = comptime!(cols / lanes);
+    let stride_v = comptime!(stride / lanes);
+    let len = comptime!(rows * cols_v);
+    let checked = comptime!((first_slot + count) * units > len);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for x in 0..count {
+        let idx = (first_slot + x) * units + unit;
+        let mut inside = true;
+        if comptime!(checked) {
+            inside = idx < len;
+        }
+        if inside {
+            let r = idx / cols_v;
+            let at = r * stride_v + idx % cols_v;
+            if comptime!(decayed) {
+                let t = first + r;
+                let mut weight = 0.0f32;
+                if t < end {
+                    weight = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
                 }
+                dst[at] =
+                    Vector::cast_from(Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight));
+            } else {
+                dst[at] = Vector::cast_from(regs[x]);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! finite differences in the reference crate), across block sizes.
 
 use lightning_attention::reference::{Dims, backward as reference_backward};
-use lightning_attention::{BackwardInputs, DType, LightningError, PrefillConfig, backward};
+use lightning_attention::{BackwardInputs, DType, LightningError, PrefillConfig, Routines, backward};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -20,6 +20,9 @@ struct Case {
     d_final: bool,
     scale: Option<f32>,
     dtype: DType,
+    /// ChunkRecurrent runs the reverse sweep (and the dq pass) through the
+    /// chunk-recurrent state pass, portable where tensor cores are absent.
+    routines: Routines,
     seed: u64,
 }
 
@@ -43,6 +46,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop::sample::select(vec![None, Some(0.125f32), Some(-2.0)]),
         prop::sample::select(input_dtypes()),
+        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent]),
         any::<u64>(),
     )
         .prop_flat_map(
@@ -55,6 +59,7 @@ fn case() -> impl Strategy<Value = Case> {
                 d_final,
                 scale,
                 dtype,
+                routines,
                 seed,
             )| {
                 (1..=2 * block + 9).prop_map(move |seq_len| Case {
@@ -69,6 +74,7 @@ fn case() -> impl Strategy<Value = Case> {
                     d_final,
                     scale,
                     dtype,
+                    routines,
                     seed,
                 })
             },
@@ -106,7 +112,7 @@ proptest! {
             d_out: &d_out_t,
             d_final_state: case.d_final.then_some(&d_final_t),
         };
-        let mut config = PrefillConfig::new(case.block, case.sub_block);
+        let mut config = PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines);
         config.scale = case.scale;
         let grads = backward(&client, &inputs, &config).expect("a valid backward pass");
 

@@ -53,7 +53,7 @@ fn case() -> impl Strategy<Value = Case> {
         1usize..=3,
         any::<bool>(),
         prop::sample::select(input_dtypes()),
-        prop::sample::select(vec![Routines::Auto, Routines::Auto, Routines::Portable]),
+        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Portable]),
         any::<u64>(),
     )
         .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, routines, seed)| {
@@ -373,9 +373,9 @@ fn plan_for(client: &Client, dtype: DType, d: usize, e: usize, config: &PrefillC
 }
 
 /// Where the device reports tensor cores for a dtype, the plan takes the
-/// tensor-core diag and kv-parallel (so the property tests run them on such
-/// devices) for head dims that are multiples of 8, and `Routines::Portable`
-/// keeps the portable ones.
+/// tensor-core diag and the chunk-recurrent state pass (so the property tests
+/// run them on such devices) for head dims that are multiples of 8, and
+/// `Routines::Portable` keeps the portable ones.
 #[test]
 fn tensor_core_routines_are_chosen_where_the_device_has_them() {
     let client = client();
@@ -400,6 +400,27 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             auto.diag_routine
         );
 
+        // The chunk-recurrent state pass: Auto takes it with the tensor
+        // cores, ChunkRecurrent everywhere (its portable variant without
+        // them), Portable never.
+        assert_eq!(
+            auto.chunk_state.map(|chunk| chunk.tensor_cores),
+            expected_tensor_cores.then_some(true),
+            "{dtype}: {:?} with {cores:?}",
+            auto.chunk_state
+        );
+        assert_eq!(portable.chunk_state, None);
+        let chunk = plan_for(
+            &client,
+            dtype,
+            64,
+            64,
+            &config.with_routines(Routines::ChunkRecurrent),
+        );
+        let chunk_state = chunk.chunk_state.expect("ChunkRecurrent plans the state pass");
+        assert_eq!(chunk_state.tensor_cores, expected_tensor_cores, "{dtype}");
+        assert!(config.block.is_multiple_of(chunk_state.stage), "{chunk_state:?}");
+
         // d = 20, e = 12: not multiples of 8, so the portable routines.
         let narrow = plan_for(&client, dtype, 20, 12, &config);
         assert_eq!(
@@ -412,5 +433,45 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             KvParallelRoutine::Portable,
             "{dtype}, d = 20, e = 12"
         );
+        assert_eq!(narrow.chunk_state, None, "{dtype}, d = 20, e = 12");
     }
+}
+
+/// The plan of a `[b, h, n, 32]` prefill at 16/16 with the chunk-recurrent routine.
+fn chunk_plan_for(client: &Client, [b, h, n]: [usize; 3]) -> PrefillPlan {
+    let mut rng = SeededRng::new(9);
+    let x = upload(
+        client,
+        &rng.values(b * h * n * 32, DType::F32),
+        &[b, h, n, 32],
+        DType::F32,
+    );
+    let slopes = upload(client, &rng.slopes(h), &[h], DType::F32);
+    let inputs = PrefillInputs {
+        q: &x,
+        k: &x,
+        v: &x,
+        slopes: &slopes,
+        initial_state: None,
+    };
+    let config = PrefillConfig::new(16, 16).with_routines(Routines::ChunkRecurrent);
+    plan_prefill(client, &inputs, &config).expect("a valid prefill").1
+}
+
+/// One long sequence of one head would be one walk on one SM: the plan cuts
+/// it into segments walked in parallel (so the property tests, whose problems
+/// are small, check the segmented walk on every device), and leaves a batch
+/// that fills the device whole.
+#[test]
+fn chunk_state_splits_few_long_sequences_into_segments() {
+    let client = client();
+    let long = chunk_plan_for(&client, [1, 1, 1000]);
+    let chunk = long.chunk_state.expect("ChunkRecurrent plans the state pass");
+    let segment = chunk.segment_blocks.expect("one long walk is split");
+    assert!(
+        segment.is_power_of_two() && segment < 1000usize.div_ceil(16),
+        "{chunk:?}"
+    );
+    let wide = chunk_plan_for(&client, [64, 16, 20]);
+    assert_eq!(wide.chunk_state.map(|chunk| chunk.segment_blocks), Some(None));
 }

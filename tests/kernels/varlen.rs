@@ -3,7 +3,9 @@
 //! that start from zeros, padding, and speculative snapshots.
 
 use lightning_attention::reference::{VarlenProblem, varlen as reference_varlen};
-use lightning_attention::{DType, PrefillConfig, Snapshots, VarlenBatch, VarlenInputs, prefill_varlen_into};
+use lightning_attention::{
+    DType, PrefillConfig, Routines, Snapshots, VarlenBatch, VarlenInputs, prefill_varlen_into,
+};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -28,6 +30,9 @@ struct Case {
     snapshot_count: usize,
     spare_slots: usize,
     dtype: DType,
+    /// ChunkRecurrent walks slot-cache states through the chunk-recurrent
+    /// state pass, portable where tensor cores are absent.
+    routines: Routines,
     seed: u64,
 }
 
@@ -55,10 +60,20 @@ fn case() -> impl Strategy<Value = Case> {
         0usize..=3,
         0usize..=3,
         prop::sample::select(input_dtypes()),
+        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent]),
         any::<u64>(),
     )
         .prop_flat_map(
-            |((block, sub_block), heads, (key_dim, value_dim), snapshot_count, spare_slots, dtype, seed)| {
+            |(
+                (block, sub_block),
+                heads,
+                (key_dim, value_dim),
+                snapshot_count,
+                spare_slots,
+                dtype,
+                routines,
+                seed,
+            )| {
                 prop::collection::vec(sequence(block), 1..=6).prop_map(move |sequences| Case {
                     block,
                     sub_block,
@@ -69,6 +84,7 @@ fn case() -> impl Strategy<Value = Case> {
                     snapshot_count,
                     spare_slots,
                     dtype,
+                    routines,
                     seed,
                 })
             },
@@ -157,7 +173,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             }),
         },
     };
-    let config = PrefillConfig::new(case.block, case.sub_block);
+    let config = PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines);
     prefill_varlen_into(&client, &inputs, &config, &out).expect("a valid packed call");
 
     let cu_usize: Vec<usize> = cu.iter().map(|&x| x as usize).collect();
@@ -282,6 +298,7 @@ fn mixed_engine_step_matches_reference() {
         snapshot_count: 3,
         spare_slots: 2,
         dtype: DType::F32,
+        routines: Routines::ChunkRecurrent,
         seed: 7,
     };
     run_case(&case).unwrap();

@@ -1,0 +1,225 @@
+//! Planning of the chunk-recurrent routine's state pass (`kernels::chunk_state`):
+//! whether it runs, in which variant, and its tiles.
+//!
+//! The routine replaces kv-parallel and kv-reduce of the five-kernel design by
+//! one walk over each sequence's blocks, so that the per-block states cross
+//! HBM once (`kernels::chunk_state`). diag (and non-diag, or diag with it
+//! fused) run after it on the states it leaves, as after kv-reduce.
+//!
+//! It is chosen here, from the config's [`Routines`] and the device:
+//! - `Auto`: the tensor-core variant where the device multiplies the dtype on
+//!   tensor cores, else the five kernels;
+//! - `ChunkRecurrent`: the tensor-core variant where possible, else the
+//!   portable variant (the one CI runs on lavapipe);
+//! - `Portable`: the five kernels.
+
+use crate::plan::{CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vector_size};
+use crate::{PrefillConfig, Result, Routines};
+use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
+
+/// Most rows of `d` one tensor-core cube holds (8 planes of 16).
+const MAX_CMMA_KEY_TILE: usize = 128;
+/// Most columns of `e` one tensor-core cube holds (4 accumulators per plane).
+const MAX_CMMA_VALUE_TILE: usize = 64;
+/// Fewest columns a narrowed value tile keeps (2 accumulators per plane).
+const MIN_CMMA_VALUE_TILE: usize = 32;
+/// Tokens one tensor-core stage multiplies at once.
+const MAX_CMMA_STAGE: usize = 128;
+/// Cubes per multiprocessor the tile choice aims for: a walk is a chain of
+/// dependent steps, so one cube per SM leaves its load latency exposed.
+const CUBES_PER_SM: usize = 2;
+/// The SM count assumed where the runtime reports none.
+const FALLBACK_MULTIPROCESSORS: usize = 8;
+/// Units of a portable cube.
+const PORTABLE_UNITS: usize = 256;
+/// Most rows (and columns) of the state one portable cube holds.
+const MAX_PORTABLE_TILE: usize = 64;
+/// Most tokens one portable stage multiplies at once.
+const MAX_PORTABLE_STAGE: usize = 32;
+
+/// The state pass's launch and tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkStatePlan {
+    /// The launch: x over state tiles, y over heads, z over sequences.
+    pub dims: LaunchDims,
+    /// Tokens per block (the config's).
+    pub block: usize,
+    /// Tokens multiplied per step (divides the block).
+    pub stage: usize,
+    /// Blocks per segment where sequences are split into segments walked in
+    /// parallel (few, long sequences), else `None` (one walk per sequence).
+    pub segment_blocks: Option<usize>,
+    /// Rows of `d` per cube.
+    pub key_tile: usize,
+    /// Columns of `e` per cube.
+    pub value_tile: usize,
+    /// Units per cube.
+    pub units: usize,
+    /// Scalars per vector k, v and the states move in.
+    pub vector_size: usize,
+    /// The tensor-core variant (else the portable one).
+    pub tensor_cores: bool,
+    /// The per-block states are stored in the input dtype instead of f32:
+    /// where their one reader, diag on tensor cores with non-diag fused,
+    /// rounds them to it anyway (half the bytes, the same result).
+    pub states_in_input_dtype: bool,
+}
+
+/// The widest vector of 4, 2 or 1 scalars dividing `d` and `e` (the portable
+/// variant's: wgpu takes vectors of at most 4).
+fn portable_vector_size(key_dim: usize, value_dim: usize) -> usize {
+    cmma_vector_size(key_dim, value_dim).min(4)
+}
+
+fn count(x: usize) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
+
+/// Shared memory of a launch, bytes (the kernel's module doc).
+fn shared_bytes(elem: usize, stage: usize, key_tile: usize, value_tile: usize) -> usize {
+    elem * stage * (key_tile + value_tile + 2 * ROW_PAD) + 4 * key_tile * (value_tile + F32_ROW_PAD)
+}
+
+/// Plans the state pass for this work, or `None` where the five kernels run
+/// instead (see the module doc); `fused_diag` says whether diag, with
+/// non-diag fused in, is the states' only reader (then they are stored in the
+/// input dtype).
+pub fn plan_chunk_state(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+    fused_diag: bool,
+) -> Result<Option<ChunkStatePlan>> {
+    let plan = plan_variant(work, config, limits)?;
+    Ok(plan.map(|plan| ChunkStatePlan {
+        states_in_input_dtype: fused_diag,
+        segment_blocks: segment_blocks(work, &plan, limits),
+        ..plan
+    }))
+}
+
+/// Blocks per segment, where one walk per sequence would leave SMs idle
+/// (fewer cubes than SMs): a power of two, so that the walks come to about
+/// [`CUBES_PER_SM`] cubes per SM. Where the runtime reports no SM count,
+/// [`FALLBACK_MULTIPROCESSORS`] stands in (so that the CPU path walks
+/// segments too, and CI checks them).
+fn segment_blocks(work: &PrefillWork, plan: &ChunkStatePlan, limits: &DeviceLimits) -> Option<usize> {
+    let sms = limits
+        .multiprocessors
+        .map_or(FALLBACK_MULTIPROCESSORS, |sms| sms as usize);
+    let cubes_per_walk = plan.dims.cubes.0 as usize * work.heads;
+    let walks = work.sequences.max(1);
+    if cubes_per_walk * walks >= sms || work.blocks <= walks {
+        return None;
+    }
+    let wanted = (CUBES_PER_SM * sms).div_ceil(cubes_per_walk);
+    let per_sequence = work.blocks / walks;
+    let segment = (per_sequence * walks / wanted).max(1);
+    // The largest power of two not above it: few distinct segment lengths,
+    // each a comptime block of kv-parallel and kv-reduce.
+    let segment = 1 << segment.ilog2();
+    (segment < per_sequence).then_some(segment)
+}
+
+fn plan_variant(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Result<Option<ChunkStatePlan>> {
+    if config.routines == Routines::Portable {
+        return Ok(None);
+    }
+    if let Some(plan) = on_tensor_cores(work, config, limits) {
+        return Ok(Some(plan));
+    }
+    if config.routines == Routines::Auto {
+        return Ok(None);
+    }
+    portable(work, config, limits).map(Some)
+}
+
+fn on_tensor_cores(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Option<ChunkStatePlan> {
+    let plane = limits.plane_size? as usize;
+    if !limits.tensor_cores.supports(work.dtype)
+        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
+        || !config.block.is_multiple_of(16)
+    {
+        return None;
+    }
+    let (d16, e16) = (work.key_dim.div_ceil(16) * 16, work.value_dim.div_ceil(16) * 16);
+    let key_tile = d16.min(MAX_CMMA_KEY_TILE);
+    let mut value_tile = e16.min(MAX_CMMA_VALUE_TILE);
+    let cubes = |value_tile: usize| {
+        work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile) * work.heads * work.sequences
+    };
+    // Narrower value tiles where the walks would leave SMs idle.
+    if let Some(sms) = limits.multiprocessors {
+        while value_tile > MIN_CMMA_VALUE_TILE && cubes(value_tile) < CUBES_PER_SM * sms as usize {
+            value_tile /= 2;
+        }
+    }
+    let stage = config.block.min(MAX_CMMA_STAGE);
+    let units = key_tile / 16 * plane;
+    let dims = LaunchDims {
+        cubes: (
+            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
+            count(work.heads),
+            count(work.sequences),
+        ),
+        units: count(units),
+        shared_bytes: shared_bytes(work.dtype.size(), stage, key_tile, value_tile),
+    };
+    let dims = dims.check("chunk-state (tensor cores)", limits).ok()?;
+    Some(ChunkStatePlan {
+        dims,
+        block: config.block,
+        segment_blocks: None,
+        stage,
+        key_tile,
+        value_tile,
+        units,
+        vector_size: CMMA_VECTOR,
+        tensor_cores: true,
+        states_in_input_dtype: false,
+    })
+}
+
+fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<ChunkStatePlan> {
+    let vector_size = portable_vector_size(work.key_dim, work.value_dim);
+    let key_tile = work.key_dim.min(MAX_PORTABLE_TILE);
+    // A multiple of the vector: e is one, and so is 64.
+    let value_tile = work.value_dim.min(MAX_PORTABLE_TILE);
+    let units = PORTABLE_UNITS.min(limits.max_units as usize);
+    let elem = work.dtype.size();
+    // The widest stage (a power of two dividing the block) that fits.
+    let mut stage = config.block.min(MAX_PORTABLE_STAGE);
+    while stage > 1 && shared_bytes(elem, stage, key_tile, value_tile) > limits.shared_memory {
+        stage /= 2;
+    }
+    let dims = LaunchDims {
+        cubes: (
+            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
+            count(work.heads),
+            count(work.sequences),
+        ),
+        units: count(units),
+        shared_bytes: shared_bytes(elem, stage, key_tile, value_tile),
+    }
+    .check("chunk-state", limits)?;
+    Ok(ChunkStatePlan {
+        dims,
+        block: config.block,
+        segment_blocks: None,
+        stage,
+        key_tile,
+        value_tile,
+        units,
+        vector_size,
+        tensor_cores: false,
+        states_in_input_dtype: false,
+    })
+}
