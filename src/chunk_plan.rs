@@ -17,16 +17,21 @@ use crate::plan::{CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vecto
 use crate::{PrefillConfig, Result, Routines};
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
-/// Most rows of `d` one tensor-core cube holds (8 planes of 16).
-const MAX_CMMA_KEY_TILE: usize = 128;
+/// Most rows of `d` one tensor-core cube holds (4 planes of 16, 128 units).
+/// With 8 planes (256 units) the kernel took 172 registers a unit, so one
+/// cube per SM: (1,64,4096,128) ran its 256 cubes in two waves at 12.5%
+/// occupancy (Nsight Compute, SPEED_NOTES.md variant 12). A 128-unit cube fits
+/// twice per SM at any register count.
+const MAX_CMMA_KEY_TILE: usize = 64;
 /// Most columns of `e` one tensor-core cube holds (4 accumulators per plane).
 const MAX_CMMA_VALUE_TILE: usize = 64;
 /// Fewest columns a narrowed value tile keeps (2 accumulators per plane).
 const MIN_CMMA_VALUE_TILE: usize = 32;
 /// Tokens one tensor-core stage multiplies at once.
 const MAX_CMMA_STAGE: usize = 128;
-/// Cubes per multiprocessor the tile choice aims for: a walk is a chain of
-/// dependent steps, so one cube per SM leaves its load latency exposed.
+/// Cubes per multiprocessor the segments aim for: a walk is a chain of
+/// dependent steps, so one cube per SM leaves its load latency exposed (two
+/// fit at the tensor-core variant's 128 units).
 const CUBES_PER_SM: usize = 2;
 /// The SM count assumed where the runtime reports none.
 const FALLBACK_MULTIPROCESSORS: usize = 8;
@@ -156,11 +161,13 @@ fn on_tensor_cores(
     let cubes = |value_tile: usize| {
         work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile) * work.heads * work.sequences
     };
-    // Narrower value tiles where the walks would leave SMs idle.
-    if let Some(sms) = limits.multiprocessors {
-        while value_tile > MIN_CMMA_VALUE_TILE && cubes(value_tile) < CUBES_PER_SM * sms as usize {
-            value_tile /= 2;
-        }
+    // A narrower value tile (halved, still a multiple of 16) where the walks
+    // would leave SMs idle.
+    if let Some(sms) = limits.multiprocessors
+        && value_tile == MAX_CMMA_VALUE_TILE
+        && cubes(value_tile) < sms as usize
+    {
+        value_tile = MIN_CMMA_VALUE_TILE;
     }
     let stage = config.block.min(MAX_CMMA_STAGE);
     let units = key_tile / 16 * plane;
@@ -188,6 +195,7 @@ fn on_tensor_cores(
     })
 }
 
+/// The portable variant's plan (any runtime, any dtype).
 fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<ChunkStatePlan> {
     let vector_size = portable_vector_size(work.key_dim, work.value_dim);
     let key_tile = work.key_dim.min(MAX_PORTABLE_TILE);

@@ -49,13 +49,16 @@ impl Default for PrefillConfig {
 
 impl PrefillConfig {
     /// The block configuration measured fastest for `client`'s device: BLOCK
-    /// 128 / CBLOCK 64 where a cube has at least 64 KiB of shared memory (CUDA;
-    /// on an H100 it ran the benchmark's prefill shapes 1.3-1.45x faster than the
-    /// default), else [`PrefillConfig::default`] (wgpu/Vulkan with 48 KiB, where
-    /// the wider sub-block ran slower, and lavapipe with 32 KiB). See BENCHMARKS.md.
+    /// 64 / CBLOCK 64 where a cube has at least 64 KiB of shared memory (CUDA;
+    /// on an H200 with the chunk-recurrent routine it ran the benchmark's bf16
+    /// prefill shapes 1.13-1.24x faster than 128/64, and f16 within 5%; 128/64
+    /// had been 1.3-1.45x faster than the default on an H100 with the
+    /// five-kernel design), else [`PrefillConfig::default`] (wgpu/Vulkan with
+    /// 48 KiB, where the wider sub-block ran slower, and lavapipe with 32 KiB).
+    /// See BENCHMARKS.md.
     pub fn for_client(client: &cubecl::prelude::Client) -> Self {
         if client.properties().hardware.max_shared_memory_size >= 64 * 1024 {
-            Self::new(128, 64)
+            Self::new(64, 64)
         } else {
             Self::default()
         }
