@@ -17,21 +17,20 @@ use crate::plan::{CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vecto
 use crate::{PrefillConfig, Result, Routines};
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
-/// Most rows of `d` one tensor-core cube holds (4 planes of 16, 128 units).
-/// With 8 planes (256 units) the kernel took 172 registers a unit, so one
-/// cube per SM: (1,64,4096,128) ran its 256 cubes in two waves at 12.5%
-/// occupancy (Nsight Compute, SPEED_NOTES.md variant 12). A 128-unit cube fits
-/// twice per SM at any register count.
-const MAX_CMMA_KEY_TILE: usize = 64;
+/// Most rows of `d` one tensor-core cube holds (8 planes of 16, 256 units).
+/// At 256 units the kernel takes 172 registers a unit, one cube per SM
+/// (Nsight Compute); 64 rows (128 units, two cubes per SM) measured slower
+/// on five of the six bench shapes on an H200 (SPEED_NOTES.md, variant 13).
+const MAX_CMMA_KEY_TILE: usize = 128;
 /// Most columns of `e` one tensor-core cube holds (4 accumulators per plane).
 const MAX_CMMA_VALUE_TILE: usize = 64;
 /// Fewest columns a narrowed value tile keeps (2 accumulators per plane).
 const MIN_CMMA_VALUE_TILE: usize = 32;
 /// Tokens one tensor-core stage multiplies at once.
 const MAX_CMMA_STAGE: usize = 128;
-/// Cubes per multiprocessor the segments aim for: a walk is a chain of
-/// dependent steps, so one cube per SM leaves its load latency exposed (two
-/// fit at the tensor-core variant's 128 units).
+/// Cubes per multiprocessor the tiles and segments aim for: a walk is a
+/// chain of dependent steps, so the more walks, the more of their load
+/// latency overlaps.
 const CUBES_PER_SM: usize = 2;
 /// The SM count assumed where the runtime reports none.
 const FALLBACK_MULTIPROCESSORS: usize = 8;
@@ -165,7 +164,7 @@ fn on_tensor_cores(
     // would leave SMs idle.
     if let Some(sms) = limits.multiprocessors
         && value_tile == MAX_CMMA_VALUE_TILE
-        && cubes(value_tile) < sms as usize
+        && cubes(value_tile) < CUBES_PER_SM * sms as usize
     {
         value_tile = MIN_CMMA_VALUE_TILE;
     }
