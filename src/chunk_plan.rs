@@ -84,6 +84,26 @@ fn shared_bytes(elem: usize, stage: usize, key_tile: usize, value_tile: usize) -
     elem * stage * (key_tile + value_tile + 2 * ROW_PAD) + 4 * key_tile * (value_tile + F32_ROW_PAD)
 }
 
+/// The launch: x over the state's tiles, y over heads, z over one walk per
+/// sequence (segments add walks: see [`plan_chunk_state`]).
+fn launch_dims(
+    work: &PrefillWork,
+    key_tile: usize,
+    value_tile: usize,
+    units: usize,
+    shared: usize,
+) -> LaunchDims {
+    LaunchDims {
+        cubes: (
+            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
+            count(work.heads),
+            count(work.sequences),
+        ),
+        units: count(units),
+        shared_bytes: shared,
+    }
+}
+
 /// Plans the state pass for this work, or `None` where the five kernels run
 /// instead (see the module doc); `fused_diag` says whether diag, with
 /// non-diag fused in, is the states' only reader (then they are stored in the
@@ -94,10 +114,21 @@ pub fn plan_chunk_state(
     limits: &DeviceLimits,
     fused_diag: bool,
 ) -> Result<Option<ChunkStatePlan>> {
-    let plan = plan_variant(work, config, limits)?;
-    Ok(plan.map(|plan| ChunkStatePlan {
+    let Some(plan) = plan_variant(work, config, limits)? else {
+        return Ok(None);
+    };
+    let segment_blocks = segment_blocks(work, &plan, limits);
+    // With segments, at most one walk per sequence plus one per full segment.
+    let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
+    let dims = LaunchDims {
+        cubes: (plan.dims.cubes.0, plan.dims.cubes.1, count(walks)),
+        ..plan.dims
+    }
+    .check("chunk-state", limits)?;
+    Ok(Some(ChunkStatePlan {
+        dims,
         states_in_input_dtype: fused_diag,
-        segment_blocks: segment_blocks(work, &plan, limits),
+        segment_blocks,
         ..plan
     }))
 }
@@ -170,16 +201,10 @@ fn on_tensor_cores(
     }
     let stage = config.block.min(MAX_CMMA_STAGE);
     let units = key_tile / 16 * plane;
-    let dims = LaunchDims {
-        cubes: (
-            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
-            count(work.heads),
-            count(work.sequences),
-        ),
-        units: count(units),
-        shared_bytes: shared_bytes(work.dtype.size(), stage, key_tile, value_tile),
-    };
-    let dims = dims.check("chunk-state (tensor cores)", limits).ok()?;
+    let shared = shared_bytes(work.dtype.size(), stage, key_tile, value_tile);
+    let dims = launch_dims(work, key_tile, value_tile, units, shared)
+        .check("chunk-state (tensor cores)", limits)
+        .ok()?;
     Some(ChunkStatePlan {
         dims,
         block: config.block,
@@ -207,16 +232,8 @@ fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -
     while stage > 1 && shared_bytes(elem, stage, key_tile, value_tile) > limits.shared_memory {
         stage /= 2;
     }
-    let dims = LaunchDims {
-        cubes: (
-            count(work.key_dim.div_ceil(key_tile) * work.value_dim.div_ceil(value_tile)),
-            count(work.heads),
-            count(work.sequences),
-        ),
-        units: count(units),
-        shared_bytes: shared_bytes(elem, stage, key_tile, value_tile),
-    }
-    .check("chunk-state", limits)?;
+    let shared = shared_bytes(elem, stage, key_tile, value_tile);
+    let dims = launch_dims(work, key_tile, value_tile, units, shared).check("chunk-state", limits)?;
     Ok(ChunkStatePlan {
         dims,
         block: config.block,

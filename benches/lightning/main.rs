@@ -104,6 +104,15 @@ fn options() -> Options {
     }
 }
 
+/// What a row's op says of its routines ("" for the default, Auto).
+fn routines_label(routines: Routines) -> &'static str {
+    match routines {
+        Routines::Portable => " portable",
+        Routines::ChunkRecurrent => " chunk",
+        Routines::Auto => "",
+    }
+}
+
 /// Copies `input` to `output`, four floats per unit: the bandwidth yardstick.
 #[cube(launch_unchecked)]
 fn copy_kernel<N: Size>(input: &[Vector<f32, N>], output: &mut [Vector<f32, N>]) {
@@ -183,11 +192,7 @@ fn bench_prefill(
     } else {
         format!("prefill {}/{}", config.block, config.sub_block)
     };
-    match config.routines {
-        Routines::Portable => row.op += " portable",
-        Routines::ChunkRecurrent => row.op += " chunk",
-        Routines::Auto => {}
-    }
+    row.op += routines_label(config.routines);
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
@@ -237,11 +242,7 @@ fn bench_training(
     let e = d;
     let mut row = Row::new(target, "fwd+bwd", shape, dtype);
     row.op = format!("fwd+bwd {}/{}", config.block, config.sub_block);
-    match config.routines {
-        Routines::Portable => row.op += " portable",
-        Routines::ChunkRecurrent => row.op += " chunk",
-        Routines::Auto => {}
-    }
+    row.op += routines_label(config.routines);
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;

@@ -178,33 +178,23 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
     let mut k_regs = Array::<Vector<F, N>>::new(k_share);
     let mut v_regs = Array::<Vector<F, N>>::new(v_share);
     if stages > 0 {
-        load_share::<F, N>(
+        load_stage::<F, N>(
             k,
-            &mut k_regs,
-            row0,
-            n,
-            step,
-            first_token,
-            end_token,
-            d0,
-            stage,
-            key_tile,
-            key_dim,
-            units,
-            reversed,
-        );
-        load_share::<F, N>(
             v,
+            &mut k_regs,
             &mut v_regs,
             row0,
             n,
             step,
             first_token,
             end_token,
+            d0,
             e0,
-            stage,
-            value_tile,
+            key_dim,
             value_dim,
+            stage,
+            key_tile,
+            value_tile,
             units,
             reversed,
         );
@@ -244,34 +234,23 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
         }
         if g + 1 < stages {
             // The next stage's loads fly while this one is multiplied.
-            let next = s0 + stage;
-            load_share::<F, N>(
+            load_stage::<F, N>(
                 k,
-                &mut k_regs,
-                row0,
-                n,
-                step,
-                next,
-                end_token,
-                d0,
-                stage,
-                key_tile,
-                key_dim,
-                units,
-                reversed,
-            );
-            load_share::<F, N>(
                 v,
+                &mut k_regs,
                 &mut v_regs,
                 row0,
                 n,
                 step,
-                next,
+                s0 + stage,
                 end_token,
+                d0,
                 e0,
-                stage,
-                value_tile,
+                key_dim,
                 value_dim,
+                stage,
+                key_tile,
+                value_tile,
                 units,
                 reversed,
             );
@@ -328,6 +307,38 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
             }
         }
     }
+}
+
+/// Loads this unit's share of the stage from token `first` on (K's columns
+/// from `d0`, V's from `e0`) into registers; the loads fly until stored.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_stage<F: Float, N: Size>(
+    k: &[Vector<F, N>],
+    v: &[Vector<F, N>],
+    k_regs: &mut Array<Vector<F, N>>,
+    v_regs: &mut Array<Vector<F, N>>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    first: usize,
+    end: usize,
+    d0: usize,
+    e0: usize,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] stage: usize,
+    #[comptime] key_tile: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    load_share::<F, N>(
+        k, k_regs, row0, n, step, first, end, d0, stage, key_tile, key_dim, units, reversed,
+    );
+    load_share::<F, N>(
+        v, v_regs, row0, n, step, first, end, e0, stage, value_tile, value_dim, units, reversed,
+    );
 }
 
 /// `N` scalars of a shared f32 tile from `at` on, as a vector.

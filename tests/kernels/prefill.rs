@@ -410,6 +410,15 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             auto.chunk_state
         );
         assert_eq!(portable.chunk_state, None);
+        // Per-block states in the input dtype only where their one reader,
+        // diag with non-diag fused (bf16), rounds them to it anyway.
+        if let Some(chunk) = auto.chunk_state {
+            assert_eq!(
+                chunk.states_in_input_dtype,
+                auto.diag_routine.fuses_non_diag(),
+                "{dtype}: {chunk:?}"
+            );
+        }
         let chunk = plan_for(
             &client,
             dtype,
