@@ -14,7 +14,10 @@
 //! is f32. Accelerated routines sit beside them and are chosen by the host from
 //! what the device reports: [`diag_cmma`] and [`kv_parallel_cmma`] (tensor
 //! cores, f16/bf16 inputs), which share [`staging`] (wide loads into shared
-//! memory, fragment loads).
+//! memory, fragment loads). The chunk-recurrent routine replaces kv-parallel
+//! and kv-reduce by one walk over each sequence's blocks, [`chunk_state`]
+//! (tensor-core and portable variants), so that the per-block states cross
+//! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //!
