@@ -24,7 +24,7 @@ impl CallLaunch<'_> {
     pub(crate) fn launch_chunk_state<F: Float + CubeElement>(&self, chunk: &ChunkStatePlan) {
         let segments = chunk.segment_blocks.map(|segment_blocks| {
             let table = self.table;
-            let states_len = table.segments * self.heads * self.key_dim * self.value_dim;
+            let states_len = self.segment_states_len();
             let states = self.client.empty(states_len.max(1) * 4);
             let run = BlockRun {
                 block: segment_blocks * chunk.block,
@@ -45,6 +45,11 @@ impl CallLaunch<'_> {
         }
     }
 
+    /// Elements of the buffer of one f32 state per segment.
+    fn segment_states_len(&self) -> usize {
+        self.table.segments * self.heads * self.key_dim * self.value_dim
+    }
+
     /// The walks, storing the per-block states as `S`; with segments, from
     /// their incoming states in `segment_states`.
     fn launch_chunk_state_as<F: Float + CubeElement, S: Float + CubeElement>(
@@ -58,10 +63,7 @@ impl CallLaunch<'_> {
         let initial = match segment_states {
             // SAFETY: one state per segment, as allocated above.
             Some(states) => unsafe {
-                BufferArg::from_raw_parts(
-                    states.clone(),
-                    (table.segments * self.heads * self.key_dim * self.value_dim).max(1),
-                )
+                BufferArg::from_raw_parts(states.clone(), self.segment_states_len().max(1))
             },
             None => arg(self.initial.unwrap_or(self.unused)),
         };
@@ -70,10 +72,6 @@ impl CallLaunch<'_> {
             cubes: (chunk.dims.cubes.0, chunk.dims.cubes.1, walks),
             ..chunk.dims
         };
-        // SAFETY: the workspace holds at least this many f32, so as many of a
-        // narrower S.
-        let block_states =
-            unsafe { BufferArg::from_raw_parts(self.workspace.clone(), plan.block_states_len.max(1)) };
         // SAFETY: the plan checked the tiles, grid and shared memory against
         // the device; the tables and every buffer's size were validated; the
         // kernel bounds-checks the tails of n, d and e.
@@ -92,7 +90,7 @@ impl CallLaunch<'_> {
                 table.final_slots.arg(),
                 table.chunk_walks.arg(),
                 initial,
-                block_states,
+                self.block_states_arg(),
                 arg(self.states),
                 self.heads as u32,
                 self.layout.head_stride,

@@ -13,7 +13,9 @@
 //!   portable variant (the one CI runs on lavapipe);
 //! - `Portable`: the five kernels.
 
-use crate::plan::{CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vector_size};
+use crate::plan::{
+    CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vector_size, count, tensor_cores_may_run,
+};
 use crate::{PrefillConfig, Result, Routines};
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
@@ -73,10 +75,6 @@ pub struct ChunkStatePlan {
 /// variant's: wgpu takes vectors of at most 4).
 fn portable_vector_size(key_dim: usize, value_dim: usize) -> usize {
     cmma_vector_size(key_dim, value_dim).min(4)
-}
-
-fn count(x: usize) -> u32 {
-    u32::try_from(x).unwrap_or(u32::MAX)
 }
 
 /// Shared memory of a launch, bytes (the kernel's module doc).
@@ -179,10 +177,7 @@ fn on_tensor_cores(
     limits: &DeviceLimits,
 ) -> Option<ChunkStatePlan> {
     let plane = limits.plane_size? as usize;
-    if !limits.tensor_cores.supports(work.dtype)
-        || cmma_vector_size(work.key_dim, work.value_dim) != CMMA_VECTOR
-        || !config.block.is_multiple_of(16)
-    {
+    if !tensor_cores_may_run(work, config, limits) || !config.block.is_multiple_of(16) {
         return None;
     }
     let (d16, e16) = (work.key_dim.div_ceil(16) * 16, work.value_dim.div_ceil(16) * 16);

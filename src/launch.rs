@@ -159,9 +159,7 @@ impl CallLaunch<'_> {
         );
         let (head_stride, token_stride) = (layout.head_stride, layout.token_stride);
         let variant = self.variant;
-        // SAFETY: the workspace holds at least this many f32.
-        let states_arg =
-            || unsafe { BufferArg::from_raw_parts(self.workspace.clone(), plan.block_states_len.max(1)) };
+        let states_arg = || self.block_states_arg();
         // SAFETY (every launch below): each size, tile, grid and table entry was
         // validated and planned against the device's limits; each kernel
         // bounds-checks the tails of n, d and e.
@@ -350,6 +348,13 @@ pub(crate) struct BlockRun<'a> {
 }
 
 impl CallLaunch<'_> {
+    /// The per-block state workspace, as a kernel argument.
+    pub(crate) fn block_states_arg(&self) -> BufferArg {
+        // SAFETY: the workspace holds at least this many f32 (so as many of a
+        // narrower type).
+        unsafe { BufferArg::from_raw_parts(self.workspace.clone(), self.plan.block_states_len.max(1)) }
+    }
+
     fn run_states(&self, run: &BlockRun) -> BufferArg {
         // SAFETY: the caller's buffer holds at least this many f32.
         unsafe { BufferArg::from_raw_parts(run.states.clone(), run.states_len.max(1)) }

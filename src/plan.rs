@@ -284,7 +284,11 @@ const MAX_CMMA_STAGE: usize = 128;
 /// allows them, the device multiplies its dtype on tensor cores, and `d` and
 /// `e` take [`CMMA_VECTOR`]-wide vectors. Each routine adds its own tile and
 /// shared-memory checks.
-fn tensor_cores_may_run(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
+pub(crate) fn tensor_cores_may_run(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> bool {
     config.routines != Routines::Portable
         && limits.tensor_cores.supports(work.dtype)
         && cmma_vector_size(work.key_dim, work.value_dim) == CMMA_VECTOR
@@ -470,7 +474,8 @@ pub fn kv_reduce_vector_size(key_dim: usize, value_dim: usize) -> usize {
     }
 }
 
-fn count(x: usize) -> u32 {
+/// `x` as a grid count, saturated (a check against the device's limits follows).
+pub(crate) fn count(x: usize) -> u32 {
     u32::try_from(x).unwrap_or(u32::MAX)
 }
 

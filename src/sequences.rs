@@ -144,12 +144,11 @@ impl SequenceTable {
                 runs.walks.extend([seq, 0, blocks as u32]);
                 continue;
             };
-            runs.segment_offsets[seq as usize] = runs.segments as u32;
+            runs.segment_offsets[seq as usize] = (runs.segment_work.len() / 2) as u32;
             for (segment, first) in (0..blocks).step_by(per_segment).enumerate() {
                 runs.walks
                     .extend([seq, first as u32, per_segment.min(blocks - first) as u32]);
                 runs.segment_work.extend([seq, segment as u32]);
-                runs.segments += 1;
             }
         }
         runs
@@ -166,7 +165,7 @@ impl SequenceTable {
             chunk_walks: upload(client, &runs.walks),
             segment_work: upload(client, &runs.segment_work),
             segment_offsets: upload(client, &runs.segment_offsets),
-            segments: runs.segments,
+            segments: runs.segment_work.len() / 2,
             walks: runs.walks.len() / 3,
             seq_starts: upload(client, &self.seq_starts),
             block_offsets: upload(client, &self.block_offsets),
@@ -191,8 +190,6 @@ pub(crate) struct ChunkRuns {
     pub segment_work: Vec<u32>,
     /// Per sequence, its first segment.
     pub segment_offsets: Vec<u32>,
-    /// Segments over all sequences.
-    pub segments: usize,
 }
 
 /// A device buffer of 32-bit integers and the count it holds.

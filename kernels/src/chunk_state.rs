@@ -23,7 +23,7 @@
 //! stays f32. The initial and final states are handled as
 //! [`crate::kv_reduce`] handles them (slots per sequence, the backward pass's
 //! transposed, scaled, advanced and retreated variants), through the same
-//! [`crate::kv_reduce::initial_vector`].
+//! [`crate::kv_reduce::initial_state`].
 //!
 //! The block is walked `stage` tokens at a time (a divisor of `block`). The next
 //! stage's K and V are loaded into registers ([`crate::staging::load_share`])
@@ -59,7 +59,7 @@
 
 use cubecl::prelude::*;
 
-use crate::kv_reduce::initial_vector;
+use crate::kv_reduce::{final_factor, initial_factor, initial_state};
 use crate::layout::first_row;
 use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, load_share, share_len, store_share};
 
@@ -141,10 +141,7 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
     if comptime!(segmented) {
         initial_slot = walk as i32;
     }
-    let mut factor = initial_scale;
-    if comptime!(advance_initial) {
-        factor *= f32::exp(-neg_slope);
-    }
+    let factor = initial_factor(initial_scale, neg_slope, advance_initial);
     let row_vectors = comptime!(value_tile / lanes);
     let value_vectors = comptime!(value_dim / lanes);
     let state_len = comptime!(key_dim * value_dim / lanes);
@@ -159,14 +156,19 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
         let col = e0 / lanes + cv;
         let mut value = Vector::<f32, N>::new(0.0f32);
         if initial_slot >= 0 && row < key_dim && col < value_vectors {
-            let base = (initial_slot as usize * h + head) * state_len;
-            let at = row * value_vectors + col;
-            if comptime!(initial_in_states) {
-                value = initial_vector::<N>(&states[0..], base, at, key_dim, value_dim, transpose_initial);
-            } else {
-                value = initial_vector::<N>(initial, base, at, key_dim, value_dim, transpose_initial);
-            }
-            value *= Vector::new(factor);
+            value = initial_state::<N>(
+                initial,
+                &states[0..],
+                initial_slot as usize,
+                head,
+                h,
+                row * value_vectors + col,
+                factor,
+                key_dim,
+                value_dim,
+                initial_in_states,
+                transpose_initial,
+            );
         }
         write_shared::<N>(&mut state_s, r * s_stride + cv * lanes, value);
     }
@@ -291,10 +293,7 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
         final_slot = -1i32;
     }
     if final_slot >= 0 {
-        let mut factor = final_scale;
-        if comptime!(retreat_final) {
-            factor *= f32::exp(neg_slope);
-        }
+        let factor = final_factor(final_scale, neg_slope, retreat_final);
         let base = (final_slot as usize * h + head) * state_len;
         for idx in range_stepped(unit, tile_vectors, units) {
             let r = idx / row_vectors;

@@ -38,7 +38,7 @@ const LOADS_IN_FLIGHT: usize = 8;
 /// one slot and head, starting at vector `base`), read from `src` as stored, or, with
 /// `transposed`, gathered from a `[e, d]` copy one element at a time.
 #[cube]
-pub fn initial_vector<N: Size>(
+fn initial_vector<N: Size>(
     src: &[Vector<f32, N>],
     base: usize,
     at: usize,
@@ -59,6 +59,56 @@ pub fn initial_vector<N: Size>(
         value = src[base + at];
     }
     value
+}
+
+/// What the initial state is multiplied by: `initial_scale`, and `exp(s)`
+/// with `advance` (it then enters one decay step late).
+#[cube]
+pub fn initial_factor(initial_scale: f32, neg_slope: f32, #[comptime] advance: bool) -> f32 {
+    let mut factor = initial_scale;
+    if comptime!(advance) {
+        factor *= f32::exp(-neg_slope);
+    }
+    factor
+}
+
+/// What the final state is multiplied by: `final_scale`, and `exp(-s)` with
+/// `retreat` (it is decayed one more step).
+#[cube]
+pub fn final_factor(final_scale: f32, neg_slope: f32, #[comptime] retreat: bool) -> f32 {
+    let mut factor = final_scale;
+    if comptime!(retreat) {
+        factor *= f32::exp(neg_slope);
+    }
+    factor
+}
+
+/// Vector `at` of the initial state in slot `slot` (of `heads` heads, this
+/// one `head`), times `factor`: read from `states` itself with `in_states`
+/// (a slot cache), else from `initial`, as [`initial_vector`] reads it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn initial_state<N: Size>(
+    initial: &[Vector<f32, N>],
+    states: &[Vector<f32, N>],
+    slot: usize,
+    head: usize,
+    heads: usize,
+    at: usize,
+    factor: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] in_states: bool,
+    #[comptime] transposed: bool,
+) -> Vector<f32, N> {
+    let lanes = N::value();
+    let base = (slot * heads + head) * comptime!(key_dim * value_dim / lanes);
+    let value = if comptime!(in_states) {
+        initial_vector::<N>(states, base, at, key_dim, value_dim, transposed)
+    } else {
+        initial_vector::<N>(initial, base, at, key_dim, value_dim, transposed)
+    };
+    value * Vector::new(factor)
 }
 
 /// Launched with the geometry in the module doc. `initial` is read only when
@@ -102,17 +152,20 @@ pub fn kv_reduce<N: Size>(
         let mut state = Vector::<f32, N>::new(0.0f32);
         let initial_slot = initial_slots[seq];
         if initial_slot >= 0 {
-            let base = (initial_slot as usize * h + head) * state_len;
-            if comptime!(initial_in_states) {
-                state = initial_vector::<N>(&states[0..], base, elem, key_dim, value_dim, transpose_initial);
-            } else {
-                state = initial_vector::<N>(initial, base, elem, key_dim, value_dim, transpose_initial);
-            }
-            let mut factor = initial_scale;
-            if comptime!(advance_initial) {
-                factor *= f32::exp(-neg_slope);
-            }
-            state *= Vector::new(factor);
+            let factor = initial_factor(initial_scale, neg_slope, advance_initial);
+            state = initial_state::<N>(
+                initial,
+                &states[0..],
+                initial_slot as usize,
+                head,
+                h,
+                elem,
+                factor,
+                key_dim,
+                value_dim,
+                initial_in_states,
+                transpose_initial,
+            );
         }
         // The loads of a group of blocks are issued before any of its stores:
         // one load at a time, each behind the previous store to the same
@@ -141,10 +194,7 @@ pub fn kv_reduce<N: Size>(
         }
         let final_slot = final_slots[seq];
         if final_slot >= 0 {
-            let mut factor = final_scale;
-            if comptime!(retreat_final) {
-                factor *= f32::exp(neg_slope);
-            }
+            let factor = final_factor(final_scale, neg_slope, retreat_final);
             states[(final_slot as usize * h + head) * state_len + elem] = state * Vector::new(factor);
         }
     }
