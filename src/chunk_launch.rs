@@ -21,7 +21,10 @@ impl CallLaunch<'_> {
     /// kv-reduce carries the states across segments (and writes the final
     /// states), into a buffer of one state per segment; the walks then start
     /// from those.
-    pub(crate) fn launch_chunk_state<F: Float + CubeElement>(&self, chunk: &ChunkStatePlan) {
+    pub(crate) fn launch_chunk_state<F: Float + CubeElement, M: Float + CubeElement>(
+        &self,
+        chunk: &ChunkStatePlan,
+    ) {
         let segments = chunk.segment_blocks.map(|segment_blocks| {
             let table = self.table;
             let states_len = self.segment_states_len();
@@ -39,9 +42,9 @@ impl CallLaunch<'_> {
             states
         });
         if chunk.states_in_input_dtype {
-            self.launch_chunk_state_as::<F, F>(chunk, segments.as_ref())
+            self.launch_chunk_state_as::<F, M, F>(chunk, segments.as_ref())
         } else {
-            self.launch_chunk_state_as::<F, f32>(chunk, segments.as_ref())
+            self.launch_chunk_state_as::<F, M, f32>(chunk, segments.as_ref())
         }
     }
 
@@ -50,9 +53,10 @@ impl CallLaunch<'_> {
         self.table.segments * self.heads * self.key_dim * self.value_dim
     }
 
-    /// The walks, storing the per-block states as `S`; with segments, from
+    /// The walks, staging K and V as `M` (split as the plan says) and storing
+    /// the per-block states as `S`; with segments, from
     /// their incoming states in `segment_states`.
-    fn launch_chunk_state_as<F: Float + CubeElement, S: Float + CubeElement>(
+    fn launch_chunk_state_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElement>(
         &self,
         chunk: &ChunkStatePlan,
         segment_states: Option<&Handle>,
@@ -76,7 +80,7 @@ impl CallLaunch<'_> {
         // the device; the tables and every buffer's size were validated; the
         // kernel bounds-checks the tails of n, d and e.
         unsafe {
-            kernels::chunk_state::chunk_state::launch_unchecked::<F, S>(
+            kernels::chunk_state::chunk_state::launch_unchecked::<F, M, S>(
                 self.client,
                 dims.cube_count(),
                 dims.cube_dim(),
@@ -117,6 +121,7 @@ impl CallLaunch<'_> {
                 variant.retreat_final,
                 variant.reversed,
                 segment_states.is_some(),
+                chunk.split,
             )
         }
     }

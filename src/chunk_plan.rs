@@ -12,11 +12,17 @@
 //! - `ChunkRecurrent`: the tensor-core variant where possible, else the
 //!   portable variant (the one CI runs on lavapipe);
 //! - `Portable`: the five kernels.
+//!
+//! f32 inputs reach the tensor-core variant as bf16 operands, split into
+//! high and low parts or rounded as the config's `Precision` says (the plan's
+//! `Products`); the portable variant splits too where `Precision::Split` is
+//! forced onto it (`ChunkRecurrent` without tensor cores: what CI checks).
 
 use crate::plan::{
-    CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, cmma_vector_size, count, tensor_cores_may_run,
+    CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, Products, cmma_vector_size, count, planned_products,
+    tensor_cores_may_run,
 };
-use crate::{PrefillConfig, Result, Routines};
+use crate::{DType, Precision, PrefillConfig, Result, Routines};
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
 /// Most rows of `d` one tensor-core cube holds (8 planes of 16, 256 units).
@@ -65,6 +71,11 @@ pub struct ChunkStatePlan {
     pub vector_size: usize,
     /// The tensor-core variant (else the portable one).
     pub tensor_cores: bool,
+    /// K and V are staged as high and low parts, three products each (f32
+    /// inputs, [`Precision::Split`]): in bf16 parts where the plan's
+    /// [`Products`] is [`Products::SplitBf16`], else (the portable variant
+    /// forced on a device without tensor cores) in f32 parts on the bf16 grid.
+    pub split: bool,
     /// The per-block states are stored in the input dtype instead of f32:
     /// where their one reader, diag on tensor cores with non-diag fused,
     /// rounds them to it anyway (half the bytes, the same result).
@@ -196,7 +207,8 @@ fn on_tensor_cores(
     }
     let stage = config.block.min(MAX_CMMA_STAGE);
     let units = key_tile / 16 * plane;
-    let shared = shared_bytes(work.dtype.size(), stage, key_tile, value_tile);
+    let products = planned_products(work, config, limits);
+    let shared = shared_bytes(products.staged_bytes(work.dtype), stage, key_tile, value_tile);
     let dims = launch_dims(work, key_tile, value_tile, units, shared)
         .check("chunk-state (tensor cores)", limits)
         .ok()?;
@@ -210,8 +222,20 @@ fn on_tensor_cores(
         units,
         vector_size: CMMA_VECTOR,
         tensor_cores: true,
+        split: products.split(),
         states_in_input_dtype: false,
     })
+}
+
+/// Whether the portable variant splits its operands, and the bytes a staged
+/// element then takes: as the tensor-core routines would on this device
+/// (bf16 parts), or, where they cannot run, f32 parts for f32 inputs that ask
+/// for [`Precision::Split`] (the same structure, checked by CI on lavapipe).
+fn portable_operands(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> (bool, usize) {
+    match planned_products(work, config, limits) {
+        Products::Portable if work.dtype == DType::F32 && config.precision == Precision::Split => (true, 8),
+        products => (products.split(), products.staged_bytes(work.dtype)),
+    }
 }
 
 /// The portable variant's plan (any runtime, any dtype).
@@ -221,7 +245,7 @@ fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -
     // A multiple of the vector: e is one, and so is 64.
     let value_tile = work.value_dim.min(MAX_PORTABLE_TILE);
     let units = PORTABLE_UNITS.min(limits.max_units as usize);
-    let elem = work.dtype.size();
+    let (split, elem) = portable_operands(work, config, limits);
     // The widest stage (a power of two dividing the block) that fits.
     let mut stage = config.block.min(MAX_PORTABLE_STAGE);
     while stage > 1 && shared_bytes(elem, stage, key_tile, value_tile) > limits.shared_memory {
@@ -239,6 +263,7 @@ fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -
         units,
         vector_size,
         tensor_cores: false,
+        split,
         states_in_input_dtype: false,
     })
 }

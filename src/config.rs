@@ -15,6 +15,35 @@ pub struct PrefillConfig {
     pub scale: Option<f32>,
     /// Which kernel routines the call may use.
     pub routines: Routines,
+    /// How f32 inputs are multiplied (16-bit inputs ignore it).
+    pub precision: Precision,
+}
+
+/// How the products of f32 inputs are computed: the accuracy each choice
+/// promises against the f64 recurrence is measured in BENCHMARKS.md and held
+/// by the property tests (`tests/kernels/precision.rs`).
+///
+/// Tensor cores multiply 16-bit operands. Where the device has bf16 tensor
+/// cores (CUDA, sm_80 on), `Split` and `Rounded` run the tensor-core routines
+/// on f32 inputs; elsewhere every choice runs the portable routines in f32
+/// (exact), and the plan says so ([`crate::PrefillPlan::products`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Each f32 operand is split into a high and a low bf16 part and each
+    /// product taken as `hi hi + hi lo + lo hi` on tensor cores, with f32
+    /// accumulation: about `2^-17` of each product is lost (f32 class: the
+    /// property tests hold it to 1e-4, the bench shapes measured under 1e-5).
+    /// Three tensor-core products per product, twice the staged bytes of bf16.
+    #[default]
+    Split,
+    /// f32 operands rounded to bf16 for one tensor-core product: bf16's
+    /// accuracy class (about 3e-3, like bf16 inputs), the speed of bf16 on
+    /// the tensor cores with f32 traffic. For users who accept what Triton's
+    /// tf32 `tl.dot` gives (vLLM's f32 prefill: 1.4e-3).
+    Rounded,
+    /// Exact f32 products on CUDA cores (the portable routines, about 3e-7):
+    /// the slowest.
+    Exact,
 }
 
 /// Which routines a prefill may run: the accelerated ones where the device
@@ -43,6 +72,7 @@ impl Default for PrefillConfig {
             sub_block: 32,
             scale: None,
             routines: Routines::Auto,
+            precision: Precision::Split,
         }
     }
 }
@@ -71,6 +101,7 @@ impl PrefillConfig {
             sub_block,
             scale: None,
             routines: Routines::Auto,
+            precision: Precision::Split,
         }
     }
 
@@ -85,6 +116,11 @@ impl PrefillConfig {
     /// The same config restricted to `routines`.
     pub fn with_routines(self, routines: Routines) -> Self {
         Self { routines, ..self }
+    }
+
+    /// The same config with f32 products computed as `precision` says.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
     }
 
     /// Checks the rules the kernels rely on.

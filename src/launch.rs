@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan};
+use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan, Products};
 use crate::sequences::{DeviceTable, IndexBuffer};
 use crate::{DType, DeviceTensor, PrefillConfig};
 
@@ -126,15 +126,20 @@ pub(crate) struct CallLaunch<'a> {
 
 impl CallLaunch<'_> {
     /// Hands each launch to `hook`, in order, for the dtype of q.
+    /// Operands are staged as the plan's [`Products`] say: bf16 parts for f32
+    /// inputs on tensor cores, else the input dtype.
     pub fn run(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+        let on_bf16 = matches!(self.plan.products, Products::SplitBf16 | Products::RoundedBf16);
         match self.q.dtype {
-            DType::F32 => self.run_typed::<f32>(hook),
-            DType::F16 => self.run_typed::<half::f16>(hook),
-            DType::BF16 => self.run_typed::<half::bf16>(hook),
+            DType::F32 if on_bf16 => self.run_typed::<f32, half::bf16>(hook),
+            DType::F32 => self.run_typed::<f32, f32>(hook),
+            DType::F16 => self.run_typed::<half::f16, half::f16>(hook),
+            DType::BF16 => self.run_typed::<half::bf16, half::bf16>(hook),
         }
     }
 
-    fn run_typed<F: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+    /// The launches for inputs of `F`, staged on tensor cores as `M`.
+    fn run_typed<F: Float + CubeElement, M: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
         let Self {
             client,
             q,
@@ -199,7 +204,7 @@ impl CallLaunch<'_> {
                     macro_rules! diag_cmma {
                         ($states:ty) => {
                             unsafe {
-                                kernels::diag_cmma::diag_cmma::launch_unchecked::<F, $states>(
+                                kernels::diag_cmma::diag_cmma::launch_unchecked::<F, M, $states>(
                                     client,
                                     plan.diag.cube_count(),
                                     plan.diag.cube_dim(),
@@ -225,6 +230,7 @@ impl CallLaunch<'_> {
                                     plan.plane_size,
                                     fused_non_diag,
                                     variant.reversed,
+                                    plan.products.split(),
                                 )
                             }
                         };
@@ -241,7 +247,7 @@ impl CallLaunch<'_> {
                 hook(Stage::Diag, &diag);
             }
             if let Some(chunk) = &plan.chunk_state {
-                hook(Stage::ChunkState, &|| self.launch_chunk_state::<F>(chunk));
+                hook(Stage::ChunkState, &|| self.launch_chunk_state::<F, M>(chunk));
             } else {
                 let blocks = BlockRun {
                     block,

@@ -41,7 +41,7 @@ mod varlen;
 mod varlen_checks;
 
 pub use backward::{BackwardInputs, Gradients, backward};
-pub use config::{PrefillConfig, Routines};
+pub use config::{Precision, PrefillConfig, Routines};
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use dtype::DType;
 pub use error::{LightningError, Result};

@@ -11,7 +11,7 @@ use crate::config::check_scale;
 use crate::shapes::{
     DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
 };
-use crate::{DType, LightningError, PrefillConfig, Result, Routines};
+use crate::{DType, LightningError, Precision, PrefillConfig, Result, Routines};
 
 /// Units per cube the portable routines aim for.
 const TARGET_UNITS: u32 = 256;
@@ -83,13 +83,63 @@ impl TensorCores {
         }
     }
 
-    /// Whether inputs of `dtype` go on tensor cores.
+    /// Whether 16-bit inputs of `dtype` go on tensor cores as they are (f32
+    /// inputs go as bf16 parts where `bf16` is true: see [`Products`]).
     pub fn supports(&self, dtype: DType) -> bool {
         match dtype {
             DType::F32 => false,
             DType::F16 => self.f16,
             DType::BF16 => self.bf16,
         }
+    }
+}
+
+/// How the tensor-core routines of a prefill take their operands, from the
+/// input dtype, the config's [`Precision`] and the device's tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// No tensor cores: the portable routines, in f32 on CUDA cores (or the
+    /// runtime's vector units). Where f32 inputs asked for [`Precision::Split`]
+    /// or [`Precision::Rounded`], this is the fallback the plan reports.
+    Portable,
+    /// 16-bit inputs on tensor cores, as they are.
+    Native,
+    /// f32 inputs on bf16 tensor cores, each operand split into a high and a
+    /// low part, three products ([`Precision::Split`]).
+    SplitBf16,
+    /// f32 inputs on bf16 tensor cores, rounded to bf16 ([`Precision::Rounded`]).
+    RoundedBf16,
+}
+
+impl Products {
+    /// What the device, the dtype and the config allow (before any tile or
+    /// shared-memory check).
+    pub fn of(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> Self {
+        if config.routines == Routines::Portable {
+            return Self::Portable;
+        }
+        match (dtype, config.precision) {
+            (DType::F32, Precision::Split) if limits.tensor_cores.bf16 => Self::SplitBf16,
+            (DType::F32, Precision::Rounded) if limits.tensor_cores.bf16 => Self::RoundedBf16,
+            (DType::F32, _) => Self::Portable,
+            (dtype, _) if limits.tensor_cores.supports(dtype) => Self::Native,
+            _ => Self::Portable,
+        }
+    }
+
+    /// Bytes a staged operand element takes in shared memory (a split's two
+    /// bf16 parts are four).
+    pub fn staged_bytes(&self, dtype: DType) -> usize {
+        match self {
+            Self::SplitBf16 => 4,
+            Self::RoundedBf16 => 2,
+            Self::Native | Self::Portable => dtype.size(),
+        }
+    }
+
+    /// Whether f32 operands are split into high and low parts.
+    pub fn split(&self) -> bool {
+        *self == Self::SplitBf16
     }
 }
 
@@ -281,7 +331,8 @@ const MAX_CMMA_STATE_COLS: usize = 64;
 const MAX_CMMA_STAGE: usize = 128;
 
 /// Whether the tensor-core routines may run this work at all: the config
-/// allows them, the device multiplies its dtype on tensor cores, and `d` and
+/// allows them, the device multiplies its dtype on tensor cores (f32 as bf16
+/// parts: [`Products`]), and `d` and
 /// `e` take [`CMMA_VECTOR`]-wide vectors. Each routine adds its own tile and
 /// shared-memory checks.
 pub(crate) fn tensor_cores_may_run(
@@ -289,9 +340,20 @@ pub(crate) fn tensor_cores_may_run(
     config: &PrefillConfig,
     limits: &DeviceLimits,
 ) -> bool {
-    config.routines != Routines::Portable
-        && limits.tensor_cores.supports(work.dtype)
+    Products::of(work.dtype, config, limits) != Products::Portable
         && cmma_vector_size(work.key_dim, work.value_dim) == CMMA_VECTOR
+}
+
+/// How this work's tensor-core routines take their operands, where they may
+/// run at all (else [`Products::Portable`]). The launch stages operands in
+/// the dtype this implies (bf16 for f32 inputs on tensor cores), whichever
+/// routine (tensor-core or portable) each kernel then runs.
+pub(crate) fn planned_products(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Products {
+    if tensor_cores_may_run(work, config, limits) {
+        Products::of(work.dtype, config, limits)
+    } else {
+        Products::Portable
+    }
 }
 
 /// The tensor-core kv-parallel launch for this work, where the device, dtype,
@@ -302,7 +364,11 @@ fn kv_parallel_on_tensor_cores(
     limits: &DeviceLimits,
 ) -> Option<(LaunchDims, KvParallelRoutine)> {
     let plane = limits.plane_size?;
-    if !tensor_cores_may_run(work, config, limits) || !config.block.is_multiple_of(16) {
+    // 16-bit inputs only: this kernel has no split (f32 takes the chunk-recurrent state pass).
+    if !tensor_cores_may_run(work, config, limits)
+        || Products::of(work.dtype, config, limits) != Products::Native
+        || !config.block.is_multiple_of(16)
+    {
         return None;
     }
     let key_tile = (work.key_dim.div_ceil(16) * 16).min(MAX_CMMA_KEY_TILE);
@@ -370,7 +436,7 @@ fn diag_on_tensor_cores(
     }
     let key_pad = work.key_dim.div_ceil(16) * 16;
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(max_cmma_value_tile());
-    let elem = work.dtype.size();
+    let elem = planned_products(work, config, limits).staged_bytes(work.dtype);
     // Staged rows padded as kernels::staging pads them.
     let shared_bytes = elem * cb * (2 * (key_pad + ROW_PAD) + (value_tile + ROW_PAD) + (cb + ROW_PAD))
         + 4 * cb * (cb + F32_ROW_PAD);
@@ -384,8 +450,9 @@ fn diag_on_tensor_cores(
         shared_bytes,
     };
     dims.check("diag (tensor cores)", limits).ok().map(|dims| {
-        // f16 keeps non-diag apart: a long sequence's state can exceed its range.
-        let fused_non_diag = work.dtype == DType::BF16;
+        // f16 keeps non-diag apart: a long sequence's state can exceed its
+        // range (bf16 and f32 keep f32's exponent range).
+        let fused_non_diag = work.dtype != DType::F16;
         (
             dims,
             DiagRoutine::TensorCores {
@@ -443,6 +510,10 @@ pub struct PrefillPlan {
     /// The chunk-recurrent state pass, where it replaces kv-parallel and
     /// kv-reduce (see [`crate::chunk_plan`]).
     pub chunk_state: Option<ChunkStatePlan>,
+    /// How the tensor-core routines take their operands: for f32 inputs,
+    /// whether the config's [`Precision`] runs on tensor cores or falls back
+    /// to the portable routines ([`Products::Portable`]) on this device.
+    pub products: Products,
 }
 
 /// The vector the tensor-core routines run with: 8 scalars, 16 bytes of
@@ -587,6 +658,14 @@ impl PrefillPlan {
         }
         .check("non-diag", limits)?;
 
+        // kv-snapshot reads the per-block states in f32: then they stay f32.
+        let chunk_state = plan_chunk_state(
+            work,
+            config,
+            limits,
+            diag_routine.fuses_non_diag() && work.snapshots == 0,
+        )?;
+        let products = planned_products(work, config, limits);
         Ok(Self {
             total_blocks: work.blocks,
             block_states_len,
@@ -608,13 +687,8 @@ impl PrefillPlan {
             non_diag_rows_per_unit,
             non_diag_cols_per_unit,
             kv_snapshot,
-            // kv-snapshot reads the per-block states in f32: then they stay f32.
-            chunk_state: plan_chunk_state(
-                work,
-                config,
-                limits,
-                diag_routine.fuses_non_diag() && work.snapshots == 0,
-            )?,
+            chunk_state,
+            products,
         })
     }
 }

@@ -9,7 +9,12 @@
 //!
 //! `cargo bench --bench lightning -- [--runtimes cuda,wgpu] [--quick] [--reps N] [--out DIR]`
 //! (`LIGHTNING_ATTENTION_RUNTIME` is ignored here: `--runtimes` picks.)
+//! `--precisions split,rounded,exact` times f32 inputs under each
+//! [`Precision`]; `--accuracy` adds each prefill row's error against the f64
+//! recurrence to its note; `--layer I/L` takes layer `I` of `L`'s slopes
+//! (default 0/2; the last layer's decay is the weakest).
 
+mod accuracy;
 mod backend_decode;
 mod chart;
 mod mixed;
@@ -21,7 +26,7 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, Routines, StageTimes,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines, StageTimes,
     backward, decode_into, prefill_into, profile_prefill_into, runtime,
 };
 use report::Row;
@@ -40,6 +45,13 @@ struct Options {
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
     dtypes: Vec<DType>,
+    /// How f32 inputs are multiplied, `--precisions split,rounded,exact`
+    /// (default split); 16-bit rows run once.
+    precisions: Vec<Precision>,
+    /// Measure each prefill row's error against the f64 recurrence.
+    accuracy: bool,
+    /// Slopes of layer `.0` of `.1`, `--layer I/L` (default 0/2).
+    layer: (usize, usize),
     reps: usize,
     out: std::path::PathBuf,
 }
@@ -97,6 +109,23 @@ fn options() -> Options {
                 other => panic!("--dtypes takes f32, f16 and/or bf16, not {other}"),
             })
             .collect(),
+        precisions: value("--precisions")
+            .unwrap_or("split".into())
+            .split(',')
+            .map(|p| match p {
+                "split" => Precision::Split,
+                "rounded" => Precision::Rounded,
+                "exact" => Precision::Exact,
+                other => panic!("--precisions takes split, rounded and/or exact, not {other}"),
+            })
+            .collect(),
+        accuracy: args.iter().any(|a| a == "--accuracy"),
+        layer: value("--layer")
+            .map(|pair| {
+                let (layer, layers) = pair.split_once('/').expect("--layer takes I/L");
+                (layer.parse().expect("layer"), layers.parse().expect("layers"))
+            })
+            .unwrap_or((0, 2)),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
             .unwrap_or(20),
@@ -111,6 +140,39 @@ fn routines_label(routines: Routines) -> &'static str {
         Routines::ChunkRecurrent => " chunk",
         Routines::Auto => "",
     }
+}
+
+/// What a row's op says of its precision (f32 inputs only; "" otherwise).
+fn precision_label(dtype: DType, precision: Precision) -> &'static str {
+    match (dtype, precision) {
+        (DType::F32, Precision::Split) => " split",
+        (DType::F32, Precision::Rounded) => " rounded",
+        (DType::F32, Precision::Exact) => " exact",
+        _ => "",
+    }
+}
+
+/// The configs of one shape and dtype: each (BLOCK, CBLOCK), routine and,
+/// for f32, precision the options name.
+fn configs(opts: &Options, dtype: DType) -> Vec<PrefillConfig> {
+    let precisions = if dtype == DType::F32 {
+        opts.precisions.clone()
+    } else {
+        vec![Precision::default()]
+    };
+    let mut configs = Vec::new();
+    for &(block, sub_block) in &opts.configs {
+        for &routines in &opts.routines {
+            for &precision in &precisions {
+                configs.push(
+                    PrefillConfig::new(block, sub_block)
+                        .with_routines(routines)
+                        .with_precision(precision),
+                );
+            }
+        }
+    }
+    configs
 }
 
 /// Copies `input` to `output`, four floats per unit: the bandwidth yardstick.
@@ -170,9 +232,13 @@ fn upload(client: &Client, shape: &[usize], dtype: DType, seed: u64) -> DeviceTe
     DeviceTensor::from_f32(client, &uniform_f32(len, seed), shape, dtype).expect("upload")
 }
 
-fn slopes(client: &Client, heads: usize) -> DeviceTensor {
-    let values = lightning_attention::slopes::layer_slopes(heads, 0, 2).expect("slopes");
-    DeviceTensor::from_f32(client, &values, &[heads], DType::F32).expect("upload")
+/// The slopes of the options' layer.
+fn slope_values(heads: usize, opts: &Options) -> Vec<f32> {
+    lightning_attention::slopes::layer_slopes(heads, opts.layer.0, opts.layer.1).expect("slopes")
+}
+
+fn slopes(client: &Client, heads: usize, opts: &Options) -> DeviceTensor {
+    DeviceTensor::from_f32(client, &slope_values(heads, opts), &[heads], DType::F32).expect("upload")
 }
 
 fn bench_prefill(
@@ -193,6 +259,7 @@ fn bench_prefill(
         format!("prefill {}/{}", config.block, config.sub_block)
     };
     row.op += routines_label(config.routines);
+    row.op += precision_label(dtype, config.precision);
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
@@ -200,7 +267,7 @@ fn bench_prefill(
     let q = upload(client, &[b, h, n, d], dtype, 1);
     let k = upload(client, &[b, h, n, d], dtype, 2);
     let v = upload(client, &[b, h, n, e], dtype, 3);
-    let s = slopes(client, h);
+    let s = slopes(client, h, opts);
     let out = DeviceTensor::empty(client, &[b, h, n, e], dtype);
     let state = DeviceTensor::empty(client, &[b, h, d, e], DType::F32);
     let inputs = PrefillInputs {
@@ -225,6 +292,12 @@ fn bench_prefill(
     row.stages = Some(stages[stages.len() / 2]);
     let bytes = (2 * b * h * n * d + 2 * b * h * n * e) * dtype.size() + b * h * d * e * 4;
     row.measured(time, b * n, bytes as f64, bw);
+    if opts.accuracy {
+        let scale = config.scale.unwrap_or(1.0);
+        let (error, slices) =
+            accuracy::prefill_error(client, shape, &q, &k, &v, &slope_values(h, opts), scale, &out);
+        row.note = format!("rel err {error:.2e} vs f64 ({slices} of {} (b, h) slices)", b * h);
+    }
     row
 }
 
@@ -243,6 +316,7 @@ fn bench_training(
     let mut row = Row::new(target, "fwd+bwd", shape, dtype);
     row.op = format!("fwd+bwd {}/{}", config.block, config.sub_block);
     row.op += routines_label(config.routines);
+    row.op += precision_label(dtype, config.precision);
     if !dtype.is_supported(client) {
         row.note = "dtype unsupported by this runtime".into();
         return row;
@@ -251,7 +325,7 @@ fn bench_training(
     let k = upload(client, &[b, h, n, d], dtype, 12);
     let v = upload(client, &[b, h, n, e], dtype, 13);
     let d_out = upload(client, &[b, h, n, e], dtype, 14);
-    let s = slopes(client, h);
+    let s = slopes(client, h, opts);
     let out = DeviceTensor::empty(client, &[b, h, n, e], dtype);
     let state = DeviceTensor::empty(client, &[b, h, d, e], DType::F32);
     let inputs = PrefillInputs {
@@ -298,7 +372,7 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
     let q = upload(client, &[batch, h, 1, d], DType::F32, 4);
     let k = upload(client, &[batch, h, 1, d], DType::F32, 5);
     let v = upload(client, &[batch, h, 1, e], DType::F32, 6);
-    let s = slopes(client, h);
+    let s = slopes(client, h, opts);
     // Small values keep the state bounded over the many timed steps.
     let cache = upload(client, &[batch, h, d, e], DType::F32, 7);
     let out = DeviceTensor::empty(client, &[batch, h, 1, e], DType::F32);
@@ -363,13 +437,10 @@ fn main() {
         let runs = |group: &str| opts.only.iter().any(|g| g == group);
         for &shape in prefill_shapes.iter().filter(|_| runs("prefill")) {
             for &dtype in &opts.dtypes {
-                for &(block, sub_block) in &opts.configs {
-                    for &routines in &opts.routines {
-                        let config = PrefillConfig::new(block, sub_block).with_routines(routines);
-                        let row = bench_prefill(&client, &target, shape, dtype, config, &opts, bw);
-                        eprintln!("{}", row.line());
-                        rows.push(row);
-                    }
+                for config in configs(&opts, dtype) {
+                    let row = bench_prefill(&client, &target, shape, dtype, config, &opts, bw);
+                    eprintln!("{}", row.line());
+                    rows.push(row);
                 }
             }
         }
@@ -384,13 +455,10 @@ fn main() {
         // Forward+backward at every prefill shape, config and routine.
         for &shape in prefill_shapes.iter().filter(|_| runs("training")) {
             for &dtype in &opts.dtypes {
-                for &(block, sub_block) in &opts.configs {
-                    for &routines in &opts.routines {
-                        let config = PrefillConfig::new(block, sub_block).with_routines(routines);
-                        let row = bench_training(&client, &target, shape, dtype, config, &opts, bw);
-                        eprintln!("{}", row.line());
-                        rows.push(row);
-                    }
+                for config in configs(&opts, dtype) {
+                    let row = bench_training(&client, &target, shape, dtype, config, &opts, bw);
+                    eprintln!("{}", row.line());
+                    rows.push(row);
                 }
             }
         }

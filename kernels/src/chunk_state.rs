@@ -33,7 +33,7 @@
 //! time, with the same walk, staging and state handling around them:
 //! - `tensor_cores`: plane `p` owns rows `16p .. 16p + 16` of the state tile,
 //!   loads them from shared memory into `value_tile / 16` f32 accumulators,
-//!   multiplies on tensor cores (f16/bf16 inputs, `cmma`) and stores them back;
+//!   multiplies on tensor cores (16-bit operands, `cmma`) and stores them back;
 //! - portable (every runtime; what CI runs on lavapipe): each unit owns
 //!   vectors of the tile and accumulates them in f32 on CUDA cores.
 //!
@@ -53,15 +53,22 @@
 //! per cube (`key_tile / 16` planes of `plane_size` with tensor cores). Shared
 //! memory, bytes:
 //! `elem * stage * (key_tile + value_tile + 16) + 4 * key_tile * (value_tile + 4)`
+//! (`elem` the bytes of a staged element, both parts of a split)
 //! (rows padded by 16 bytes, see [`crate::staging`]). k, v and every state
 //! travel as vectors of `N` scalars (the host picks `N` dividing `d` and `e`;
 //! `key_tile` and `value_tile` are multiples of it).
+//!
+//! K and V are staged as `M`: the input dtype, or for f32 inputs bf16 on
+//! tensor cores (rounded, or with `split` as high and low parts, three
+//! products: [`crate::staging`]'s split operands, which double the staged
+//! tiles). The portable variant runs the split too (with `M` = f32 parts on
+//! the bf16 grid), so that CI checks its staging and products on lavapipe.
 
 use cubecl::prelude::*;
 
 use crate::kv_reduce::{final_factor, initial_factor, initial_state};
 use crate::layout::first_row;
-use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, load_share, share_len, store_share};
+use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, load_share, share_len, split_product, store_share};
 
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
@@ -72,7 +79,7 @@ const ALIGN: usize = 128;
 /// front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn chunk_state<F: Float, S: Float, N: Size>(
+pub fn chunk_state<F: Float, M: Float, S: Float, N: Size>(
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
     slopes: &[f32],
@@ -104,6 +111,7 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
     #[comptime] retreat_final: bool,
     #[comptime] reversed: bool,
     #[comptime] segmented: bool,
+    #[comptime] split: bool,
 ) {
     let lanes = N::value();
     let k_stride = comptime!(key_tile + ROW_PAD);
@@ -115,6 +123,10 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
     let k_share = comptime!(share_len(stage, key_tile, lanes, units));
     let v_share = comptime!(share_len(stage, value_tile, lanes, units));
     let tiles_along_e = comptime!(value_dim.div_ceil(value_tile));
+    // Where the staged tiles' low parts start (0: no split).
+    let parts = comptime!(if split { 2 } else { 1 });
+    let k_lo = comptime!(if split { k_len } else { 0 });
+    let v_lo = comptime!(if split { v_len } else { 0 });
 
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
@@ -131,8 +143,8 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
     let d0 = (CUBE_POS_X as usize / tiles_along_e) * key_tile;
     let e0 = (CUBE_POS_X as usize % tiles_along_e) * value_tile;
 
-    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(k_len, ALIGN);
-    let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
+    let mut k_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * k_len), ALIGN);
+    let mut v_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * v_len), ALIGN);
     let mut state_s = Shared::<[f32]>::new_aligned_slice(s_len, ALIGN);
 
     // The initial state, or zeros.
@@ -208,11 +220,11 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
         let blk_end = min(blk_start + block, n);
         // The previous stage's products are done with k_s, v_s and state_s.
         sync_cube();
-        store_share::<F, F, N>(
-            &k_regs, &mut k_s, s0, blk_end, neg_slope, stage, key_tile, k_stride, units, true,
+        store_share::<F, M, N>(
+            &k_regs, &mut k_s, s0, blk_end, neg_slope, stage, key_tile, k_stride, units, true, k_lo,
         );
-        store_share::<F, F, N>(
-            &v_regs, &mut v_s, s0, blk_end, neg_slope, stage, value_tile, v_stride, units, false,
+        store_share::<F, M, N>(
+            &v_regs, &mut v_s, s0, blk_end, neg_slope, stage, value_tile, v_stride, units, false, v_lo,
         );
         if s0 == blk_start {
             // The state entering the block goes out once, then decays over it.
@@ -259,7 +271,7 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
         }
         sync_cube();
         if comptime!(tensor_cores) {
-            product_on_tensor_cores::<F, N>(
+            product_on_tensor_cores::<M, N>(
                 &k_s,
                 &v_s,
                 &mut state_s,
@@ -270,9 +282,11 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
                 v_stride,
                 s_stride,
                 plane_size,
+                k_lo,
+                v_lo,
             );
         } else {
-            product_portable::<F, N>(
+            product_portable::<M, N>(
                 &k_s,
                 &v_s,
                 &mut state_s,
@@ -283,6 +297,8 @@ pub fn chunk_state<F: Float, S: Float, N: Size>(
                 v_stride,
                 s_stride,
                 units,
+                k_lo,
+                v_lo,
             );
         }
     }
@@ -376,10 +392,10 @@ fn product_on_tensor_cores<F: Float, N: Size>(
     #[comptime] v_stride: usize,
     #[comptime] s_stride: usize,
     #[comptime] plane_size: usize,
+    #[comptime] k_lo: usize,
+    #[comptime] v_lo: usize,
 ) {
     let lanes = N::value();
-    let k_len = comptime!(stage * k_stride / lanes);
-    let v_len = comptime!(stage * v_stride / lanes);
     let s_len = comptime!(key_tile * s_stride);
     let value_tiles = comptime!(value_tile / TILE);
     let stage_tiles = comptime!(stage / TILE);
@@ -409,23 +425,23 @@ fn product_on_tensor_cores<F: Float, N: Size>(
     }
     #[unroll]
     for kk in 0..stage_tiles {
-        // K_stage is stored token-major: read column-major it is K^T.
-        let a = fragment::<F, N>(
-            cmma::MatrixIdent::A,
-            cmma::MatrixLayout::ColMajor,
-            &k_s[(kk * TILE * k_stride + plane * TILE) / lanes..k_len],
-            k_stride,
-        );
         #[unroll]
         for jt in 0..value_tiles {
-            let b = fragment::<F, N>(
-                cmma::MatrixIdent::B,
+            // K_stage is stored token-major: read column-major it is K^T.
+            split_product::<F, N>(
+                k_s,
+                (kk * TILE * k_stride + plane * TILE) / lanes,
+                cmma::MatrixLayout::ColMajor,
+                k_stride,
+                k_lo,
+                v_s,
+                (kk * TILE * v_stride + jt * TILE) / lanes,
                 cmma::MatrixLayout::RowMajor,
-                &v_s[(kk * TILE * v_stride + jt * TILE) / lanes..v_len],
                 v_stride,
+                v_lo,
+                acc.index(jt),
+                comptime!(k_lo > 0),
             );
-            let o = acc.index(jt);
-            cmma::execute(&a, &b, o, o);
         }
     }
     #[unroll]
@@ -453,6 +469,8 @@ fn product_portable<F: Float, N: Size>(
     #[comptime] v_stride: usize,
     #[comptime] s_stride: usize,
     #[comptime] units: usize,
+    #[comptime] k_lo: usize,
+    #[comptime] v_lo: usize,
 ) {
     let lanes = N::value();
     let row_vectors = comptime!(value_tile / lanes);
@@ -471,7 +489,14 @@ fn product_portable<F: Float, N: Size>(
         let r_lane = r % lanes;
         for t in 0..stage {
             let key = f32::cast_from(k_s[t * k_stride_v + r_v].extract_dynamic(r_lane));
-            acc += Vector::<f32, N>::cast_from(v_s[t * v_stride_v + cv]) * Vector::new(key);
+            let value = Vector::<f32, N>::cast_from(v_s[t * v_stride_v + cv]);
+            if comptime!(k_lo > 0) {
+                // The split's three products, as on tensor cores.
+                let key_lo = f32::cast_from(k_s[k_lo + t * k_stride_v + r_v].extract_dynamic(r_lane));
+                let value_lo = Vector::<f32, N>::cast_from(v_s[v_lo + t * v_stride_v + cv]);
+                acc += value * Vector::new(key_lo) + value_lo * Vector::new(key);
+            }
+            acc += value * Vector::new(key);
         }
         write_shared::<N>(state_s, at, acc);
     }

@@ -1,6 +1,6 @@
 //! diag on tensor cores: the accelerated routine of [`crate::diag`], for f16
-//! and bf16 inputs on devices whose runtime reports a 16 x 16 x 16 `cmma` with
-//! f32 accumulators (CUDA). The host picks it from the device's features; the
+//! and bf16 inputs (and f32 inputs as bf16 parts, see below) on devices whose
+//! runtime reports a 16 x 16 x 16 `cmma` with f32 accumulators (CUDA). The host picks it from the device's features; the
 //! portable [`crate::diag`] stays the routine everywhere else.
 //!
 //! The math is the same: for the query at `t` in block `[start, start + block)`,
@@ -29,20 +29,31 @@
 //! saves a pass over Q and the output. Without it (f16, whose range a long
 //! sequence's state can exceed), non-diag runs after it as usual.
 //!
-//! The decayed scores are rounded to the input dtype before `(Q K^T) V`, as in
+//! The decayed scores are rounded to `M` (or split) before `(Q K^T) V`, as in
 //! flash-linear-attention's chunk kernels; everything accumulates in f32.
-//! Shared memory, bytes: `2 * sub_block * (2 * (d16 + 8) + (value_tile + 8) +
-//! (sub_block + 8)) + 4 * sub_block * (sub_block + 4)`, with `d16` = d rounded
+//! Shared memory, bytes: `elem * sub_block * (2 * (d16 + 8) + (value_tile + 8) +
+//! (sub_block + 8)) + 4 * sub_block * (sub_block + 4)`, with `elem` 2 (4 for
+//! split operands: two bf16 parts), `d16` = d rounded
 //! up to 16 (tails are zero-padded, so any `d` and `e` work) and each row
 //! padded by 16 bytes (see [`crate::staging`]).
 //!
 //! q, k, v, out and the block states travel as vectors of `N` scalars along
 //! their rows (see [`crate::staging`]); the host picks `N` dividing `d` and `e`.
+//!
+//! Operands are staged in shared memory as `M`, the tensor cores' dtype: the
+//! input dtype for f16 and bf16; bf16 for f32 inputs, either rounded to it
+//! (one product: bf16's accuracy) or, with `split`, as high and low bf16
+//! parts (three products, about f32's accuracy: [`crate::staging`]'s split
+//! operands). A split doubles every staged operand tile (the same bytes as
+//! f32 tiles); the scores and the incoming state are split as well.
 
 use cubecl::prelude::*;
 
 use crate::layout::first_row;
-use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, stage_rows, store_tile, zero_accumulator};
+use crate::staging::{
+    F32_ROW_PAD, ROW_PAD, TILE, bf16_grid, fragment, get, put, split_product, stage_rows, store_tile,
+    zero_accumulator,
+};
 
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
@@ -52,7 +63,7 @@ const ALIGN: usize = 128;
 /// sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn diag_cmma<F: Float, S: Float, N: Size>(
+pub fn diag_cmma<F: Float, M: Float, S: Float, N: Size>(
     q: &[Vector<F, N>],
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
@@ -74,6 +85,7 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
     #[comptime] plane_size: usize,
     #[comptime] with_state: bool,
     #[comptime] reversed: bool,
+    #[comptime] split: bool,
 ) {
     let lanes_v = N::value();
     let key_pad = comptime!(key_dim.div_ceil(TILE) * TILE);
@@ -91,6 +103,11 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
     let sf_len = comptime!(sub_block * sf_stride);
     let sh_len = comptime!(sub_block * sh_stride);
     let units = comptime!(sub_block / TILE * plane_size);
+    // Where each tile's low parts start (0: no split), and the allocations.
+    let parts = comptime!(if split { 2 } else { 1 });
+    let qk_lo = comptime!(if split { qk_len } else { 0 });
+    let v_lo = comptime!(if split { v_len } else { 0 });
+    let sh_lo = comptime!(if split { sh_len } else { 0 });
 
     let item = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
@@ -110,15 +127,15 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
     // This plane's 16 query rows.
     let strip = plane * TILE;
 
-    let mut q_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
-    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(qk_len, ALIGN);
-    let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
+    let mut q_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * qk_len), ALIGN);
+    let mut k_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * qk_len), ALIGN);
+    let mut v_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * v_len), ALIGN);
     let mut s_f = Shared::<[f32]>::new_aligned_slice(sf_len, ALIGN);
-    let mut s_h = Shared::<[F]>::new_aligned_slice(sh_len, ALIGN);
+    let mut s_h = Shared::<[M]>::new_aligned_slice(comptime!(parts * sh_len), ALIGN);
 
-    stage_rows::<F, F, N>(
+    stage_rows::<F, M, N>(
         q, &mut q_s, row0, n, step, q_start, n, 0, neg_slope, sub_block, key_pad, qk_stride, key_dim, units,
-        false, reversed,
+        false, reversed, qk_lo,
     );
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
@@ -132,13 +149,13 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
         let k_start = block_start + ks * sub_block;
         // The previous step's readers of k_s, v_s and s_h are done.
         sync_cube();
-        stage_rows::<F, F, N>(
+        stage_rows::<F, M, N>(
             k, &mut k_s, row0, n, step, k_start, n, 0, neg_slope, sub_block, key_pad, qk_stride, key_dim,
-            units, false, reversed,
+            units, false, reversed, qk_lo,
         );
-        stage_rows::<F, F, N>(
+        stage_rows::<F, M, N>(
             v, &mut v_s, row0, n, step, k_start, n, e0, neg_slope, sub_block, value_tile, v_stride,
-            value_dim, units, false, reversed,
+            value_dim, units, false, reversed, v_lo,
         );
         sync_cube();
 
@@ -149,19 +166,20 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
             let scores = zero_accumulator();
             #[unroll]
             for kk in 0..key_tiles {
-                let a = fragment::<F, N>(
-                    cmma::MatrixIdent::A,
+                split_product::<M, N>(
+                    &q_s,
+                    (strip * qk_stride + kk * TILE) / lanes_v,
                     cmma::MatrixLayout::RowMajor,
-                    &q_s[(strip * qk_stride + kk * TILE) / lanes_v..qk_len],
                     qk_stride,
-                );
-                let b = fragment::<F, N>(
-                    cmma::MatrixIdent::B,
+                    qk_lo,
+                    &k_s,
+                    (j * TILE * qk_stride + kk * TILE) / lanes_v,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[(j * TILE * qk_stride + kk * TILE) / lanes_v..qk_len],
                     qk_stride,
+                    qk_lo,
+                    &scores,
+                    split,
                 );
-                cmma::execute(&a, &b, &scores, &scores);
             }
             cmma::store(
                 &mut s_f[strip * sf_stride + j * TILE..sf_len],
@@ -183,7 +201,13 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
             if tk <= tq && tq < n {
                 w = scale * f32::exp(neg_slope * f32::cast_from((tq - tk) as u32)) * s_f[r * sf_stride + c];
             }
-            s_h[r * sh_stride + c] = F::cast_from(w);
+            if comptime!(split) {
+                let hi = bf16_grid_scalar(w);
+                s_h[r * sh_stride + c] = M::cast_from(hi);
+                s_h[sh_lo + r * sh_stride + c] = M::cast_from(w - hi);
+            } else {
+                s_h[r * sh_stride + c] = M::cast_from(w);
+            }
         }
         sync_plane();
 
@@ -192,22 +216,22 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
         for jt in 0..value_tiles {
             #[unroll]
             for kk in 0..row_tiles {
-                let a = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    TILE,
-                    TILE,
-                    TILE,
-                    cmma::MatrixLayout::RowMajor,
-                    &s_h[strip * sh_stride + kk * TILE..sh_len],
-                    sh_stride as u32,
-                );
-                let b = fragment::<F, N>(
-                    cmma::MatrixIdent::B,
-                    cmma::MatrixLayout::RowMajor,
-                    &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
-                    v_stride,
-                );
+                let a_at = strip * sh_stride + kk * TILE;
+                let b_at = (kk * TILE * v_stride + jt * TILE) / lanes_v;
+                let a = scores_fragment::<M>(&s_h, a_at, sh_stride);
+                let b = fragment::<M, N>(cmma::MatrixIdent::B, cmma::MatrixLayout::RowMajor, &v_s[b_at..], v_stride);
                 let o = acc.index(jt);
+                if comptime!(split) {
+                    let a_low = scores_fragment::<M>(&s_h, sh_lo + a_at, sh_stride);
+                    cmma::execute(&a_low, &b, o, o);
+                    let b_low = fragment::<M, N>(
+                        cmma::MatrixIdent::B,
+                        cmma::MatrixLayout::RowMajor,
+                        &v_s[v_lo + b_at..],
+                        v_stride,
+                    );
+                    cmma::execute(&a, &b_low, o, o);
+                }
                 cmma::execute(&a, &b, o, o);
             }
         }
@@ -226,14 +250,14 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
         for idx in range_stepped(unit, qk_len, units) {
             let offset = q_start + idx / row_v - block_start;
             let decay = scale * f32::exp(neg_slope * f32::cast_from((offset + 1) as u32));
-            q_s[idx] =
-                Vector::cast_from(Vector::<f32, N>::cast_from(q_s[idx]) * Vector::<f32, N>::new(decay));
+            let value = get::<M, N>(&q_s, idx, qk_lo) * Vector::<f32, N>::new(decay);
+            put::<M, N>(&mut q_s, idx, value, qk_lo);
         }
         for c0 in range_stepped(0, key_pad, sub_block) {
             sync_cube();
             // Rows c0 .. c0 + sub_block of the state, as if they were tokens
             // of a sequence of key_dim rows, one apart.
-            stage_rows::<S, F, N>(
+            stage_rows::<S, M, N>(
                 block_states,
                 &mut v_s,
                 state_row0,
@@ -250,6 +274,7 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
                 units,
                 false,
                 false,
+                v_lo,
             );
             sync_cube();
             #[unroll]
@@ -258,20 +283,20 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
                 for kk in 0..row_tiles {
                     // The last chunk of a `d` that is not a multiple of sub_block is short.
                     if c0 + kk * TILE < key_pad {
-                        let a = fragment::<F, N>(
-                            cmma::MatrixIdent::A,
+                        split_product::<M, N>(
+                            &q_s,
+                            (strip * qk_stride + c0 + kk * TILE) / lanes_v,
                             cmma::MatrixLayout::RowMajor,
-                            &q_s[(strip * qk_stride + c0 + kk * TILE) / lanes_v..qk_len],
                             qk_stride,
-                        );
-                        let b = fragment::<F, N>(
-                            cmma::MatrixIdent::B,
+                            qk_lo,
+                            &v_s,
+                            (kk * TILE * v_stride + jt * TILE) / lanes_v,
                             cmma::MatrixLayout::RowMajor,
-                            &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
                             v_stride,
+                            v_lo,
+                            acc.index(jt),
+                            split,
                         );
-                        let o = acc.index(jt);
-                        cmma::execute(&a, &b, o, o);
                     }
                 }
             }
@@ -306,4 +331,24 @@ pub fn diag_cmma<F: Float, S: Float, N: Size>(
             reversed,
         );
     }
+}
+
+/// A 16 x 16 `A` fragment of the decayed scores, rows `stride` scalars apart.
+#[cube]
+fn scores_fragment<M: Float>(s_h: &Shared<[M]>, at: usize, #[comptime] stride: usize) -> cmma::Matrix<M> {
+    cmma::Matrix::<M>::from_slice(
+        cmma::MatrixIdent::A,
+        TILE,
+        TILE,
+        TILE,
+        cmma::MatrixLayout::RowMajor,
+        &s_h[at..],
+        stride as u32,
+    )
+}
+
+/// A scalar rounded to the nearest bf16, kept in f32 (see [`bf16_grid`]).
+#[cube]
+fn bf16_grid_scalar(x: f32) -> f32 {
+    bf16_grid::<Const<1>>(Vector::<f32, Const<1>>::new(x)).extract(0usize)
 }

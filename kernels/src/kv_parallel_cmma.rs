@@ -101,11 +101,11 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
         // `key_tile x stage` operand K^T.
         stage_rows::<F, F, N>(
             k, &mut k_s, row0, n, row_step, s0, end, d0, neg_slope, stage, key_tile, k_stride, key_dim,
-            units, true, reversed,
+            units, true, reversed, 0usize,
         );
         stage_rows::<F, F, N>(
             v, &mut v_s, row0, n, row_step, s0, end, e0, neg_slope, stage, value_tile, v_stride, value_dim,
-            units, false, reversed,
+            units, false, reversed, 0usize,
         );
         sync_cube();
         #[unroll]

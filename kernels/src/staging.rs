@@ -9,6 +9,16 @@
 //!
 //! A staged tile is row-major in shared memory, `cols` scalars per row; a
 //! fragment's stride is given in scalars, its start in vectors.
+//!
+//! **Split operands** (f32 inputs at f32 accuracy on 16-bit tensor cores): with
+//! `lo_at > 0`, a staged value `x` is stored as two parts, `hi = x` rounded to
+//! the bf16 grid ([`bf16_grid`]) at `at` and `lo = x - hi` at `lo_at + at` of
+//! the same shared allocation (the low tile sits `lo_at` vectors after the
+//! high one). A product `x y` is then `hi_x hi_y + hi_x lo_y + lo_x hi_y`
+//! ([`split_product`]): with bf16 parts, 16 significant bits of each operand,
+//! the dropped `lo_x lo_y` and the rounding of `lo` to bf16 leave about
+//! `2^-17` of each product. With `lo_at = 0` the value is stored once,
+//! converted to the tile's dtype.
 
 use cubecl::prelude::*;
 
@@ -65,6 +75,7 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
     #[comptime] units: usize,
     #[comptime] decayed: bool,
     #[comptime] reversed: bool,
+    #[comptime] lo_at: usize,
 ) {
     let lanes = N::value();
     let per_unit = comptime!(share_len(rows, cols, lanes, units));
@@ -105,6 +116,7 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
             stride,
             units,
             decayed,
+            lo_at,
         );
     }
 }
@@ -151,11 +163,12 @@ pub fn store_share<S: Float, F: Float, N: Size>(
     #[comptime] stride: usize,
     #[comptime] units: usize,
     #[comptime] decayed: bool,
+    #[comptime] lo_at: usize,
 ) {
     let lanes = N::value();
     let count = comptime!(share_len(rows, cols, lanes, units));
     store_slots::<S, F, N>(
-        regs, dst, first, end, neg_slope, 0usize, count, rows, cols, stride, units, decayed,
+        regs, dst, first, end, neg_slope, 0usize, count, rows, cols, stride, units, decayed, lo_at,
     );
 }
 
@@ -222,6 +235,7 @@ fn store_slots<S: Float, F: Float, N: Size>(
     #[comptime] stride: usize,
     #[comptime] units: usize,
     #[comptime] decayed: bool,
+    #[comptime] lo_at: usize,
 ) {
     let lanes = N::value();
     let cols_v = comptime!(cols / lanes);
@@ -245,13 +259,91 @@ fn store_slots<S: Float, F: Float, N: Size>(
                 if t < end {
                     weight = f32::exp(neg_slope * f32::cast_from((end - 1 - t) as u32));
                 }
-                dst[at] =
-                    Vector::cast_from(Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight));
+                put::<F, N>(
+                    dst,
+                    at,
+                    Vector::<f32, N>::cast_from(regs[x]) * Vector::<f32, N>::new(weight),
+                    lo_at,
+                );
+            } else if comptime!(lo_at > 0) {
+                put::<F, N>(dst, at, Vector::<f32, N>::cast_from(regs[x]), lo_at);
             } else {
                 dst[at] = Vector::cast_from(regs[x]);
             }
         }
     }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), kept in f32: the high part
+/// of a split operand. Integer arithmetic on the bits, so that it runs on every
+/// runtime (lavapipe has no bf16) and matches the tensor cores' own rounding.
+#[cube]
+pub fn bf16_grid<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
+    let bits = Vector::<u32, N>::reinterpret(x);
+    let odd = (bits >> Vector::new(16u32)) & Vector::new(1u32);
+    let rounded = (bits + Vector::new(0x7fffu32) + odd) & Vector::new(0xffff_0000u32);
+    Vector::<f32, N>::reinterpret(rounded)
+}
+
+/// Stores `value` at `at` of `dst` in `F`, split into high and low parts
+/// (the module doc) when `lo_at > 0`.
+#[cube]
+pub fn put<F: Float, N: Size>(
+    dst: &mut Shared<[Vector<F, N>]>,
+    at: usize,
+    value: Vector<f32, N>,
+    #[comptime] lo_at: usize,
+) {
+    if comptime!(lo_at > 0) {
+        let hi = bf16_grid::<N>(value);
+        dst[at] = Vector::cast_from(hi);
+        dst[lo_at + at] = Vector::cast_from(value - hi);
+    } else {
+        dst[at] = Vector::cast_from(value);
+    }
+}
+
+/// The value stored at `at` of `src` by [`put`] (high plus low part when
+/// `lo_at > 0`), in f32.
+#[cube]
+pub fn get<F: Float, N: Size>(src: &Shared<[Vector<F, N>]>, at: usize, #[comptime] lo_at: usize) -> Vector<f32, N> {
+    let mut value = Vector::<f32, N>::cast_from(src[at]);
+    if comptime!(lo_at > 0) {
+        value += Vector::<f32, N>::cast_from(src[lo_at + at]);
+    }
+    value
+}
+
+/// `acc += A B` for 16 x 16 fragments of tiles staged by [`put`]: `a_at` and
+/// `b_at` are the fragments' starts (in vectors) in `a_src` and `b_src`, their
+/// low parts `a_lo` and `b_lo` vectors further on; with `split`, the three
+/// products of the module doc, else the one.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn split_product<F: Float, N: Size>(
+    a_src: &Shared<[Vector<F, N>]>,
+    a_at: usize,
+    #[comptime] a_layout: cmma::MatrixLayout,
+    #[comptime] a_stride: usize,
+    #[comptime] a_lo: usize,
+    b_src: &Shared<[Vector<F, N>]>,
+    b_at: usize,
+    #[comptime] b_layout: cmma::MatrixLayout,
+    #[comptime] b_stride: usize,
+    #[comptime] b_lo: usize,
+    acc: &cmma::Matrix<f32>,
+    #[comptime] split: bool,
+) {
+    let a = fragment::<F, N>(cmma::MatrixIdent::A, a_layout, &a_src[a_at..], a_stride);
+    let b = fragment::<F, N>(cmma::MatrixIdent::B, b_layout, &b_src[b_at..], b_stride);
+    if comptime!(split) {
+        // The small terms first, into the same f32 accumulator.
+        let a_low = fragment::<F, N>(cmma::MatrixIdent::A, a_layout, &a_src[a_lo + a_at..], a_stride);
+        cmma::execute(&a_low, &b, acc, acc);
+        let b_low = fragment::<F, N>(cmma::MatrixIdent::B, b_layout, &b_src[b_lo + b_at..], b_stride);
+        cmma::execute(&a, &b_low, acc, acc);
+    }
+    cmma::execute(&a, &b, acc, acc);
 }
 
 /// A 16 x 16 `A` or `B` fragment loaded from a staged tile: `src` starts at

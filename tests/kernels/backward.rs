@@ -2,7 +2,7 @@
 //! finite differences in the reference crate), across block sizes.
 
 use lightning_attention::reference::{Dims, backward as reference_backward};
-use lightning_attention::{BackwardInputs, DType, LightningError, PrefillConfig, Routines, backward};
+use lightning_attention::{BackwardInputs, DType, LightningError, Precision, PrefillConfig, Routines, backward};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -23,6 +23,8 @@ struct Case {
     /// ChunkRecurrent runs the reverse sweep (and the dq pass) through the
     /// chunk-recurrent state pass, portable where tensor cores are absent.
     routines: Routines,
+    /// How f32 products are taken (16-bit inputs ignore it).
+    precision: Precision,
     seed: u64,
 }
 
@@ -47,6 +49,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![None, Some(0.125f32), Some(-2.0)]),
         prop::sample::select(input_dtypes()),
         prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent]),
+        prop::sample::select(precisions()),
         any::<u64>(),
     )
         .prop_flat_map(
@@ -60,6 +63,7 @@ fn case() -> impl Strategy<Value = Case> {
                 scale,
                 dtype,
                 routines,
+                precision,
                 seed,
             )| {
                 (1..=2 * block + 9).prop_map(move |seq_len| Case {
@@ -75,6 +79,7 @@ fn case() -> impl Strategy<Value = Case> {
                     scale,
                     dtype,
                     routines,
+                    precision,
                     seed,
                 })
             },
@@ -112,7 +117,9 @@ proptest! {
             d_out: &d_out_t,
             d_final_state: case.d_final.then_some(&d_final_t),
         };
-        let mut config = PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines);
+        let mut config = PrefillConfig::new(case.block, case.sub_block)
+            .with_routines(case.routines)
+            .with_precision(case.precision);
         config.scale = case.scale;
         let grads = backward(&client, &inputs, &config).expect("a valid backward pass");
 
@@ -136,7 +143,7 @@ proptest! {
         // gradient can cancel to almost nothing).
         let abs = |x: &[f32]| x.iter().map(|v| f64::from(v.abs())).collect::<Vec<_>>();
         let magnitude = reference(&abs(&q), &abs(&k), &abs(&v), &abs(&d_out), &abs(&initial), &abs(&d_final));
-        let tol = tolerance(dtype);
+        let tol = tolerance_for(dtype, case.precision);
         for (name, actual, expected, magnitude) in [
             ("dq", &grads.dq, &expected.dq, &magnitude.dq),
             ("dk", &grads.dk, &expected.dk, &magnitude.dk),

@@ -3,7 +3,7 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::{DType, DeviceTensor, reference, runtime};
+use lightning_attention::{DType, DeviceTensor, Precision, reference, runtime};
 
 pub use lightning_attention::reference::relative_error;
 
@@ -56,6 +56,21 @@ pub fn tolerance(dtype: DType) -> f64 {
         DType::F32 => 1e-4,
         DType::F16 | DType::BF16 => 1e-2,
     }
+}
+
+/// The bound f32 inputs hold under `precision`, as [`Precision`] documents
+/// it (16-bit inputs: their dtype's, whatever the precision): the split and
+/// the exact products hold f32's, rounding to bf16 holds bf16's.
+pub fn tolerance_for(dtype: DType, precision: Precision) -> f64 {
+    match (dtype, precision) {
+        (DType::F32, Precision::Rounded) => tolerance(DType::BF16),
+        _ => tolerance(dtype),
+    }
+}
+
+/// Every [`Precision`], for the property tests to draw from.
+pub fn precisions() -> Vec<Precision> {
+    vec![Precision::Split, Precision::Rounded, Precision::Exact]
 }
 
 /// Set to 1 to add bf16 inputs to the property tests (CUDA: wgpu reports bf16

@@ -1,10 +1,10 @@
 //! Prefill against the reference across block sizes, shapes, dtypes and initial states.
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, PrefillPlan, TensorCores};
+use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, PrefillPlan, Products, TensorCores};
 use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
 use lightning_attention::{
-    DType, DeviceTensor, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
+    DType, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
     profile_prefill_into,
 };
 use proptest::prelude::*;
@@ -21,6 +21,8 @@ pub struct Case {
     pub dtype: DType,
     /// Auto takes the tensor-core routines where the device has them.
     pub routines: Routines,
+    /// How f32 products are taken (16-bit inputs ignore it).
+    pub precision: Precision,
     pub seed: u64,
 }
 
@@ -54,9 +56,10 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop::sample::select(input_dtypes()),
         prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Portable]),
+        prop::sample::select(precisions()),
         any::<u64>(),
     )
-        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, routines, seed)| {
+        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, routines, precision, seed)| {
             (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(
                 move |(sub_block, n)| Case {
                     block,
@@ -71,6 +74,7 @@ fn case() -> impl Strategy<Value = Case> {
                     with_state,
                     dtype,
                     routines,
+                    precision,
                     seed,
                 },
             )
@@ -109,7 +113,9 @@ pub fn run(case: &Case) -> (f64, f64, f64) {
     prefill_into(
         &client,
         &inputs,
-        &PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines),
+        &PrefillConfig::new(case.block, case.sub_block)
+            .with_routines(case.routines)
+            .with_precision(case.precision),
         &out,
         &final_state,
     )
@@ -132,7 +138,7 @@ proptest! {
     #[test]
     fn prefill_matches_reference(case in case()) {
         let (out_err, state_err, bug_err) = run(&case);
-        let tol = tolerance(case.dtype);
+        let tol = tolerance_for(case.dtype, case.precision);
         prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
         prop_assert!(state_err < tol, "state error {state_err:e} >= {tol:e} for {case:?}");
         prop_assert!(bug_err.is_finite());
@@ -166,6 +172,7 @@ fn vllm_off_by_one_would_fail_the_bound() {
             with_state: i % 2 == 0,
             dtype,
             routines: Routines::Auto,
+            precision: Precision::Split,
             seed: 42 + i as u64,
         };
         let (out_err, _, bug_err) = run(&case);
@@ -386,10 +393,12 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
         let portable = plan_for(&client, dtype, 64, 64, &config.with_routines(Routines::Portable));
         assert_eq!(portable.diag_routine, DiagRoutine::Portable);
         assert_eq!(portable.kv_parallel_routine, KvParallelRoutine::Portable);
-        let expected_tensor_cores = cores.supports(dtype);
+        // f32 inputs take the tensor-core diag and state pass as bf16 parts
+        // (Precision::Split, the default); kv-parallel has no split.
+        let expected_tensor_cores = cores.supports(dtype) || (dtype == DType::F32 && cores.bf16);
         assert_eq!(
             matches!(auto.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
-            expected_tensor_cores,
+            cores.supports(dtype),
             "{dtype}: {:?} with {cores:?}",
             auto.kv_parallel_routine
         );
@@ -443,6 +452,57 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             "{dtype}, d = 20, e = 12"
         );
         assert_eq!(narrow.chunk_state, None, "{dtype}, d = 20, e = 12");
+    }
+}
+
+/// f32 inputs: where the device has bf16 tensor cores, `Split` plans the
+/// tensor-core diag and state pass with split operands and `Rounded` without;
+/// `Exact`, and every precision on a device without them (lavapipe), falls
+/// back to the portable routines, and the plan says so in `products`.
+/// `ChunkRecurrent` runs the split in the portable state pass there too.
+#[test]
+fn f32_precision_picks_the_products() {
+    let client = client();
+    let bf16_cores = TensorCores::of(&client).bf16;
+    let config = PrefillConfig::new(64, 32);
+    for precision in precisions() {
+        let plan = plan_for(&client, DType::F32, 64, 64, &config.with_precision(precision));
+        let expected = match precision {
+            Precision::Split if bf16_cores => Products::SplitBf16,
+            Precision::Rounded if bf16_cores => Products::RoundedBf16,
+            _ => Products::Portable,
+        };
+        assert_eq!(plan.products, expected, "{precision:?}");
+        let on_tensor_cores = expected != Products::Portable;
+        assert_eq!(
+            matches!(plan.diag_routine, DiagRoutine::TensorCores { fused_non_diag: true, .. }),
+            on_tensor_cores,
+            "{precision:?}: {:?}",
+            plan.diag_routine
+        );
+        assert_eq!(
+            plan.chunk_state.map(|chunk| (chunk.tensor_cores, chunk.split)),
+            on_tensor_cores.then_some((true, expected == Products::SplitBf16)),
+            "{precision:?}: {:?}",
+            plan.chunk_state
+        );
+        // f32 has no kv-parallel on tensor cores.
+        assert_eq!(plan.kv_parallel_routine, KvParallelRoutine::Portable);
+
+        let forced = plan_for(
+            &client,
+            DType::F32,
+            64,
+            64,
+            &config.with_precision(precision).with_routines(Routines::ChunkRecurrent),
+        );
+        let chunk = forced.chunk_state.expect("ChunkRecurrent plans the state pass");
+        assert_eq!(chunk.split, precision == Precision::Split, "{precision:?}: {chunk:?}");
+        // 16-bit inputs never split.
+        for dtype in input_dtypes().into_iter().filter(|&dtype| dtype != DType::F32) {
+            let plan = plan_for(&client, dtype, 64, 64, &config.with_precision(precision));
+            assert!(!plan.products.split(), "{dtype}: {:?}", plan.products);
+        }
     }
 }
 
