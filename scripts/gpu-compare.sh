@@ -3,6 +3,8 @@
 # scripts/gpu-bundle.sh (carry ["gpu-bundle"], and ".fla" with FLA=1): the CUDA
 # property suite (TESTS=1, default; at most TEST_TIMEOUT seconds), the bench on
 # CUDA (prefill, fwd+bwd and the mixed step by default, in DTYPES at CONFIGS),
+# PRECISIONS (f32 rows: split,rounded,exact; default split) and BENCH_EXTRA
+# (say "--accuracy --layer 79/80") pass on to the bench,
 # and with FLA=1 flash-linear-attention's chunk_simple_gla on the same card
 # through ../shared/anchors/bench_triton.py, copied with its wheel into .fla/
 # (`python3 -m pip download --no-deps -d .fla fla-core==0.6.0`): the peer and
@@ -15,7 +17,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     echo "== tests exit $?"
 fi
 BENCH_RUNTIMES=cuda \
-    BENCH_ARGS="--only ${ONLY:-prefill,training,mixed} --dtypes ${DTYPES:-bf16,f16} --configs ${CONFIGS:-128/64} --routines ${ROUTINES:-auto} --reps ${REPS:-10}" \
+    BENCH_ARGS="--only ${ONLY:-prefill,training,mixed} --dtypes ${DTYPES:-bf16,f16} --configs ${CONFIGS:-128/64} --routines ${ROUTINES:-auto} --precisions ${PRECISIONS:-split} --reps ${REPS:-10} ${BENCH_EXTRA:-}" \
     bash gpu-bundle/gpu-run.sh bench
 grep -E "prefill|fwd\+bwd|mixed" "$out/bench.log" | head -80
 if [ "${FLA:-0}" = 1 ]; then

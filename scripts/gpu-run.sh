@@ -4,7 +4,8 @@
 # bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
 # `all` does both; `burn` runs the Burn tests on CUDA from gpu-bundle-burn/. RUNTIMES="wgpu" (say) limits the tests to one runtime;
 # BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench, and
-# BENCH_RUNTIMES (default "cuda,wgpu") picks its runtimes.
+# BENCH_RUNTIMES (default "cuda,wgpu") picks its runtimes; TEST_FILTER (say
+# "precision") runs only the tests whose names contain it.
 # Logs and results go under $OUT.
 set -uo pipefail
 what="${1:-all}"
@@ -30,7 +31,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
         bf16=0
         [ "$rt" = cuda ] && bf16=1
         LIGHTNING_ATTENTION_RUNTIME=$rt LIGHTNING_ATTENTION_TEST_BF16=$bf16 \
-            "$bundle/bin/kernels-tests" >"$out/tests-$rt.log" 2>&1
+            "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-$rt.log" 2>&1
         echo "== $rt tests: exit $?"
         grep -E "^test result|FAILED|panicked" "$out/tests-$rt.log" | head -20
     done

@@ -10,7 +10,9 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::plan::{CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan, Products};
+use crate::plan::{
+    CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan, Products,
+};
 use crate::sequences::{DeviceTable, IndexBuffer};
 use crate::{DType, DeviceTensor, PrefillConfig};
 
@@ -139,7 +141,10 @@ impl CallLaunch<'_> {
     }
 
     /// The launches for inputs of `F`, staged on tensor cores as `M`.
-    fn run_typed<F: Float + CubeElement, M: Float + CubeElement>(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+    fn run_typed<F: Float + CubeElement, M: Float + CubeElement>(
+        &self,
+        hook: &mut dyn FnMut(Stage, &dyn Fn()),
+    ) {
         let Self {
             client,
             q,

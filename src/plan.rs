@@ -348,7 +348,11 @@ pub(crate) fn tensor_cores_may_run(
 /// run at all (else [`Products::Portable`]). The launch stages operands in
 /// the dtype this implies (bf16 for f32 inputs on tensor cores), whichever
 /// routine (tensor-core or portable) each kernel then runs.
-pub(crate) fn planned_products(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Products {
+pub(crate) fn planned_products(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Products {
     if tensor_cores_may_run(work, config, limits) {
         Products::of(work.dtype, config, limits)
     } else {

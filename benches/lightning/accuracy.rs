@@ -6,9 +6,9 @@
 //! the device holds them (read back, so bf16 rounding on upload is not counted
 //! as error). The reported figure is `||out - ref|| / ||ref||` over those slices.
 
+use lightning_attention::DeviceTensor;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::{Dims, recurrence, relative_error};
-use lightning_attention::DeviceTensor;
 
 /// Slices the error is measured on (at most).
 const SLICES: usize = 8;
@@ -37,13 +37,21 @@ pub fn prefill_error(
         (0..SLICES).map(|i| i * (pairs - 1) / (SLICES - 1)).collect()
     };
     let slice = |x: &[f32], bh: usize, width: usize| -> Vec<f64> {
-        x[bh * n * width..(bh + 1) * n * width].iter().map(|&v| v as f64).collect()
+        x[bh * n * width..(bh + 1) * n * width]
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
     };
     let results: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = picked
             .iter()
             .map(|&bh| {
-                let (q, k, v, out) = (slice(&q, bh, d), slice(&k, bh, d), slice(&v, bh, e), slice(&out, bh, e));
+                let (q, k, v, out) = (
+                    slice(&q, bh, d),
+                    slice(&k, bh, d),
+                    slice(&v, bh, e),
+                    slice(&out, bh, e),
+                );
                 let slope = slopes[bh % h] as f64;
                 scope.spawn(move || {
                     let dims = Dims {
@@ -59,7 +67,10 @@ pub fn prefill_error(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("reference thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reference thread"))
+            .collect()
     });
     let (got, want): (Vec<f64>, Vec<f64>) = results
         .into_iter()

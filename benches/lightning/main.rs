@@ -26,8 +26,8 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines, StageTimes,
-    backward, decode_into, prefill_into, profile_prefill_into, runtime,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines,
+    StageTimes, backward, decode_into, prefill_into, profile_prefill_into, runtime,
 };
 use report::Row;
 

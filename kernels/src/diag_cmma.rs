@@ -219,7 +219,12 @@ pub fn diag_cmma<F: Float, M: Float, S: Float, N: Size>(
                 let a_at = strip * sh_stride + kk * TILE;
                 let b_at = (kk * TILE * v_stride + jt * TILE) / lanes_v;
                 let a = scores_fragment::<M>(&s_h, a_at, sh_stride);
-                let b = fragment::<M, N>(cmma::MatrixIdent::B, cmma::MatrixLayout::RowMajor, &v_s[b_at..], v_stride);
+                let b = fragment::<M, N>(
+                    cmma::MatrixIdent::B,
+                    cmma::MatrixLayout::RowMajor,
+                    &v_s[b_at..],
+                    v_stride,
+                );
                 let o = acc.index(jt);
                 if comptime!(split) {
                     let a_low = scores_fragment::<M>(&s_h, sh_lo + a_at, sh_stride);

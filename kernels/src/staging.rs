@@ -306,7 +306,11 @@ pub fn put<F: Float, N: Size>(
 /// The value stored at `at` of `src` by [`put`] (high plus low part when
 /// `lo_at > 0`), in f32.
 #[cube]
-pub fn get<F: Float, N: Size>(src: &Shared<[Vector<F, N>]>, at: usize, #[comptime] lo_at: usize) -> Vector<f32, N> {
+pub fn get<F: Float, N: Size>(
+    src: &Shared<[Vector<F, N>]>,
+    at: usize,
+    #[comptime] lo_at: usize,
+) -> Vector<f32, N> {
     let mut value = Vector::<f32, N>::cast_from(src[at]);
     if comptime!(lo_at > 0) {
         value += Vector::<f32, N>::cast_from(src[lo_at + at]);

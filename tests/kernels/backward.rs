@@ -2,7 +2,9 @@
 //! finite differences in the reference crate), across block sizes.
 
 use lightning_attention::reference::{Dims, backward as reference_backward};
-use lightning_attention::{BackwardInputs, DType, LightningError, Precision, PrefillConfig, Routines, backward};
+use lightning_attention::{
+    BackwardInputs, DType, LightningError, Precision, PrefillConfig, Routines, backward,
+};
 use proptest::prelude::*;
 
 use crate::common::*;

@@ -59,26 +59,28 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(precisions()),
         any::<u64>(),
     )
-        .prop_flat_map(|(block, (d, e), b, h, with_state, dtype, routines, precision, seed)| {
-            (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(
-                move |(sub_block, n)| Case {
-                    block,
-                    sub_block,
-                    dims: Dims {
-                        batch: b,
-                        heads: h,
-                        seq_len: n,
-                        key_dim: d,
-                        value_dim: e,
+        .prop_flat_map(
+            |(block, (d, e), b, h, with_state, dtype, routines, precision, seed)| {
+                (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(
+                    move |(sub_block, n)| Case {
+                        block,
+                        sub_block,
+                        dims: Dims {
+                            batch: b,
+                            heads: h,
+                            seq_len: n,
+                            key_dim: d,
+                            value_dim: e,
+                        },
+                        with_state,
+                        dtype,
+                        routines,
+                        precision,
+                        seed,
                     },
-                    with_state,
-                    dtype,
-                    routines,
-                    precision,
-                    seed,
-                },
-            )
-        })
+                )
+            },
+        )
 }
 
 /// Runs `case` on the device and returns (relative error of out, of the final state),
@@ -287,10 +289,12 @@ fn profiled_prefill_matches_reference_and_times_each_kernel() {
         value_dim: 32,
     };
     let p = F32Problem::new(&client, dims, 21);
+    // The five kernels, each timed (f32 takes the chunk-recurrent routine on
+    // tensor cores otherwise).
     let times = profile_prefill_into(
         &client,
         &p.inputs(),
-        &PrefillConfig::new(32, 16),
+        &PrefillConfig::new(32, 16).with_routines(Routines::Portable),
         &p.out,
         &p.state,
     )
@@ -475,7 +479,13 @@ fn f32_precision_picks_the_products() {
         assert_eq!(plan.products, expected, "{precision:?}");
         let on_tensor_cores = expected != Products::Portable;
         assert_eq!(
-            matches!(plan.diag_routine, DiagRoutine::TensorCores { fused_non_diag: true, .. }),
+            matches!(
+                plan.diag_routine,
+                DiagRoutine::TensorCores {
+                    fused_non_diag: true,
+                    ..
+                }
+            ),
             on_tensor_cores,
             "{precision:?}: {:?}",
             plan.diag_routine
@@ -494,15 +504,61 @@ fn f32_precision_picks_the_products() {
             DType::F32,
             64,
             64,
-            &config.with_precision(precision).with_routines(Routines::ChunkRecurrent),
+            &config
+                .with_precision(precision)
+                .with_routines(Routines::ChunkRecurrent),
         );
         let chunk = forced.chunk_state.expect("ChunkRecurrent plans the state pass");
-        assert_eq!(chunk.split, precision == Precision::Split, "{precision:?}: {chunk:?}");
+        assert_eq!(
+            chunk.split,
+            precision == Precision::Split,
+            "{precision:?}: {chunk:?}"
+        );
         // 16-bit inputs never split.
         for dtype in input_dtypes().into_iter().filter(|&dtype| dtype != DType::F32) {
             let plan = plan_for(&client, dtype, 64, 64, &config.with_precision(precision));
             assert!(!plan.products.split(), "{dtype}: {:?}", plan.products);
         }
+    }
+}
+
+/// f32 inputs with split operands through the chunk-recurrent routine, forced
+/// (on lavapipe: the portable state pass with f32 parts on the bf16 grid; on
+/// CUDA: tensor cores), hold f32's bound on fixed shapes that cross several
+/// blocks and sub-blocks, with and without an initial state. The property
+/// test draws these too; this runs them on every run.
+#[test]
+fn split_operands_match_reference() {
+    for (i, (block, sub_block, n, d, e)) in [
+        (64, 32, 200, 64, 64),
+        (32, 16, 97, 32, 48),
+        (128, 64, 300, 128, 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = Case {
+            block,
+            sub_block,
+            dims: Dims {
+                batch: 2,
+                heads: 2,
+                seq_len: n,
+                key_dim: d,
+                value_dim: e,
+            },
+            with_state: i % 2 == 1,
+            dtype: DType::F32,
+            routines: Routines::ChunkRecurrent,
+            precision: Precision::Split,
+            seed: 77 + i as u64,
+        };
+        let (out_err, state_err, _) = run(&case);
+        let tol = tolerance_for(DType::F32, Precision::Split);
+        assert!(
+            out_err < tol && state_err < tol,
+            "errors {out_err:e}, {state_err:e} for {case:?}"
+        );
     }
 }
 
