@@ -37,7 +37,7 @@ impl CallLaunch<'_> {
                 states: &states,
                 states_len,
             };
-            self.launch_kv_parallel::<F>(&run);
+            self.launch_kv_parallel::<F, M>(&run);
             self.launch_kv_reduce(&run);
             states
         });

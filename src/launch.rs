@@ -262,7 +262,7 @@ impl CallLaunch<'_> {
                     states: self.workspace,
                     states_len: plan.block_states_len,
                 };
-                hook(Stage::KvParallel, &|| self.launch_kv_parallel::<F>(&blocks));
+                hook(Stage::KvParallel, &|| self.launch_kv_parallel::<F, M>(&blocks));
                 hook(Stage::KvReduce, &|| self.launch_kv_reduce(&blocks));
             }
             if fused {
@@ -372,7 +372,8 @@ impl CallLaunch<'_> {
     }
 
     /// kv-parallel over `run`: each block's decayed `K^T V` into its slot.
-    pub(crate) fn launch_kv_parallel<F: Float + CubeElement>(&self, run: &BlockRun) {
+    /// Staged on tensor cores as `M` (split as the plan's products say).
+    pub(crate) fn launch_kv_parallel<F: Float + CubeElement, M: Float + CubeElement>(&self, run: &BlockRun) {
         let plan = self.plan;
         let (client, table, variant) = (self.client, self.table, self.variant);
         let h = self.heads as u32;
@@ -414,7 +415,7 @@ impl CallLaunch<'_> {
                 key_tile,
                 value_tile,
             } => unsafe {
-                kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F>(
+                kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F, M>(
                     client,
                     dims.cube_count(),
                     dims.cube_dim(),
@@ -436,6 +437,7 @@ impl CallLaunch<'_> {
                     value_tile,
                     plan.plane_size,
                     variant.reversed,
+                    plan.products.split(),
                 )
             },
         }

@@ -368,20 +368,17 @@ fn kv_parallel_on_tensor_cores(
     limits: &DeviceLimits,
 ) -> Option<(LaunchDims, KvParallelRoutine)> {
     let plane = limits.plane_size?;
-    // 16-bit inputs only: this kernel has no split (f32 takes the chunk-recurrent state pass).
-    if !tensor_cores_may_run(work, config, limits)
-        || Products::of(work.dtype, config, limits) != Products::Native
-        || !config.block.is_multiple_of(16)
-    {
+    if !tensor_cores_may_run(work, config, limits) || !config.block.is_multiple_of(16) {
         return None;
     }
     let key_tile = (work.key_dim.div_ceil(16) * 16).min(MAX_CMMA_KEY_TILE);
     let value_tile = (work.value_dim.div_ceil(16) * 16).min(MAX_CMMA_STATE_COLS);
     let stage = config.block.min(MAX_CMMA_STAGE);
     let planes = key_tile / 16;
-    // Staged rows padded as kernels::staging pads them.
-    let shared_bytes = work.dtype.size() * stage * (key_tile + value_tile + 2 * ROW_PAD)
-        + 4 * 16 * (16 + F32_ROW_PAD) * planes;
+    // Staged rows padded as kernels::staging pads them (both parts of a split).
+    let elem = planned_products(work, config, limits).staged_bytes(work.dtype);
+    let shared_bytes =
+        elem * stage * (key_tile + value_tile + 2 * ROW_PAD) + 4 * 16 * (16 + F32_ROW_PAD) * planes;
     let dims = LaunchDims {
         cubes: (
             count(work.blocks),

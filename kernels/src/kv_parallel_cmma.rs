@@ -19,11 +19,15 @@
 //!
 //! k, v and the block states travel as vectors of `N` scalars along their rows (see
 //! [`crate::staging`]); the host picks `N` dividing `d` and `e`.
+//!
+//! K and V are staged as `M`: the input dtype, or bf16 for f32 inputs (rounded,
+//! or with `split` as high and low parts, three products: [`crate::staging`]'s
+//! split operands, which double the staged tiles and `elem`).
 
 use cubecl::prelude::*;
 
 use crate::layout::first_row;
-use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, fragment, stage_rows, store_tile, zero_accumulator};
+use crate::staging::{F32_ROW_PAD, ROW_PAD, TILE, split_product, stage_rows, store_tile, zero_accumulator};
 
 /// Alignment of the shared tiles, bytes (wmma loads need 32).
 const ALIGN: usize = 128;
@@ -33,7 +37,7 @@ const ALIGN: usize = 128;
 /// every sequence back to front (see [`crate::layout`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn kv_parallel_cmma<F: Float, N: Size>(
+pub fn kv_parallel_cmma<F: Float, M: Float, N: Size>(
     k: &[Vector<F, N>],
     v: &[Vector<F, N>],
     slopes: &[f32],
@@ -51,6 +55,7 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     #[comptime] value_tile: usize,
     #[comptime] plane_size: usize,
     #[comptime] reversed: bool,
+    #[comptime] split: bool,
 ) {
     let lanes_v = N::value();
     // Row strides of the shared tiles, padded (see crate::staging), in
@@ -65,6 +70,10 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     let stage_tiles = comptime!(stage / TILE);
     let planes = comptime!(key_tile / TILE);
     let units = comptime!(planes * plane_size);
+    // Where the staged tiles' low parts start (0: no split).
+    let parts = comptime!(if split { 2 } else { 1 });
+    let k_lo = comptime!(if split { k_len } else { 0 });
+    let v_lo = comptime!(if split { v_len } else { 0 });
 
     let global_block = CUBE_POS_X as usize;
     let head = CUBE_POS_Y as usize;
@@ -84,8 +93,8 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
     let unit = UNIT_POS as usize;
     let plane = unit / plane_size;
 
-    let mut k_s = Shared::<[Vector<F, N>]>::new_aligned_slice(k_len, ALIGN);
-    let mut v_s = Shared::<[Vector<F, N>]>::new_aligned_slice(v_len, ALIGN);
+    let mut k_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * k_len), ALIGN);
+    let mut v_s = Shared::<[Vector<M, N>]>::new_aligned_slice(comptime!(parts * v_len), ALIGN);
     let mut out_s = Shared::<[f32]>::new_aligned_slice(out_len, ALIGN);
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
@@ -99,33 +108,33 @@ pub fn kv_parallel_cmma<F: Float, N: Size>(
         // K_stage stored token-major, `[stage, key_tile]`, with each token's
         // decay to the block's end folded in: read column-major it is the
         // `key_tile x stage` operand K^T.
-        stage_rows::<F, F, N>(
+        stage_rows::<F, M, N>(
             k, &mut k_s, row0, n, row_step, s0, end, d0, neg_slope, stage, key_tile, k_stride, key_dim,
-            units, true, reversed, 0usize,
+            units, true, reversed, k_lo,
         );
-        stage_rows::<F, F, N>(
+        stage_rows::<F, M, N>(
             v, &mut v_s, row0, n, row_step, s0, end, e0, neg_slope, stage, value_tile, v_stride, value_dim,
-            units, false, reversed, 0usize,
+            units, false, reversed, v_lo,
         );
         sync_cube();
         #[unroll]
         for jt in 0..value_tiles {
             #[unroll]
             for kk in 0..stage_tiles {
-                let a = fragment::<F, N>(
-                    cmma::MatrixIdent::A,
+                split_product::<M, N>(
+                    &k_s,
+                    (kk * TILE * k_stride + plane * TILE) / lanes_v,
                     cmma::MatrixLayout::ColMajor,
-                    &k_s[(kk * TILE * k_stride + plane * TILE) / lanes_v..k_len],
                     k_stride,
-                );
-                let b = fragment::<F, N>(
-                    cmma::MatrixIdent::B,
+                    k_lo,
+                    &v_s,
+                    (kk * TILE * v_stride + jt * TILE) / lanes_v,
                     cmma::MatrixLayout::RowMajor,
-                    &v_s[(kk * TILE * v_stride + jt * TILE) / lanes_v..v_len],
                     v_stride,
+                    v_lo,
+                    acc.index(jt),
+                    split,
                 );
-                let o = acc.index(jt);
-                cmma::execute(&a, &b, o, o);
             }
         }
     }

@@ -397,12 +397,12 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
         let portable = plan_for(&client, dtype, 64, 64, &config.with_routines(Routines::Portable));
         assert_eq!(portable.diag_routine, DiagRoutine::Portable);
         assert_eq!(portable.kv_parallel_routine, KvParallelRoutine::Portable);
-        // f32 inputs take the tensor-core diag and state pass as bf16 parts
-        // (Precision::Split, the default); kv-parallel has no split.
+        // f32 inputs take the tensor-core routines as bf16 parts
+        // (Precision::Split, the default).
         let expected_tensor_cores = cores.supports(dtype) || (dtype == DType::F32 && cores.bf16);
         assert_eq!(
             matches!(auto.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
-            cores.supports(dtype),
+            expected_tensor_cores,
             "{dtype}: {:?} with {cores:?}",
             auto.kv_parallel_routine
         );
@@ -496,8 +496,13 @@ fn f32_precision_picks_the_products() {
             "{precision:?}: {:?}",
             plan.chunk_state
         );
-        // f32 has no kv-parallel on tensor cores.
-        assert_eq!(plan.kv_parallel_routine, KvParallelRoutine::Portable);
+        // kv-parallel (segments) likewise.
+        assert_eq!(
+            matches!(plan.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
+            on_tensor_cores,
+            "{precision:?}: {:?}",
+            plan.kv_parallel_routine
+        );
 
         let forced = plan_for(
             &client,
