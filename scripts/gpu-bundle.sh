@@ -16,6 +16,15 @@ bash scripts/cuda-llvm.sh
 # cudarc's CUDA 13.0 bindings, as on the H100's driver; libcuda and NVRTC load at run time.
 export CUDARC_CUDA_VERSION=13000
 bundle=gpu-bundle
+features=cuda
+if [ "${1:-}" = spirv ]; then
+    # wgpu through cubecl's SPIR-V compiler (cooperative matrices on Vulkan)
+    # instead of WGSL, into gpu-bundle-spirv/ (carry that and run
+    # `bash gpu-bundle-spirv/gpu-run.sh ...`: the same commands).
+    bundle=gpu-bundle-spirv
+    features=cuda,wgpu-spirv
+    shift
+fi
 if [ "${1:-}" = burn ]; then
     rm -rf gpu-bundle-burn && mkdir -p gpu-bundle-burn/bin
     exe="$(cargo test --no-run --test burn --profile gpu --features cuda,fusion --message-format=json-render-diagnostics |
@@ -36,7 +45,7 @@ if ! $only_tests; then rm -rf "$bundle"; fi
 mkdir -p "$bundle/bin" "$bundle/debs"
 
 executables() {
-    cargo "$@" --profile gpu --features cuda --message-format=json-render-diagnostics |
+    cargo "$@" --profile gpu --features "$features" --message-format=json-render-diagnostics |
         python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

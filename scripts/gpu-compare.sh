@@ -8,17 +8,18 @@
 # and with FLA=1 flash-linear-attention's chunk_simple_gla on the same card
 # through ../shared/anchors/bench_triton.py, copied with its wheel into .fla/
 # (`python3 -m pip download --no-deps -d .fla fla-core==0.6.0`): the peer and
-# our bench in the same lease, as the issue asks. Everything lands under $OUT.
+# our bench in the same lease, as the issue asks. BUNDLE=gpu-bundle-spirv runs
+# that bundle instead. Everything lands under $OUT.
 set -uo pipefail
 out="${OUT:-/tmp/lightning-out}"
 mkdir -p "$out"
 if [ "${TESTS:-1}" = 1 ]; then
-    RUNTIMES=cuda TEST_TIMEOUT="${TEST_TIMEOUT:-300}" timeout "${TEST_TIMEOUT:-300}" bash gpu-bundle/gpu-run.sh tests
+    RUNTIMES=cuda TEST_TIMEOUT="${TEST_TIMEOUT:-300}" timeout "${TEST_TIMEOUT:-300}" bash "${BUNDLE:-gpu-bundle}/gpu-run.sh" tests
     echo "== tests exit $?"
 fi
 BENCH_RUNTIMES=cuda \
     BENCH_ARGS="--only ${ONLY:-prefill,training,mixed} --dtypes ${DTYPES:-bf16,f16} --configs ${CONFIGS:-128/64} --routines ${ROUTINES:-auto} --precisions ${PRECISIONS:-split} --reps ${REPS:-10} ${BENCH_EXTRA:-}" \
-    bash gpu-bundle/gpu-run.sh bench
+    bash "${BUNDLE:-gpu-bundle}/gpu-run.sh" bench
 grep -E "prefill|fwd\+bwd|mixed" "$out/bench.log" | head -80
 if [ "${FLA:-0}" = 1 ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .fla/*.whl && export PYTHONPATH=/tmp/site

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, over a bundle made by
-# scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA (f32, f16,
-# bf16) and on wgpu/Vulkan (f32, f16); `bench` runs the benchmark on both;
+# scripts/gpu-bundle.sh: `tests` runs the property suite on CUDA and on
+# wgpu/Vulkan (f32, f16, bf16 on both); `bench` runs the benchmark on both;
 # `all` does both; `burn` runs the Burn tests on CUDA from gpu-bundle-burn/. RUNTIMES="wgpu" (say) limits the tests to one runtime;
 # BENCH_ARGS (say "--configs 256/32,256/64") is passed to the bench, and
 # BENCH_RUNTIMES (default "cuda,wgpu") picks its runtimes; TEST_FILTER (say
@@ -9,7 +9,8 @@
 # Logs and results go under $OUT.
 set -uo pipefail
 what="${1:-all}"
-bundle=gpu-bundle
+# The bundle this script sits in: gpu-bundle/ (WGSL) or gpu-bundle-spirv/.
+bundle="$(basename "$(dirname "$0")")"
 out="${OUT:-/tmp/lightning-out}"
 mkdir -p "$out"
 if [ "$what" = burn ]; then
@@ -28,9 +29,7 @@ ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
     for rt in ${RUNTIMES:-cuda wgpu}; do
-        bf16=0
-        [ "$rt" = cuda ] && bf16=1
-        LIGHTNING_ATTENTION_RUNTIME=$rt LIGHTNING_ATTENTION_TEST_BF16=$bf16 \
+        LIGHTNING_ATTENTION_RUNTIME=$rt \
             "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-$rt.log" 2>&1
         echo "== $rt tests: exit $?"
         grep -E "^test result|FAILED|panicked" "$out/tests-$rt.log" | head -20

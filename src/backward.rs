@@ -29,11 +29,12 @@
 use cubecl::prelude::*;
 
 use crate::backward_launch::{BackwardLaunch, BackwardPlan};
+use crate::bf16_words;
 use crate::launch::{CallLaunch, Layout, Stage, Variant};
 use crate::plan::{DeviceLimits, DiagRoutine, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DType, DeviceTensor, LightningError, Precision, PrefillConfig, Result};
 
 /// The arguments of a backward pass: the forward's inputs and the upstream gradients.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +98,9 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             dtype: shape.dtype,
             runtime: client.name(),
         });
+    }
+    if bf16_words::words(shape.dtype, client) {
+        return backward_widened(client, inputs, config);
     }
     let scale = config.scale.unwrap_or(1.0);
     if scale == 0.0 {
@@ -254,4 +258,43 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         None,
     );
     Ok(grads)
+}
+
+/// bf16 on a runtime without bf16 (see `crate::bf16_words`): the f32 backward
+/// on widened copies of q, k, v and d_out with [`Precision::Rounded`] (the
+/// copies are bf16 values, so bf16 products of them are exact), its gradients
+/// rounded back to bf16.
+fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
+    let elements = [
+        ("q", inputs.q),
+        ("k", inputs.k),
+        ("v", inputs.v),
+        ("d_out", inputs.d_out),
+    ]
+    .map(|(name, t)| (name, t.num_elements()));
+    bf16_words::check_copies(client, DType::BF16, &elements)?;
+    let [q, k, v, d_out] =
+        [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| bf16_words::widened(client, t));
+    let wide = backward(
+        client,
+        &BackwardInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            d_out: &d_out,
+            ..*inputs
+        },
+        &config.with_precision(Precision::Rounded),
+    )?;
+    let narrowed = |g: &DeviceTensor| {
+        let t = DeviceTensor::empty(client, &g.shape, DType::BF16);
+        bf16_words::narrow_into(client, g, &t);
+        t
+    };
+    Ok(Gradients {
+        dq: narrowed(&wide.dq),
+        dk: narrowed(&wide.dk),
+        dv: narrowed(&wide.dv),
+        d_initial_state: wide.d_initial_state,
+    })
 }

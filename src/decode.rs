@@ -78,6 +78,31 @@ fn launch_planned(
     plan: DecodePlan,
     out: &DeviceTensor,
 ) -> Result<()> {
+    check_out(out, &shape)?;
+    let slots = upload(client, inputs.slots);
+    // Bound for the kernel's packed mode, which a dense step does not use.
+    let unused_tokens = upload::<u32>(client, &[]);
+    let scale = inputs.scale.unwrap_or(1.0);
+    let tensors = [inputs.q, inputs.k, inputs.v, inputs.slopes];
+    let (heads, d, e) = (shape.heads, shape.key_dim, shape.value_dim);
+    launch_decode(
+        client,
+        &plan,
+        tensors,
+        &[(inputs.cache, &slots)],
+        &unused_tokens,
+        false,
+        out,
+        heads,
+        scale,
+        d,
+        e,
+    );
+    Ok(())
+}
+
+/// Checks `out` `[b, h, 1, e]` (dtype of q) against a validated step.
+pub(crate) fn check_out(out: &DeviceTensor, shape: &DecodeShape) -> Result<()> {
     check_tensor(
         out,
         "out",
@@ -90,26 +115,5 @@ fn launch_planned(
         "out",
         &[shape.batch, shape.heads, 1, shape.value_dim],
         "[b, h, 1, e]",
-    )?;
-    let slots = upload(client, inputs.slots);
-    // Bound for the kernel's packed mode, which a dense step does not use.
-    let unused_tokens = upload::<u32>(client, &[]);
-    let scale = inputs.scale.unwrap_or(1.0);
-    let tensors = [inputs.q, inputs.k, inputs.v, inputs.slopes];
-    let (heads, d, e) = (shape.heads, shape.key_dim, shape.value_dim);
-    launch_decode(
-        client,
-        &plan,
-        tensors,
-        &slots,
-        &unused_tokens,
-        false,
-        inputs.cache,
-        out,
-        heads,
-        scale,
-        d,
-        e,
-    );
-    Ok(())
+    )
 }

@@ -23,15 +23,38 @@ impl DType {
         }
     }
 
-    /// Whether `client`'s runtime can hold this type in buffers and convert it
-    /// to and from f32, which is all the kernels ask of it (they compute in f32).
+    /// Whether `client`'s runtime takes this dtype. f32 and f16 need buffers of
+    /// the type and conversion to and from f32, which is all the kernels ask
+    /// of them (they compute in f32). bf16 runs on every runtime: natively
+    /// where the runtime computes with it ([`DType::is_native`]), elsewhere
+    /// as 32-bit words widened to f32 in a kernel and rounded back to nearest
+    /// even (`kernels::bf16_words`).
     pub fn is_supported(self, client: &Client) -> bool {
+        match self {
+            DType::BF16 => {
+                self.is_native(client) || <u32 as Scalar>::supported_uses(client).contains(TypeUsage::Buffer)
+            }
+            _ => self.is_native(client),
+        }
+    }
+
+    /// Whether `client`'s kernels take this dtype as a type of their own: f32
+    /// and f16 wherever the runtime holds and converts them; bf16 only where the
+    /// runtime also computes with it (CUDA). WGSL has no bf16, and SPIR-V
+    /// offers it for storage and conversion only, where kernels using it
+    /// failed to compile (`../shared/TOOLCHAIN.md`): there bf16 travels as
+    /// words instead.
+    pub fn is_native(self, client: &Client) -> bool {
         let uses = match self {
             DType::F32 => <f32 as Scalar>::supported_uses(client),
             DType::F16 => <half::f16 as Scalar>::supported_uses(client),
             DType::BF16 => <half::bf16 as Scalar>::supported_uses(client),
         };
-        uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion)
+        let holds = uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion);
+        match self {
+            DType::BF16 => holds && uses.contains(TypeUsage::Arithmetic),
+            _ => holds,
+        }
     }
 }
 

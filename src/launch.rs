@@ -10,6 +10,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
+use crate::bf16_words;
 use crate::plan::{
     CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan, Products,
 };
@@ -27,6 +28,9 @@ pub(crate) enum Stage {
     NonDiag,
     KvSnapshot,
     Decode,
+    /// bf16 tensors widened from words before the launches, or the output
+    /// rounded back after them (runtimes without bf16, see `crate::bf16_words`).
+    Bf16Words,
 }
 
 /// How rows of q, k, v and out step (see `kernels::layout`).
@@ -131,13 +135,46 @@ impl CallLaunch<'_> {
     /// Operands are staged as the plan's [`Products`] say: bf16 parts for f32
     /// inputs on tensor cores, else the input dtype.
     pub fn run(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
-        let on_bf16 = matches!(self.plan.products, Products::SplitBf16 | Products::RoundedBf16);
         match self.q.dtype {
-            DType::F32 if on_bf16 => self.run_typed::<f32, half::bf16>(hook),
-            DType::F32 => self.run_typed::<f32, f32>(hook),
+            DType::BF16 if self.plan.bf16_words => self.run_widened(hook),
+            DType::F32 => self.run_f32(hook),
             DType::F16 => self.run_typed::<half::f16, half::f16>(hook),
             DType::BF16 => self.run_typed::<half::bf16, half::bf16>(hook),
         }
+    }
+
+    /// f32 inputs, staged as bf16 parts where the plan puts them on tensor cores.
+    fn run_f32(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+        if matches!(self.plan.products, Products::SplitBf16 | Products::RoundedBf16) {
+            self.run_typed::<f32, half::bf16>(hook);
+        } else {
+            self.run_typed::<f32, f32>(hook);
+        }
+    }
+
+    /// bf16 on a runtime without bf16: q, k, v widened to f32 copies, the f32
+    /// launches the plan holds (see [`PrefillPlan::bf16_words`]) into an f32
+    /// output, rounded back into `out`.
+    fn run_widened(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
+        let client = self.client;
+        let copy = |t: &DeviceTensor| DeviceTensor::empty(client, &t.shape, DType::F32);
+        let (q, k, v, out) = (copy(self.q), copy(self.k), copy(self.v), copy(self.out));
+        hook(Stage::Bf16Words, &|| {
+            for (words, wide) in [(self.q, &q), (self.k, &k), (self.v, &v)] {
+                bf16_words::widen_into(client, words, wide);
+            }
+        });
+        CallLaunch {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &out,
+            ..*self
+        }
+        .run_f32(hook);
+        hook(Stage::Bf16Words, &|| {
+            bf16_words::narrow_into(client, &out, self.out)
+        });
     }
 
     /// The launches for inputs of `F`, staged on tensor cores as `M`.
@@ -325,10 +362,9 @@ impl CallLaunch<'_> {
                     client,
                     decode,
                     [q, k, v, slopes],
-                    &table.decode_slots,
+                    &[(self.states, &table.decode_slots)],
                     &table.decode_tokens,
                     true,
-                    self.states,
                     out,
                     self.heads,
                     scale,
@@ -480,27 +516,50 @@ impl CallLaunch<'_> {
     }
 }
 
-/// Launches the decode kernel. With `indexed`, entry `b` is packed token
-/// `tokens[b]`; without, rows are dense `[b, h, ...]` and `tokens` (bound,
-/// never read) may be any buffer other than `slots`: wgpu refuses one buffer
-/// bound twice in a dispatch.
+/// Launches the decode kernel, once per part of the cache: `caches` pairs
+/// each part `[slots, h, d, e]` with the slot of every entry in it (-1 padding,
+/// written as zeros by exactly one part's launch; below -1, an entry another
+/// part serves). With `indexed`, entry `b` is packed token `tokens[b]`;
+/// without, rows are dense `[b, h, ...]` and `tokens` (bound, never read) may
+/// be any buffer other than the slots: wgpu refuses one buffer bound twice in
+/// a dispatch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode(
     client: &Client,
     plan: &DecodePlan,
     [q, k, v, slopes]: [&DeviceTensor; 4],
-    slots: &IndexBuffer,
+    caches: &[(&DeviceTensor, &IndexBuffer)],
     tokens: &IndexBuffer,
     indexed: bool,
-    cache: &DeviceTensor,
     out: &DeviceTensor,
     heads: usize,
     scale: f32,
     key_dim: usize,
     value_dim: usize,
 ) {
+    if bf16_words::words(q.dtype, client) {
+        // bf16 on a runtime without bf16: the f32 kernel on widened copies,
+        // every part into one f32 output, rounded back once.
+        let [q, k, v] = [q, k, v].map(|t| bf16_words::widened(client, t));
+        let wide_out = DeviceTensor::empty(client, &out.shape, DType::F32);
+        launch_decode(
+            client,
+            plan,
+            [&q, &k, &v, slopes],
+            caches,
+            tokens,
+            indexed,
+            &wide_out,
+            heads,
+            scale,
+            key_dim,
+            value_dim,
+        );
+        bf16_words::narrow_into(client, &wide_out, out);
+        return;
+    }
     macro_rules! launch {
-        ($f:ty) => {
+        ($f:ty, $cache:expr, $slots:expr) => {
             // SAFETY: shapes, slots, tokens and the grid were validated and planned.
             unsafe {
                 kernels::decode::decode::launch_unchecked::<$f>(
@@ -512,9 +571,9 @@ pub(crate) fn launch_decode(
                     arg(k),
                     arg(v),
                     arg(slopes),
-                    slots.arg(),
+                    $slots.arg(),
                     tokens.arg(),
-                    arg(cache),
+                    arg($cache),
                     arg(out),
                     heads as u32,
                     scale,
@@ -528,10 +587,12 @@ pub(crate) fn launch_decode(
             }
         };
     }
-    // The kernel's element type is the dtype of q (validated equal to k, v, out).
-    match q.dtype {
-        DType::F32 => launch!(f32),
-        DType::F16 => launch!(half::f16),
-        DType::BF16 => launch!(half::bf16),
+    for &(cache, slots) in caches {
+        // The kernel's element type is the dtype of q (validated equal to k, v, out).
+        match q.dtype {
+            DType::F32 => launch!(f32, cache, slots),
+            DType::F16 => launch!(half::f16, cache, slots),
+            DType::BF16 => launch!(half::bf16, cache, slots),
+        }
     }
 }

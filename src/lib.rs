@@ -20,6 +20,7 @@
 
 mod backward;
 mod backward_launch;
+mod bf16_words;
 #[cfg(feature = "burn")]
 pub mod burn;
 mod chunk_launch;
@@ -36,6 +37,7 @@ mod sequences;
 mod serving;
 pub mod shapes;
 pub mod slopes;
+mod split_cache;
 mod tensor;
 mod varlen;
 mod varlen_checks;
@@ -49,6 +51,7 @@ pub use prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
 };
 pub use serving::{BackendConfig, LightningBackend};
+pub use split_cache::{SplitCache, decode_split, decode_split_into};
 pub use tensor::DeviceTensor;
 pub use varlen::{Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into};
 pub use varlen_checks::VarlenShape;

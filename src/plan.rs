@@ -50,6 +50,10 @@ pub struct DeviceLimits {
     /// Multiprocessors (SMs), where the runtime reports them: the
     /// chunk-recurrent routine narrows its tiles until its walks fill them.
     pub multiprocessors: Option<u32>,
+    /// The runtime has no bf16 type of its own (WGSL, SPIR-V): bf16 tensors
+    /// are widened to f32 from their 32-bit words and rounded back (see
+    /// [`crate::DType::is_native`]).
+    pub bf16_words: bool,
 }
 
 /// Which input dtypes a device multiplies on tensor cores (a 16 x 16 x 16
@@ -175,6 +179,7 @@ impl DeviceLimits {
             tensor_cores: TensorCores::of(client),
             decode_rows_in_flight: decode_rows_in_flight(client),
             multiprocessors: hw.num_streaming_multiprocessors,
+            bf16_words: !DType::BF16.is_native(client),
         }
     }
 }
@@ -515,6 +520,11 @@ pub struct PrefillPlan {
     /// whether the config's [`Precision`] runs on tensor cores or falls back
     /// to the portable routines ([`Products::Portable`]) on this device.
     pub products: Products,
+    /// bf16 inputs on a runtime without bf16 ([`DeviceLimits::bf16_words`]):
+    /// the launches widen q, k, v to f32 first, run the f32 plan with
+    /// [`Precision::Rounded`] (bf16 products on tensor cores, exact for these
+    /// values; f32 without them) and round the output back.
+    pub bf16_words: bool,
 }
 
 /// The vector the tensor-core routines run with: 8 scalars, 16 bytes of
@@ -555,6 +565,19 @@ impl PrefillPlan {
     /// Plans a validated prefill on a device with `limits`.
     pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
+        if work.dtype == DType::BF16 && limits.bf16_words {
+            let widened = PrefillWork {
+                dtype: DType::F32,
+                ..*work
+            };
+            // The widened values are bf16 already: rounding them to bf16 parts
+            // (tensor cores) is exact, and without tensor cores this is plain f32.
+            let plan = Self::new(&widened, &config.with_precision(Precision::Rounded), limits)?;
+            return Ok(Self {
+                bf16_words: true,
+                ..plan
+            });
+        }
         let (cb, e, d) = (config.sub_block, work.value_dim, work.key_dim);
         let heads = count(work.heads);
         let units = TARGET_UNITS.min(limits.max_units);
@@ -690,6 +713,7 @@ impl PrefillPlan {
             kv_snapshot,
             chunk_state,
             products,
+            bf16_words: false,
         })
     }
 }

@@ -16,6 +16,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::bf16_words;
 use crate::launch::{CallLaunch, Layout, Variant};
 use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
 use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
@@ -90,6 +91,16 @@ impl PlannedBatch {
                 runtime: client.name(),
             });
         }
+        let rows = shape.total_tokens * shape.heads;
+        bf16_words::check_copies(
+            client,
+            shape.dtype,
+            &[
+                ("q", rows * shape.key_dim),
+                ("k", rows * shape.key_dim),
+                ("v", rows * shape.value_dim),
+            ],
+        )?;
         let sequences = check_offsets(batch.cu_seqlens, shape.total_tokens)?;
         shape.sequences = sequences;
         check_len("slots", batch.slots.len(), sequences)?;

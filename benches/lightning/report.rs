@@ -59,26 +59,32 @@ impl Row {
     }
 
     /// "diag / kv-parallel / kv-reduce / non-diag" in ms, or "diag / chunk
-    /// state / non-diag" where the chunk-recurrent routine ran.
+    /// state / non-diag" where the chunk-recurrent routine ran, with the bf16
+    /// conversions where the runtime has no bf16.
     pub fn stages_label(&self) -> String {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         self.stages
             .map(|s| {
-                if !s.chunk_state.is_zero() {
-                    return format!(
+                let kernels = if s.chunk_state.is_zero() {
+                    format!(
+                        "{:.2} / {:.2} / {:.2} / {:.2}",
+                        ms(s.diag),
+                        ms(s.kv_parallel),
+                        ms(s.kv_reduce),
+                        ms(s.non_diag)
+                    )
+                } else {
+                    format!(
                         "{:.2} / chunk {:.2} / {:.2}",
                         ms(s.diag),
                         ms(s.chunk_state),
                         ms(s.non_diag)
-                    );
+                    )
+                };
+                if s.bf16_words.is_zero() {
+                    kernels
+                } else {
+                    format!("{kernels} + bf16 words {:.2}", ms(s.bf16_words))
                 }
-                format!(
-                    "{:.2} / {:.2} / {:.2} / {:.2}",
-                    ms(s.diag),
-                    ms(s.kv_parallel),
-                    ms(s.kv_reduce),
-                    ms(s.non_diag)
-                )
             })
             .unwrap_or("-".into())
     }
@@ -162,4 +168,9 @@ pub fn write(rows: &[Row], dir: &std::path::Path) -> std::io::Result<()> {
     json.push_str("]\n");
     std::fs::write(dir.join("bench.csv"), csv)?;
     std::fs::write(dir.join("bench.json"), json)
+}
+
+/// `d` in milliseconds.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }

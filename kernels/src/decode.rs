@@ -1,8 +1,10 @@
 //! decode: one token per sequence against a slot-indexed f32 state cache, in place.
 //!
 //! For row `b` with slot `slot = slots[b] >= 0` and head `h`:
-//! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = scale * q S`. A negative
-//! slot (padding) leaves the cache untouched and writes zeros to that output row.
+//! `S = exp(-s) S + k^T v` in `cache[slot, h]`, then `o = scale * q S`. Slot -1
+//! (padding) leaves the cache untouched and writes zeros to that output row; a
+//! slot below -1 is an entry this launch does not serve (a cache split over
+//! several buffers takes one launch per buffer): nothing is read or written.
 //!
 //! Rows are dense (`q`, `k` `[b, h, d]`, row `b * h + head`) or, with `indexed`,
 //! picked from a packed `[total_tokens, h, d]` batch: entry `b` is token
@@ -57,12 +59,12 @@ pub fn decode<F: Float, N: Size>(
     let local_col = unit % column_tile;
     let col = CUBE_POS_X as usize * column_tile + local_col;
     let slot = slots[entry];
-    // The slot is the same for the whole cube, so this branch is uniform.
-    if slot < 0 {
+    // The slot is the same for the whole cube, so these branches are uniform.
+    if slot == -1i32 {
         if group == 0 && col < vector_cols {
             out[row * vector_cols + col] = Vector::new(F::cast_from(0.0f32));
         }
-    } else {
+    } else if slot >= 0i32 {
         let mut partial = Shared::<[Vector<f32, N>]>::new_slice(column_tile * row_groups);
         let mut acc = Vector::<f32, N>::new(0.0f32);
         if col < vector_cols {

@@ -20,6 +20,8 @@
 //! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
+//! [`bf16_words`] widens bf16 tensors held as 32-bit words to f32 and rounds
+//! f32 back, for runtimes without a bf16 type (WGSL).
 //!
 //! The backward pass: the gradient of q is a forward pass on other operands;
 //! those of k and v are [`backward_diag`] (their intra-block parts, together)
@@ -40,6 +42,7 @@
 
 pub mod backward_diag;
 pub mod backward_non_diag;
+pub mod bf16_words;
 pub mod chunk_state;
 pub mod decode;
 pub mod diag;

@@ -7,18 +7,18 @@ use proptest::prelude::*;
 use crate::common::*;
 
 #[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    heads: usize,
-    key_dim: usize,
-    value_dim: usize,
-    spare_slots: usize,
-    padding: Vec<bool>,
-    dtype: DType,
-    seed: u64,
+pub struct Case {
+    pub batch: usize,
+    pub heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub spare_slots: usize,
+    pub padding: Vec<bool>,
+    pub dtype: DType,
+    pub seed: u64,
 }
 
-fn case() -> impl Strategy<Value = Case> {
+pub fn case() -> impl Strategy<Value = Case> {
     (
         1usize..=6,
         1usize..=3,

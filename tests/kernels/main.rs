@@ -6,11 +6,13 @@
 //! so an element a kernel forgets to write fails the comparison.
 
 mod backward;
+mod bf16_words;
 mod common;
 mod consistency;
 mod decode;
 mod errors;
 mod prefill;
 mod serving;
+mod split_cache;
 mod varlen;
 mod varlen_errors;

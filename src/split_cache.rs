@@ -1,0 +1,210 @@
+//! A decode state cache split over several buffers.
+//!
+//! wgpu binds at most about 2 GiB per buffer, so one `[slots, h, d, e]` f32
+//! cache holds at most about 500 sequences of h = 64, d = e = 128 there. A
+//! [`SplitCache`] numbers its slots across several buffers (parts), in order;
+//! a decode step against it launches the decode kernel once per part, each
+//! launch serving the entries whose slots lie in its part and skipping the
+//! others (their cubes read and write nothing), so every output row is written
+//! once and every state is read and written once, as with one buffer.
+
+use cubecl::prelude::*;
+
+use crate::decode::check_out;
+use crate::launch::launch_decode;
+use crate::plan::DeviceLimits;
+use crate::sequences::upload;
+use crate::shapes::{check_slots, check_tensor};
+use crate::{DType, DecodeInputs, DeviceTensor, LightningError, PADDING_SLOT, Result};
+
+/// The slot the decode kernel skips: an entry another part's launch serves.
+const SKIPPED_SLOT: i32 = -2;
+
+/// `slots` f32 states `[h, d, e]` in one or more buffers (parts), slot `s`
+/// in the part whose range holds it.
+#[derive(Clone, Debug)]
+pub struct SplitCache {
+    parts: Vec<DeviceTensor>,
+    /// The first slot of each part, and the total after the last.
+    starts: Vec<usize>,
+}
+
+impl SplitCache {
+    /// `slots` zeroed states in as few parts as the device's largest buffer allows.
+    pub fn zeros(
+        client: &Client,
+        slots: usize,
+        heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+    ) -> Result<Self> {
+        let state_bytes = (heads * key_dim * value_dim * 4).max(1) as u64;
+        let per_part = (DeviceLimits::of(client).max_buffer / state_bytes) as usize;
+        if per_part == 0 {
+            return Err(LightningError::DoesNotFit {
+                kernel: "decode state cache",
+                resource: "bytes in one buffer, for one slot's state [h, d, e]",
+                required: state_bytes,
+                available: DeviceLimits::of(client).max_buffer,
+            });
+        }
+        Self::zeros_in_parts(client, slots, per_part, heads, key_dim, value_dim)
+    }
+
+    /// `slots` zeroed states, at most `part_slots` in each part.
+    pub fn zeros_in_parts(
+        client: &Client,
+        slots: usize,
+        part_slots: usize,
+        heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+    ) -> Result<Self> {
+        let part_slots = part_slots.max(1);
+        let parts = (0..slots.div_ceil(part_slots).max(1))
+            .map(|p| {
+                let len = part_slots.min(slots - (p * part_slots).min(slots));
+                DeviceTensor::filled(client, &[len, heads, key_dim, value_dim], DType::F32, 0.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_parts(parts)
+    }
+
+    /// A cache of the caller's parts, each `[slots_i, h, d, e]` f32 with the same
+    /// `h, d, e`; slots are numbered across the parts in order.
+    pub fn from_parts(parts: Vec<DeviceTensor>) -> Result<Self> {
+        const CACHE: &str = "[slots, h, d, e]";
+        let Some(first) = parts.first() else {
+            return Err(LightningError::Shape {
+                tensor: "cache parts",
+                expected: vec![1],
+                layout: "at least one part",
+                actual: vec![0],
+            });
+        };
+        check_tensor(
+            first,
+            "cache part",
+            &["slots", "h", "d", "e"],
+            CACHE,
+            Some(DType::F32),
+        )?;
+        let mut starts = vec![0];
+        for part in &parts {
+            check_tensor(
+                part,
+                "cache part",
+                &["slots", "h", "d", "e"],
+                CACHE,
+                Some(DType::F32),
+            )?;
+            if part.shape[1..] != first.shape[1..] {
+                let mut expected = first.shape.clone();
+                expected[0] = part.shape[0];
+                return Err(LightningError::Shape {
+                    tensor: "cache part",
+                    expected,
+                    layout: "[slots, h, d, e], with the h, d, e of the first part",
+                    actual: part.shape.clone(),
+                });
+            }
+            starts.push(starts.last().copied().unwrap_or(0) + part.shape[0]);
+        }
+        Ok(Self { parts, starts })
+    }
+
+    /// The parts, in slot order.
+    pub fn parts(&self) -> &[DeviceTensor] {
+        &self.parts
+    }
+
+    /// Slots over all parts.
+    pub fn slots(&self) -> usize {
+        self.starts[self.parts.len()]
+    }
+
+    /// The part holding `slot`, and the slot's index in it.
+    pub fn locate(&self, slot: usize) -> Option<(usize, usize)> {
+        let part = self
+            .starts
+            .partition_point(|&start| start <= slot)
+            .checked_sub(1)?;
+        (part < self.parts.len()).then(|| (part, slot - self.starts[part]))
+    }
+
+    /// `slots` as part `part` sees them: its own slots local to it, padding
+    /// for the first part only, every other entry skipped.
+    fn local_slots(&self, part: usize, slots: &[i32]) -> Vec<i32> {
+        slots
+            .iter()
+            .map(|&slot| match slot {
+                PADDING_SLOT if part == 0 => PADDING_SLOT,
+                PADDING_SLOT => SKIPPED_SLOT,
+                slot => match self.locate(slot as usize) {
+                    Some((p, local)) if p == part => local as i32,
+                    _ => SKIPPED_SLOT,
+                },
+            })
+            .collect()
+    }
+}
+
+/// A decode step against a [`SplitCache`]: `inputs` as for [`crate::decode`],
+/// with `inputs.cache` ignored (any tensor: the cache is `cache`), returning the
+/// output `[b, h, 1, e]`; the cache is updated in place.
+pub fn decode_split(client: &Client, inputs: &DecodeInputs, cache: &SplitCache) -> Result<DeviceTensor> {
+    let first = &cache.parts[0];
+    let out = DeviceTensor::empty(
+        client,
+        &[inputs.slots.len(), first.shape[1], 1, first.shape[3]],
+        inputs.q.dtype,
+    );
+    decode_split_into(client, inputs, cache, &out)?;
+    Ok(out)
+}
+
+/// [`decode_split`] into caller-owned `out` `[b, h, 1, e]` (dtype of q).
+pub fn decode_split_into(
+    client: &Client,
+    inputs: &DecodeInputs,
+    cache: &SplitCache,
+    out: &DeviceTensor,
+) -> Result<()> {
+    check_slots(inputs.slots, cache.slots())?;
+    // Validated and planned against the first part, with the entries of the
+    // others as padding (the parts share h, d, e).
+    let first_slots: Vec<i32> = cache
+        .local_slots(0, inputs.slots)
+        .into_iter()
+        .map(|slot| slot.max(PADDING_SLOT))
+        .collect();
+    let first = DecodeInputs {
+        cache: &cache.parts[0],
+        slots: &first_slots,
+        ..*inputs
+    };
+    // `from_parts` checked the other parts against the first; the plan does
+    // not depend on the number of slots.
+    let (shape, plan) = crate::plan_decode_step(client, &first)?;
+    check_out(out, &shape)?;
+    let slots: Vec<_> = (0..cache.parts.len())
+        .map(|part| upload(client, &cache.local_slots(part, inputs.slots)))
+        .collect();
+    let caches: Vec<_> = cache.parts.iter().zip(&slots).collect();
+    // Bound for the kernel's packed mode, which a dense step does not use.
+    let unused_tokens = upload::<u32>(client, &[]);
+    launch_decode(
+        client,
+        &plan,
+        [inputs.q, inputs.k, inputs.v, inputs.slopes],
+        &caches,
+        &unused_tokens,
+        false,
+        out,
+        shape.heads,
+        inputs.scale.unwrap_or(1.0),
+        shape.key_dim,
+        shape.value_dim,
+    );
+    Ok(())
+}
