@@ -29,12 +29,12 @@
 use cubecl::prelude::*;
 
 use crate::backward_launch::{BackwardLaunch, BackwardPlan};
-use crate::bf16_words;
 use crate::launch::{CallLaunch, Layout, Stage, Variant};
 use crate::plan::{DeviceLimits, DiagRoutine, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
-use crate::{DType, DeviceTensor, LightningError, Precision, PrefillConfig, Result};
+use crate::widen;
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// The arguments of a backward pass: the forward's inputs and the upstream gradients.
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +99,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             runtime: client.name(),
         });
     }
-    if bf16_words::words(shape.dtype, client) {
+    if widen::widens(shape.dtype, config, &DeviceLimits::of(client)) {
         return backward_widened(client, inputs, config);
     }
     let scale = config.scale.unwrap_or(1.0);
@@ -260,10 +260,9 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     Ok(grads)
 }
 
-/// bf16 on a runtime without bf16 (see `crate::bf16_words`): the f32 backward
-/// on widened copies of q, k, v and d_out with [`Precision::Rounded`] (the
-/// copies are bf16 values, so bf16 products of them are exact), its gradients
-/// rounded back to bf16.
+/// 16-bit inputs on f32 copies (see `crate::widen`): the f32 backward on
+/// widened copies of q, k, v and d_out, its gradients rounded back to the
+/// input dtype.
 fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
     let elements = [
         ("q", inputs.q),
@@ -272,9 +271,9 @@ fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillCo
         ("d_out", inputs.d_out),
     ]
     .map(|(name, t)| (name, t.num_elements()));
-    bf16_words::check_copies(client, DType::BF16, &elements)?;
-    let [q, k, v, d_out] =
-        [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| bf16_words::widened(client, t));
+    let dtype = inputs.q.dtype;
+    widen::check_copies(client, dtype, config, &elements)?;
+    let [q, k, v, d_out] = [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| widen::widened(client, t));
     let wide = backward(
         client,
         &BackwardInputs {
@@ -284,11 +283,11 @@ fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillCo
             d_out: &d_out,
             ..*inputs
         },
-        &config.with_precision(Precision::Rounded),
+        &config.with_precision(widen::copies_precision(dtype)),
     )?;
     let narrowed = |g: &DeviceTensor| {
-        let t = DeviceTensor::empty(client, &g.shape, DType::BF16);
-        bf16_words::narrow_into(client, g, &t);
+        let t = DeviceTensor::empty(client, &g.shape, dtype);
+        widen::narrow_into(client, g, &t);
         t
     };
     Ok(Gradients {

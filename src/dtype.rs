@@ -28,7 +28,7 @@ impl DType {
     /// of them (they compute in f32). bf16 runs on every runtime: natively
     /// where the runtime computes with it ([`DType::is_native`]), elsewhere
     /// as 32-bit words widened to f32 in a kernel and rounded back to nearest
-    /// even (`kernels::bf16_words`).
+    /// even (`kernels::widen`).
     pub fn is_supported(self, client: &Client) -> bool {
         match self {
             DType::BF16 => {

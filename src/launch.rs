@@ -10,11 +10,11 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::bf16_words;
 use crate::plan::{
     CMMA_VECTOR, DecodePlan, DiagRoutine, KvParallelRoutine, LaunchDims, PrefillPlan, Products,
 };
 use crate::sequences::{DeviceTable, IndexBuffer};
+use crate::widen;
 use crate::{DType, DeviceTensor, PrefillConfig};
 
 /// The kernels of a call, in launch order.
@@ -28,9 +28,9 @@ pub(crate) enum Stage {
     NonDiag,
     KvSnapshot,
     Decode,
-    /// bf16 tensors widened from words before the launches, or the output
-    /// rounded back after them (runtimes without bf16, see `crate::bf16_words`).
-    Bf16Words,
+    /// 16-bit inputs widened to f32 copies before the launches, or the output
+    /// rounded back after them (see `crate::widen`).
+    Widen,
 }
 
 /// How rows of q, k, v and out step (see `kernels::layout`).
@@ -136,8 +136,8 @@ impl CallLaunch<'_> {
     /// inputs on tensor cores, else the input dtype.
     pub fn run(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
         match self.q.dtype {
-            DType::BF16 if self.plan.bf16_words => self.run_widened(hook),
             DType::F32 => self.run_f32(hook),
+            _ if self.plan.widened => self.run_widened(hook),
             DType::F16 => self.run_typed::<half::f16, half::f16>(hook),
             DType::BF16 => self.run_typed::<half::bf16, half::bf16>(hook),
         }
@@ -152,16 +152,16 @@ impl CallLaunch<'_> {
         }
     }
 
-    /// bf16 on a runtime without bf16: q, k, v widened to f32 copies, the f32
-    /// launches the plan holds (see [`PrefillPlan::bf16_words`]) into an f32
-    /// output, rounded back into `out`.
+    /// 16-bit inputs on f32 copies: q, k, v widened, the f32 launches the plan
+    /// holds (see [`PrefillPlan::widened`]) into an f32 output, rounded back
+    /// into `out`.
     fn run_widened(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
         let client = self.client;
         let copy = |t: &DeviceTensor| DeviceTensor::empty(client, &t.shape, DType::F32);
         let (q, k, v, out) = (copy(self.q), copy(self.k), copy(self.v), copy(self.out));
-        hook(Stage::Bf16Words, &|| {
-            for (words, wide) in [(self.q, &q), (self.k, &k), (self.v, &v)] {
-                bf16_words::widen_into(client, words, wide);
+        hook(Stage::Widen, &|| {
+            for (narrow, wide) in [(self.q, &q), (self.k, &k), (self.v, &v)] {
+                widen::widen_into(client, narrow, wide);
             }
         });
         CallLaunch {
@@ -172,9 +172,7 @@ impl CallLaunch<'_> {
             ..*self
         }
         .run_f32(hook);
-        hook(Stage::Bf16Words, &|| {
-            bf16_words::narrow_into(client, &out, self.out)
-        });
+        hook(Stage::Widen, &|| widen::narrow_into(client, &out, self.out));
     }
 
     /// The launches for inputs of `F`, staged on tensor cores as `M`.
@@ -537,10 +535,10 @@ pub(crate) fn launch_decode(
     key_dim: usize,
     value_dim: usize,
 ) {
-    if bf16_words::words(q.dtype, client) {
+    if widen::words(q.dtype, client) {
         // bf16 on a runtime without bf16: the f32 kernel on widened copies,
         // every part into one f32 output, rounded back once.
-        let [q, k, v] = [q, k, v].map(|t| bf16_words::widened(client, t));
+        let [q, k, v] = [q, k, v].map(|t| widen::widened(client, t));
         let wide_out = DeviceTensor::empty(client, &out.shape, DType::F32);
         launch_decode(
             client,
@@ -555,7 +553,7 @@ pub(crate) fn launch_decode(
             key_dim,
             value_dim,
         );
-        bf16_words::narrow_into(client, &wide_out, out);
+        widen::narrow_into(client, &wide_out, out);
         return;
     }
     macro_rules! launch {

@@ -9,6 +9,8 @@
 //! call, and [`LightningBackend`] is the per-model object a serving engine
 //! holds (per-layer slopes and caches, per-step metadata, graph-capturable
 //! decode steps).
+//! [`decode_split_into`] decodes against a [`SplitCache`], a state cache held
+//! in several buffers (wgpu binds at most about 2 GiB in one).
 //! Every call validates its arguments and plans its launches against the
 //! device's reported limits first, and returns a [`LightningError`] for
 //! anything it cannot run.
@@ -20,7 +22,6 @@
 
 mod backward;
 mod backward_launch;
-mod bf16_words;
 #[cfg(feature = "burn")]
 pub mod burn;
 mod chunk_launch;
@@ -41,6 +42,7 @@ mod split_cache;
 mod tensor;
 mod varlen;
 mod varlen_checks;
+mod widen;
 
 pub use backward::{BackwardInputs, Gradients, backward};
 pub use config::{Precision, PrefillConfig, Routines};

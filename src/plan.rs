@@ -11,6 +11,7 @@ use crate::config::check_scale;
 use crate::shapes::{
     DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
 };
+use crate::widen;
 use crate::{DType, LightningError, Precision, PrefillConfig, Result, Routines};
 
 /// Units per cube the portable routines aim for.
@@ -520,11 +521,13 @@ pub struct PrefillPlan {
     /// whether the config's [`Precision`] runs on tensor cores or falls back
     /// to the portable routines ([`Products::Portable`]) on this device.
     pub products: Products,
-    /// bf16 inputs on a runtime without bf16 ([`DeviceLimits::bf16_words`]):
-    /// the launches widen q, k, v to f32 first, run the f32 plan with
-    /// [`Precision::Rounded`] (bf16 products on tensor cores, exact for these
-    /// values; f32 without them) and round the output back.
-    pub bf16_words: bool,
+    /// 16-bit inputs run on f32 copies: bf16 on a runtime without bf16
+    /// ([`DeviceLimits::bf16_words`]), or any 16-bit dtype whose products run
+    /// portable ([`Products::Portable`]). The launches widen q, k, v to f32
+    /// first, run this f32 plan (made with [`Precision::Rounded`] for bf16
+    /// values, whose bf16 parts are exact, and [`Precision::Exact`] for f16)
+    /// and round the output back.
+    pub widened: bool,
 }
 
 /// The vector the tensor-core routines run with: 8 scalars, 16 bytes of
@@ -565,16 +568,15 @@ impl PrefillPlan {
     /// Plans a validated prefill on a device with `limits`.
     pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
-        if work.dtype == DType::BF16 && limits.bf16_words {
-            let widened = PrefillWork {
+        if widen::widens(work.dtype, config, limits) {
+            let copies = PrefillWork {
                 dtype: DType::F32,
                 ..*work
             };
-            // The widened values are bf16 already: rounding them to bf16 parts
-            // (tensor cores) is exact, and without tensor cores this is plain f32.
-            let plan = Self::new(&widened, &config.with_precision(Precision::Rounded), limits)?;
+            let precision = widen::copies_precision(work.dtype);
+            let plan = Self::new(&copies, &config.with_precision(precision), limits)?;
             return Ok(Self {
-                bf16_words: true,
+                widened: true,
                 ..plan
             });
         }
@@ -713,7 +715,7 @@ impl PrefillPlan {
             kv_snapshot,
             chunk_state,
             products,
-            bf16_words: false,
+            widened: false,
         })
     }
 }

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use cubecl::prelude::*;
 
-use crate::bf16_words;
 use crate::launch::{CallLaunch, Layout, Stage, Variant};
 use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
+use crate::widen;
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// The arguments of a prefill.
@@ -51,7 +51,7 @@ pub fn plan_prefill(
     }
     let elements =
         [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)].map(|(name, t)| (name, t.num_elements()));
-    bf16_words::check_copies(client, shape.dtype, &elements)?;
+    widen::check_copies(client, shape.dtype, config, &elements)?;
     let plan = PrefillPlan::new(
         &PrefillWork::dense(&shape, config),
         config,
@@ -107,15 +107,15 @@ pub struct StageTimes {
     /// The chunk-recurrent state pass; zero where kv-parallel and kv-reduce
     /// ran instead (and they are zero where it ran).
     pub chunk_state: Duration,
-    /// bf16 on a runtime without bf16: widening q, k, v to f32 and rounding
-    /// the output back (zero elsewhere).
-    pub bf16_words: Duration,
+    /// 16-bit inputs on f32 copies (bf16 without a bf16 type, or portable
+    /// products): widening q, k, v and rounding the output back; zero elsewhere.
+    pub widening: Duration,
 }
 
 impl StageTimes {
     /// The stages together.
     pub fn total(&self) -> Duration {
-        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag + self.chunk_state + self.bf16_words
+        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag + self.chunk_state + self.widening
     }
 }
 
@@ -143,7 +143,7 @@ pub fn profile_prefill_into(
                 Stage::KvReduce => times.kv_reduce = time,
                 Stage::ChunkState => times.chunk_state = time,
                 Stage::NonDiag => times.non_diag = time,
-                Stage::Bf16Words => times.bf16_words += time,
+                Stage::Widen => times.widening += time,
                 // A dense prefill takes no snapshot and routes nothing to decode.
                 Stage::KvSnapshot | Stage::Decode => {}
             },

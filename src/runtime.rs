@@ -45,13 +45,29 @@ pub fn best_client() -> Client {
     best_device().unwrap_or_else(|e| panic!("{e}")).client()
 }
 
-/// A short description of the client's runtime and limits, for logs.
+/// A short description of the client's runtime and limits, for logs: shared
+/// memory, units per cube, plane size, the tensor cores it reports and how it
+/// takes bf16.
 pub fn describe(client: &Client) -> String {
     let hw = &client.properties().hardware;
+    let cores = crate::plan::TensorCores::of(client);
+    let cores = match (cores.f16, cores.bf16) {
+        (true, true) => "f16 and bf16",
+        (true, false) => "f16",
+        (false, true) => "bf16",
+        (false, false) => "none",
+    };
+    let bf16 = if crate::DType::BF16.is_native(client) {
+        "native"
+    } else {
+        "as words"
+    };
     format!(
-        "{} (shared memory {} KiB, {} units per cube)",
+        "{} (shared memory {} KiB, {} units per cube, planes of {}-{}, tensor cores: {cores}, bf16 {bf16})",
         client.name(),
         hw.max_shared_memory_size / 1024,
-        hw.max_units_per_cube
+        hw.max_units_per_cube,
+        hw.plane_size_min,
+        hw.plane_size_max,
     )
 }

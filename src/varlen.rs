@@ -16,12 +16,12 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::bf16_words;
 use crate::launch::{CallLaunch, Layout, Variant};
 use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
 use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
+use crate::widen;
 use crate::{DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
@@ -92,9 +92,10 @@ impl PlannedBatch {
             });
         }
         let rows = shape.total_tokens * shape.heads;
-        bf16_words::check_copies(
+        widen::check_copies(
             client,
             shape.dtype,
+            config,
             &[
                 ("q", rows * shape.key_dim),
                 ("k", rows * shape.key_dim),

@@ -80,10 +80,10 @@ impl Row {
                         ms(s.non_diag)
                     )
                 };
-                if s.bf16_words.is_zero() {
+                if s.widening.is_zero() {
                     kernels
                 } else {
-                    format!("{kernels} + bf16 words {:.2}", ms(s.bf16_words))
+                    format!("{kernels} + widening {:.2}", ms(s.widening))
                 }
             })
             .unwrap_or("-".into())

@@ -20,8 +20,8 @@
 //! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
-//! [`bf16_words`] widens bf16 tensors held as 32-bit words to f32 and rounds
-//! f32 back, for runtimes without a bf16 type (WGSL).
+//! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
+//! its 32-bit words where the runtime has no bf16 type) and rounds f32 back.
 //!
 //! The backward pass: the gradient of q is a forward pass on other operands;
 //! those of k and v are [`backward_diag`] (their intra-block parts, together)
@@ -42,7 +42,6 @@
 
 pub mod backward_diag;
 pub mod backward_non_diag;
-pub mod bf16_words;
 pub mod chunk_state;
 pub mod decode;
 pub mod diag;
@@ -55,3 +54,4 @@ pub mod layout;
 pub mod non_diag;
 pub mod staging;
 pub mod tiles;
+pub mod widen;

@@ -6,7 +6,6 @@
 //! so an element a kernel forgets to write fails the comparison.
 
 mod backward;
-mod bf16_words;
 mod common;
 mod consistency;
 mod decode;
@@ -16,3 +15,4 @@ mod serving;
 mod split_cache;
 mod varlen;
 mod varlen_errors;
+mod widen;

@@ -5,7 +5,7 @@
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::{Dims, recurrence};
 use lightning_attention::{DType, DeviceTensor, PrefillConfig, PrefillInputs, prefill_into};
-use lightning_attention_kernels::bf16_words::{narrow_bf16, widen_bf16};
+use lightning_attention_kernels::widen::{narrow_bf16, widen_bf16};
 
 use crate::common::*;
 
@@ -59,7 +59,15 @@ fn widening_is_exact_for_every_bf16() {
     let got = wide.to_f32_vec(&client).unwrap();
     for (i, (&b, g)) in bits.iter().zip(got).enumerate() {
         let want = half::bf16::from_bits(b).to_f32();
-        assert_eq!(g.to_bits(), want.to_bits(), "element {i}: bf16 {b:#06x}");
+        if want.is_nan() {
+            // `half` quiets a signalling NaN; a shift keeps its payload. Both are NaN.
+            assert!(
+                g.is_nan() && g.is_sign_negative() == want.is_sign_negative(),
+                "element {i}: bf16 {b:#06x} gave {g}"
+            );
+        } else {
+            assert_eq!(g.to_bits(), want.to_bits(), "element {i}: bf16 {b:#06x}");
+        }
     }
 }
 

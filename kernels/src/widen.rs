@@ -1,17 +1,23 @@
-//! bf16 tensors as 32-bit words, for runtimes without a bf16 type.
+//! 16-bit inputs widened to f32 before the portable routines, and outputs
+//! rounded back after them.
 //!
-//! WGSL has no 16-bit integer and no bf16; SPIR-V offers bf16 for storage and
-//! conversion only, and a kernel doing bf16 arithmetic there failed to compile
-//! (see `../shared/TOOLCHAIN.md`). A bf16 is the top 16 bits of an f32, so a
-//! buffer of bf16 elements is read here as `u32` words, two elements each (the
+//! Two cases. **bf16 without a bf16 type** (WGSL, SPIR-V): WGSL has no 16-bit
+//! integer and no bf16; SPIR-V offers bf16 for storage and conversion only,
+//! and a kernel doing bf16 arithmetic there failed to compile (see
+//! `../shared/TOOLCHAIN.md`). A bf16 is the top 16 bits of an f32, so a buffer
+//! of bf16 elements is read here as `u32` words, two elements each (the
 //! element at even index `2w` in the low half of word `w`, little-endian as
-//! every GPU runtime stores it), and widened by a shift, exactly. Writing
-//! rounds an f32 to the nearest bf16, ties to even, in integer arithmetic; NaN
-//! stays NaN (a quiet one), overflow goes to infinity as a conversion would.
+//! every GPU runtime stores it), and widened by a shift, exactly
+//! ([`widen_bf16`]). Writing rounds an f32 to the nearest bf16, ties to even,
+//! in integer arithmetic ([`narrow_bf16`]); NaN stays NaN (a quiet one),
+//! overflow goes to infinity as a conversion would. **Any 16-bit type the
+//! runtime holds** ([`widen_cast`], [`narrow_cast`]): a conversion, for the
+//! portable routines, which ran f16 at half their f32 speed under WGSL on an
+//! H200 (SPEED_NOTES.md, variant 16).
 //!
-//! Geometry of both kernels: 1-D, any number of cubes; each unit takes words
-//! `ABSOLUTE_POS, ABSOLUTE_POS + units, ...` (units = all units of the grid),
-//! so a grid of capped size covers a tensor of any length.
+//! Geometry of every kernel here: 1-D, any number of cubes; each unit takes
+//! words (or elements) `ABSOLUTE_POS, ABSOLUTE_POS + units, ...` (units = all
+//! units of the grid), so a grid of capped size covers a tensor of any length.
 
 use cubecl::prelude::*;
 
@@ -70,5 +76,29 @@ pub fn narrow_bf16(src: &[f32], dst: &mut [u32], len: u32) {
         }
         dst[w] = high | low;
         w += units;
+    }
+}
+
+/// `dst[i]` = `src[i]` as f32, for `i < len`.
+#[cube(launch_unchecked)]
+pub fn widen_cast<F: Float>(src: &[F], dst: &mut [f32], len: u32) {
+    let len = len as usize;
+    let units = CUBE_COUNT * CUBE_DIM as usize;
+    let mut i = ABSOLUTE_POS;
+    while i < len {
+        dst[i] = f32::cast_from(src[i]);
+        i += units;
+    }
+}
+
+/// `dst[i]` = `src[i]` converted to `F`, for `i < len`.
+#[cube(launch_unchecked)]
+pub fn narrow_cast<F: Float>(src: &[f32], dst: &mut [F], len: u32) {
+    let len = len as usize;
+    let units = CUBE_COUNT * CUBE_DIM as usize;
+    let mut i = ABSOLUTE_POS;
+    while i < len {
+        dst[i] = F::cast_from(src[i]);
+        i += units;
     }
 }

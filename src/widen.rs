@@ -1,0 +1,159 @@
+//! 16-bit inputs on f32 copies: widen, run the f32 launches, round back.
+//!
+//! Two cases take this path, decided here in one place:
+//! - **bf16 without a bf16 type** (WGSL; SPIR-V, which holds bf16 for storage
+//!   and conversion only): the tensor is bound as the 32-bit words that hold
+//!   its elements in pairs and widened by a shift (`kernels::widen`).
+//! - **16-bit inputs whose products run portable** (no tensor cores for the
+//!   dtype, or `Routines::Portable`): the portable routines compute in f32
+//!   anyway, and under WGSL on an H200 they ran f16 inputs at half their f32
+//!   speed (SPEED_NOTES.md, variant 16), so the inputs are converted once.
+//!
+//! The call then runs its f32 plan on the copies: bf16 values with
+//! `Precision::Rounded` (bf16 parts of bf16 values are exact, on tensor cores
+//! where the device has bf16 ones), f16 values with `Precision::Exact`. The f32
+//! output is rounded to nearest even into the caller's tensor. The copies
+//! cost one read of each input and a write of twice its bytes, plus one pass
+//! over the output, and `4 x` the elements in bytes of device memory; no byte
+//! of the caller's buffers past the tensor is touched. Decode widens only
+//! bf16 without a bf16 type: its q, k, v are small beside the state it
+//! streams, and four more launches would cost more than they save.
+
+use cubecl::prelude::*;
+use lightning_attention_kernels::widen::{narrow_bf16, narrow_cast, widen_bf16, widen_cast};
+
+use crate::plan::{DeviceLimits, Products};
+use crate::{DType, DeviceTensor, LightningError, Precision, PrefillConfig, Result};
+
+/// Units per cube of the conversion kernels.
+const UNITS: u32 = 256;
+/// The most cubes a conversion launches; each unit loops over words beyond.
+const MAX_CUBES: u32 = 8192;
+
+/// Whether `dtype` travels as words on `client` (bf16 where the runtime has
+/// no bf16 of its own).
+pub(crate) fn words(dtype: DType, client: &Client) -> bool {
+    dtype == DType::BF16 && !dtype.is_native(client)
+}
+
+/// Whether a prefill (or backward) of `dtype` inputs with `config` runs on f32
+/// copies on a device with `limits` (the module doc says when).
+pub(crate) fn widens(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
+    match dtype {
+        DType::F32 => false,
+        DType::BF16 if limits.bf16_words => true,
+        dtype => Products::of(dtype, config, limits) == Products::Portable,
+    }
+}
+
+/// The precision the f32 copies of `dtype` inputs run with (the module doc).
+pub(crate) fn copies_precision(dtype: DType) -> Precision {
+    match dtype {
+        DType::BF16 => Precision::Rounded,
+        _ => Precision::Exact,
+    }
+}
+
+/// Checks that the f32 copies of `tensors` (name, elements) of `dtype` fit one
+/// buffer of the device, where a call with `config` takes copies.
+pub(crate) fn check_copies(
+    client: &Client,
+    dtype: DType,
+    config: &PrefillConfig,
+    tensors: &[(&'static str, usize)],
+) -> Result<()> {
+    let limits = DeviceLimits::of(client);
+    if !widens(dtype, config, &limits) {
+        return Ok(());
+    }
+    for &(name, elements) in tensors {
+        let required = elements as u64 * 4;
+        if required > limits.max_buffer {
+            return Err(LightningError::DoesNotFit {
+                kernel: name,
+                resource: "bytes in one buffer, for the f32 copy of this 16-bit tensor",
+                required,
+                available: limits.max_buffer,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Grid of a conversion over `items` words or elements.
+fn dims(client: &Client, items: usize) -> (CubeCount, CubeDim) {
+    let max = client.properties().hardware.max_cube_count.0;
+    let cubes = items
+        .div_ceil(UNITS as usize)
+        .clamp(1, MAX_CUBES.min(max) as usize) as u32;
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(UNITS))
+}
+
+/// The bf16 tensor's words, as a kernel argument.
+fn words_arg(t: &DeviceTensor) -> BufferArg {
+    // SAFETY: a bf16 tensor holds `num_elements * 2` bytes; bindings are
+    // padded to 4 bytes, and the kernels touch only the elements' halves.
+    unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.num_elements().div_ceil(2)) }
+}
+
+/// An f32 copy of the 16-bit tensor `t`.
+pub(crate) fn widened(client: &Client, t: &DeviceTensor) -> DeviceTensor {
+    let wide = DeviceTensor::empty(client, &t.shape, DType::F32);
+    widen_into(client, t, &wide);
+    wide
+}
+
+/// Widens the 16-bit tensor `src` into the f32 tensor `dst` of as many elements.
+pub(crate) fn widen_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor) {
+    let len = src.num_elements();
+    if len == 0 {
+        return;
+    }
+    let dst_arg = crate::launch::arg(dst);
+    // SAFETY (each launch): both buffers hold `len` elements; the kernels
+    // bound every access by `len`.
+    unsafe {
+        if words(src.dtype, client) {
+            let (count, dim) = dims(client, len.div_ceil(2));
+            widen_bf16::launch_unchecked(client, count, dim, words_arg(src), dst_arg, len as u32)
+        } else {
+            let (count, dim) = dims(client, len);
+            let src_arg = crate::launch::arg(src);
+            match src.dtype {
+                DType::F16 => widen_cast::launch_unchecked::<half::f16>(
+                    client, count, dim, src_arg, dst_arg, len as u32,
+                ),
+                _ => widen_cast::launch_unchecked::<half::bf16>(
+                    client, count, dim, src_arg, dst_arg, len as u32,
+                ),
+            }
+        }
+    }
+}
+
+/// Rounds the f32 tensor `src` into the 16-bit tensor `dst` of as many elements.
+pub(crate) fn narrow_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor) {
+    let len = src.num_elements();
+    if len == 0 {
+        return;
+    }
+    let src_arg = crate::launch::arg(src);
+    // SAFETY: as in `widen_into`.
+    unsafe {
+        if words(dst.dtype, client) {
+            let (count, dim) = dims(client, len.div_ceil(2));
+            narrow_bf16::launch_unchecked(client, count, dim, src_arg, words_arg(dst), len as u32)
+        } else {
+            let (count, dim) = dims(client, len);
+            let dst_arg = crate::launch::arg(dst);
+            match dst.dtype {
+                DType::F16 => narrow_cast::launch_unchecked::<half::f16>(
+                    client, count, dim, src_arg, dst_arg, len as u32,
+                ),
+                _ => narrow_cast::launch_unchecked::<half::bf16>(
+                    client, count, dim, src_arg, dst_arg, len as u32,
+                ),
+            }
+        }
+    }
+}
