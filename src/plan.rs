@@ -68,10 +68,20 @@ pub struct TensorCores {
 }
 
 impl TensorCores {
-    /// What `client`'s runtime reports.
+    /// What `client`'s runtime reports, where the tensor-core routines are
+    /// proven: none through wgpu, and none where the runtime cannot move the
+    /// [`CMMA_VECTOR`]-wide vectors they stage with. wgpu's SPIR-V compiler
+    /// reports f16 and bf16 cooperative matrices on the H200's Vulkan, and
+    /// there every tensor-core test returned NaN or errors of 0.1 to 1.7, the
+    /// same in three processes (BENCHMARKS.md, 2026-12-02 run 9), while its
+    /// portable routines pass and run at CUDA's portable speed.
     pub fn of(client: &Client) -> Self {
         use cubecl::ir::{ElemType, FloatKind, features::MmaConfig};
-        let cmma = &client.properties().features.matmul.cmma;
+        let properties = client.properties();
+        if client.name().starts_with("wgpu") || properties.hardware.max_vector_size < CMMA_VECTOR {
+            return Self::default();
+        }
+        let cmma = &properties.features.matmul.cmma;
         let has = |kind: FloatKind| {
             cmma.contains(&MmaConfig {
                 a_type: ElemType::Float(kind),
