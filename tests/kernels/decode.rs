@@ -63,13 +63,7 @@ proptest! {
         let v = rng.values(b * h * e, dtype);
         let slopes = rng.slopes(h);
         let cache = rng.values(num_slots * h * d * e, DType::F32);
-        // A shuffled assignment of distinct slots, some rows padding.
-        let mut order: Vec<i32> = (0..num_slots as i32).collect();
-        for i in (1..order.len()).rev() {
-            let j = ((rng.unit() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
-            order.swap(i, j);
-        }
-        let slots: Vec<i32> = (0..b).map(|i| if case.padding[i] { PADDING_SLOT } else { order[i] }).collect();
+        let slots = shuffled_slots(&mut rng, num_slots, &case.padding);
 
         let q_t = upload(&client, &q, &[b, h, 1, d], dtype);
         let k_t = upload(&client, &k, &[b, h, 1, d], dtype);
@@ -106,4 +100,19 @@ proptest! {
             }
         }
     }
+}
+
+/// A shuffled assignment of distinct slots out of `num_slots`, one per row,
+/// [`PADDING_SLOT`] where `padding` says.
+pub fn shuffled_slots(rng: &mut SeededRng, num_slots: usize, padding: &[bool]) -> Vec<i32> {
+    let mut order: Vec<i32> = (0..num_slots as i32).collect();
+    for i in (1..order.len()).rev() {
+        let j = ((rng.unit() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+        order.swap(i, j);
+    }
+    padding
+        .iter()
+        .zip(order)
+        .map(|(&pad, slot)| if pad { PADDING_SLOT } else { slot })
+        .collect()
 }

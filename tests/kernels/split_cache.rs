@@ -6,7 +6,7 @@ use lightning_attention::{DType, DecodeInputs, PADDING_SLOT, SplitCache, decode_
 use proptest::prelude::*;
 
 use crate::common::*;
-use crate::decode::{Case, case};
+use crate::decode::{Case, case, shuffled_slots};
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(32), failure_persistence: None, ..ProptestConfig::default() })]
@@ -19,12 +19,7 @@ proptest! {
         let mut rng = SeededRng::new(case.seed);
         let slopes = rng.slopes(h);
         let cache = rng.values(num_slots * h * d * e, DType::F32);
-        let mut order: Vec<i32> = (0..num_slots as i32).collect();
-        for i in (1..order.len()).rev() {
-            let j = ((rng.unit() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
-            order.swap(i, j);
-        }
-        let slots: Vec<i32> = (0..b).map(|i| if case.padding[i] { PADDING_SLOT } else { order[i] }).collect();
+        let slots = shuffled_slots(&mut rng, num_slots, &case.padding);
         let state = h * d * e;
         let parts = cache
             .chunks(part_slots * state)
