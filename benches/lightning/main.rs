@@ -17,6 +17,7 @@
 mod accuracy;
 mod backend_decode;
 mod chart;
+mod decode_step;
 mod mixed;
 mod report;
 
@@ -41,7 +42,8 @@ struct Options {
     /// Prefill routines, `--routines auto,portable,chunk` (auto: tensor cores and
     /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
-    /// Which groups of rows run, `--only prefill,decode,training,mixed` (default: all).
+    /// Which groups of rows run, `--only prefill,decode,training,mixed,step`
+    /// (default: all but `step`, the whole decode step of many layers).
     only: Vec<String>,
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
@@ -489,6 +491,25 @@ fn main() {
                     let row = bench_training(&client, &target, shape, dtype, config, &opts, bw);
                     eprintln!("{}", row.line());
                     rows.push(row);
+                }
+            }
+        }
+        // A model's decode step: 70 layers (MiniMax-Text-01's lightning
+        // layers) and a small one, one tensor-parallel rank's heads and all 64.
+        let (step_layers, step_heads, step_batches): (&[usize], &[usize], &[usize]) = if opts.quick {
+            (&[2], &[8], &[1, 16])
+        } else {
+            (&[70, 4], &[8, 64], &[1, 16, 64, 256])
+        };
+        for &layers in step_layers.iter().filter(|_| runs("step")) {
+            for &heads in step_heads {
+                for &batch in step_batches {
+                    for row in
+                        decode_step::bench_decode_step(&client, &target, layers, heads, batch, &opts, bw)
+                    {
+                        eprintln!("{}", row.line());
+                        rows.push(row);
+                    }
                 }
             }
         }

@@ -1,0 +1,108 @@
+//! A whole decode step of a model: `layers` layers of the serving backend's
+//! `forward_decode`, launched layer by layer, and the same step captured once
+//! as a graph and replayed (CUDA graphs on CUDA, cubecl's recorded dispatches
+//! on wgpu), timed per step; the note gives the time per layer. Heads are what
+//! one tensor-parallel rank holds (h = 8 is one rank of 64 heads over 8 GPUs).
+//! The rows that issue 17's goals are stated in.
+
+use lightning_attention::cubecl::prelude::*;
+use lightning_attention::{BackendConfig, DType, DeviceTensor, LightningBackend, PrefillConfig};
+
+use crate::report::Row;
+use crate::{Options, median_time, upload};
+
+/// The step of `layers` layers, `batch` sequences of `heads` heads, d = e =
+/// 128, f32: one row launched layer by layer, one replayed from a graph.
+pub fn bench_decode_step(
+    client: &Client,
+    target: &str,
+    layers: usize,
+    heads: usize,
+    batch: usize,
+    opts: &Options,
+    bw: f64,
+) -> Vec<Row> {
+    let (d, e) = (128, 128);
+    let row = |how: &str| {
+        let mut row = Row::new(target, "decode step", [batch, heads, 1, d], DType::F32);
+        row.op = format!("decode step {layers} layers ({how})");
+        row
+    };
+    let (mut launched, mut replayed) = (row("launches"), row("graph"));
+    let config = BackendConfig {
+        heads,
+        key_dim: d,
+        value_dim: e,
+        // The slope ladder needs two layers at least.
+        layers: layers.max(2),
+        slots: batch,
+        max_batch: batch,
+        tensor_parallel: (0, 1),
+        dtype: DType::F32,
+        prefill: PrefillConfig::default(),
+    };
+    let failed = |mut a: Row, mut b: Row, note: String| {
+        a.note.clone_from(&note);
+        b.note = note;
+        vec![a, b]
+    };
+    let mut backend = match LightningBackend::new(client, config) {
+        Ok(backend) => backend,
+        Err(err) => return failed(launched, replayed, err.to_string()),
+    };
+    let slots: Vec<i32> = (0..batch as i32).rev().collect();
+    if let Err(err) = backend.prepare_decode(&slots) {
+        return failed(launched, replayed, err.to_string());
+    }
+    let q = upload(client, &[batch, heads, d], DType::F32, 4);
+    let k = upload(client, &[batch, heads, d], DType::F32, 5);
+    let v = upload(client, &[batch, heads, e], DType::F32, 6);
+    let outs: Vec<DeviceTensor> = (0..layers)
+        .map(|_| DeviceTensor::empty(client, &[batch, heads, e], DType::F32))
+        .collect();
+    let step = || {
+        for (layer, out) in outs.iter().enumerate() {
+            backend
+                .forward_decode(layer, &q, &k, &v, out)
+                .expect("a prepared decode step");
+        }
+    };
+    if let Err(err) =
+        (0..layers).try_for_each(|layer| backend.forward_decode(layer, &q, &k, &v, &outs[layer]))
+    {
+        return failed(launched, replayed, err.to_string());
+    }
+    let state_bytes = layers * 2 * batch * heads * d * e * 4;
+    let io = state_bytes + layers * batch * heads * (2 * d + 2 * e) * 4;
+    let record = |row: &mut Row, time: std::time::Duration| {
+        row.measured(time, batch, io as f64, bw);
+        row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
+        row.note = format!("{:.2} us per layer", time.as_secs_f64() * 1e6 / layers as f64);
+    };
+    record(&mut launched, median_time(client, opts.reps, step));
+
+    // The same step, recorded once after a warm-up and replayed.
+    let graph = client
+        .graph_prepare()
+        .and_then(|()| {
+            step();
+            client.start_capture()
+        })
+        .and_then(|()| {
+            step();
+            client.stop_capture()
+        });
+    match graph {
+        Ok(graph) => {
+            let time = median_time(client, opts.reps, || {
+                // SAFETY: every buffer the graph recorded (q, k, v, the
+                // outputs, the caches, slopes and slots) lives until this
+                // function returns, and only this client's stream uses them.
+                unsafe { graph.replay() }.expect("replay of a recorded step");
+            });
+            record(&mut replayed, time);
+        }
+        Err(err) => replayed.note = format!("no graph on this runtime: {err}"),
+    }
+    vec![launched, replayed]
+}
