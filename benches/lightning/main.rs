@@ -20,6 +20,7 @@ mod chart;
 mod decode_step;
 mod mixed;
 mod report;
+mod speculative;
 
 use std::time::Duration;
 
@@ -42,8 +43,9 @@ struct Options {
     /// Prefill routines, `--routines auto,portable,chunk` (auto: tensor cores and
     /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
-    /// Which groups of rows run, `--only prefill,decode,training,mixed,step`
-    /// (default: all but `step`, the whole decode step of many layers).
+    /// Which groups of rows run, `--only prefill,decode,training,mixed,step,verify`
+    /// (default: all but `step`, the whole decode step of many layers, and
+    /// `verify`, speculative decoding's verify step against plain steps).
     only: Vec<String>,
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
@@ -511,6 +513,14 @@ fn main() {
                         rows.push(row);
                     }
                 }
+            }
+        }
+        // Speculative decoding: 4 drafts for 64 sequences (4 and 2 with --quick).
+        let (verify_batch, drafts) = if opts.quick { (4, 2) } else { (64, 4) };
+        if runs("verify") {
+            for row in speculative::bench_verify(&client, &target, verify_batch, drafts, &opts, bw) {
+                eprintln!("{}", row.line());
+                rows.push(row);
             }
         }
         for &dtype in opts.dtypes.iter().filter(|_| runs("mixed")) {
