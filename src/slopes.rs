@@ -1,4 +1,7 @@
-//! Per-head decay slopes: MiniMax's ALiBi-style ladder, scaled per layer, sliced per rank.
+//! Per-head decay slopes: MiniMax's ALiBi-style ladder scaled per layer
+//! ([`layer_slopes`], MiniMax-Text-01 and models trained with MiniMax's
+//! code), flash-linear-attention's linear ladder ([`fla_layer_slopes`],
+//! models trained with FLA's `chunk_lightning_attn`), sliced per rank.
 
 use lightning_attention_reference::slopes as formula;
 
@@ -33,6 +36,24 @@ pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32
         )));
     }
     Ok(formula::layer_slopes(heads, layer, layers)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect())
+}
+
+/// flash-linear-attention's slopes of `layer` (0-based) in a model of
+/// `layers` layers: head `h` of `heads` gets `8 h (1 - layer / layers) /
+/// heads` (its `g_gamma` negated), so head 0 does not decay at all.
+pub fn fla_layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32>> {
+    if heads == 0 {
+        return Err(LightningError::Slopes("heads must be at least 1".into()));
+    }
+    if layer >= layers {
+        return Err(LightningError::Slopes(format!(
+            "layer {layer} is not in 0..{layers}"
+        )));
+    }
+    Ok(formula::fla_slopes(heads, layer, layers)
         .into_iter()
         .map(|s| s as f32)
         .collect())

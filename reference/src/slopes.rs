@@ -1,4 +1,5 @@
-//! MiniMax's ALiBi-style slope ladder and its per-layer scaling.
+//! MiniMax's ALiBi-style slope ladder and its per-layer scaling, and
+//! flash-linear-attention's linear one.
 
 /// The base slopes for `heads` heads, as MiniMax's `get_slopes`.
 ///
@@ -36,4 +37,17 @@ pub fn layer_factor(layer: usize, layers: usize) -> f64 {
 pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Vec<f64> {
     let factor = layer_factor(layer, layers);
     base_slopes(heads).into_iter().map(|s| s * factor).collect()
+}
+
+/// flash-linear-attention's slopes (its `fla/ops/lightning_attn`:
+/// `g_gamma = -(8 / H) (1 - layer / L) h`, decay `exp(g_gamma)`): head `h` of
+/// `layer` (0-based) in a model of `layers` gets `8 h (1 - layer / layers) / H`,
+/// so head 0 never decays.
+pub fn fla_slopes(heads: usize, layer: usize, layers: usize) -> Vec<f64> {
+    assert!(
+        heads > 0 && layer < layers,
+        "head count {heads}, layer {layer} of {layers}"
+    );
+    let factor = 8.0 / heads as f64 * (1.0 - layer as f64 / layers as f64);
+    (0..heads).map(|h| factor * h as f64).collect()
 }

@@ -85,6 +85,25 @@ fn layer_factor_runs_from_one_to_almost_zero() {
 }
 
 #[test]
+fn fla_slopes_are_a_linear_ladder_from_zero() {
+    // fla/ops/lightning_attn: g_gamma = -(8 / H) (1 - layer / L) h.
+    assert_eq!(
+        crate::slopes::fla_slopes(8, 12, 24),
+        [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
+    );
+    assert_eq!(crate::slopes::fla_slopes(4, 0, 1), [0.0, 2.0, 4.0, 6.0]);
+}
+
+#[test]
+fn no_decay_is_a_plain_running_sum() {
+    // Slope 0: kv_t = kv_{t-1} + k_t^T v_t, so the last output is q_n (sum_j k_j^T v_j).
+    let d = dims(1, 1, 3, 1, 1);
+    let (q, k, v) = ([1.0, 2.0, 0.5], [1.0, -1.0, 2.0], [3.0, 4.0, 5.0]);
+    let out = recurrence(d, &q, &k, &v, &[0.0], None).out;
+    assert_eq!(out, [3.0, 2.0 * (3.0 - 4.0), 0.5 * (3.0 - 4.0 + 10.0)]);
+}
+
+#[test]
 fn decode_step_is_one_step_of_the_recurrence() {
     let d = dims(1, 2, 3, 2, 3);
     let q: Vec<f64> = (0..12).map(|i| (i as f64 * 0.37).sin()).collect();

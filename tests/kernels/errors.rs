@@ -358,4 +358,15 @@ fn slope_helpers() {
     ));
     let rank1 = slopes::rank_slice(&all, 1, 4).unwrap();
     assert_eq!(rank1, all[16..32].to_vec());
+    // flash-linear-attention's ladder: 8 h (1 - layer / layers) / H, head 0 at zero.
+    assert_eq!(slopes::fla_layer_slopes(4, 1, 2).unwrap(), [0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(slopes::fla_layer_slopes(8, 0, 24).unwrap()[7], 7.0);
+    assert!(matches!(
+        slopes::fla_layer_slopes(0, 0, 2),
+        Err(LightningError::Slopes(_))
+    ));
+    assert!(matches!(
+        slopes::fla_layer_slopes(4, 2, 2),
+        Err(LightningError::Slopes(_))
+    ));
 }
