@@ -99,9 +99,6 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             runtime: client.name(),
         });
     }
-    if widen::widens(shape.dtype, config, &DeviceLimits::of(client)) {
-        return backward_widened(client, inputs, config);
-    }
     let scale = config.scale.unwrap_or(1.0);
     if scale == 0.0 {
         return Err(LightningError::UnsupportedScale {
@@ -110,6 +107,9 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         });
     }
     let limits = DeviceLimits::of(client);
+    if widen::widens(shape.dtype, config, &limits) {
+        return backward_widened(client, inputs, config, &limits);
+    }
     let (d, e) = (shape.key_dim, shape.value_dim);
     // dq's passes have d and e swapped: its state is `d`-wide values of `e` keys.
     let swapped = PrefillShape {
@@ -263,7 +263,12 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
 /// 16-bit inputs on f32 copies (see `crate::widen`): the f32 backward on
 /// widened copies of q, k, v and d_out, its gradients rounded back to the
 /// input dtype.
-fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
+fn backward_widened(
+    client: &Client,
+    inputs: &BackwardInputs,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Result<Gradients> {
     let elements = [
         ("q", inputs.q),
         ("k", inputs.k),
@@ -272,7 +277,7 @@ fn backward_widened(client: &Client, inputs: &BackwardInputs, config: &PrefillCo
     ]
     .map(|(name, t)| (name, t.num_elements()));
     let dtype = inputs.q.dtype;
-    widen::check_copies(client, dtype, config, &elements)?;
+    widen::check_copies(limits, dtype, config, &elements)?;
     let [q, k, v, d_out] = [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| widen::widened(client, t));
     let wide = backward(
         client,

@@ -51,12 +51,9 @@ pub fn plan_prefill(
     }
     let elements =
         [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)].map(|(name, t)| (name, t.num_elements()));
-    widen::check_copies(client, shape.dtype, config, &elements)?;
-    let plan = PrefillPlan::new(
-        &PrefillWork::dense(&shape, config),
-        config,
-        &DeviceLimits::of(client),
-    )?;
+    let limits = DeviceLimits::of(client);
+    widen::check_copies(&limits, shape.dtype, config, &elements)?;
+    let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     Ok((shape, plan))
 }
 

@@ -10,9 +10,7 @@ use crate::{LightningError, Result};
 /// The base slopes of `heads` heads (`2^(-8 (h+1) / H)` for a power of two `H`,
 /// MiniMax's interleaving rule otherwise).
 pub fn base_slopes(heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 {
-        return Err(LightningError::Slopes("heads must be at least 1".into()));
-    }
+    check_heads(heads)?;
     Ok(formula::base_slopes(heads)
         .into_iter()
         .map(|s| s as f32)
@@ -22,19 +20,13 @@ pub fn base_slopes(heads: usize) -> Result<Vec<f32>> {
 /// The slopes of `layer` (0-based) in a model of `layers` layers: the base
 /// slopes times `1 - layer / (layers - 1) + 1e-5`.
 pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32>> {
-    if heads == 0 {
-        return Err(LightningError::Slopes("heads must be at least 1".into()));
-    }
+    check_heads(heads)?;
     if layers < 2 {
         return Err(LightningError::Slopes(format!(
             "the layer factor 1 - layer/(layers-1) needs at least 2 layers, got {layers}"
         )));
     }
-    if layer >= layers {
-        return Err(LightningError::Slopes(format!(
-            "layer {layer} is not in 0..{layers}"
-        )));
-    }
+    check_layer(layer, layers)?;
     Ok(formula::layer_slopes(heads, layer, layers)
         .into_iter()
         .map(|s| s as f32)
@@ -45,18 +37,30 @@ pub fn layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32
 /// `layers` layers: head `h` of `heads` gets `8 h (1 - layer / layers) /
 /// heads` (its `g_gamma` negated), so head 0 does not decay at all.
 pub fn fla_layer_slopes(heads: usize, layer: usize, layers: usize) -> Result<Vec<f32>> {
+    check_heads(heads)?;
+    check_layer(layer, layers)?;
+    Ok(formula::fla_slopes(heads, layer, layers)
+        .into_iter()
+        .map(|s| s as f32)
+        .collect())
+}
+
+/// At least one head.
+fn check_heads(heads: usize) -> Result<()> {
     if heads == 0 {
         return Err(LightningError::Slopes("heads must be at least 1".into()));
     }
+    Ok(())
+}
+
+/// `layer` is one of the `layers`.
+fn check_layer(layer: usize, layers: usize) -> Result<()> {
     if layer >= layers {
         return Err(LightningError::Slopes(format!(
             "layer {layer} is not in 0..{layers}"
         )));
     }
-    Ok(formula::fla_slopes(heads, layer, layers)
-        .into_iter()
-        .map(|s| s as f32)
-        .collect())
+    Ok(())
 }
 
 /// The contiguous share of `slopes` that tensor-parallel `rank` of `world_size` holds.

@@ -39,13 +39,14 @@ impl SplitCache {
         value_dim: usize,
     ) -> Result<Self> {
         let state_bytes = (heads * key_dim * value_dim * 4).max(1) as u64;
-        let per_part = (DeviceLimits::of(client).max_buffer / state_bytes) as usize;
+        let max_buffer = DeviceLimits::of(client).max_buffer;
+        let per_part = (max_buffer / state_bytes) as usize;
         if per_part == 0 {
             return Err(LightningError::DoesNotFit {
                 kernel: "decode state cache",
                 resource: "bytes in one buffer, for one slot's state [h, d, e]",
                 required: state_bytes,
-                available: DeviceLimits::of(client).max_buffer,
+                available: max_buffer,
             });
         }
         Self::zeros_in_parts(client, slots, per_part, heads, key_dim, value_dim)
@@ -82,13 +83,6 @@ impl SplitCache {
                 actual: vec![0],
             });
         };
-        check_tensor(
-            first,
-            "cache part",
-            &["slots", "h", "d", "e"],
-            CACHE,
-            Some(DType::F32),
-        )?;
         let mut starts = vec![0];
         for part in &parts {
             check_tensor(
@@ -171,12 +165,14 @@ pub fn decode_split_into(
     out: &DeviceTensor,
 ) -> Result<()> {
     check_slots(inputs.slots, cache.slots())?;
+    let local_slots: Vec<Vec<i32>> = (0..cache.parts.len())
+        .map(|part| cache.local_slots(part, inputs.slots))
+        .collect();
     // Validated and planned against the first part, with the entries of the
     // others as padding (the parts share h, d, e).
-    let first_slots: Vec<i32> = cache
-        .local_slots(0, inputs.slots)
-        .into_iter()
-        .map(|slot| slot.max(PADDING_SLOT))
+    let first_slots: Vec<i32> = local_slots[0]
+        .iter()
+        .map(|&slot| slot.max(PADDING_SLOT))
         .collect();
     let first = DecodeInputs {
         cache: &cache.parts[0],
@@ -187,9 +183,7 @@ pub fn decode_split_into(
     // not depend on the number of slots.
     let (shape, plan) = crate::plan_decode_step(client, &first)?;
     check_out(out, &shape)?;
-    let slots: Vec<_> = (0..cache.parts.len())
-        .map(|part| upload(client, &cache.local_slots(part, inputs.slots)))
-        .collect();
+    let slots: Vec<_> = local_slots.iter().map(|part| upload(client, part)).collect();
     let caches: Vec<_> = cache.parts.iter().zip(&slots).collect();
     // Bound for the kernel's packed mode, which a dense step does not use.
     let unused_tokens = upload::<u32>(client, &[]);

@@ -91,9 +91,10 @@ impl PlannedBatch {
                 runtime: client.name(),
             });
         }
+        let limits = DeviceLimits::of(client);
         let rows = shape.total_tokens * shape.heads;
         widen::check_copies(
-            client,
+            &limits,
             shape.dtype,
             config,
             &[
@@ -121,7 +122,6 @@ impl PlannedBatch {
             })
             .collect();
         let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
-        let limits = DeviceLimits::of(client);
         let prefill = PrefillPlan::new(
             &table.work(shape.heads, shape.key_dim, shape.value_dim, shape.dtype),
             config,

@@ -55,15 +55,14 @@ pub(crate) fn copies_precision(dtype: DType) -> Precision {
 }
 
 /// Checks that the f32 copies of `tensors` (name, elements) of `dtype` fit one
-/// buffer of the device, where a call with `config` takes copies.
+/// buffer of a device with `limits`, where a call with `config` takes copies.
 pub(crate) fn check_copies(
-    client: &Client,
+    limits: &DeviceLimits,
     dtype: DType,
     config: &PrefillConfig,
     tensors: &[(&'static str, usize)],
 ) -> Result<()> {
-    let limits = DeviceLimits::of(client);
-    if !widens(dtype, config, &limits) {
+    if !widens(dtype, config, limits) {
         return Ok(());
     }
     for &(name, elements) in tensors {
