@@ -43,10 +43,13 @@ pub struct DeviceLimits {
     pub plane_size: Option<u32>,
     /// Input dtypes with a 16 x 16 x 16 `cmma` into f32 accumulators.
     pub tensor_cores: TensorCores,
-    /// Rows of the cache one decode unit loads before it stores any: 8 on
+    /// Rows of the cache one decode unit loads before it stores any: 16 on
     /// CUDA, 1 elsewhere, unless [`DECODE_ROWS_IN_FLIGHT_VAR`] says otherwise
     /// (1 to 32). On an H100 the batched loads raised CUDA's decode bandwidth
-    /// by 5-10% and lowered wgpu's (WGSL) by 25% (BENCHMARKS.md).
+    /// by 5-10% and lowered wgpu's (WGSL) by 25% (BENCHMARKS.md); on the H200
+    /// 16 (all of a unit's rows at e = d = 128, one round of loads) took a
+    /// 70-layer step at h = 8 from 3.82 to 3.18 us per layer at batch 1 and
+    /// from 7.08 to 6.14 at batch 16, the same beyond (BENCHMARKS.md run 15).
     pub decode_rows_in_flight: usize,
     /// Multiprocessors (SMs), where the runtime reports them: the
     /// chunk-recurrent routine narrows its tiles until its walks fill them.
@@ -166,7 +169,7 @@ pub const DECODE_ROWS_IN_FLIGHT_VAR: &str = "LIGHTNING_ATTENTION_DECODE_ROWS_IN_
 fn decode_rows_in_flight(client: &Client) -> usize {
     // Read once: the limits are taken on every call that plans a launch.
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let by_runtime = if client.name().starts_with("cuda") { 8 } else { 1 };
+    let by_runtime = if client.name().starts_with("cuda") { 16 } else { 1 };
     OVERRIDE
         .get_or_init(|| {
             std::env::var(DECODE_ROWS_IN_FLIGHT_VAR)

@@ -2,6 +2,7 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use lightning_attention_kernels::fill::fill_words;
 
 use crate::{DType, LightningError, Result};
 
@@ -51,10 +52,37 @@ impl DeviceTensor {
         })
     }
 
-    /// A tensor of `shape` with every element `value` (NaN to poison an output).
+    /// A tensor of `shape` with every element `value` (NaN to poison an
+    /// output), written on the device: nothing of its size is built on the
+    /// host or uploaded (a zeroed cache of many GiB costs one fill kernel).
     pub fn filled(client: &Client, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
-        let len = shape.iter().product();
-        Self::from_f32(client, &vec![value; len], shape, dtype)
+        let len: usize = shape.iter().product();
+        let words = len * dtype.size() / 4;
+        // A 16-bit tensor of odd length ends inside a word, whose other half
+        // the kernel must not write; the host fills those (small) ones.
+        if len == 0 || (len * dtype.size()) % 4 != 0 || words > u32::MAX as usize {
+            return Self::from_f32(client, &vec![value; len], shape, dtype);
+        }
+        let pattern = match dtype {
+            DType::F32 => value.to_bits(),
+            DType::F16 => u32::from(half::f16::from_f32(value).to_bits()) * 0x1_0001,
+            DType::BF16 => u32::from(half::bf16::from_f32(value).to_bits()) * 0x1_0001,
+        };
+        let tensor = Self::empty(client, shape, dtype);
+        let (count, dim) = crate::widen::dims(client, words);
+        // SAFETY: the buffer holds `words` whole 32-bit words, and the kernel
+        // writes only words below `words`.
+        unsafe {
+            fill_words::launch_unchecked(
+                client,
+                count,
+                dim,
+                BufferArg::from_raw_parts(tensor.handle.clone(), words),
+                pattern,
+                words as u32,
+            );
+        }
+        Ok(tensor)
     }
 
     /// An uninitialized tensor of `shape`.

@@ -79,8 +79,8 @@ pub(crate) fn check_copies(
     Ok(())
 }
 
-/// Grid of a conversion over `items` words or elements.
-fn dims(client: &Client, items: usize) -> (CubeCount, CubeDim) {
+/// Grid of a grid-stride kernel (a conversion, a fill) over `items` words or elements.
+pub(crate) fn dims(client: &Client, items: usize) -> (CubeCount, CubeDim) {
     let max = client.properties().hardware.max_cube_count.0;
     let cubes = items
         .div_ceil(UNITS as usize)

@@ -4,12 +4,33 @@
 //! on wgpu), timed per step; the note gives the time per layer. Heads are what
 //! one tensor-parallel rank holds (h = 8 is one rank of 64 heads over 8 GPUs).
 //! The rows that issue 17's goals are stated in.
+//!
+//! Beside them, the yardstick for a step of that shape: `layers` launches of
+//! a kernel that only streams each layer's state in place (reads and writes
+//! the same bytes as the decode's cache, nothing else), replayed from a graph
+//! the same way. What it reaches is the most any one-launch-per-layer decode
+//! can: a small layer pays each launch's fixed cost whatever the kernel does.
 
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::{BackendConfig, DType, DeviceTensor, LightningBackend, PrefillConfig};
 
 use crate::report::Row;
 use crate::{Options, median_time, upload};
+
+/// Units per cube of [`stream_state`].
+const STREAM_UNITS: usize = 256;
+
+/// `state = factor * state` in place, one 4-wide vector per unit: the
+/// cache's traffic of one decode layer without the decode (factor is 1 at run
+/// time, so the compiler cannot drop the loads and stores).
+#[cube(launch_unchecked)]
+fn stream_state<N: Size>(state: &mut [Vector<f32, N>], factor: f32) {
+    let pos = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * CUBE_DIM as usize
+        + UNIT_POS as usize;
+    if pos < state.len() {
+        state[pos] = state[pos] * Vector::new(factor);
+    }
+}
 
 /// The step of `layers` layers, `batch` sequences of `heads` heads, d = e =
 /// 128, f32: one row launched layer by layer, one replayed from a graph.
@@ -104,5 +125,67 @@ pub fn bench_decode_step(
         }
         Err(err) => replayed.note = format!("no graph on this runtime: {err}"),
     }
-    vec![launched, replayed]
+    // The caches go before the yardstick allocates as many bytes again.
+    drop(backend);
+    let stream = bench_state_stream(client, target, layers, [batch, heads, 1, d], opts, bw);
+    vec![launched, replayed, stream]
+}
+
+/// The yardstick row: `layers` in-place streams of a `[batch, heads, d, e]`
+/// f32 state, one launch each, replayed from a graph.
+fn bench_state_stream(
+    client: &Client,
+    target: &str,
+    layers: usize,
+    shape: [usize; 4],
+    opts: &Options,
+    bw: f64,
+) -> Row {
+    let [batch, heads, _, d] = shape;
+    let mut row = Row::new(target, "decode step", shape, DType::F32);
+    row.op = format!("state stream {layers} layers (graph)");
+    let floats = batch * heads * d * d;
+    let states: Vec<_> = (0..layers).map(|_| client.empty(floats * 4)).collect();
+    let cubes = (floats / 4).div_ceil(STREAM_UNITS);
+    let (x, y) = (cubes.min(32768), cubes.div_ceil(32768));
+    let step = || {
+        for state in &states {
+            // SAFETY: the grid covers `floats / 4` vectors and the kernel
+            // checks its index against the buffer's length.
+            unsafe {
+                stream_state::launch_unchecked(
+                    client,
+                    CubeCount::Static(x as u32, y as u32, 1),
+                    CubeDim::new_1d(STREAM_UNITS as u32),
+                    4,
+                    BufferArg::from_raw_parts(state.clone(), floats),
+                    1.0f32,
+                )
+            }
+        }
+    };
+    let graph = client
+        .graph_prepare()
+        .and_then(|()| {
+            step();
+            client.start_capture()
+        })
+        .and_then(|()| {
+            step();
+            client.stop_capture()
+        });
+    let state_bytes = layers * 2 * floats * 4;
+    match graph {
+        Ok(graph) => {
+            let time = median_time(client, opts.reps, || {
+                // SAFETY: the recorded buffers live until this function returns.
+                unsafe { graph.replay() }.expect("replay of a recorded stream");
+            });
+            row.measured(time, batch, state_bytes as f64, bw);
+            row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
+            row.note = format!("{:.2} us per layer", time.as_secs_f64() * 1e6 / layers as f64);
+        }
+        Err(err) => row.note = format!("no graph on this runtime: {err}"),
+    }
+    row
 }

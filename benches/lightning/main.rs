@@ -57,6 +57,12 @@ struct Options {
     accuracy: bool,
     /// Slopes of layer `.0` of `.1`, `--layer I/L` (default 0/2).
     layer: (usize, usize),
+    /// The `step` rows' layer counts, heads and batches, `--step-layers 70,4
+    /// --step-heads 8,64 --step-batches 1,16,64,256` (the defaults), so that
+    /// one device command can take one group of them.
+    step_layers: Vec<usize>,
+    step_heads: Vec<usize>,
+    step_batches: Vec<usize>,
     reps: usize,
     out: std::path::PathBuf,
 }
@@ -131,11 +137,27 @@ fn options() -> Options {
                 (layer.parse().expect("layer"), layers.parse().expect("layers"))
             })
             .unwrap_or((0, 2)),
+        step_layers: numbers(value("--step-layers"), "--step-layers", "70,4"),
+        step_heads: numbers(value("--step-heads"), "--step-heads", "8,64"),
+        step_batches: numbers(value("--step-batches"), "--step-batches", "1,16,64,256"),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
             .unwrap_or(20),
         out: value("--out").unwrap_or("target/bench".into()).into(),
     }
+}
+
+/// A comma-separated list of numbers given for `name`, or `default`.
+fn numbers(given: Option<String>, name: &str, default: &str) -> Vec<usize> {
+    given
+        .as_deref()
+        .unwrap_or(default)
+        .split(',')
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("{name} takes numbers, not {n}"))
+        })
+        .collect()
 }
 
 /// What a row's op says of its routines ("" for the default, Auto).
@@ -501,7 +523,7 @@ fn main() {
         let (step_layers, step_heads, step_batches): (&[usize], &[usize], &[usize]) = if opts.quick {
             (&[2], &[8], &[1, 16])
         } else {
-            (&[70, 4], &[8, 64], &[1, 16, 64, 256])
+            (&opts.step_layers, &opts.step_heads, &opts.step_batches)
         };
         for &layers in step_layers.iter().filter(|_| runs("step")) {
             for &heads in step_heads {

@@ -20,6 +20,7 @@
 //! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
+//! [`fill`] sets a buffer to one value on the device (zeroed caches, poisoned outputs).
 //! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
 //! its 32-bit words where the runtime has no bf16 type) and rounds f32 back.
 //!
@@ -46,6 +47,7 @@ pub mod chunk_state;
 pub mod decode;
 pub mod diag;
 pub mod diag_cmma;
+pub mod fill;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;
 pub mod kv_reduce;

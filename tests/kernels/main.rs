@@ -10,6 +10,7 @@ mod common;
 mod consistency;
 mod decode;
 mod errors;
+mod fill;
 mod prefill;
 mod serving;
 mod split_cache;
