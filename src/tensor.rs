@@ -60,7 +60,7 @@ impl DeviceTensor {
         let words = len * dtype.size() / 4;
         // A 16-bit tensor of odd length ends inside a word, whose other half
         // the kernel must not write; the host fills those (small) ones.
-        if len == 0 || (len * dtype.size()) % 4 != 0 || words > u32::MAX as usize {
+        if len == 0 || !(len * dtype.size()).is_multiple_of(4) || words > u32::MAX as usize {
             return Self::from_f32(client, &vec![value; len], shape, dtype);
         }
         let pattern = match dtype {

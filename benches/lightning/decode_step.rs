@@ -11,11 +11,22 @@
 //! the same way. What it reaches is the most any one-launch-per-layer decode
 //! can: a small layer pays each launch's fixed cost whatever the kernel does.
 
+use lightning_attention::cubecl::client::Graph;
 use lightning_attention::cubecl::prelude::*;
+use lightning_attention::cubecl::server::ServerError;
 use lightning_attention::{BackendConfig, DType, DeviceTensor, LightningBackend, PrefillConfig};
 
 use crate::report::Row;
 use crate::{Options, median_time, upload};
+
+/// `step` run once outside a graph (first launches compile), then recorded as one.
+fn capture(client: &Client, step: impl Fn()) -> Result<Graph, ServerError> {
+    client.graph_prepare()?;
+    step();
+    client.start_capture()?;
+    step();
+    client.stop_capture()
+}
 
 /// Units per cube of [`stream_state`].
 const STREAM_UNITS: usize = 256;
@@ -103,17 +114,7 @@ pub fn bench_decode_step(
     record(&mut launched, median_time(client, opts.reps, step));
 
     // The same step, recorded once after a warm-up and replayed.
-    let graph = client
-        .graph_prepare()
-        .and_then(|()| {
-            step();
-            client.start_capture()
-        })
-        .and_then(|()| {
-            step();
-            client.stop_capture()
-        });
-    match graph {
+    match capture(client, step) {
         Ok(graph) => {
             let time = median_time(client, opts.reps, || {
                 // SAFETY: every buffer the graph recorded (q, k, v, the
@@ -164,18 +165,8 @@ fn bench_state_stream(
             }
         }
     };
-    let graph = client
-        .graph_prepare()
-        .and_then(|()| {
-            step();
-            client.start_capture()
-        })
-        .and_then(|()| {
-            step();
-            client.stop_capture()
-        });
     let state_bytes = layers * 2 * floats * 4;
-    match graph {
+    match capture(client, step) {
         Ok(graph) => {
             let time = median_time(client, opts.reps, || {
                 // SAFETY: the recorded buffers live until this function returns.
