@@ -39,7 +39,8 @@ fn stream_state<N: Size>(state: &mut [Vector<f32, N>], factor: f32) {
     let pos = (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * CUBE_DIM as usize
         + UNIT_POS as usize;
     if pos < state.len() {
-        state[pos] = state[pos] * Vector::new(factor);
+        let value = state[pos];
+        state[pos] = value * Vector::new(factor);
     }
 }
 
