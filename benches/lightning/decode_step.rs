@@ -15,9 +15,20 @@ use lightning_attention::cubecl::client::Graph;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::cubecl::server::ServerError;
 use lightning_attention::{BackendConfig, DType, DeviceTensor, LightningBackend, PrefillConfig};
+use std::time::Duration;
 
 use crate::report::Row;
-use crate::{Options, median_time, upload};
+use crate::{Options, median_time, upload, vector_grid};
+
+/// Fills a step row from its median `time` for `batch` sequences and `layers`
+/// layers: tokens/s and the share of the floor over `bytes.0` bytes moved,
+/// the state's TB/s over `bytes.1`, and the time per layer.
+fn record(row: &mut Row, time: Duration, batch: usize, layers: usize, bytes: (usize, usize), bw: f64) {
+    let (io, state_bytes) = bytes;
+    row.measured(time, batch, io as f64, bw);
+    row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
+    row.note = format!("{:.2} us per layer", time.as_secs_f64() * 1e6 / layers as f64);
+}
 
 /// `step` run once outside a graph (first launches compile), then recorded as one.
 fn capture(client: &Client, step: impl Fn()) -> Result<Graph, ServerError> {
@@ -27,9 +38,6 @@ fn capture(client: &Client, step: impl Fn()) -> Result<Graph, ServerError> {
     step();
     client.stop_capture()
 }
-
-/// Units per cube of [`stream_state`].
-const STREAM_UNITS: usize = 256;
 
 /// `state = factor * state` in place, one 4-wide vector per unit: the
 /// cache's traffic of one decode layer without the decode (factor is 1 at run
@@ -107,12 +115,8 @@ pub fn bench_decode_step(
     }
     let state_bytes = layers * 2 * batch * heads * d * e * 4;
     let io = state_bytes + layers * batch * heads * (2 * d + 2 * e) * 4;
-    let record = |row: &mut Row, time: std::time::Duration| {
-        row.measured(time, batch, io as f64, bw);
-        row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
-        row.note = format!("{:.2} us per layer", time.as_secs_f64() * 1e6 / layers as f64);
-    };
-    record(&mut launched, median_time(client, opts.reps, step));
+    let measured = |row: &mut Row, time| record(row, time, batch, layers, (io, state_bytes), bw);
+    measured(&mut launched, median_time(client, opts.reps, step));
 
     // The same step, recorded once after a warm-up and replayed.
     match capture(client, step) {
@@ -123,7 +127,7 @@ pub fn bench_decode_step(
                 // function returns, and only this client's stream uses them.
                 unsafe { graph.replay() }.expect("replay of a recorded step");
             });
-            record(&mut replayed, time);
+            measured(&mut replayed, time);
         }
         Err(err) => replayed.note = format!("no graph on this runtime: {err}"),
     }
@@ -148,8 +152,7 @@ fn bench_state_stream(
     row.op = format!("state stream {layers} layers (graph)");
     let floats = batch * heads * d * d;
     let states: Vec<_> = (0..layers).map(|_| client.empty(floats * 4)).collect();
-    let cubes = (floats / 4).div_ceil(STREAM_UNITS);
-    let (x, y) = (cubes.min(32768), cubes.div_ceil(32768));
+    let (count, dim) = vector_grid(floats);
     let step = || {
         for state in &states {
             // SAFETY: the grid covers `floats / 4` vectors and the kernel
@@ -157,8 +160,8 @@ fn bench_state_stream(
             unsafe {
                 stream_state::launch_unchecked(
                     client,
-                    CubeCount::Static(x as u32, y as u32, 1),
-                    CubeDim::new_1d(STREAM_UNITS as u32),
+                    count.clone(),
+                    dim,
                     4,
                     BufferArg::from_raw_parts(state.clone(), floats),
                     1.0f32,
@@ -173,9 +176,7 @@ fn bench_state_stream(
                 // SAFETY: the recorded buffers live until this function returns.
                 unsafe { graph.replay() }.expect("replay of a recorded stream");
             });
-            row.measured(time, batch, state_bytes as f64, bw);
-            row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
-            row.note = format!("{:.2} us per layer", time.as_secs_f64() * 1e6 / layers as f64);
+            record(&mut row, time, batch, layers, (state_bytes, state_bytes), bw);
         }
         Err(err) => row.note = format!("no graph on this runtime: {err}"),
     }

@@ -232,20 +232,30 @@ fn median_time(client: &Client, reps: usize, work: impl Fn() + Send + Sync) -> D
     times[times.len() / 2]
 }
 
+/// One unit per 4-wide vector of `floats` f32, 256 units a cube, cubes over
+/// x then y: the grid of [`copy_kernel`] and of the step's yardstick, which
+/// index by `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X`.
+fn vector_grid(floats: usize) -> (CubeCount, CubeDim) {
+    let units = 256usize;
+    let cubes = (floats / 4).div_ceil(units);
+    (
+        CubeCount::Static(cubes.min(32768) as u32, cubes.div_ceil(32768) as u32, 1),
+        CubeDim::new_1d(units as u32),
+    )
+}
+
 /// Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written).
 fn copy_bandwidth(client: &Client, reps: usize, quick: bool) -> f64 {
     let floats: usize = if quick { 1 << 22 } else { 1 << 28 };
     let data = uniform_f32(floats, 99);
     let input = client.create_from_slice(f32::as_bytes(&data));
     let output = client.empty(floats * 4);
-    let units = 256usize;
-    let cubes = (floats / 4).div_ceil(units);
-    let (x, y) = (cubes.min(32768), cubes.div_ceil(32768));
+    let (count, dim) = vector_grid(floats);
     let time = median_time(client, reps, || unsafe {
         copy_kernel::launch_unchecked(
             client,
-            CubeCount::Static(x as u32, y as u32, 1),
-            CubeDim::new_1d(units as u32),
+            count.clone(),
+            dim,
             4,
             BufferArg::from_raw_parts(input.clone(), floats),
             BufferArg::from_raw_parts(output.clone(), floats),
