@@ -27,7 +27,7 @@ if [ "${1:-}" = spirv ]; then
 fi
 if [ "${1:-}" = burn ]; then
     rm -rf gpu-bundle-burn && mkdir -p gpu-bundle-burn/bin
-    exe="$(cargo test --no-run --test burn --profile gpu --features cuda,fusion --message-format=json-render-diagnostics |
+    exe="$(cargo test --no-run -p lightning-attention-burn-examples --test burn --profile gpu --features cuda,fusion --message-format=json-render-diagnostics |
         python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -30,6 +30,9 @@
 
 mod autodiff;
 mod cube;
+pub mod layer;
+
+pub use layer::{MiniMaxLinearAttention, MiniMaxLinearAttentionConfig};
 
 use std::any::Any;
 

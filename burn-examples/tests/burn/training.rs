@@ -1,6 +1,6 @@
-//! MiniMax's linear-attention layer (`examples/minimax_layer/layer.rs`) trained
-//! on the example's recall task (`examples/minimax_layer/task.rs`): the same
-//! files, included here, so that the test checks the code the example runs.
+//! MiniMax's linear-attention layer (`lightning_attention::burn::layer`) trained
+//! on the example's recall task (`lightning_attention_burn_examples::recall`):
+//! the same code the example runs.
 //! Also the layer's typed errors and its chunked (stateful) forward.
 
 use std::sync::{Mutex, MutexGuard};
@@ -9,13 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 use lightning_attention::LightningError;
 use lightning_attention::reference::random::uniform_f32;
 
-#[path = "../../examples/minimax_layer/layer.rs"]
-mod layer;
-#[path = "../../examples/minimax_layer/task.rs"]
-mod task;
-
-use layer::MiniMaxLinearAttentionConfig;
-use task::{RecallConfig, chunked_vs_whole, initial_and_final, train};
+use lightning_attention::burn::MiniMaxLinearAttentionConfig;
+use lightning_attention_burn_examples::recall::{RecallConfig, chunked_vs_whole, initial_and_final, train};
 
 /// Steps of the training test: the loss is near 0.01 by then (see below).
 const STEPS: usize = 80;

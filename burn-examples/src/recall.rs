@@ -1,6 +1,6 @@
 //! The synthetic recall task, the small model that learns it, and the training
-//! loop; shared by the example (`main.rs`) and the training test
-//! (`tests/burn/training.rs`), so that the test checks the code the example runs.
+//! loop; shared by the example (`examples/minimax_layer.rs`) and the
+//! training test (`tests/burn/training.rs`), so that the test checks the code the example runs.
 //!
 //! The task: a sequence of `seq_len` random tokens; every position after
 //! `recall_at` must name the token seen at `recall_at`. Every other token is
@@ -22,7 +22,7 @@ use lightning_attention::LightningError;
 use lightning_attention::reference::random::SeededRng;
 use lightning_attention::reference::relative_error;
 
-use super::layer::{MiniMaxLinearAttention, MiniMaxLinearAttentionConfig};
+use lightning_attention::burn::{MiniMaxLinearAttention, MiniMaxLinearAttentionConfig};
 
 /// The task, the model's shape and the training run.
 #[derive(Config, Debug)]

@@ -1,17 +1,15 @@
 //! Trains a small model built on MiniMax's linear-attention layer
-//! ([`layer::MiniMaxLinearAttention`], lightning attention on Burn tensors)
+//! ([`lightning_attention::burn::MiniMaxLinearAttention`], lightning attention on Burn tensors)
 //! to recall a token seen earlier in the sequence, and prints the loss falling.
 //!
-//! `cargo run --release --features burn --example minimax_layer [-- --steps N --seed S --lr LR]`
+//! `cargo run --release -p lightning-attention-burn-examples --example minimax_layer [-- --steps N --seed S --lr LR]`
 //!
 //! Runs on the wgpu device Burn picks by default (a GPU, or lavapipe on the CPU).
 
-mod layer;
-mod task;
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use lightning_attention::reference::random::uniform_f32;
-use task::{RecallConfig, chunked_vs_whole, initial_and_final, train};
+use lightning_attention_burn_examples::recall::{RecallConfig, chunked_vs_whole, initial_and_final, train};
 
 fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();

@@ -11,22 +11,24 @@
 //! ```
 //!
 //! The decay slopes are MiniMax's ALiBi ladder scaled by the layer's depth
-//! ([`lightning_attention::slopes::layer_slopes`]): fixed, not learned, so they
+//! ([`crate::slopes::layer_slopes`]): fixed, not learned, so they
 //! live in the module as a plain tensor, which Burn treats as a constant (no
 //! gradient, not visited by optimizers).
 //!
-//! Shared by `examples/minimax_layer/main.rs` and the training test
-//! (`tests/burn/training.rs`), so that both run the same code.
+//! The Burn example (`burn-examples/examples/minimax_layer.rs`) and its
+//! training test (`burn-examples/tests/burn/training.rs`) build their model on
+//! this layer; `burn-examples/tests/burn/layer.rs` checks it against the f64
+//! reference, its gradients and its record round trip.
 
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, Tensor, TensorData};
-use lightning_attention::burn::fla_lightning_attention;
 // Not `lightning_attention::Result`: Burn's `Config` derive expands to code
 // that names the prelude's `Result`.
-use lightning_attention::{LightningError, PrefillConfig, slopes};
+use super::fla_lightning_attention;
+use crate::{LightningError, PrefillConfig, slopes};
 
 /// The shape of a [`MiniMaxLinearAttention`] layer and its kernels' block configuration.
 #[derive(Config, Debug)]
