@@ -6,7 +6,6 @@
 //!
 //! Runs on the wgpu device Burn picks by default (a GPU, or lavapipe on the CPU).
 
-
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention_burn_examples::recall::{RecallConfig, chunked_vs_whole, initial_and_final, train};
