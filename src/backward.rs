@@ -30,6 +30,7 @@ use cubecl::prelude::*;
 
 use crate::backward_launch::{BackwardLaunch, BackwardPlan};
 use crate::launch::{CallLaunch, Layout, Stage, Variant};
+use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DeviceLimits, DiagRoutine, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
@@ -69,7 +70,10 @@ pub struct Gradients {
     pub d_initial_state: DeviceTensor,
 }
 
-/// Runs the backward pass of a prefill run with `config` (its blocks and scale).
+/// Runs the backward pass of a prefill run with `config` (its blocks and
+/// scale). Returns [`LightningError::OutOfMemory`], having allocated
+/// nothing, where the device cannot hold the gradients and the passes'
+/// buffers (see [`crate::memory`]).
 pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
@@ -108,21 +112,15 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     }
     let limits = DeviceLimits::of(client);
     if widen::widens(shape.dtype, config, &limits) {
-        return backward_widened(client, inputs, config, &limits);
+        return backward_widened(client, inputs, &shape, config, &limits);
     }
     let (d, e) = (shape.key_dim, shape.value_dim);
-    // dq's passes have d and e swapped: its state is `d`-wide values of `e` keys.
-    let swapped = PrefillShape {
-        key_dim: e,
-        value_dim: d,
-        ..shape
-    };
-    let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
-    let swapped_plan = PrefillPlan::new(&PrefillWork::dense(&swapped, config), config, &limits)?;
+    let (swapped, plan, swapped_plan) = plan_passes(&shape, config, &limits)?;
     let fused_key_value = match plan.diag_routine {
         DiagRoutine::Portable => Some(BackwardPlan::new(&plan, d, e, &limits)?),
         DiagRoutine::TensorCores { .. } => None,
     };
+    DeviceMemory::of(client).check(&gradient_buffers(&shape, config, &plan, &swapped_plan))?;
 
     let grads = Gradients {
         dq: DeviceTensor::empty(client, &inputs.q.shape, shape.dtype),
@@ -260,24 +258,99 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     Ok(grads)
 }
 
+/// The plans of a backward pass's forward passes: the shape with `d` and
+/// `e` swapped (dq's and dk's passes: their state is `d`-wide values of `e`
+/// keys), the plan of `shape` and that of the swapped shape.
+fn plan_passes(
+    shape: &PrefillShape,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Result<(PrefillShape, PrefillPlan, PrefillPlan)> {
+    let swapped = PrefillShape {
+        key_dim: shape.value_dim,
+        value_dim: shape.key_dim,
+        ..*shape
+    };
+    let plan = PrefillPlan::new(&PrefillWork::dense(shape, config), config, limits)?;
+    let swapped_plan = PrefillPlan::new(&PrefillWork::dense(&swapped, config), config, limits)?;
+    Ok((swapped, plan, swapped_plan))
+}
+
+/// What a backward pass on inputs of `shape` allocates, in order: the four
+/// gradients, the scratch final state of the dq and dk passes, and one
+/// pass's work lists and workspace (the larger plan's: the passes run one
+/// after another, each freeing its own).
+fn gradient_buffers(
+    shape: &PrefillShape,
+    config: &PrefillConfig,
+    plan: &PrefillPlan,
+    swapped_plan: &PrefillPlan,
+) -> Vec<Buffer> {
+    let (b, h, n, d, e) = (
+        shape.batch,
+        shape.heads,
+        shape.seq_len,
+        shape.key_dim,
+        shape.value_dim,
+    );
+    let mut buffers = vec![
+        Buffer::tensor("dq [b, h, n, d]", &[b, h, n, d], shape.dtype),
+        Buffer::tensor("dk [b, h, n, d]", &[b, h, n, d], shape.dtype),
+        Buffer::tensor("dv [b, h, n, e]", &[b, h, n, e], shape.dtype),
+        Buffer::tensor("d_initial_state [b, h, d, e] f32", &[b, h, d, e], DType::F32),
+        Buffer::tensor("scratch final state [b, h, e, d] f32", &[b, h, e, d], DType::F32),
+    ];
+    // The work lists do not depend on whether a pass has an initial state.
+    let table = SequenceTable::dense(b, n, false, config);
+    let total = |buffers: &[Buffer]| buffers.iter().map(|buffer| buffer.bytes).sum::<u64>();
+    let pass = crate::memory::launch_buffers(plan, &table, [h, d, e], &[]);
+    let swapped_pass = crate::memory::launch_buffers(swapped_plan, &table, [h, e, d], &[]);
+    buffers.extend(if total(&pass) >= total(&swapped_pass) {
+        pass
+    } else {
+        swapped_pass
+    });
+    buffers
+}
+
 /// 16-bit inputs on f32 copies (see `crate::widen`): the f32 backward on
 /// widened copies of q, k, v and d_out, its gradients rounded back to the
 /// input dtype.
 fn backward_widened(
     client: &Client,
     inputs: &BackwardInputs,
+    shape: &PrefillShape,
     config: &PrefillConfig,
     limits: &DeviceLimits,
 ) -> Result<Gradients> {
     let elements = [
-        ("q", inputs.q),
-        ("k", inputs.k),
-        ("v", inputs.v),
-        ("d_out", inputs.d_out),
+        ("f32 copy of q", inputs.q),
+        ("f32 copy of k", inputs.k),
+        ("f32 copy of v", inputs.v),
+        ("f32 copy of d_out", inputs.d_out),
     ]
     .map(|(name, t)| (name, t.num_elements()));
     let dtype = inputs.q.dtype;
     widen::check_copies(limits, dtype, config, &elements)?;
+    // Everything the call allocates, checked before the copies are: the
+    // copies, the f32 backward on them, the gradients rounded back.
+    let wide_config = config.with_precision(widen::copies_precision(dtype));
+    let wide_shape = PrefillShape {
+        dtype: DType::F32,
+        ..*shape
+    };
+    let (_, plan, swapped_plan) = plan_passes(&wide_shape, &wide_config, limits)?;
+    let mut buffers: Vec<Buffer> = elements
+        .iter()
+        .map(|&(name, elements)| Buffer::elements(name, elements, DType::F32))
+        .collect();
+    buffers.extend(gradient_buffers(&wide_shape, &wide_config, &plan, &swapped_plan));
+    buffers.extend([
+        Buffer::elements("dq rounded back", inputs.q.num_elements(), dtype),
+        Buffer::elements("dk rounded back", inputs.k.num_elements(), dtype),
+        Buffer::elements("dv rounded back", inputs.v.num_elements(), dtype),
+    ]);
+    DeviceMemory::of(client).check(&buffers)?;
     let [q, k, v, d_out] = [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| widen::widened(client, t));
     let wide = backward(
         client,
@@ -288,7 +361,7 @@ fn backward_widened(
             d_out: &d_out,
             ..*inputs
         },
-        &config.with_precision(widen::copies_precision(dtype)),
+        &wide_config,
     )?;
     let narrowed = |g: &DeviceTensor| {
         let t = DeviceTensor::empty(client, &g.shape, dtype);

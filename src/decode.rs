@@ -4,6 +4,7 @@ use cubecl::prelude::*;
 
 use crate::config::check_scale;
 use crate::launch::launch_decode;
+use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
 use crate::sequences::upload;
 use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
@@ -52,15 +53,20 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
     Ok((shape, plan))
 }
 
-/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place.
+/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is
+/// updated in place. Returns [`LightningError::OutOfMemory`], having
+/// allocated nothing, where the device cannot hold the step's buffers.
 pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
     let (shape, plan) = plan_decode_step(client, inputs)?;
-    let out = DeviceTensor::empty(
-        client,
-        &[shape.batch, shape.heads, 1, shape.value_dim],
+    let mut buffers = vec![Buffer::tensor(
+        "out [b, h, 1, e]",
+        &out_shape(&shape),
         shape.dtype,
-    );
-    launch_planned(client, inputs, shape, plan, &out)?;
+    )];
+    buffers.extend(step_buffers(client, inputs, &shape, 1));
+    DeviceMemory::of(client).check(&buffers)?;
+    let out = DeviceTensor::empty(client, &out_shape(&shape), shape.dtype);
+    launch_checked(client, inputs, shape, plan, &out);
     Ok(out)
 }
 
@@ -70,7 +76,8 @@ pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -
     launch_planned(client, inputs, shape, plan, out)
 }
 
-/// Checks `out` against a step [`plan_decode_step`] accepted, then launches it.
+/// Checks `out` against a step [`plan_decode_step`] accepted, and the
+/// step's own buffers against the device's memory, then launches it.
 fn launch_planned(
     client: &Client,
     inputs: &DecodeInputs,
@@ -79,6 +86,48 @@ fn launch_planned(
     out: &DeviceTensor,
 ) -> Result<()> {
     check_out(out, &shape)?;
+    DeviceMemory::of(client).check(&step_buffers(client, inputs, &shape, 1))?;
+    launch_checked(client, inputs, shape, plan, out);
+    Ok(())
+}
+
+/// `[b, h, 1, e]`.
+fn out_shape(shape: &DecodeShape) -> [usize; 4] {
+    [shape.batch, shape.heads, 1, shape.value_dim]
+}
+
+/// What a step allocates around the caller's tensors, against a cache in
+/// `parts` parts: each part's slots, the unused token list, and the f32
+/// copies of bf16 inputs on a runtime without bf16.
+pub(crate) fn step_buffers(
+    client: &Client,
+    inputs: &DecodeInputs,
+    shape: &DecodeShape,
+    parts: usize,
+) -> Vec<Buffer> {
+    let mut buffers = vec![Buffer::new("decode slots", inputs.slots.len().max(1) as u64 * 4); parts];
+    buffers.push(Buffer::new("unused token list", 4));
+    let out = shape.batch * shape.heads * shape.value_dim;
+    buffers.extend(crate::memory::decode_copies(
+        crate::widen::words(shape.dtype, client),
+        [
+            inputs.q.num_elements(),
+            inputs.k.num_elements(),
+            inputs.v.num_elements(),
+            out,
+        ],
+    ));
+    buffers
+}
+
+/// Launches a step whose tensors were checked and whose buffers fit the device.
+fn launch_checked(
+    client: &Client,
+    inputs: &DecodeInputs,
+    shape: DecodeShape,
+    plan: DecodePlan,
+    out: &DeviceTensor,
+) {
     let slots = upload(client, inputs.slots);
     // Bound for the kernel's packed mode, which a dense step does not use.
     let unused_tokens = upload::<u32>(client, &[]);
@@ -98,7 +147,6 @@ fn launch_planned(
         d,
         e,
     );
-    Ok(())
 }
 
 /// Checks `out` `[b, h, 1, e]` (dtype of q) against a validated step.

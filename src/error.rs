@@ -1,6 +1,7 @@
 //! The typed error every public entry point returns instead of panicking.
 
 use crate::DType;
+use crate::memory::MemoryLimit;
 
 /// Why a lightning-attention call was refused. Each variant says what was
 /// wrong and what was expected; nothing is launched once one is returned.
@@ -206,6 +207,56 @@ pub enum LightningError {
         /// The Burn dtype given, as Burn prints it.
         dtype: String,
     },
+    /// A buffer the call needs cannot be allocated on the device: larger
+    /// than the runtime allocates in one buffer, or than the device has left.
+    /// Nothing of the call was allocated when this is returned before the
+    /// launch; returned by a read, it reports an allocation that failed after
+    /// it (see [`crate::memory`]). Either way the client keeps running: shed
+    /// the request, or split it.
+    #[error("{tensor}: {bytes} bytes {}", memory_advice(*bytes, *available, *limit))]
+    OutOfMemory {
+        /// Which tensor or workspace; for a failure reported by a read, the
+        /// tensor read (the failed buffer is it or one its writer needed).
+        tensor: &'static str,
+        /// Bytes asked for.
+        bytes: u64,
+        /// For [`MemoryLimit::Buffer`], the most bytes the runtime allocates
+        /// in one buffer; for [`MemoryLimit::Device`], the bytes the device
+        /// had left, or `None` where the runtime reports no figure.
+        available: Option<u64>,
+        /// Which limit refused it.
+        limit: MemoryLimit,
+    },
+}
+
+/// The rest of [`LightningError::OutOfMemory`]'s message: what refused the
+/// bytes, and what a caller can do about it.
+fn memory_advice(bytes: u64, available: Option<u64>, limit: MemoryLimit) -> String {
+    const SPLIT: &str = "split the request (fewer tokens or sequences per call; a prefill carries its \
+                         state from one call to the next through initial_state)";
+    match (limit, available) {
+        (MemoryLimit::Buffer, Some(max)) => format!(
+            "in one buffer, more than the {max} the runtime allocates in one: this never fits on this \
+             device, whatever is freed; shed the request or {SPLIT}"
+        ),
+        (MemoryLimit::Buffer, None) => format!(
+            "in one buffer, more than the runtime allocates in one: this never fits on this device, \
+             whatever is freed; shed the request or {SPLIT}"
+        ),
+        (MemoryLimit::Device, Some(left)) if left < bytes => format!(
+            "of device memory, and the device has {left} left (its capacity less what it holds and \
+             this call's buffers before this one); shed the request, retry it once other work has \
+             freed memory, or {SPLIT}"
+        ),
+        (MemoryLimit::Device, left) => format!(
+            "of device memory could not be allocated{}; shed the request, retry it once other work \
+             has freed memory, or {SPLIT}",
+            match left {
+                Some(left) => format!(" (the device reported {left} left before the call)"),
+                None => " (the runtime reports no figure of what is left)".to_string(),
+            }
+        ),
+    }
 }
 
 /// Shorthand for results of this crate.

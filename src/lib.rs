@@ -13,7 +13,8 @@
 //! in several buffers (wgpu binds at most about 2 GiB in one).
 //! Every call validates its arguments and plans its launches against the
 //! device's reported limits first, and returns a [`LightningError`] for
-//! anything it cannot run.
+//! anything it cannot run; a call whose buffers the device cannot hold
+//! returns [`LightningError::OutOfMemory`] (see [`memory`]).
 //!
 //! The pure-Rust f64 reference that judges the kernels is re-exported as
 //! [`reference`].
@@ -31,6 +32,7 @@ mod decode;
 mod dtype;
 mod error;
 mod launch;
+pub mod memory;
 pub mod plan;
 mod prefill;
 pub mod runtime;
@@ -49,6 +51,7 @@ pub use config::{Precision, PrefillConfig, Routines};
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use dtype::DType;
 pub use error::{LightningError, Result};
+pub use memory::MemoryLimit;
 pub use prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
 };

@@ -8,6 +8,7 @@ use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
 use crate::chunk_plan::{ChunkStatePlan, plan_chunk_state};
 use crate::config::check_scale;
+use crate::memory::Buffer;
 use crate::shapes::{
     DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
 };
@@ -604,15 +605,14 @@ impl PrefillPlan {
                 max: MAX_ELEMENTS,
             });
         }
-        let workspace_bytes = block_states_len as u64 * 4;
-        if workspace_bytes > limits.max_buffer {
-            return Err(LightningError::DoesNotFit {
-                kernel: "per-block state workspace [blocks, h, d, e]",
-                resource: "bytes in one buffer",
-                required: workspace_bytes,
-                available: limits.max_buffer,
-            });
-        }
+        crate::memory::fits_one_buffer(
+            Buffer::elements(
+                "per-block state workspace [blocks, h, d, e] f32",
+                block_states_len,
+                DType::F32,
+            ),
+            limits.max_buffer,
+        )?;
         let sub_blocks = count(work.sub_blocks);
 
         // diag: a 16 x 16 grid of units with register tiles of scores and outputs;
@@ -794,7 +794,10 @@ fn check_supported(client: &Client, dtype: DType) -> Result<()> {
 /// Validates and plans a dense prefill from its arguments' shapes and dtypes
 /// alone: every check of [`crate::plan_prefill`] (block config, shapes,
 /// dtypes, the runtime's dtype support, the device's limits) but the buffers'
-/// sizes, for a caller whose buffers do not exist yet (Burn's Fusion backend).
+/// sizes, for a caller whose buffers do not exist yet (Burn's Fusion backend);
+/// the output and final state it will allocate are checked against the
+/// largest buffer the device allocates
+/// ([`crate::LightningError::OutOfMemory`]).
 pub fn plan_prefill_shapes(
     client: &Client,
     q: &TensorShape,
@@ -807,11 +810,15 @@ pub fn plan_prefill_shapes(
     config.validate()?;
     let shape = validate_prefill_shapes(q, k, v, slopes, initial_state)?;
     check_supported(client, shape.dtype)?;
-    let plan = PrefillPlan::new(
-        &PrefillWork::dense(&shape, config),
-        config,
-        &DeviceLimits::of(client),
-    )?;
+    let limits = DeviceLimits::of(client);
+    let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
+    // The buffers the caller will allocate must each fit one buffer too.
+    for output in [
+        Buffer::tensor("out [b, h, n, e]", &shape.out_shape(), shape.dtype),
+        Buffer::tensor("final_state [b, h, d, e] f32", &shape.state_shape(), DType::F32),
+    ] {
+        crate::memory::fits_one_buffer(output, limits.max_buffer)?;
+    }
     Ok((shape, plan))
 }
 

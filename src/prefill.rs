@@ -5,6 +5,7 @@ use std::time::Duration;
 use cubecl::prelude::*;
 
 use crate::launch::{CallLaunch, Layout, Stage, Variant};
+use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
@@ -49,34 +50,74 @@ pub fn plan_prefill(
             runtime: client.name(),
         });
     }
-    let elements =
-        [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)].map(|(name, t)| (name, t.num_elements()));
     let limits = DeviceLimits::of(client);
-    widen::check_copies(&limits, shape.dtype, config, &elements)?;
+    widen::check_copies(&limits, shape.dtype, config, &copies(inputs)[..3])?;
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     Ok((shape, plan))
 }
 
-/// Runs the prefill, allocating the output and the final state.
+/// The f32 copies a widened call makes (see [`crate::widen`]): the name and
+/// elements of q, k, v and out (as many as v: `e` per row).
+fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
+    [
+        ("f32 copy of q", inputs.q.num_elements()),
+        ("f32 copy of k", inputs.k.num_elements()),
+        ("f32 copy of v", inputs.v.num_elements()),
+        ("f32 output before rounding", inputs.v.num_elements()),
+    ]
+}
+
+/// Runs the prefill, allocating the output and the final state. Returns
+/// [`LightningError::OutOfMemory`], having allocated nothing, where the
+/// device cannot hold the call's buffers (see [`crate::memory`]).
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
-    let planned = plan_prefill(client, inputs, config)?;
-    let (shape, _) = planned;
+    let (shape, plan) = plan_prefill(client, inputs, config)?;
+    let table = dense_table(&shape, inputs, config);
+    let mut buffers = vec![
+        Buffer::tensor("out [b, h, n, e]", &shape.out_shape(), shape.dtype),
+        Buffer::tensor("final_state [b, h, d, e] f32", &shape.state_shape(), DType::F32),
+    ];
+    buffers.extend(launch_buffers(&shape, &plan, &table, inputs));
+    DeviceMemory::of(client).check(&buffers)?;
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
     let final_state = DeviceTensor::empty(client, &shape.state_shape(), DType::F32);
-    launch_planned(
+    launch_checked(
         client,
         inputs,
         config,
-        planned,
+        (shape, plan),
+        &table,
         &out,
         &final_state,
         &mut |_, launch| launch(),
-    )?;
+    );
     Ok(PrefillOutput { out, final_state })
+}
+
+/// The work lists of a dense prefill.
+fn dense_table(shape: &PrefillShape, inputs: &PrefillInputs, config: &PrefillConfig) -> SequenceTable {
+    SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
+}
+
+/// What a dense prefill allocates around the caller's tensors.
+fn launch_buffers(
+    shape: &PrefillShape,
+    plan: &PrefillPlan,
+    table: &SequenceTable,
+    inputs: &PrefillInputs,
+) -> Vec<Buffer> {
+    crate::memory::launch_buffers(
+        plan,
+        table,
+        [shape.heads, shape.key_dim, shape.value_dim],
+        &copies(inputs),
+    )
 }
 
 /// Runs the prefill into caller-owned `out` `[b, h, n, e]` (dtype of q) and
 /// `final_state` `[b, h, d, e]` f32. Every element of both is written.
+/// The call's own buffers (workspace, work lists, f32 copies) are checked
+/// against the device's memory first, as in [`prefill`].
 pub fn prefill_into(
     client: &Client,
     inputs: &PrefillInputs,
@@ -176,8 +217,9 @@ fn run_stages(
     launch_planned(client, inputs, config, planned, out, final_state, hook)
 }
 
-/// Checks the outputs against a problem [`plan_prefill`] accepted, then hands
-/// each stage's launch to `hook` in order.
+/// Checks the outputs against a problem [`plan_prefill`] accepted, and the
+/// call's own buffers against the device's memory, then hands each stage's
+/// launch to `hook` in order.
 fn launch_planned(
     client: &Client,
     inputs: &PrefillInputs,
@@ -203,8 +245,36 @@ fn launch_planned(
         Some(DType::F32),
     )?;
     expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
-    let table = SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
-        .upload(client, &plan);
+    let table = dense_table(&shape, inputs, config);
+    DeviceMemory::of(client).check(&launch_buffers(&shape, &plan, &table, inputs))?;
+    launch_checked(
+        client,
+        inputs,
+        config,
+        (shape, plan),
+        &table,
+        out,
+        final_state,
+        hook,
+    );
+    Ok(())
+}
+
+/// Launches a call whose tensors were checked and whose buffers fit the
+/// device: allocates the tables and the workspace, then hands each stage's
+/// launch to `hook` in order.
+#[allow(clippy::too_many_arguments)]
+fn launch_checked(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+    (shape, plan): (PrefillShape, PrefillPlan),
+    table: &SequenceTable,
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+    hook: &mut dyn FnMut(Stage, &dyn Fn()),
+) {
+    let table = table.upload(client, &plan);
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = crate::launch::unused_binding(client);
     CallLaunch {
@@ -229,5 +299,4 @@ fn launch_planned(
         variant: Variant::FORWARD,
     }
     .run(hook);
-    Ok(())
 }

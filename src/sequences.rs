@@ -154,13 +154,41 @@ impl SequenceTable {
         runs
     }
 
+    /// The runs `plan`'s chunk-recurrent state pass walks, if it has one.
+    fn planned_runs(&self, plan: &PrefillPlan) -> ChunkRuns {
+        plan.chunk_state
+            .map(|chunk| self.chunk_runs(chunk.block, chunk.segment_blocks))
+            .unwrap_or_default()
+    }
+
+    /// What [`SequenceTable::upload`] allocates for `plan`: bytes over all
+    /// its lists (an empty one still binds one element), and the segments of
+    /// the chunk-recurrent walk (zero without segments).
+    pub fn device_bytes(&self, plan: &PrefillPlan) -> (u64, usize) {
+        let runs = self.planned_runs(plan);
+        let lists = [
+            runs.walks.len(),
+            runs.segment_work.len(),
+            runs.segment_offsets.len(),
+            self.seq_starts.len(),
+            self.block_offsets.len(),
+            self.initial_slots.len(),
+            self.final_slots.len(),
+            self.sub_block_work.len(),
+            self.block_work.len(),
+            self.reduce_work.len(),
+            self.snapshot_work.len(),
+            self.decode_tokens.len(),
+            self.decode_slots.len(),
+        ];
+        let bytes = lists.iter().map(|&len| len.max(1) as u64 * 4).sum();
+        (bytes, runs.segment_work.len() / 2)
+    }
+
     /// Copies the table to the device, with the runs `plan`'s chunk-recurrent
     /// state pass walks, if it has one.
     pub fn upload(&self, client: &Client, plan: &PrefillPlan) -> DeviceTable {
-        let runs = plan
-            .chunk_state
-            .map(|chunk| self.chunk_runs(chunk.block, chunk.segment_blocks))
-            .unwrap_or_default();
+        let runs = self.planned_runs(plan);
         DeviceTable {
             chunk_walks: upload(client, &runs.walks),
             segment_work: upload(client, &runs.segment_work),

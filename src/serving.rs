@@ -22,6 +22,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::launch::launch_decode;
+use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
 use crate::sequences::{IndexBuffer, upload};
 use crate::shapes::{DecodeShape, check_slots};
@@ -83,11 +84,13 @@ impl std::fmt::Debug for LightningBackend {
     }
 }
 
-/// A layer's cache must be one buffer the device can allocate and 32-bit
-/// indices can address: refused here with a typed error rather than by the
-/// runtime's allocator (which panics).
-fn check_cache_fits(client: &Client, shape: &[usize; 4]) -> Result<()> {
-    const CACHE: &str = "state cache [slots, h, d, e] of one layer";
+/// What one layer's cache `[slots, h, d, e]` f32 is called in errors.
+const CACHE: &str = "state cache [slots, h, d, e] f32 of one layer";
+
+/// A layer's cache must be addressable with 32-bit indices: refused here
+/// with a typed error (its bytes are checked with every other buffer of the
+/// backend, see [`LightningBackend::new`]).
+fn check_cache_indexing(shape: &[usize; 4]) -> Result<()> {
     let elements = shape.iter().product::<usize>() as u64;
     if elements > crate::shapes::MAX_ELEMENTS {
         return Err(LightningError::TooLarge {
@@ -96,22 +99,14 @@ fn check_cache_fits(client: &Client, shape: &[usize; 4]) -> Result<()> {
             max: crate::shapes::MAX_ELEMENTS,
         });
     }
-    let bytes = elements * 4;
-    let available = crate::plan::DeviceLimits::of(client).max_buffer;
-    if bytes > available {
-        return Err(LightningError::DoesNotFit {
-            kernel: CACHE,
-            resource: "bytes in one buffer",
-            required: bytes,
-            available,
-        });
-    }
     Ok(())
 }
 
 impl LightningBackend {
     /// Validates `config`, builds each layer's slopes and allocates each
     /// layer's cache (zeros: no slot holds a state until a request writes it).
+    /// Returns [`LightningError::OutOfMemory`], having allocated nothing,
+    /// where the device cannot hold every layer's cache (see [`crate::memory`]).
     pub fn new(client: &Client, config: BackendConfig) -> Result<Self> {
         config.prefill.validate()?;
         let (rank, world) = config.tensor_parallel;
@@ -137,24 +132,29 @@ impl LightningBackend {
                 runtime: client.name(),
             });
         }
+        let local_slopes = (0..config.layers)
+            .map(|layer| rank_slice(&layer_slopes(config.heads, layer, config.layers)?, rank, world))
+            .collect::<Result<Vec<_>>>()?;
+        let local_heads = local_slopes[0].len();
+        let cache_shape = [config.slots, local_heads, config.key_dim, config.value_dim];
+        check_cache_indexing(&cache_shape)?;
+        // Every buffer of the backend, checked together before the first is
+        // allocated: one layer's cache may fit where seventy do not.
+        let mut buffers = vec![Buffer::new("decode slot buffer", config.max_batch as u64 * 4)];
+        for _ in 0..config.layers {
+            buffers.push(Buffer::elements(
+                "slopes [h] f32 of one layer",
+                local_heads,
+                DType::F32,
+            ));
+            buffers.push(Buffer::tensor(CACHE, &cache_shape, DType::F32));
+        }
+        DeviceMemory::of(client).check(&buffers)?;
         let mut slopes = Vec::with_capacity(config.layers);
         let mut caches = Vec::with_capacity(config.layers);
-        let mut local_heads = 0;
-        for layer in 0..config.layers {
-            let local = rank_slice(&layer_slopes(config.heads, layer, config.layers)?, rank, world)?;
-            local_heads = local.len();
-            slopes.push(DeviceTensor::from_f32(
-                client,
-                &local,
-                &[local.len()],
-                DType::F32,
-            )?);
-            let cache_shape = [config.slots, local_heads, config.key_dim, config.value_dim];
-            check_cache_fits(client, &cache_shape)?;
+        for local in &local_slopes {
+            slopes.push(DeviceTensor::from_f32(client, local, &[local_heads], DType::F32)?);
             caches.push(DeviceTensor::filled(client, &cache_shape, DType::F32, 0.0)?);
-        }
-        for cache in &caches {
-            crate::shapes::expect_buffer(cache, "cache")?;
         }
         Ok(Self {
             client: client.clone(),
@@ -231,7 +231,7 @@ impl LightningBackend {
             dtype: self.config.dtype,
         };
         let planned = PlannedBatch::new(&self.client, shape, batch, &self.config.prefill)?;
-        self.step = Step::Extend(Box::new(DeviceBatch::upload(&self.client, planned)));
+        self.step = Step::Extend(Box::new(DeviceBatch::upload(&self.client, planned)?));
         Ok(())
     }
 

@@ -10,11 +10,12 @@
 
 use cubecl::prelude::*;
 
-use crate::decode::check_out;
+use crate::decode::{check_out, step_buffers};
 use crate::launch::launch_decode;
-use crate::plan::DeviceLimits;
+use crate::memory::{Buffer, DeviceMemory};
+use crate::plan::{DecodePlan, DeviceLimits};
 use crate::sequences::upload;
-use crate::shapes::{check_slots, check_tensor};
+use crate::shapes::{DecodeShape, check_slots, check_tensor};
 use crate::{DType, DecodeInputs, DeviceTensor, LightningError, PADDING_SLOT, Result};
 
 /// The slot the decode kernel skips: an entry another part's launch serves.
@@ -40,15 +41,11 @@ impl SplitCache {
     ) -> Result<Self> {
         let state_bytes = (heads * key_dim * value_dim * 4).max(1) as u64;
         let max_buffer = DeviceLimits::of(client).max_buffer;
+        crate::memory::fits_one_buffer(
+            Buffer::new("one slot's state [h, d, e] f32 of the split cache", state_bytes),
+            max_buffer,
+        )?;
         let per_part = (max_buffer / state_bytes) as usize;
-        if per_part == 0 {
-            return Err(LightningError::DoesNotFit {
-                kernel: "decode state cache",
-                resource: "bytes in one buffer, for one slot's state [h, d, e]",
-                required: state_bytes,
-                available: max_buffer,
-            });
-        }
         Self::zeros_in_parts(client, slots, per_part, heads, key_dim, value_dim)
     }
 
@@ -62,11 +59,22 @@ impl SplitCache {
         value_dim: usize,
     ) -> Result<Self> {
         let part_slots = part_slots.max(1);
-        let parts = (0..slots.div_ceil(part_slots).max(1))
+        let shapes: Vec<[usize; 4]> = (0..slots.div_ceil(part_slots).max(1))
             .map(|p| {
                 let len = part_slots.min(slots - (p * part_slots).min(slots));
-                DeviceTensor::filled(client, &[len, heads, key_dim, value_dim], DType::F32, 0.0)
+                [len, heads, key_dim, value_dim]
             })
+            .collect();
+        // Every part checked before the first is allocated: each may fit
+        // where all of them do not.
+        let buffers: Vec<Buffer> = shapes
+            .iter()
+            .map(|shape| Buffer::tensor("part [slots, h, d, e] f32 of the split cache", shape, DType::F32))
+            .collect();
+        DeviceMemory::of(client).check(&buffers)?;
+        let parts = shapes
+            .iter()
+            .map(|shape| DeviceTensor::filled(client, shape, DType::F32, 0.0))
             .collect::<Result<Vec<_>>>()?;
         Self::from_parts(parts)
     }
@@ -145,15 +153,18 @@ impl SplitCache {
 
 /// A decode step against a [`SplitCache`]: `inputs` as for [`crate::decode`],
 /// with `inputs.cache` ignored (any tensor: the cache is `cache`), returning the
-/// output `[b, h, 1, e]`; the cache is updated in place.
+/// output `[b, h, 1, e]`; the cache is updated in place. Returns
+/// [`LightningError::OutOfMemory`], having allocated nothing, where the
+/// device cannot hold the step's buffers.
 pub fn decode_split(client: &Client, inputs: &DecodeInputs, cache: &SplitCache) -> Result<DeviceTensor> {
-    let first = &cache.parts[0];
-    let out = DeviceTensor::empty(
-        client,
-        &[inputs.slots.len(), first.shape[1], 1, first.shape[3]],
-        inputs.q.dtype,
-    );
-    decode_split_into(client, inputs, cache, &out)?;
+    let step = SplitStep::new(client, inputs, cache)?;
+    let shape = &step.shape;
+    let out_shape = [shape.batch, shape.heads, 1, shape.value_dim];
+    let mut buffers = vec![Buffer::tensor("out [b, h, 1, e]", &out_shape, shape.dtype)];
+    buffers.extend(step_buffers(client, inputs, shape, cache.parts.len()));
+    DeviceMemory::of(client).check(&buffers)?;
+    let out = DeviceTensor::empty(client, &out_shape, shape.dtype);
+    step.launch(client, inputs, cache, &out);
     Ok(out)
 }
 
@@ -164,41 +175,66 @@ pub fn decode_split_into(
     cache: &SplitCache,
     out: &DeviceTensor,
 ) -> Result<()> {
-    check_slots(inputs.slots, cache.slots())?;
-    let local_slots: Vec<Vec<i32>> = (0..cache.parts.len())
-        .map(|part| cache.local_slots(part, inputs.slots))
-        .collect();
-    // Validated and planned against the first part, with the entries of the
-    // others as padding (the parts share h, d, e).
-    let first_slots: Vec<i32> = local_slots[0]
-        .iter()
-        .map(|&slot| slot.max(PADDING_SLOT))
-        .collect();
-    let first = DecodeInputs {
-        cache: &cache.parts[0],
-        slots: &first_slots,
-        ..*inputs
-    };
-    // `from_parts` checked the other parts against the first; the plan does
-    // not depend on the number of slots.
-    let (shape, plan) = crate::plan_decode_step(client, &first)?;
-    check_out(out, &shape)?;
-    let slots: Vec<_> = local_slots.iter().map(|part| upload(client, part)).collect();
-    let caches: Vec<_> = cache.parts.iter().zip(&slots).collect();
-    // Bound for the kernel's packed mode, which a dense step does not use.
-    let unused_tokens = upload::<u32>(client, &[]);
-    launch_decode(
-        client,
-        &plan,
-        [inputs.q, inputs.k, inputs.v, inputs.slopes],
-        &caches,
-        &unused_tokens,
-        false,
-        out,
-        shape.heads,
-        inputs.scale.unwrap_or(1.0),
-        shape.key_dim,
-        shape.value_dim,
-    );
+    let step = SplitStep::new(client, inputs, cache)?;
+    check_out(out, &step.shape)?;
+    DeviceMemory::of(client).check(&step_buffers(client, inputs, &step.shape, cache.parts.len()))?;
+    step.launch(client, inputs, cache, out);
     Ok(())
+}
+
+/// A decode step against a split cache, validated and planned.
+struct SplitStep {
+    shape: DecodeShape,
+    plan: DecodePlan,
+    /// Each part's view of the slots (see [`SplitCache::local_slots`]).
+    local_slots: Vec<Vec<i32>>,
+}
+
+impl SplitStep {
+    fn new(client: &Client, inputs: &DecodeInputs, cache: &SplitCache) -> Result<Self> {
+        check_slots(inputs.slots, cache.slots())?;
+        let local_slots: Vec<Vec<i32>> = (0..cache.parts.len())
+            .map(|part| cache.local_slots(part, inputs.slots))
+            .collect();
+        // Validated and planned against the first part, with the entries of the
+        // others as padding (the parts share h, d, e).
+        let first_slots: Vec<i32> = local_slots[0]
+            .iter()
+            .map(|&slot| slot.max(PADDING_SLOT))
+            .collect();
+        let first = DecodeInputs {
+            cache: &cache.parts[0],
+            slots: &first_slots,
+            ..*inputs
+        };
+        // `from_parts` checked the other parts against the first; the plan does
+        // not depend on the number of slots.
+        let (shape, plan) = crate::plan_decode_step(client, &first)?;
+        Ok(Self {
+            shape,
+            plan,
+            local_slots,
+        })
+    }
+
+    /// Launches the step into a checked `out`, once its buffers fit the device.
+    fn launch(&self, client: &Client, inputs: &DecodeInputs, cache: &SplitCache, out: &DeviceTensor) {
+        let slots: Vec<_> = self.local_slots.iter().map(|part| upload(client, part)).collect();
+        let caches: Vec<_> = cache.parts.iter().zip(&slots).collect();
+        // Bound for the kernel's packed mode, which a dense step does not use.
+        let unused_tokens = upload::<u32>(client, &[]);
+        launch_decode(
+            client,
+            &self.plan,
+            [inputs.q, inputs.k, inputs.v, inputs.slopes],
+            &caches,
+            &unused_tokens,
+            false,
+            out,
+            self.shape.heads,
+            inputs.scale.unwrap_or(1.0),
+            self.shape.key_dim,
+            self.shape.value_dim,
+        );
+    }
 }

@@ -4,7 +4,14 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels::fill::fill_words;
 
+use crate::memory::{Buffer, DeviceMemory, read_error};
 use crate::{DType, LightningError, Result};
+
+/// What the errors of a tensor's creation call it.
+const CREATED: &str = "tensor being created";
+/// What the errors of a read call the tensor read: an allocation failure a
+/// read reports is its own or that of a buffer the work writing it needed.
+const READ: &str = "tensor read back (it, or a buffer the work writing it needed, could not be allocated)";
 
 /// A contiguous row-major tensor on a CubeCL device.
 #[derive(Clone, Debug)]
@@ -23,7 +30,8 @@ impl DeviceTensor {
         self.shape.iter().product()
     }
 
-    /// Uploads `data` (given as f32) converted to `dtype`.
+    /// Uploads `data` (given as f32) converted to `dtype`; returns
+    /// [`LightningError::OutOfMemory`] where the device cannot hold it.
     pub fn from_f32(client: &Client, data: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
         let expected: usize = shape.iter().product();
         if data.len() != expected {
@@ -34,6 +42,7 @@ impl DeviceTensor {
                 actual: shape.to_vec(),
             });
         }
+        DeviceMemory::of(client).check(&[Buffer::tensor(CREATED, shape, dtype)])?;
         let bytes: Vec<u8> = match dtype {
             DType::F32 => f32::as_bytes(data).to_vec(),
             DType::F16 => {
@@ -55,7 +64,10 @@ impl DeviceTensor {
     /// A tensor of `shape` with every element `value` (NaN to poison an
     /// output), written on the device: nothing of its size is built on the
     /// host or uploaded (a zeroed cache of many GiB costs one fill kernel).
+    /// Returns [`LightningError::OutOfMemory`], allocating nothing, where the
+    /// device cannot hold it (see [`crate::memory`]).
     pub fn filled(client: &Client, shape: &[usize], dtype: DType, value: f32) -> Result<Self> {
+        DeviceMemory::of(client).check(&[Buffer::tensor(CREATED, shape, dtype)])?;
         let len: usize = shape.iter().product();
         let words = len * dtype.size() / 4;
         // A 16-bit tensor of odd length ends inside a word, whose other half
@@ -85,7 +97,20 @@ impl DeviceTensor {
         Ok(tensor)
     }
 
-    /// An uninitialized tensor of `shape`.
+    /// An uninitialized tensor of `shape`, or [`LightningError::OutOfMemory`]
+    /// (allocating nothing) where the device cannot hold it: larger than the
+    /// runtime allocates in one buffer, or than the device has left where the
+    /// runtime reports that (see [`crate::memory`]).
+    pub fn try_empty(client: &Client, shape: &[usize], dtype: DType) -> Result<Self> {
+        DeviceMemory::of(client).check(&[Buffer::tensor(CREATED, shape, dtype)])?;
+        Ok(Self::empty(client, shape, dtype))
+    }
+
+    /// An uninitialized tensor of `shape`, unchecked: where the device cannot
+    /// allocate it, cubecl attaches the failure to the buffer (it does not
+    /// panic), skips the kernels that use it, and the next read of their
+    /// outputs returns [`LightningError::OutOfMemory`]. [`DeviceTensor::try_empty`]
+    /// refuses what cannot fit before allocating.
     pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Self {
         let len: usize = shape.iter().product();
         Self {
@@ -95,11 +120,13 @@ impl DeviceTensor {
         }
     }
 
-    /// Reads the tensor back, widened to f32.
+    /// Reads the tensor back, widened to f32. Waits for the work writing it;
+    /// an allocation that failed on the way (the tensor's, or a buffer that
+    /// work needed) is returned as [`LightningError::OutOfMemory`].
     pub fn to_f32_vec(&self, client: &Client) -> Result<Vec<f32>> {
         let bytes = client
             .read_one(self.handle.clone())
-            .map_err(|e| LightningError::Device(e.to_string()))?;
+            .map_err(|e| read_error(client, READ, e))?;
         let len = self.num_elements();
         Ok(match self.dtype {
             DType::F32 => f32::from_bytes(&bytes)[..len].to_vec(),
@@ -114,11 +141,12 @@ impl DeviceTensor {
         })
     }
 
-    /// Reads the raw bytes back (for byte-exact comparisons).
+    /// Reads the raw bytes back (for byte-exact comparisons); errors as for
+    /// [`DeviceTensor::to_f32_vec`].
     pub fn to_bytes(&self, client: &Client) -> Result<Vec<u8>> {
         let bytes = client
             .read_one(self.handle.clone())
-            .map_err(|e| LightningError::Device(e.to_string()))?;
+            .map_err(|e| read_error(client, READ, e))?;
         Ok(bytes[..self.num_elements() * self.dtype.size()].to_vec())
     }
 }

@@ -17,6 +17,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::launch::{CallLaunch, Layout, Variant};
+use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
 use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
@@ -92,17 +93,7 @@ impl PlannedBatch {
             });
         }
         let limits = DeviceLimits::of(client);
-        let rows = shape.total_tokens * shape.heads;
-        widen::check_copies(
-            &limits,
-            shape.dtype,
-            config,
-            &[
-                ("q", rows * shape.key_dim),
-                ("k", rows * shape.key_dim),
-                ("v", rows * shape.value_dim),
-            ],
-        )?;
+        widen::check_copies(&limits, shape.dtype, config, &copies(&shape)[..3])?;
         let sequences = check_offsets(batch.cu_seqlens, shape.total_tokens)?;
         shape.sequences = sequences;
         check_len("slots", batch.slots.len(), sequences)?;
@@ -148,6 +139,18 @@ impl PlannedBatch {
             decode,
         })
     }
+}
+
+/// The f32 copies a widened call on tensors of `shape` makes (see
+/// [`crate::widen`]): the name and elements of q, k, v and out.
+fn copies(shape: &VarlenShape) -> [(&'static str, usize); 4] {
+    let rows = shape.total_tokens * shape.heads;
+    [
+        ("f32 copy of q", rows * shape.key_dim),
+        ("f32 copy of k", rows * shape.key_dim),
+        ("f32 copy of v", rows * shape.value_dim),
+        ("f32 output before rounding", rows * shape.value_dim),
+    ]
 }
 
 /// Checks the snapshots and lists them as `(sequence, token, slot)`.
@@ -199,8 +202,35 @@ pub(crate) struct DeviceBatch {
 }
 
 impl DeviceBatch {
-    /// Uploads the tables and allocates the workspace.
-    pub fn upload(client: &Client, planned: PlannedBatch) -> Self {
+    /// What a call of `planned` allocates, `out` first where the call
+    /// allocates its output.
+    pub fn buffers(planned: &PlannedBatch, allocates_out: bool) -> Vec<Buffer> {
+        let shape = &planned.shape;
+        let mut buffers = Vec::new();
+        if allocates_out {
+            buffers.push(Buffer::tensor(
+                "out [total_tokens, h, e]",
+                &shape.out_shape(),
+                shape.dtype,
+            ));
+        }
+        buffers.extend(crate::memory::launch_buffers(
+            &planned.prefill,
+            &planned.table,
+            [shape.heads, shape.key_dim, shape.value_dim],
+            &copies(shape),
+        ));
+        buffers
+    }
+
+    /// Uploads the tables and allocates the workspace, once the call's
+    /// buffers are known to fit the device.
+    pub fn upload(client: &Client, planned: PlannedBatch) -> Result<Self> {
+        DeviceMemory::of(client).check(&Self::buffers(&planned, false))?;
+        Ok(Self::upload_checked(client, planned))
+    }
+
+    fn upload_checked(client: &Client, planned: PlannedBatch) -> Self {
         let table = planned.table.upload(client, &planned.prefill);
         let workspace = client.empty(planned.prefill.block_states_len.max(1) * 4);
         Self {
@@ -269,15 +299,24 @@ fn plan(client: &Client, inputs: &VarlenInputs, config: &PrefillConfig) -> Resul
 }
 
 /// Runs a packed call, returning the output `[T, h, e]` (dtype of q); final
-/// states (and snapshots) are written to their slots of the cache.
+/// states (and snapshots) are written to their slots of the cache. Returns
+/// [`LightningError::OutOfMemory`], having allocated nothing, where the
+/// device cannot hold the call's buffers (see [`crate::memory`]).
 pub fn prefill_varlen(
     client: &Client,
     inputs: &VarlenInputs,
     config: &PrefillConfig,
 ) -> Result<DeviceTensor> {
     let planned = plan(client, inputs, config)?;
+    DeviceMemory::of(client).check(&DeviceBatch::buffers(&planned, true))?;
     let out = DeviceTensor::empty(client, &planned.shape.out_shape(), planned.shape.dtype);
-    DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, &out);
+    DeviceBatch::upload_checked(client, planned).launch(
+        client,
+        layer_tensors(inputs),
+        inputs.cache,
+        config,
+        &out,
+    );
     Ok(out)
 }
 
@@ -291,6 +330,6 @@ pub fn prefill_varlen_into(
 ) -> Result<()> {
     let planned = plan(client, inputs, config)?;
     check_out(&planned.shape, out)?;
-    DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, out);
+    DeviceBatch::upload(client, planned)?.launch(client, layer_tensors(inputs), inputs.cache, config, out);
     Ok(())
 }

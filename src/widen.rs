@@ -22,8 +22,9 @@
 use cubecl::prelude::*;
 use lightning_attention_kernels::widen::{narrow_bf16, narrow_cast, widen_bf16, widen_cast};
 
+use crate::memory::Buffer;
 use crate::plan::{DeviceLimits, Products};
-use crate::{DType, DeviceTensor, LightningError, Precision, PrefillConfig, Result};
+use crate::{DType, DeviceTensor, Precision, PrefillConfig, Result};
 
 /// Units per cube of the conversion kernels.
 const UNITS: u32 = 256;
@@ -66,15 +67,7 @@ pub(crate) fn check_copies(
         return Ok(());
     }
     for &(name, elements) in tensors {
-        let required = elements as u64 * 4;
-        if required > limits.max_buffer {
-            return Err(LightningError::DoesNotFit {
-                kernel: name,
-                resource: "bytes in one buffer, for the f32 copy of this 16-bit tensor",
-                required,
-                available: limits.max_buffer,
-            });
-        }
+        crate::memory::fits_one_buffer(Buffer::elements(name, elements, DType::F32), limits.max_buffer)?;
     }
     Ok(())
 }

@@ -233,6 +233,15 @@ fn backend_errors_are_typed() {
     if slots * slot_elements <= u32::MAX as u64 {
         config.slots = slots as usize;
         let err = LightningBackend::new(&client, config).unwrap_err();
-        assert!(matches!(err, LightningError::DoesNotFit { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                LightningError::OutOfMemory {
+                    limit: lightning_attention::MemoryLimit::Buffer,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }
