@@ -11,6 +11,7 @@ mod consistency;
 mod decode;
 mod errors;
 mod fill;
+mod layout_errors;
 mod prefill;
 mod serving;
 mod split_cache;

@@ -3,6 +3,7 @@
 //! against the f64 reference backward, the FLA layout, decode, and a typed
 //! error on bad input.
 
+mod layout_errors;
 mod training;
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};

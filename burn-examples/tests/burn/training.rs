@@ -28,7 +28,7 @@ const MAX_FINAL_FRACTION: f32 = 0.2;
 /// interleave with theirs and its run stays repeatable.
 static RNG: Mutex<()> = Mutex::new(());
 
-fn rng_lock() -> MutexGuard<'static, ()> {
+pub(super) fn rng_lock() -> MutexGuard<'static, ()> {
     // A failed test poisons the lock; the others may still run.
     RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
