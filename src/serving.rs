@@ -25,10 +25,10 @@ use crate::launch::launch_decode;
 use crate::memory::{Buffer, DeviceMemory};
 use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
 use crate::sequences::{IndexBuffer, upload};
-use crate::shapes::{DecodeShape, check_slots};
+use crate::shapes::{DecodeShape, check_slots, check_tensor, expect_shape};
 use crate::slopes::{layer_slopes, rank_slice};
-use crate::varlen::{DeviceBatch, PlannedBatch, check_out};
-use crate::varlen_checks::{VarlenShape, check_tensors};
+use crate::varlen::{DeviceBatch, PlannedBatch};
+use crate::varlen_checks::VarlenShape;
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, VarlenBatch};
 
 /// How a [`LightningBackend`] is built.
@@ -53,6 +53,28 @@ pub struct BackendConfig {
     /// BLOCK, CBLOCK and the output scale of prefills.
     pub prefill: PrefillConfig,
 }
+
+/// The layouts a step's layer calls document: `tokens` is the step's token
+/// axis (`B` sequences of a decode, `T` packed tokens of an extend).
+struct StepLayout {
+    tokens: &'static str,
+    qk: &'static str,
+    ve: &'static str,
+}
+
+/// [`LightningBackend::forward_decode`]'s layouts.
+const DECODE: StepLayout = StepLayout {
+    tokens: "B",
+    qk: "[B, h_rank, d]",
+    ve: "[B, h_rank, e]",
+};
+
+/// [`LightningBackend::forward_extend`]'s layouts.
+const EXTEND: StepLayout = StepLayout {
+    tokens: "T",
+    qk: "[T, h_rank, d]",
+    ve: "[T, h_rank, e]",
+};
 
 /// The step the backend was last prepared for.
 #[derive(Debug)]
@@ -253,7 +275,7 @@ impl LightningBackend {
             ));
         };
         self.check_layer(layer)?;
-        self.check_layer_tensors(layer, q, k, v, out, *batch)?;
+        self.check_layer_tensors(&DECODE, q, k, v, out, *batch)?;
         let slots = IndexBuffer::new(self.decode_slots.clone(), *batch);
         launch_decode(
             &self.client,
@@ -289,7 +311,7 @@ impl LightningBackend {
             ));
         };
         self.check_layer(layer)?;
-        self.check_layer_tensors(layer, q, k, v, out, batch.planned.shape.total_tokens)?;
+        self.check_layer_tensors(&EXTEND, q, k, v, out, batch.planned.shape.total_tokens)?;
         batch.launch(
             &self.client,
             [q, k, v, &self.slopes[layer]],
@@ -323,33 +345,31 @@ impl LightningBackend {
         Ok(())
     }
 
-    /// Host-only checks of one layer's tensors against the prepared step.
+    /// Host-only checks of one layer's tensors against the prepared step, in
+    /// the layouts of the calling method (`layout`). Every shape is known from
+    /// the backend and the step (`tokens`), so each tensor is judged on its
+    /// own: an error names the tensor the caller passed, in its layout, never
+    /// the backend's own slopes or cache.
     fn check_layer_tensors(
         &self,
-        layer: usize,
+        layout: &StepLayout,
         q: &DeviceTensor,
         k: &DeviceTensor,
         v: &DeviceTensor,
         out: &DeviceTensor,
         tokens: usize,
-    ) -> Result<VarlenShape> {
-        let shape = check_tensors(q, k, v, &self.slopes[layer], &self.caches[layer])?;
-        if shape.dtype != self.config.dtype {
-            return Err(LightningError::DType {
-                tensor: "q",
-                expected: self.config.dtype,
-                actual: shape.dtype,
-            });
+    ) -> Result<()> {
+        let (h, d, e) = (self.local_heads, self.config.key_dim, self.config.value_dim);
+        let (qk_names, ve_names) = ([layout.tokens, "h_rank", "d"], [layout.tokens, "h_rank", "e"]);
+        for (tensor, name, names, layout, expected) in [
+            (q, "q", &qk_names, layout.qk, [tokens, h, d]),
+            (k, "k", &qk_names, layout.qk, [tokens, h, d]),
+            (v, "v", &ve_names, layout.ve, [tokens, h, e]),
+            (out, "out", &ve_names, layout.ve, [tokens, h, e]),
+        ] {
+            check_tensor(tensor, name, names, layout, Some(self.config.dtype))?;
+            expect_shape(tensor, name, &expected, layout)?;
         }
-        if shape.total_tokens != tokens {
-            return Err(LightningError::Shape {
-                tensor: "q",
-                expected: vec![tokens, self.local_heads, self.config.key_dim],
-                layout: "[tokens of the prepared step, h_rank, d]",
-                actual: q.shape.clone(),
-            });
-        }
-        check_out(&shape, out)?;
-        Ok(shape)
+        Ok(())
     }
 }

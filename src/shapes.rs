@@ -285,15 +285,22 @@ pub fn validate_decode_shapes(
 fn decode_args<T: Arg>(q: &T, k: &T, v: &T, cache: &T, slopes: &T, slots: &[i32]) -> Result<DecodeShape> {
     const QK: &str = "[b, h, 1, d]";
     const V: &str = "[b, h, 1, e]";
-    check_tensor(q, "q", &["b", "h", "n", "d"], QK, None)?;
+    // The token axis is 1 in the layout, not a size of the caller's: each
+    // tensor's shape is checked before its empty dimensions, so a token axis
+    // of 0 (or 2) is a shape error against `[b, h, 1, *]`, never a dimension
+    // name the layout does not have.
+    expect_rank(q, "q", 4, QK)?;
     let (dtype, dims) = (q.elem(), q.dims());
     let (batch, heads, key_dim) = (dims[0], dims[1], dims[3]);
     expect_shape(q, "q", &[batch, heads, 1, key_dim], QK)?;
-    check_tensor(k, "k", &["b", "h", "n", "d"], QK, Some(dtype))?;
+    check_tensor(q, "q", &["b", "h", "1", "d"], QK, None)?;
+    expect_rank(k, "k", 4, QK)?;
     expect_shape(k, "k", dims, QK)?;
-    check_tensor(v, "v", &["b", "h", "n", "e"], V, Some(dtype))?;
+    check_tensor(k, "k", &["b", "h", "1", "d"], QK, Some(dtype))?;
+    expect_rank(v, "v", 4, V)?;
     let value_dim = v.dims()[3];
     expect_shape(v, "v", &[batch, heads, 1, value_dim], V)?;
+    check_tensor(v, "v", &["b", "h", "1", "e"], V, Some(dtype))?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
     const CACHE: &str = "[slots, h, d, e]";

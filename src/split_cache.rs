@@ -134,6 +134,35 @@ impl SplitCache {
         (part < self.parts.len()).then(|| (part, slot - self.starts[part]))
     }
 
+    /// An error about the first part, which a step is validated against,
+    /// told of the whole cache, the tensor the caller passed: a part's
+    /// shape `[slots_0, h, d, e]` becomes the cache's `[slots, h, d, e]`
+    /// (the parts share `h, d, e`, and the slot count is never at fault
+    /// there: the slots were checked against the whole cache first).
+    fn whole_cache_error(&self, err: LightningError) -> LightningError {
+        match err {
+            LightningError::Shape {
+                tensor: "cache",
+                mut expected,
+                layout,
+                mut actual,
+            } => {
+                for shape in [&mut expected, &mut actual] {
+                    if let Some(slots) = shape.first_mut() {
+                        *slots = self.slots();
+                    }
+                }
+                LightningError::Shape {
+                    tensor: "cache",
+                    expected,
+                    layout,
+                    actual,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// `slots` as part `part` sees them: its own slots local to it, padding
     /// for the first part only, every other entry skipped.
     fn local_slots(&self, part: usize, slots: &[i32]) -> Vec<i32> {
@@ -209,7 +238,8 @@ impl SplitStep {
         };
         // `from_parts` checked the other parts against the first; the plan does
         // not depend on the number of slots.
-        let (shape, plan) = crate::plan_decode_step(client, &first)?;
+        let (shape, plan) =
+            crate::plan_decode_step(client, &first).map_err(|err| cache.whole_cache_error(err))?;
         Ok(Self {
             shape,
             plan,

@@ -283,8 +283,8 @@ fn layer_tensors<'a>(inputs: &VarlenInputs<'a>) -> [&'a DeviceTensor; 4] {
 
 /// Checks `out` `[T, h, e]` (dtype of q).
 pub(crate) fn check_out(shape: &VarlenShape, out: &DeviceTensor) -> Result<()> {
-    const OUT: &str = "[total_tokens, h, e]";
-    check_tensor(out, "out", &["total_tokens", "h", "e"], OUT, Some(shape.dtype))?;
+    const OUT: &str = "[T, h, e]";
+    check_tensor(out, "out", &["T", "h", "e"], OUT, Some(shape.dtype))?;
     expect_shape(out, "out", &shape.out_shape(), OUT)
 }
 

@@ -41,14 +41,15 @@ pub(crate) fn check_tensors(
     slopes: &DeviceTensor,
     cache: &DeviceTensor,
 ) -> Result<VarlenShape> {
-    const QK: &str = "[total_tokens, h, d]";
-    const V: &str = "[total_tokens, h, e]";
+    // The layouts and dimension names of `VarlenInputs`' docs.
+    const QK: &str = "[T, h, d]";
+    const V: &str = "[T, h, e]";
     const CACHE: &str = "[slots, h, d, e]";
-    check_tensor(q, "q", &["total_tokens", "h", "d"], QK, None)?;
+    check_tensor(q, "q", &["T", "h", "d"], QK, None)?;
     let (total_tokens, heads, key_dim) = (q.shape[0], q.shape[1], q.shape[2]);
-    check_tensor(k, "k", &["total_tokens", "h", "d"], QK, Some(q.dtype))?;
+    check_tensor(k, "k", &["T", "h", "d"], QK, Some(q.dtype))?;
     expect_shape(k, "k", &q.shape, QK)?;
-    check_tensor(v, "v", &["total_tokens", "h", "e"], V, Some(q.dtype))?;
+    check_tensor(v, "v", &["T", "h", "e"], V, Some(q.dtype))?;
     let value_dim = v.shape[2];
     expect_shape(v, "v", &[total_tokens, heads, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;

@@ -27,8 +27,19 @@ use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 // Not `lightning_attention::Result`: Burn's `Config` derive expands to code
 // that names the prelude's `Result`.
+use super::caller_layout::{CallerArg, in_caller_layout};
 use super::fla_lightning_attention;
 use crate::{LightningError, PrefillConfig, slopes};
+
+/// The layer's `state` is [`fla_lightning_attention`]'s initial state: its
+/// errors name it as the layer's caller does, in the layer's layout.
+const STATE: CallerArg = CallerArg {
+    inner: "initial_state",
+    name: "state",
+    layout: "[batch, h, d, d]",
+    axes: &[0, 1, 2, 3],
+    dims: &[("B", "batch"), ("H", "h"), ("D", "d"), ("E", "d")],
+};
 
 /// The shape of a [`MiniMaxLinearAttention`] layer and its kernels' block configuration.
 #[derive(Config, Debug)]
@@ -147,8 +158,9 @@ impl MiniMaxLinearAttention {
     /// [`LightningError::Shape`] when the last dimension of `x` is not
     /// `hidden_size` (checked here, since Burn's `Linear` would panic);
     /// [`LightningError::EmptyDimension`] for an empty batch or sequence; and
-    /// whatever the kernels reject (a state of the wrong shape, a device
-    /// limit), before anything launches.
+    /// whatever the kernels reject (a state of the wrong shape or dtype, a
+    /// device limit), before anything launches. Errors about the state name
+    /// it `state`, with its shape as given and the layout `[batch, h, d, d]`.
     pub fn forward_with_state(
         &self,
         x: Tensor<3>,
@@ -182,7 +194,8 @@ impl MiniMaxLinearAttention {
         let qkv = silu(self.qkv.forward(x.clone())).reshape([batch, seq, h, 3 * d]);
         let [q, k, v] = <[Tensor<4>; 3]>::try_from(qkv.split(d, 3)).expect("3d columns split into 3 of d");
         let (attn, state) =
-            fla_lightning_attention(q, k, v, self.slopes.clone(), state, true, self.attention)?;
+            fla_lightning_attention(q, k, v, self.slopes.clone(), state, true, self.attention)
+                .map_err(|err| in_caller_layout(err, &[STATE]))?;
         let state = state.expect("output_final_state was asked for");
 
         // Norm over all heads together (MiniMax normalizes the h*d vector), then

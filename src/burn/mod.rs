@@ -29,6 +29,7 @@
 //! supported: Burn's dispatch panics there.
 
 mod autodiff;
+mod caller_layout;
 mod cube;
 pub mod layer;
 
@@ -344,8 +345,12 @@ pub fn lightning_attention_with_config(
 ///
 /// # Errors
 ///
-/// As [`lightning_attention_with_config`]; tensor names and layouts in the
-/// error are those of the `[B, H, T, *]` call.
+/// As [`lightning_attention_with_config`], told in this function's layout:
+/// shapes in the order given (`[B, T, H, *]` for q, k and v), layouts
+/// `[B, T, H, D]`, `[B, T, H, E]`, `[H]` and `[B, H, D, E]`, dimensions named
+/// `B`, `T`, `H`, `D` and `E`. A key of head dim 8 among queries of 16, say
+/// q `[2, 77, 3, 16]` and k `[2, 77, 3, 8]`, is
+/// `k: expected shape [2, 77, 3, 16] ([B, T, H, D]), got [2, 77, 3, 8]`.
 pub fn fla_lightning_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -363,7 +368,10 @@ pub fn fla_lightning_attention(
         slopes,
         initial_state,
         config,
-    )?;
+    )
+    // The library judged the permuted views: its errors are mapped back to
+    // the tensors as the caller gave them.
+    .map_err(|err| caller_layout::in_caller_layout(err, &caller_layout::FLA))?;
     Ok((out.permute(swap), output_final_state.then_some(state)))
 }
 

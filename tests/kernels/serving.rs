@@ -181,9 +181,9 @@ fn backend_errors_are_typed() {
         "{err}"
     );
     let (q4, k4) = (t(&[4, h, d]), t(&[4, h, d]));
-    let err = backend.forward_decode(0, &q4, &k4, &v, &out).unwrap_err();
-    assert!(matches!(err, LightningError::Shape { tensor: "v", .. }), "{err}");
     let (v4, out4) = (t(&[4, h, e]), t(&[4, h, e]));
+    let err = backend.forward_decode(0, &q, &k, &v4, &out).unwrap_err();
+    assert!(matches!(err, LightningError::Shape { tensor: "v", .. }), "{err}");
     let err = backend.forward_decode(0, &q4, &k4, &v4, &out4).unwrap_err();
     assert!(matches!(err, LightningError::Shape { tensor: "q", .. }), "{err}");
     let err = backend.prepare_decode(&[0, 1, 2, 3, 4]).unwrap_err();

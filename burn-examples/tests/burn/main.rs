@@ -4,6 +4,7 @@
 //! error on bad input.
 
 mod layer;
+mod layout_errors;
 mod training;
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
