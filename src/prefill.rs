@@ -9,7 +9,7 @@ use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
 use crate::widen;
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// The arguments of a prefill.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +58,17 @@ pub fn plan_prefill(
 }
 
 /// Runs the prefill, allocating the output and the final state.
+///
+/// # Non-finite results
+///
+/// The kernels compute in f32 and round the output to the dtype of q on
+/// store, as IEEE 754 says: an f16 output past ±65504 comes back as ±inf (NaN
+/// where inf - inf meets), in an `Ok` result; so do NaN or inf inputs
+/// propagate. (MiniMax's last layers decay weakly, so over thousands of tokens
+/// f16 inputs of magnitude 10 overflow.) The final state is f32 and overflows
+/// only past f32's range. With [`PrefillConfig::check_finite`] the call checks
+/// `out` and then `final_state` and returns [`LightningError::NonFinite`]
+/// naming the first that holds a non-finite value.
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
     let planned = plan_prefill(client, inputs, config)?;
     let (shape, _) = planned;
@@ -77,6 +88,7 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
 
 /// Runs the prefill into caller-owned `out` `[b, h, n, e]` (dtype of q) and
 /// `final_state` `[b, h, d, e]` f32. Every element of both is written.
+/// Non-finite results: as [`prefill`].
 pub fn prefill_into(
     client: &Client,
     inputs: &PrefillInputs,
@@ -229,5 +241,9 @@ fn launch_planned(
         variant: Variant::FORWARD,
     }
     .run(hook);
+    if config.check_finite {
+        check_finite(client, out, "out")?;
+        check_finite(client, final_state, "final_state")?;
+    }
     Ok(())
 }

@@ -22,7 +22,7 @@ use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::widen;
-use crate::{DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
 /// that a speculative-decoding verifier can roll back to any accepted prefix.
@@ -278,6 +278,9 @@ pub fn prefill_varlen(
     let planned = plan(client, inputs, config)?;
     let out = DeviceTensor::empty(client, &planned.shape.out_shape(), planned.shape.dtype);
     DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, &out);
+    if config.check_finite {
+        check_finite(client, &out, "out")?;
+    }
     Ok(out)
 }
 
@@ -292,5 +295,8 @@ pub fn prefill_varlen_into(
     let planned = plan(client, inputs, config)?;
     check_out(&planned.shape, out)?;
     DeviceBatch::upload(client, planned).launch(client, layer_tensors(inputs), inputs.cache, config, out);
+    if config.check_finite {
+        check_finite(client, out, "out")?;
+    }
     Ok(())
 }

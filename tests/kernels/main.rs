@@ -11,6 +11,7 @@ mod consistency;
 mod decode;
 mod errors;
 mod fill;
+mod finite;
 mod prefill;
 mod serving;
 mod split_cache;
