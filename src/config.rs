@@ -17,6 +17,20 @@ pub struct PrefillConfig {
     pub routines: Routines,
     /// How f32 inputs are multiplied (16-bit inputs ignore it).
     pub precision: Precision,
+    /// After the launches, check that the output and the final states hold
+    /// only finite values, and return [`LightningError::NonFinite`] naming the
+    /// tensor if not (default off). Without it an f16 output past 65504 comes
+    /// back as ±inf (or NaN, from inf - inf) in an `Ok` result, as IEEE
+    /// rounding gives (see [`crate::DType`]). The check scans each tensor once
+    /// and waits for the device ([`crate::check_finite`]); the calls that honour
+    /// it are [`crate::prefill`], [`crate::prefill_into`] and
+    /// [`crate::profile_prefill_into`] (`out`, then `final_state`), and
+    /// [`crate::prefill_varlen`] and [`crate::prefill_varlen_into`] (`out`
+    /// only: the cache's other slots may hold anything, and a non-finite final
+    /// state shows in its sequence's last output). Decode, the backward pass
+    /// and [`crate::LightningBackend`] (whose calls never wait on the device)
+    /// ignore it: call [`crate::check_finite`] on their results where wanted.
+    pub check_finite: bool,
 }
 
 /// How the products of f32 inputs are computed: the accuracy each choice
@@ -68,7 +82,7 @@ pub enum Routines {
 }
 
 impl Default for PrefillConfig {
-    /// vLLM's `BLOCK = 256` with sub-blocks of 32, no scale.
+    /// vLLM's `BLOCK = 256` with sub-blocks of 32, no scale, no finite check.
     fn default() -> Self {
         Self {
             block: 256,
@@ -76,6 +90,7 @@ impl Default for PrefillConfig {
             scale: None,
             routines: Routines::Auto,
             precision: Precision::Split,
+            check_finite: false,
         }
     }
 }
@@ -105,6 +120,7 @@ impl PrefillConfig {
             scale: None,
             routines: Routines::Auto,
             precision: Precision::Split,
+            check_finite: false,
         }
     }
 
@@ -124,6 +140,11 @@ impl PrefillConfig {
     /// The same config with f32 products computed as `precision` says.
     pub fn with_precision(self, precision: Precision) -> Self {
         Self { precision, ..self }
+    }
+
+    /// The same config with the check of [`PrefillConfig::check_finite`] on or off.
+    pub fn with_check_finite(self, check_finite: bool) -> Self {
+        Self { check_finite, ..self }
     }
 
     /// Checks the rules the kernels rely on.

@@ -53,9 +53,19 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
     Ok((shape, plan))
 }
 
-/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is
-/// updated in place. Returns [`LightningError::OutOfMemory`], having
-/// allocated nothing, where the device cannot hold the step's buffers.
+/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place. Returns
+/// [`LightningError::OutOfMemory`], having allocated nothing, where the
+/// device cannot hold the step's buffers.
+///
+/// # Non-finite results
+///
+/// As in [`crate::prefill`]: computed in f32, the output rounded to the dtype
+/// of q as IEEE 754 says (an f16 output past ±65504 is ±inf, NaN where inf -
+/// inf meets), the f32 state overflowing only past f32's range, all in an `Ok`
+/// result. Decode takes no check option: a check is one more launch and a wait
+/// for the device, which a step that otherwise never waits would feel. Call
+/// [`crate::check_finite`] on `out` (or the cache) where wanted, or launch a
+/// [`crate::FiniteScan`] per step and read them all after one wait.
 pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
     let (shape, plan) = plan_decode_step(client, inputs)?;
     let mut buffers = vec![Buffer::tensor(
@@ -71,6 +81,7 @@ pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
 }
 
 /// Runs a decode step into caller-owned `out` `[b, h, 1, e]` (dtype of q).
+/// Non-finite results: as [`decode`].
 pub fn decode_into(client: &Client, inputs: &DecodeInputs, out: &DeviceTensor) -> Result<()> {
     let (shape, plan) = plan_decode_step(client, inputs)?;
     launch_planned(client, inputs, shape, plan, out)

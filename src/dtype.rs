@@ -4,11 +4,17 @@ use cubecl::ir::features::TypeUsage;
 use cubecl::prelude::*;
 
 /// The float type of q, k, v and the output. The state is always f32.
+///
+/// Every kernel computes in f32 and rounds to this type on store, to nearest
+/// even, as IEEE 754 says: a value past the type's range becomes ±inf (f16's
+/// largest finite magnitude is 65504; bf16 has f32's range, about 3.4e38),
+/// and NaN stays NaN. Nothing is checked unless asked for
+/// ([`crate::check_finite`], [`crate::PrefillConfig::check_finite`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// 32-bit float.
     F32,
-    /// IEEE half.
+    /// IEEE half: magnitudes up to 65504 (a larger result is ±inf).
     F16,
     /// bfloat16.
     BF16,

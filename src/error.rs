@@ -4,7 +4,9 @@ use crate::DType;
 use crate::memory::MemoryLimit;
 
 /// Why a lightning-attention call was refused. Each variant says what was
-/// wrong and what was expected; nothing is launched once one is returned.
+/// wrong and what was expected; nothing is launched once one is returned,
+/// except [`LightningError::NonFinite`], which an opt-in check returns after
+/// the launches, about what they wrote.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LightningError {
     /// A tensor has the wrong number of dimensions.
@@ -226,6 +228,25 @@ pub enum LightningError {
         available: Option<u64>,
         /// Which limit refused it.
         limit: MemoryLimit,
+    },
+    /// An opt-in check found infinities or NaN in a tensor
+    /// ([`crate::check_finite`], [`crate::PrefillConfig::check_finite`]).
+    #[error(
+        "{tensor}: {count} of its {elements} {dtype} elements are not finite (the first at flat index {first_index}); {hint}"
+    )]
+    NonFinite {
+        /// Which tensor (`out`, `final_state`, or the name given to the check).
+        tensor: &'static str,
+        /// Its dtype.
+        dtype: DType,
+        /// How many elements are ±inf or NaN.
+        count: u64,
+        /// Elements in the tensor.
+        elements: u64,
+        /// The row-major index of the first of them.
+        first_index: u64,
+        /// Why values of this dtype leave the representable range, and what to do.
+        hint: &'static str,
     },
 }
 

@@ -31,6 +31,7 @@ mod config;
 mod decode;
 mod dtype;
 mod error;
+mod finite;
 mod launch;
 pub mod memory;
 pub mod plan;
@@ -51,6 +52,7 @@ pub use config::{Precision, PrefillConfig, Routines};
 pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use dtype::DType;
 pub use error::{LightningError, Result};
+pub use finite::{FiniteScan, check_finite};
 pub use memory::MemoryLimit;
 pub use prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,

@@ -10,7 +10,7 @@ use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use crate::sequences::SequenceTable;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
 use crate::widen;
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// The arguments of a prefill.
 #[derive(Clone, Copy, Debug)]
@@ -70,6 +70,17 @@ fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
 /// Runs the prefill, allocating the output and the final state. Returns
 /// [`LightningError::OutOfMemory`], having allocated nothing, where the
 /// device cannot hold the call's buffers (see [`crate::memory`]).
+///
+/// # Non-finite results
+///
+/// The kernels compute in f32 and round the output to the dtype of q on
+/// store, as IEEE 754 says: an f16 output past ±65504 comes back as ±inf (NaN
+/// where inf - inf meets), in an `Ok` result; so do NaN or inf inputs
+/// propagate. (MiniMax's last layers decay weakly, so over thousands of tokens
+/// f16 inputs of magnitude 10 overflow.) The final state is f32 and overflows
+/// only past f32's range. With [`PrefillConfig::check_finite`] the call checks
+/// `out` and then `final_state` and returns [`LightningError::NonFinite`]
+/// naming the first that holds a non-finite value.
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
     let (shape, plan) = plan_prefill(client, inputs, config)?;
     let table = dense_table(&shape, inputs, config);
@@ -91,6 +102,10 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
         &final_state,
         &mut |_, launch| launch(),
     );
+    if config.check_finite {
+        check_finite(client, &out, "out")?;
+        check_finite(client, &final_state, "final_state")?;
+    }
     Ok(PrefillOutput { out, final_state })
 }
 
@@ -118,6 +133,8 @@ fn launch_buffers(
 /// `final_state` `[b, h, d, e]` f32. Every element of both is written.
 /// The call's own buffers (workspace, work lists, f32 copies) are checked
 /// against the device's memory first, as in [`prefill`].
+///
+/// Non-finite results: as [`prefill`].
 pub fn prefill_into(
     client: &Client,
     inputs: &PrefillInputs,
@@ -257,6 +274,10 @@ fn launch_planned(
         final_state,
         hook,
     );
+    if config.check_finite {
+        check_finite(client, out, "out")?;
+        check_finite(client, final_state, "final_state")?;
+    }
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
 use crate::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::widen;
-use crate::{DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
 /// that a speculative-decoding verifier can roll back to any accepted prefix.
@@ -317,6 +317,9 @@ pub fn prefill_varlen(
         config,
         &out,
     );
+    if config.check_finite {
+        check_finite(client, &out, "out")?;
+    }
     Ok(out)
 }
 
@@ -331,5 +334,8 @@ pub fn prefill_varlen_into(
     let planned = plan(client, inputs, config)?;
     check_out(&planned.shape, out)?;
     DeviceBatch::upload(client, planned)?.launch(client, layer_tensors(inputs), inputs.cache, config, out);
+    if config.check_finite {
+        check_finite(client, out, "out")?;
+    }
     Ok(())
 }

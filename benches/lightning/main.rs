@@ -18,6 +18,7 @@ mod accuracy;
 mod backend_decode;
 mod chart;
 mod decode_step;
+mod finite;
 mod mixed;
 mod report;
 mod speculative;
@@ -43,9 +44,10 @@ struct Options {
     /// Prefill routines, `--routines auto,portable,chunk` (auto: tensor cores and
     /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
-    /// Which groups of rows run, `--only prefill,decode,training,mixed,step,verify`
-    /// (default: all but `step`, the whole decode step of many layers, and
-    /// `verify`, speculative decoding's verify step against plain steps).
+    /// Which groups of rows run, `--only prefill,decode,training,mixed,step,verify,finite`
+    /// (default: all but `step`, the whole decode step of many layers,
+    /// `verify`, speculative decoding's verify step against plain steps, and
+    /// `finite`, the opt-in finite check beside the prefill and decode it follows).
     only: Vec<String>,
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
@@ -551,6 +553,21 @@ fn main() {
         let (verify_batch, drafts) = if opts.quick { (4, 2) } else { (64, 4) };
         if runs("verify") {
             for row in speculative::bench_verify(&client, &target, verify_batch, drafts, &opts, bw) {
+                eprintln!("{}", row.line());
+                rows.push(row);
+            }
+        }
+        // The finite check's cost, beside the calls it would follow.
+        for &shape in prefill_shapes.iter().filter(|_| runs("finite")) {
+            for &dtype in &opts.dtypes {
+                for row in finite::bench_prefill_check(&client, &target, shape, dtype, &opts, bw) {
+                    eprintln!("{}", row.line());
+                    rows.push(row);
+                }
+            }
+        }
+        for &batch in decode_batches.iter().filter(|_| runs("finite")) {
+            for row in finite::bench_decode_check(&client, &target, batch, &opts, bw) {
                 eprintln!("{}", row.line());
                 rows.push(row);
             }

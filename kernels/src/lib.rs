@@ -21,6 +21,7 @@
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //! [`fill`] sets a buffer to one value on the device (zeroed caches, poisoned outputs).
+//! [`finite`] counts the non-finite elements of a tensor (the host's opt-in checks).
 //! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
 //! its 32-bit words where the runtime has no bf16 type) and rounds f32 back.
 //!
@@ -48,6 +49,7 @@ pub mod decode;
 pub mod diag;
 pub mod diag_cmma;
 pub mod fill;
+pub mod finite;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;
 pub mod kv_reduce;

@@ -11,6 +11,7 @@ mod consistency;
 mod decode;
 mod errors;
 mod fill;
+mod finite;
 mod layout_errors;
 mod memory;
 mod prefill;
