@@ -17,7 +17,7 @@
 //! returns [`LightningError::OutOfMemory`] (see [`memory`]).
 //!
 //! The pure-Rust f64 reference that judges the kernels is re-exported as
-//! [`reference`].
+//! [`reference`](mod@crate::reference).
 
 #![warn(missing_docs)]
 

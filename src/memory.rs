@@ -22,7 +22,7 @@
 //! next read of any of them returns it (wgpu on lavapipe, a buffer past
 //! `max_page_size`: `Several [Unwritten { root: Io(BufferTooBig { size }) }]`).
 //! The reads of [`crate::DeviceTensor`] turn that into the same
-//! [`LightningError::OutOfMemory`] ([`read_error`]); the client keeps running.
+//! [`LightningError::OutOfMemory`] (`read_error`); the client keeps running.
 
 use cubecl::MemoryScope;
 use cubecl::prelude::*;

@@ -23,10 +23,10 @@
 //! stays f32. The initial and final states are handled as
 //! [`crate::kv_reduce`] handles them (slots per sequence, the backward pass's
 //! transposed, scaled, advanced and retreated variants), through the same
-//! [`crate::kv_reduce::initial_state`].
+//! [`crate::kv_reduce::initial_state`](fn@crate::kv_reduce::initial_state).
 //!
 //! The block is walked `stage` tokens at a time (a divisor of `block`). The next
-//! stage's K and V are loaded into registers ([`crate::staging::load_share`])
+//! stage's K and V are loaded into registers ([`crate::staging::load_share`](fn@crate::staging::load_share))
 //! before the current one is multiplied, so their global loads overlap the
 //! products; K is decayed to its block's end on the way into shared memory.
 //! The product `state += K_stage^T V_stage` has two variants, chosen at compile

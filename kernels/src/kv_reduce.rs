@@ -85,7 +85,7 @@ pub fn final_factor(final_scale: f32, neg_slope: f32, #[comptime] retreat: bool)
 
 /// Vector `at` of the initial state in slot `slot` (of `heads` heads, this
 /// one `head`), times `factor`: read from `states` itself with `in_states`
-/// (a slot cache), else from `initial`, as [`initial_vector`] reads it.
+/// (a slot cache), else from `initial`, as `initial_vector` reads it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn initial_state<N: Size>(

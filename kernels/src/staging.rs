@@ -12,10 +12,10 @@
 //!
 //! **Split operands** (f32 inputs at f32 accuracy on 16-bit tensor cores): with
 //! `lo_at > 0`, a staged value `x` is stored as two parts, `hi = x` rounded to
-//! the bf16 grid ([`bf16_grid`]) at `at` and `lo = x - hi` at `lo_at + at` of
+//! the bf16 grid ([`bf16_grid`](fn@bf16_grid)) at `at` and `lo = x - hi` at `lo_at + at` of
 //! the same shared allocation (the low tile sits `lo_at` vectors after the
 //! high one). A product `x y` is then `hi_x hi_y + hi_x lo_y + lo_x hi_y`
-//! ([`split_product`]): with bf16 parts, 16 significant bits of each operand,
+//! ([`split_product`](fn@split_product)): with bf16 parts, 16 significant bits of each operand,
 //! the dropped `lo_x lo_y` and the rounding of `lo` to bf16 leave about
 //! `2^-17` of each product. With `lo_at = 0` the value is stored once,
 //! converted to the tile's dtype.
@@ -39,7 +39,7 @@ const BATCH: usize = 8;
 
 /// Slots of a `[rows, cols]` tile (in vectors of `lanes`) each of `units`
 /// units holds when the tile is split evenly between them: the length of the
-/// register arrays of [`load_share`] and [`store_share`].
+/// register arrays of [`load_share`](fn@load_share) and [`store_share`](fn@store_share).
 pub fn share_len(rows: usize, cols: usize, lanes: usize, units: usize) -> usize {
     (rows * (cols / lanes)).div_ceil(units)
 }
@@ -54,7 +54,7 @@ pub fn share_len(rows: usize, cols: usize, lanes: usize, units: usize) -> usize 
 /// `exp(neg_slope * (end - 1 - t))` in f32 before rounding to `F` (the decay
 /// to the end of a block). `units` units of the cube share the copy; `col0`,
 /// `cols`, `stride` and `width` are multiples of `N`. The loads go
-/// [`BATCH`] at a time through registers ([`load_share`] and [`store_share`]
+/// `BATCH` at a time through registers ([`load_share`](fn@load_share) and [`store_share`](fn@store_share)
 /// split the same copy in two, for a caller that overlaps it with other work).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -121,7 +121,7 @@ pub fn stage_rows<S: Float, F: Float, N: Size>(
     }
 }
 
-/// The global half of [`stage_rows`]: loads this unit's whole share of the
+/// The global half of [`stage_rows`](fn@stage_rows): loads this unit's whole share of the
 /// tile ([`share_len`] vectors) into `regs`, with the same addressing and
 /// zeros. The loads are in flight until `regs` is read.
 #[cube]
@@ -148,7 +148,7 @@ pub fn load_share<S: Float, N: Size>(
     );
 }
 
-/// The shared half of [`stage_rows`]: stores a share loaded by [`load_share`]
+/// The shared half of [`stage_rows`](fn@stage_rows): stores a share loaded by [`load_share`](fn@load_share)
 /// for rows `first ..` into `dst`, decayed to `end` with `decayed`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -303,7 +303,7 @@ pub fn put<F: Float, N: Size>(
     }
 }
 
-/// The value stored at `at` of `src` by [`put`] (high plus low part when
+/// The value stored at `at` of `src` by [`put`](fn@put) (high plus low part when
 /// `lo_at > 0`), in f32.
 #[cube]
 pub fn get<F: Float, N: Size>(
@@ -318,7 +318,7 @@ pub fn get<F: Float, N: Size>(
     value
 }
 
-/// `acc += A B` for 16 x 16 fragments of tiles staged by [`put`]: `a_at` and
+/// `acc += A B` for 16 x 16 fragments of tiles staged by [`put`](fn@put): `a_at` and
 /// `b_at` are the fragments' starts (in vectors) in `a_src` and `b_src`, their
 /// low parts `a_lo` and `b_lo` vectors further on; with `split`, the three
 /// products of the module doc, else the one.
@@ -381,7 +381,7 @@ pub fn zero_accumulator() -> cmma::Matrix<f32> {
 
 /// Writes a plane's 16 x 16 f32 tile, staged row-major in `tile` with rows
 /// `tile_stride` scalars apart, to rows `first .. first + 16` (tokens,
-/// addressed as in [`stage_rows`]; rows from `end` on are skipped) and
+/// addressed as in [`stage_rows`](fn@stage_rows); rows from `end` on are skipped) and
 /// columns `col0 .. col0 + 16` (those from `width` on are skipped) of `dst`,
 /// converted to `F`, one vector per unit.
 #[cube]

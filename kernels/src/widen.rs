@@ -8,10 +8,10 @@
 //! of bf16 elements is read here as `u32` words, two elements each (the
 //! element at even index `2w` in the low half of word `w`, little-endian as
 //! every GPU runtime stores it), and widened by a shift, exactly
-//! ([`widen_bf16`]). Writing rounds an f32 to the nearest bf16, ties to even,
-//! in integer arithmetic ([`narrow_bf16`]); NaN stays NaN (a quiet one),
+//! ([`widen_bf16`](fn@widen_bf16)). Writing rounds an f32 to the nearest bf16, ties to even,
+//! in integer arithmetic ([`narrow_bf16`](fn@narrow_bf16)); NaN stays NaN (a quiet one),
 //! overflow goes to infinity as a conversion would. **Any 16-bit type the
-//! runtime holds** ([`widen_cast`], [`narrow_cast`]): a conversion, for the
+//! runtime holds** ([`widen_cast`](fn@widen_cast), [`narrow_cast`](fn@narrow_cast)): a conversion, for the
 //! portable routines, which ran f16 at half their f32 speed under WGSL on an
 //! H200 (SPEED_NOTES.md, variant 16).
 //!

@@ -7,7 +7,7 @@
 //! [`lightning_attention`], [`lightning_attention_with_config`],
 //! [`fla_lightning_attention`] and [`lightning_decode`] take Burn [`Tensor`]s,
 //! validate the whole problem through the library first and return a typed
-//! [`LightningError`](crate::LightningError) instead of panicking.
+//! [`LightningError`] instead of panicking.
 //!
 //! With the feature `fusion` (which turns on Burn's `fusion`), Burn's Fusion
 //! backend (`Fusion<CubeBackend>`, what `Device::wgpu` and `Device::cuda`
@@ -304,7 +304,7 @@ pub fn lightning_attention(
 ///
 /// # Errors
 ///
-/// The library's [`LightningError`](crate::LightningError) for any shape,
+/// The library's [`LightningError`] for any shape,
 /// dtype, block configuration or device limit it cannot run; nothing is
 /// launched then.
 pub fn lightning_attention_with_config(
@@ -382,7 +382,7 @@ pub fn fla_lightning_attention(
 ///
 /// # Errors
 ///
-/// The library's [`LightningError`](crate::LightningError) (shapes, dtypes,
+/// The library's [`LightningError`] (shapes, dtypes,
 /// slots out of range or repeated, device limits).
 pub fn lightning_decode(
     q: Tensor<4>,
