@@ -61,6 +61,8 @@ if $only_tests; then
 fi
 cp "$(executables build --bench lightning)" "$bundle/bin/bench"
 strip "$bundle/bin/bench"
+cp "$(executables build --example quickstart)" "$bundle/bin/quickstart"
+strip "$bundle/bin/quickstart"
 
 # The Vulkan loader and the GL dispatch libraries the NVIDIA ICD links against
 # (the driver brings the ICD itself), as the device README says.

@@ -45,7 +45,7 @@ pub fn best_client() -> Client {
     best_device().unwrap_or_else(|e| panic!("{e}")).client()
 }
 
-/// A short description of the client's runtime and limits, for logs: shared
+/// A short description of the client's runtime, adapter and limits, for logs: shared
 /// memory, units per cube, plane size, the tensor cores it reports and how it
 /// takes bf16.
 pub fn describe(client: &Client) -> String {
@@ -63,8 +63,9 @@ pub fn describe(client: &Client) -> String {
         "as words"
     };
     format!(
-        "{} (shared memory {} KiB, {} units per cube, planes of {}-{}, tensor cores: {cores}, bf16 {bf16})",
+        "{} on {} (shared memory {} KiB, {} units per cube, planes of {}-{}, tensor cores: {cores}, bf16 {bf16})",
         client.name(),
+        client.properties().identity.name,
         hw.max_shared_memory_size / 1024,
         hw.max_units_per_cube,
         hw.plane_size_min,
