@@ -20,6 +20,8 @@
 //! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
+//! [`decayed_sum`] sums decayed states (sequence parallelism: the state
+//! entering a rank's segment, the gradient leaving it).
 //! [`fill`] sets a buffer to one value on the device (zeroed caches, poisoned outputs).
 //! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
 //! its 32-bit words where the runtime has no bf16 type) and rounds f32 back.
@@ -44,6 +46,7 @@
 pub mod backward_diag;
 pub mod backward_non_diag;
 pub mod chunk_state;
+pub mod decayed_sum;
 pub mod decode;
 pub mod diag;
 pub mod diag_cmma;

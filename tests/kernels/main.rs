@@ -12,6 +12,7 @@ mod decode;
 mod errors;
 mod fill;
 mod prefill;
+mod sequence_parallel;
 mod serving;
 mod split_cache;
 mod varlen;
