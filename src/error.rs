@@ -223,9 +223,7 @@ pub enum LightningError {
     },
     /// Another rank of a sequence-parallel call refused its own arguments (its
     /// call returns why); every rank stops instead of waiting on it.
-    #[error(
-        "sequence parallel: rank {rank} refused its arguments (its own call says why), so no rank runs"
-    )]
+    #[error("sequence parallel: rank {rank} refused its arguments (its own call says why), so no rank runs")]
     SequenceParallelPeer {
         /// The first rank that refused.
         rank: usize,

@@ -137,7 +137,12 @@ fn check_shared(claims: &[Claim]) -> Result<()> {
     Ok(())
 }
 
-fn mismatch(what: &'static str, rank: usize, expected: impl ToString, actual: impl ToString) -> LightningError {
+fn mismatch(
+    what: &'static str,
+    rank: usize,
+    expected: impl ToString,
+    actual: impl ToString,
+) -> LightningError {
     LightningError::SequenceParallelMismatch {
         what,
         rank,
@@ -167,7 +172,9 @@ fn decode(row: &[f32]) -> Option<Claim> {
         return None;
     }
     let count = |field: usize| {
-        (0..3).fold(0u64, |sum, part| sum | ((row[1 + 3 * field + part] as u64) << (16 * part))) as usize
+        (0..3).fold(0u64, |sum, part| {
+            sum | ((row[1 + 3 * field + part] as u64) << (16 * part))
+        }) as usize
     };
     Some(Claim {
         batch: count(0),

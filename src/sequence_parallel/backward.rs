@@ -9,7 +9,9 @@ use super::state_pass::{StatePass, final_state};
 use crate::launch::Variant;
 use crate::plan::PrefillPlan;
 use crate::shapes::{PrefillShape, check_tensor, expect_shape};
-use crate::{BackwardInputs, DType, Gradients, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill};
+use crate::{
+    BackwardInputs, DType, Gradients, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill,
+};
 
 /// Runs this rank's part of the backward pass of [`super::prefill`]: every
 /// rank calls it with its own segment of q, k, v and `d_out`, and
@@ -43,7 +45,11 @@ pub fn backward(
     let (rank, world) = (comm.rank(), comm.world_size());
     let last = rank + 1 == world;
     let local = check(client, rank, world, inputs, config);
-    let segments = agree(client, comm, local.as_ref().map(|(claim, _)| *claim).map_err(Clone::clone))?;
+    let segments = agree(
+        client,
+        comm,
+        local.as_ref().map(|(claim, _)| *claim).map_err(Clone::clone),
+    )?;
     let (_, (shape, plan)) = local?;
 
     // Phase 1: the gradient of the incoming state from this segment alone
@@ -109,11 +115,23 @@ fn check(
     };
     let (shape, plan) = plan_prefill(client, &forward, config)?;
     const OUT: &str = "[b, h, n, e]";
-    check_tensor(inputs.d_out, "d_out", &["b", "h", "n", "e"], OUT, Some(shape.dtype))?;
+    check_tensor(
+        inputs.d_out,
+        "d_out",
+        &["b", "h", "n", "e"],
+        OUT,
+        Some(shape.dtype),
+    )?;
     expect_shape(inputs.d_out, "d_out", &shape.out_shape(), OUT)?;
     if let Some(d_final) = inputs.d_final_state {
         const STATE: &str = "[b, h, d, e]";
-        check_tensor(d_final, "d_final_state", &["b", "h", "d", "e"], STATE, Some(DType::F32))?;
+        check_tensor(
+            d_final,
+            "d_final_state",
+            &["b", "h", "d", "e"],
+            STATE,
+            Some(DType::F32),
+        )?;
         expect_shape(d_final, "d_final_state", &shape.state_shape(), STATE)?;
         if rank + 1 != world {
             return Err(LightningError::SequenceParallelArgument {

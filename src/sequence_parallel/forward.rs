@@ -50,7 +50,11 @@ pub fn prefill(
     check_comm(comm)?;
     let rank = comm.rank();
     let local = check(client, rank, inputs, config);
-    let segments = agree(client, comm, local.as_ref().map(|(claim, _)| *claim).map_err(Clone::clone))?;
+    let segments = agree(
+        client,
+        comm,
+        local.as_ref().map(|(claim, _)| *claim).map_err(Clone::clone),
+    )?;
     let (_, (shape, plan)) = local?;
 
     // Phase 1: this segment's final state from zeros; rank 0's whole prefill

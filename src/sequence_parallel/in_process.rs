@@ -60,7 +60,11 @@ pub fn run_in_process<T: Send>(world: usize, rank_fn: impl Fn(&InProcessComm) ->
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     })
 }
@@ -87,7 +91,10 @@ impl StateComm for InProcessComm {
         // No rank may write the next gather's slot before every rank has read this one.
         shared.barrier.wait();
         own?;
-        let shape: Vec<usize> = [shared.world].into_iter().chain(local.shape.iter().copied()).collect();
+        let shape: Vec<usize> = [shared.world]
+            .into_iter()
+            .chain(local.shape.iter().copied())
+            .collect();
         DeviceTensor::from_f32(client, &stacked?, &shape, DType::F32)
     }
 }

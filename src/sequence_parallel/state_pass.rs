@@ -39,7 +39,8 @@ pub(crate) fn final_state(
     // by the rounding of 16-bit outputs back from their f32 copies, which
     // needs its full size.
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
-    let table = SequenceTable::dense(shape.batch, shape.seq_len, pass.initial.is_some(), config).upload(client, plan);
+    let table =
+        SequenceTable::dense(shape.batch, shape.seq_len, pass.initial.is_some(), config).upload(client, plan);
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = unused_binding(client);
     CallLaunch {

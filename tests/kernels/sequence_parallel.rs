@@ -5,7 +5,9 @@
 use lightning_attention::cubecl::prelude::Client;
 use lightning_attention::reference::{Dims, backward as reference_backward, recurrence};
 use lightning_attention::sequence_parallel::{self, SegmentOutput, StateComm, run_in_process};
-use lightning_attention::{BackwardInputs, DType, DeviceTensor, LightningError, PrefillConfig, PrefillInputs, Routines};
+use lightning_attention::{
+    BackwardInputs, DType, DeviceTensor, LightningError, PrefillConfig, PrefillInputs, Routines,
+};
 
 use crate::common::*;
 
@@ -38,7 +40,14 @@ impl Problem {
             k: rng.values(B * H * n * D, f32s),
             v: rng.values(B * H * n * E, f32s),
             d_out: rng.values(B * H * n * E, f32s),
-            slopes: rng.slopes(H),
+            // The first head decays slowly, so that the states crossing
+            // between ranks weigh on every output.
+            slopes: rng
+                .slopes(H)
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| if i == 0 { s * 0.05 } else { s })
+                .collect(),
             initial: initial.then(|| rng.values(B * H * D * E, f32s)),
             d_final: d_final.then(|| rng.values(B * H * D * E, f32s)),
             scale,
@@ -78,10 +87,9 @@ fn segment(x: &[f32], n: usize, width: usize, start: usize, len: usize) -> Vec<f
 fn concat(parts: &[Vec<f64>], lengths: &[usize], width: usize) -> Vec<f64> {
     (0..B * H)
         .flat_map(|row| {
-            parts
-                .iter()
-                .zip(lengths)
-                .flat_map(move |(part, &len)| part[row * len * width..(row + 1) * len * width].iter().copied())
+            parts.iter().zip(lengths).flat_map(move |(part, &len)| {
+                part[row * len * width..(row + 1) * len * width].iter().copied()
+            })
         })
         .collect()
 }
@@ -100,7 +108,14 @@ fn segments(client: &Client, p: &Problem) -> Vec<Segment> {
     p.lengths
         .iter()
         .map(|&len| {
-            let up = |x: &[f32], width| upload(client, &segment(x, n, width, start, len), &[B, H, len, width], DType::F32);
+            let up = |x: &[f32], width| {
+                upload(
+                    client,
+                    &segment(x, n, width, start, len),
+                    &[B, H, len, width],
+                    DType::F32,
+                )
+            };
             let s = Segment {
                 q: up(&p.q, D),
                 k: up(&p.k, D),
@@ -161,7 +176,10 @@ fn run_case(p: &Problem, routines: Routines) {
             let x = prefix(x, width, len);
             if abs_values { abs(&x) } else { f64s(&x) }
         };
-        let initial = p.initial.as_ref().map(|x| if abs_values { abs(x) } else { f64s(x) });
+        let initial = p
+            .initial
+            .as_ref()
+            .map(|x| if abs_values { abs(x) } else { f64s(x) });
         let mut result = recurrence(
             Dims { seq_len: len, ..dims },
             &values(&p.q, D),
@@ -170,12 +188,21 @@ fn run_case(p: &Problem, routines: Routines) {
             &f64_slopes,
             initial.as_deref(),
         );
-        result.out.iter_mut().for_each(|o| *o *= if abs_values { scale.abs() } else { scale });
+        result
+            .out
+            .iter_mut()
+            .for_each(|o| *o *= if abs_values { scale.abs() } else { scale });
         result
     };
     let (expected, magnitude) = (exact(false, p.n()), exact(true, p.n()));
     let outs: Vec<Vec<f64>> = outputs.iter().map(|o| read(client, &o.out)).collect();
-    check("out", &concat(&outs, &p.lengths, E), &expected.out, &magnitude.out, &case);
+    check(
+        "out",
+        &concat(&outs, &p.lengths, E),
+        &expected.out,
+        &magnitude.out,
+        &case,
+    );
     let mut end = 0;
     for (rank, output) in outputs.iter().enumerate() {
         let before = |len: usize| {
@@ -188,11 +215,23 @@ fn run_case(p: &Problem, routines: Routines) {
         };
         let (incoming, incoming_magnitude) = before(end);
         let name = format!("incoming state of rank {rank}");
-        check(&name, &read(client, &output.incoming_state), &incoming, &incoming_magnitude, &case);
+        check(
+            &name,
+            &read(client, &output.incoming_state),
+            &incoming,
+            &incoming_magnitude,
+            &case,
+        );
         end += p.lengths[rank];
         let (state, state_magnitude) = before(end);
         let name = format!("final state of rank {rank}");
-        check(&name, &read(client, &output.final_state), &state, &state_magnitude, &case);
+        check(
+            &name,
+            &read(client, &output.final_state),
+            &state,
+            &state_magnitude,
+            &case,
+        );
     }
 
     let grads = run_in_process(world, |comm| {
@@ -218,7 +257,13 @@ fn run_case(p: &Problem, routines: Routines) {
             &values(&p.v),
             &f64_slopes,
             p.initial.as_deref().map(values).as_deref(),
-            p.scale.map(|s| if abs_values { f64::from(s.abs()) } else { f64::from(s) }),
+            p.scale.map(|s| {
+                if abs_values {
+                    f64::from(s.abs())
+                } else {
+                    f64::from(s)
+                }
+            }),
             &values(&p.d_out),
             p.d_final.as_deref().map(values).as_deref(),
         )
@@ -253,29 +298,50 @@ fn seed() -> u64 {
 fn one_rank_is_the_whole_prefill() {
     let seed = seed();
     run_case(&Problem::new(&[37], false, false, None, seed), Routines::Auto);
-    run_case(&Problem::new(&[21], true, true, Some(0.5), seed + 1), Routines::Auto);
+    run_case(
+        &Problem::new(&[21], true, true, Some(0.5), seed + 1),
+        Routines::Auto,
+    );
 }
 
 #[test]
 fn two_ranks_with_a_segment_shorter_than_a_block() {
     let seed = seed();
     run_case(&Problem::new(&[5, 40], false, true, None, seed), Routines::Auto);
-    run_case(&Problem::new(&[33, 7], true, false, Some(-2.0), seed + 1), Routines::Auto);
+    run_case(
+        &Problem::new(&[33, 7], true, false, Some(-2.0), seed + 1),
+        Routines::Auto,
+    );
 }
 
 #[test]
 fn three_ranks_of_unequal_segments() {
     let seed = seed();
-    run_case(&Problem::new(&[16, 3, 29], true, true, None, seed), Routines::Auto);
-    run_case(&Problem::new(&[9, 20, 1], false, false, Some(0.125), seed + 1), Routines::ChunkRecurrent);
+    run_case(
+        &Problem::new(&[16, 3, 29], true, true, None, seed),
+        Routines::Auto,
+    );
+    run_case(
+        &Problem::new(&[9, 20, 1], false, false, Some(0.125), seed + 1),
+        Routines::ChunkRecurrent,
+    );
 }
 
 #[test]
 fn five_ranks_of_unequal_segments() {
     let seed = seed();
-    run_case(&Problem::new(&[7, 33, 1, 16, 20], true, true, None, seed), Routines::Auto);
-    run_case(&Problem::new(&[2, 1, 17, 40, 3], false, false, None, seed + 1), Routines::Auto);
-    run_case(&Problem::new(&[12, 5, 31, 1, 8], true, false, Some(0.5), seed + 2), Routines::ChunkRecurrent);
+    run_case(
+        &Problem::new(&[7, 33, 1, 16, 20], true, true, None, seed),
+        Routines::Auto,
+    );
+    run_case(
+        &Problem::new(&[2, 1, 17, 40, 3], false, false, None, seed + 1),
+        Routines::Auto,
+    );
+    run_case(
+        &Problem::new(&[12, 5, 31, 1, 8], true, false, Some(0.5), seed + 2),
+        Routines::ChunkRecurrent,
+    );
 }
 
 /// Poisoned `[b, h, n, x]` segments: what the refusals are judged on (no
@@ -291,7 +357,15 @@ fn refused_prefill(
     let segs: Vec<_> = heads
         .iter()
         .zip(lengths)
-        .map(|(&h, &n)| (t(&[B, h, n, D]), t(&[B, h, n, D]), t(&[B, h, n, E]), t(&[h]), t(&[B, h, D, E])))
+        .map(|(&h, &n)| {
+            (
+                t(&[B, h, n, D]),
+                t(&[B, h, n, D]),
+                t(&[B, h, n, E]),
+                t(&[h]),
+                t(&[B, h, D, E]),
+            )
+        })
         .collect();
     run_in_process(lengths.len(), |comm| {
         let rank = comm.rank();
@@ -314,7 +388,14 @@ fn ranks_that_disagree_on_heads_all_refuse() {
     for result in results {
         let err = result.unwrap_err();
         assert!(
-            matches!(err, LightningError::SequenceParallelMismatch { what: "heads", rank: 2, .. }),
+            matches!(
+                err,
+                LightningError::SequenceParallelMismatch {
+                    what: "heads",
+                    rank: 2,
+                    ..
+                }
+            ),
             "{err}"
         );
     }
@@ -326,18 +407,34 @@ fn an_initial_state_past_rank_0_or_an_empty_segment_stops_every_rank() {
     let results = refused_prefill(&client, &[H, H], &[8, 8], Some(1));
     let err = results[1].as_ref().unwrap_err();
     assert!(
-        matches!(err, LightningError::SequenceParallelArgument { what: "initial_state", rank: 1, .. }),
+        matches!(
+            err,
+            LightningError::SequenceParallelArgument {
+                what: "initial_state",
+                rank: 1,
+                ..
+            }
+        ),
         "{err}"
     );
     let err = results[0].as_ref().unwrap_err();
-    assert!(matches!(err, LightningError::SequenceParallelPeer { rank: 1 }), "{err}");
+    assert!(
+        matches!(err, LightningError::SequenceParallelPeer { rank: 1 }),
+        "{err}"
+    );
 
     let results = refused_prefill(&client, &[H, H, H], &[8, 5, 0], None);
     let err = results[2].as_ref().unwrap_err();
-    assert!(matches!(err, LightningError::EmptyDimension { dim: "n", .. }), "{err}");
+    assert!(
+        matches!(err, LightningError::EmptyDimension { dim: "n", .. }),
+        "{err}"
+    );
     for result in &results[..2] {
         let err = result.as_ref().unwrap_err();
-        assert!(matches!(err, LightningError::SequenceParallelPeer { rank: 2 }), "{err}");
+        assert!(
+            matches!(err, LightningError::SequenceParallelPeer { rank: 2 }),
+            "{err}"
+        );
     }
 }
 
@@ -347,7 +444,12 @@ fn a_final_state_gradient_before_the_last_rank_stops_every_rank() {
     let client: &Client = &client;
     let config = PrefillConfig::new(16, 8);
     let t = |shape: &[usize]| DeviceTensor::empty(client, shape, DType::F32);
-    let (q, k, v, d_out) = (t(&[B, H, 8, D]), t(&[B, H, 8, D]), t(&[B, H, 8, E]), t(&[B, H, 8, E]));
+    let (q, k, v, d_out) = (
+        t(&[B, H, 8, D]),
+        t(&[B, H, 8, D]),
+        t(&[B, H, 8, E]),
+        t(&[B, H, 8, E]),
+    );
     let (slopes, d_final) = (t(&[H]), t(&[B, H, D, E]));
     let results = run_in_process(2, |comm| {
         let inputs = BackwardInputs {
@@ -363,9 +465,19 @@ fn a_final_state_gradient_before_the_last_rank_stops_every_rank() {
     });
     let err = results[0].as_ref().unwrap_err();
     assert!(
-        matches!(err, LightningError::SequenceParallelArgument { what: "d_final_state", rank: 0, .. }),
+        matches!(
+            err,
+            LightningError::SequenceParallelArgument {
+                what: "d_final_state",
+                rank: 0,
+                ..
+            }
+        ),
         "{err}"
     );
     let err = results[1].as_ref().unwrap_err();
-    assert!(matches!(err, LightningError::SequenceParallelPeer { rank: 0 }), "{err}");
+    assert!(
+        matches!(err, LightningError::SequenceParallelPeer { rank: 0 }),
+        "{err}"
+    );
 }
