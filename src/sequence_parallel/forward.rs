@@ -59,11 +59,12 @@ pub fn prefill(
 
     // Phase 1: this segment's final state from zeros; rank 0's whole prefill
     // is already exact (it starts where the sequence starts).
-    let first = (rank == 0)
-        .then(|| crate::prefill(client, inputs, config))
-        .transpose()?;
+    // Its errors wait until after the gather (the checks above make one
+    // unlikely), so that the other ranks are not left waiting for it.
+    let first = (rank == 0).then(|| crate::prefill(client, inputs, config));
     let local_final = match &first {
-        Some(output) => output.final_state.clone(),
+        Some(Ok(output)) => output.final_state.clone(),
+        Some(Err(_)) => DeviceTensor::filled(client, &shape.state_shape(), DType::F32, 0.0)?,
         None => final_state(
             client,
             &StatePass {
@@ -82,6 +83,7 @@ pub fn prefill(
     // P_r = sum_{j<r} a^(start_r - end_j) L_j.
     let gathered = comm.all_gather(client, &local_final)?;
     if let Some(output) = first {
+        let output = output?;
         let incoming = match inputs.initial_state {
             Some(initial) => initial.clone(),
             None => DeviceTensor::filled(client, &shape.state_shape(), DType::F32, 0.0)?,
