@@ -248,6 +248,41 @@ pub enum LightningError {
         /// Why values of this dtype leave the representable range, and what to do.
         hint: &'static str,
     },
+    /// The ranks of a sequence-parallel call disagree on something every rank
+    /// must share (batch, heads, head dims, dtype, scale).
+    #[error(
+        "sequence parallel: rank {rank} has {what} = {actual}, rank 0 has {expected}; every rank must hold the same batch, heads, head dims, dtype and scale"
+    )]
+    SequenceParallelMismatch {
+        /// What disagrees.
+        what: &'static str,
+        /// The first rank that disagrees with rank 0.
+        rank: usize,
+        /// Rank 0's value.
+        expected: String,
+        /// That rank's value.
+        actual: String,
+    },
+    /// Another rank of a sequence-parallel call refused its own arguments (its
+    /// call returns why); every rank stops instead of waiting on it.
+    #[error("sequence parallel: rank {rank} refused its arguments (its own call says why), so no rank runs")]
+    SequenceParallelPeer {
+        /// The first rank that refused.
+        rank: usize,
+    },
+    /// A sequence-parallel argument given on a rank that may not take it.
+    #[error("sequence parallel: {what} given on rank {rank}; {rule}")]
+    SequenceParallelArgument {
+        /// Which argument.
+        what: &'static str,
+        /// The rank it was given on.
+        rank: usize,
+        /// Which ranks take it.
+        rule: &'static str,
+    },
+    /// A communicator of a sequence-parallel call is inconsistent or failed.
+    #[error("sequence parallel communicator: {0}")]
+    Communicator(String),
 }
 
 /// The rest of [`LightningError::OutOfMemory`]'s message: what refused the

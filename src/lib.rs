@@ -11,6 +11,8 @@
 //! decode steps).
 //! [`decode_split_into`] decodes against a [`SplitCache`], a state cache held
 //! in several buffers (wgpu binds at most about 2 GiB in one).
+//! [`sequence_parallel`] splits one long sequence across ranks (GPUs), only
+//! the `d x e` states crossing between them.
 //! Every call validates its arguments and plans its launches against the
 //! device's reported limits first, and returns a [`LightningError`] for
 //! anything it cannot run; a call whose buffers the device cannot hold
@@ -37,6 +39,7 @@ pub mod memory;
 pub mod plan;
 mod prefill;
 pub mod runtime;
+pub mod sequence_parallel;
 mod sequences;
 mod serving;
 pub mod shapes;

@@ -20,6 +20,8 @@
 //! HBM once.
 //!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
+//! [`decayed_sum`] sums decayed states (sequence parallelism: the state
+//! entering a rank's segment, the gradient leaving it).
 //! [`fill`] sets a buffer to one value on the device (zeroed caches, poisoned outputs).
 //! [`finite`] counts the non-finite elements of a tensor (the host's opt-in checks).
 //! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
@@ -45,6 +47,7 @@
 pub mod backward_diag;
 pub mod backward_non_diag;
 pub mod chunk_state;
+pub mod decayed_sum;
 pub mod decode;
 pub mod diag;
 pub mod diag_cmma;

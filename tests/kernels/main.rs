@@ -15,6 +15,7 @@ mod finite;
 mod layout_errors;
 mod memory;
 mod prefill;
+mod sequence_parallel;
 mod serving;
 mod split_cache;
 mod varlen;
