@@ -19,6 +19,8 @@ if [ "$what" = burn ]; then
     grep -E "^test |^test result|panicked" "$out/tests-burn-cuda.log" | head -30
     exit 0
 fi
+# The binaries travel gzipped (see gpu-bundle.sh).
+for z in "$bundle"/bin/*.gz; do [ -e "$z" ] && gunzip -f "$z"; done
 for deb in "$bundle"/debs/*.deb; do dpkg -x "$deb" /; done
 ldconfig
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json

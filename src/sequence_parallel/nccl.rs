@@ -67,6 +67,15 @@ impl StateComm for NcclComm {
                 actual: local.dtype,
             });
         }
+        // Without NCCL (libnccl not found at run time) cubecl's collectives
+        // panic: refuse with a typed error instead.
+        if !client.has_device_transport() {
+            return Err(LightningError::Communicator(format!(
+                "{} moves nothing between devices itself (NCCL's library was not found): \
+                 NcclComm needs it",
+                client.name()
+            )));
+        }
         let slots = placed(client, local, self.rank, self.world_size())?;
         let gathered = DeviceTensor::empty(client, &slots.shape, DType::F32);
         client.clone().all_reduce(
