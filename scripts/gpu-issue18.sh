@@ -20,15 +20,15 @@ export XDG_RUNTIME_DIR=/tmp
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 for rt in ${RUNTIMES:-cuda}; do
     start=$(date +%s)
-    LIGHTNING_ATTENTION_RUNTIME=$rt timeout 300 "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-$rt.log" 2>&1
+    LIGHTNING_ATTENTION_RUNTIME=$rt timeout 270 "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-$rt.log" 2>&1
     echo "== $rt tests: exit $? in $(( $(date +%s) - start )) s"
     grep -E "^test result|FAILED|panicked" "$out/tests-$rt.log" | head -20
 done
 if [ -x "$bundle/bin/quickstart" ]; then
-    LIGHTNING_ATTENTION_RUNTIME=cuda timeout 120 "$bundle/bin/quickstart" >"$out/quickstart-cuda.log" 2>&1
+    LIGHTNING_ATTENTION_RUNTIME=cuda timeout 90 "$bundle/bin/quickstart" >"$out/quickstart-cuda.log" 2>&1
     echo "== quickstart on cuda: exit $?"
     cat "$out/quickstart-cuda.log"
 fi
-timeout 240 "$bundle/bin/bench" --runtimes cuda --only finite --out "$out/bench-finite" ${BENCH_ARGS:-} 2>"$out/bench-finite.log"
+timeout 180 "$bundle/bin/bench" --runtimes cuda --only finite --out "$out/bench-finite" ${BENCH_ARGS:-} 2>"$out/bench-finite.log"
 echo "== bench finite: exit $?"
 ls "$out/bench-finite"
