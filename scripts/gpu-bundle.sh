@@ -40,7 +40,7 @@ for line in sys.stdin:
     exit 0
 fi
 only_tests=false
-if [ "${1:-}" = tests ] && [ -x "$bundle/bin/bench" ]; then only_tests=true; fi
+if [ "${1:-}" = tests ] && { [ -x "$bundle/bin/bench" ] || [ -e "$bundle/bin/bench.gz" ]; }; then only_tests=true; fi
 if ! $only_tests; then rm -rf "$bundle"; fi
 mkdir -p "$bundle/bin" "$bundle/debs"
 
@@ -56,6 +56,7 @@ cp "$(executables test --no-run --test kernels)" "$bundle/bin/kernels-tests"
 strip "$bundle/bin/kernels-tests"
 cp scripts/gpu-run.sh "$bundle/"
 if $only_tests; then
+    gzip -f -6 "$bundle/bin/kernels-tests"
     du -sh "$bundle" "$bundle"/bin/*
     exit 0
 fi

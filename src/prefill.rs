@@ -77,8 +77,11 @@ fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
 /// store, as IEEE 754 says: an f16 output past ±65504 comes back as ±inf (NaN
 /// where inf - inf meets), in an `Ok` result; so do NaN or inf inputs
 /// propagate. (MiniMax's last layers decay weakly, so over thousands of tokens
-/// f16 inputs of magnitude 10 overflow.) The final state is f32 and overflows
-/// only past f32's range. With [`PrefillConfig::check_finite`] the call checks
+/// f16 inputs of magnitude 10 overflow.) Where f16 runs on tensor cores
+/// (CUDA), the products and per-block states inside are f16 too, so outputs
+/// near the range can overflow before the exact result does (measured on the
+/// H200: an output of 47229 came back inf); the portable routines compute in
+/// f32 inside. The final state is f32 and overflows only past f32's range. With [`PrefillConfig::check_finite`] the call checks
 /// `out` and then `final_state` and returns [`LightningError::NonFinite`]
 /// naming the first that holds a non-finite value.
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
