@@ -70,13 +70,9 @@ pub struct Gradients {
     pub d_initial_state: DeviceTensor,
 }
 
-/// Runs the backward pass of a prefill run with `config` (its blocks and
-/// scale). Returns [`LightningError::OutOfMemory`], having allocated
-/// nothing, where the device cannot hold the gradients and the passes'
-/// buffers (see [`crate::memory`]).
-pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
-    config.validate()?;
-    let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
+/// Checks the upstream gradients against the forward's shape: `d_out` like
+/// the output (dtype of q), `d_final_state` like the final state (f32).
+pub(crate) fn check_upstream(inputs: &BackwardInputs, shape: &PrefillShape) -> Result<()> {
     const OUT: &str = "[b, h, n, e]";
     check_tensor(
         inputs.d_out,
@@ -97,6 +93,17 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         )?;
         expect_shape(d_final, "d_final_state", &shape.state_shape(), STATE)?;
     }
+    Ok(())
+}
+
+/// Runs the backward pass of a prefill run with `config` (its blocks and
+/// scale). Returns [`LightningError::OutOfMemory`], having allocated
+/// nothing, where the device cannot hold the gradients and the passes'
+/// buffers (see [`crate::memory`]).
+pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
+    config.validate()?;
+    let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
+    check_upstream(inputs, &shape)?;
     if !shape.dtype.is_supported(client) {
         return Err(LightningError::UnsupportedDType {
             dtype: shape.dtype,

@@ -105,10 +105,7 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
         &final_state,
         &mut |_, launch| launch(),
     );
-    if config.check_finite {
-        check_finite(client, &out, "out")?;
-        check_finite(client, &final_state, "final_state")?;
-    }
+    check_outputs(client, config, &out, &final_state)?;
     Ok(PrefillOutput { out, final_state })
 }
 
@@ -277,6 +274,17 @@ fn launch_planned(
         final_state,
         hook,
     );
+    check_outputs(client, config, out, final_state)
+}
+
+/// With [`PrefillConfig::check_finite`], the opt-in check of what the call
+/// wrote: `out`, then `final_state`.
+fn check_outputs(
+    client: &Client,
+    config: &PrefillConfig,
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+) -> Result<()> {
     if config.check_finite {
         check_finite(client, out, "out")?;
         check_finite(client, final_state, "final_state")?;

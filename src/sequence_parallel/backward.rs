@@ -8,10 +8,8 @@ use super::comm::{StateComm, check_comm};
 use super::state_pass::{StatePass, final_state};
 use crate::launch::Variant;
 use crate::plan::PrefillPlan;
-use crate::shapes::{PrefillShape, check_tensor, expect_shape};
-use crate::{
-    BackwardInputs, DType, Gradients, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill,
-};
+use crate::shapes::PrefillShape;
+use crate::{BackwardInputs, Gradients, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill};
 
 /// Runs this rank's part of the backward pass of [`super::prefill`]: every
 /// rank calls it with its own segment of q, k, v and `d_out`, and
@@ -114,32 +112,13 @@ fn check(
         initial_state: inputs.initial_state,
     };
     let (shape, plan) = plan_prefill(client, &forward, config)?;
-    const OUT: &str = "[b, h, n, e]";
-    check_tensor(
-        inputs.d_out,
-        "d_out",
-        &["b", "h", "n", "e"],
-        OUT,
-        Some(shape.dtype),
-    )?;
-    expect_shape(inputs.d_out, "d_out", &shape.out_shape(), OUT)?;
-    if let Some(d_final) = inputs.d_final_state {
-        const STATE: &str = "[b, h, d, e]";
-        check_tensor(
-            d_final,
-            "d_final_state",
-            &["b", "h", "d", "e"],
-            STATE,
-            Some(DType::F32),
-        )?;
-        expect_shape(d_final, "d_final_state", &shape.state_shape(), STATE)?;
-        if rank + 1 != world {
-            return Err(LightningError::SequenceParallelArgument {
-                what: "d_final_state",
-                rank,
-                rule: "the gradient of the sequence's final state enters on the last rank only",
-            });
-        }
+    crate::backward::check_upstream(inputs, &shape)?;
+    if inputs.d_final_state.is_some() && rank + 1 != world {
+        return Err(LightningError::SequenceParallelArgument {
+            what: "d_final_state",
+            rank,
+            rule: "the gradient of the sequence's final state enters on the last rank only",
+        });
     }
     let scale = config.scale.unwrap_or(1.0);
     if scale == 0.0 {

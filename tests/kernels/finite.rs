@@ -113,7 +113,10 @@ fn f16_overflow_gives_infinities_unless_checked() {
                     "seed {seed}: out[{i}] = {got}, reference {want}: expected an infinity of its sign"
                 );
             } else {
-                assert!(!got.is_finite(), "seed {seed}: out[{i}] = {got}, reference {want}");
+                assert!(
+                    !got.is_finite(),
+                    "seed {seed}: out[{i}] = {got}, reference {want}"
+                );
             }
         } else if f32_inside && want.abs() < F16_OVERFLOW * 0.999 {
             assert!(got.is_finite(), "seed {seed}: out[{i}] = {got}, reference {want}");
