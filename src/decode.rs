@@ -53,9 +53,9 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
     Ok((shape, plan))
 }
 
-/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is updated in place. Returns
-/// [`LightningError::OutOfMemory`], having allocated nothing, where the
-/// device cannot hold the step's buffers.
+/// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is
+/// updated in place. Returns [`LightningError::OutOfMemory`], having
+/// allocated nothing, where the device cannot hold the step's buffers.
 ///
 /// # Non-finite results
 ///

@@ -84,7 +84,7 @@ impl FiniteScan {
         };
         let bytes = client
             .read_one(report)
-            .map_err(|e| LightningError::Device(e.to_string()))?;
+            .map_err(|e| crate::memory::read_error(client, self.tensor, e))?;
         let report = u32::from_bytes(&bytes);
         let (count, first) = (report[0], report[1]);
         if count == 0 {

@@ -178,18 +178,28 @@ pub(crate) fn launch_buffers(
     buffers
 }
 
+/// The f32 copies a widened forward call makes (see [`crate::widen`]), as
+/// the errors name them, from the elements of q, k, v and the output: what
+/// [`launch_buffers`] and `widen::check_copies` take.
+pub(crate) fn f32_copies([q, k, v, out]: [usize; 4]) -> [(&'static str, usize); 4] {
+    [
+        ("f32 copy of q", q),
+        ("f32 copy of k", k),
+        ("f32 copy of v", v),
+        ("f32 output before rounding", out),
+    ]
+}
+
 /// The f32 copies a decode launch makes of bf16 inputs on a runtime without
 /// bf16 (`words`): q, k, v and the output, `[elements of q, k, v, out]`.
-pub(crate) fn decode_copies(words: bool, [q, k, v, out]: [usize; 4]) -> Vec<Buffer> {
+pub(crate) fn decode_copies(words: bool, elements: [usize; 4]) -> Vec<Buffer> {
     if !words {
         return Vec::new();
     }
-    vec![
-        Buffer::elements("f32 copy of q", q, DType::F32),
-        Buffer::elements("f32 copy of k", k, DType::F32),
-        Buffer::elements("f32 copy of v", v, DType::F32),
-        Buffer::elements("f32 output before rounding", out, DType::F32),
-    ]
+    f32_copies(elements)
+        .iter()
+        .map(|&(name, elements)| Buffer::elements(name, elements, DType::F32))
+        .collect()
 }
 
 /// A failed read as the library reports it: an allocation failure (of the

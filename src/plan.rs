@@ -10,7 +10,7 @@ use crate::chunk_plan::{ChunkStatePlan, plan_chunk_state};
 use crate::config::check_scale;
 use crate::memory::Buffer;
 use crate::shapes::{
-    DecodeShape, MAX_ELEMENTS, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
+    DecodeShape, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
 };
 use crate::widen;
 use crate::{DType, LightningError, Precision, PrefillConfig, Result, Routines};
@@ -598,13 +598,10 @@ impl PrefillPlan {
         let heads = count(work.heads);
         let units = TARGET_UNITS.min(limits.max_units);
         let block_states_len = work.blocks * work.heads * d * e;
-        if block_states_len as u64 > MAX_ELEMENTS {
-            return Err(LightningError::TooLarge {
-                tensor: "per-block state workspace [blocks, h, d, e]",
-                elements: block_states_len as u64,
-                max: MAX_ELEMENTS,
-            });
-        }
+        crate::shapes::expect_addressable(
+            "per-block state workspace [blocks, h, d, e]",
+            block_states_len as u64,
+        )?;
         crate::memory::fits_one_buffer(
             Buffer::elements(
                 "per-block state workspace [blocks, h, d, e] f32",

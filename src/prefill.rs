@@ -59,12 +59,7 @@ pub fn plan_prefill(
 /// The f32 copies a widened call makes (see [`crate::widen`]): the name and
 /// elements of q, k, v and out (as many as v: `e` per row).
 fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
-    [
-        ("f32 copy of q", inputs.q.num_elements()),
-        ("f32 copy of k", inputs.k.num_elements()),
-        ("f32 copy of v", inputs.v.num_elements()),
-        ("f32 output before rounding", inputs.v.num_elements()),
-    ]
+    crate::memory::f32_copies([inputs.q, inputs.k, inputs.v, inputs.v].map(DeviceTensor::num_elements))
 }
 
 /// Runs the prefill, allocating the output and the final state. Returns
@@ -81,9 +76,10 @@ fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
 /// (CUDA), the products and per-block states inside are f16 too, so outputs
 /// near the range can overflow before the exact result does (measured on the
 /// H200: an output of 47229 came back inf); the portable routines compute in
-/// f32 inside. The final state is f32 and overflows only past f32's range. With [`PrefillConfig::check_finite`] the call checks
-/// `out` and then `final_state` and returns [`LightningError::NonFinite`]
-/// naming the first that holds a non-finite value.
+/// f32 inside. The final state is f32 and overflows only past f32's range.
+/// With [`PrefillConfig::check_finite`] the call checks `out` and then
+/// `final_state` and returns [`LightningError::NonFinite`] naming the first
+/// that holds a non-finite value.
 pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) -> Result<PrefillOutput> {
     let (shape, plan) = plan_prefill(client, inputs, config)?;
     let table = dense_table(&shape, inputs, config);

@@ -113,15 +113,7 @@ const CACHE: &str = "state cache [slots, h, d, e] f32 of one layer";
 /// with a typed error (its bytes are checked with every other buffer of the
 /// backend, see [`LightningBackend::new`]).
 fn check_cache_indexing(shape: &[usize; 4]) -> Result<()> {
-    let elements = shape.iter().product::<usize>() as u64;
-    if elements > crate::shapes::MAX_ELEMENTS {
-        return Err(LightningError::TooLarge {
-            tensor: CACHE,
-            elements,
-            max: crate::shapes::MAX_ELEMENTS,
-        });
-    }
-    Ok(())
+    crate::shapes::expect_addressable(CACHE, shape.iter().product::<usize>() as u64)
 }
 
 impl LightningBackend {

@@ -142,10 +142,8 @@ pub(crate) fn expect_dtype(t: &impl Arg, tensor: &'static str, expected: DType) 
     Ok(())
 }
 
-/// The buffer (where there is one) holds the shape, and the shape is
-/// addressable with 32-bit indices.
-pub(crate) fn expect_buffer(t: &impl Arg, tensor: &'static str) -> Result<()> {
-    let elements = t.dims().iter().product::<usize>() as u64;
+/// `elements` are addressable with the kernels' 32-bit indices.
+pub(crate) fn expect_addressable(tensor: &'static str, elements: u64) -> Result<()> {
     if elements > MAX_ELEMENTS {
         return Err(LightningError::TooLarge {
             tensor,
@@ -153,6 +151,14 @@ pub(crate) fn expect_buffer(t: &impl Arg, tensor: &'static str) -> Result<()> {
             max: MAX_ELEMENTS,
         });
     }
+    Ok(())
+}
+
+/// The buffer (where there is one) holds the shape, and the shape is
+/// addressable with 32-bit indices.
+pub(crate) fn expect_buffer(t: &impl Arg, tensor: &'static str) -> Result<()> {
+    let elements = t.dims().iter().product::<usize>() as u64;
+    expect_addressable(tensor, elements)?;
     let expected = elements * t.elem().size() as u64;
     if let Some(actual) = t.buffer_bytes()
         && actual < expected

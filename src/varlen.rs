@@ -145,12 +145,8 @@ impl PlannedBatch {
 /// [`crate::widen`]): the name and elements of q, k, v and out.
 fn copies(shape: &VarlenShape) -> [(&'static str, usize); 4] {
     let rows = shape.total_tokens * shape.heads;
-    [
-        ("f32 copy of q", rows * shape.key_dim),
-        ("f32 copy of k", rows * shape.key_dim),
-        ("f32 copy of v", rows * shape.value_dim),
-        ("f32 output before rounding", rows * shape.value_dim),
-    ]
+    let (qk, v) = (rows * shape.key_dim, rows * shape.value_dim);
+    crate::memory::f32_copies([qk, qk, v, v])
 }
 
 /// Checks the snapshots and lists them as `(sequence, token, slot)`.

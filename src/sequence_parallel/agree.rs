@@ -10,7 +10,7 @@
 use cubecl::prelude::*;
 
 use super::comm::StateComm;
-use crate::shapes::{MAX_ELEMENTS, PrefillShape};
+use crate::shapes::{PrefillShape, expect_addressable};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// What one rank holds: the sizes every rank must share, and its own length.
@@ -92,14 +92,7 @@ pub(crate) fn agree(client: &Client, comm: &dyn StateComm, local: Result<Claim>)
     }
     check_shared(&claims)?;
     let state_len = claim.batch * claim.heads * claim.key_dim * claim.value_dim;
-    let gathered = (world * state_len) as u64;
-    if gathered > MAX_ELEMENTS {
-        return Err(LightningError::TooLarge {
-            tensor: "gathered states [world, b, h, d, e]",
-            elements: gathered,
-            max: MAX_ELEMENTS,
-        });
-    }
+    expect_addressable("gathered states [world, b, h, d, e]", (world * state_len) as u64)?;
     let lengths: Vec<usize> = claims.iter().map(|c| c.seq_len).collect();
     let starts = lengths
         .iter()
