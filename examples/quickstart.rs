@@ -188,6 +188,7 @@ fn decode_rows(
                 slopes: &slopes_t,
                 slots: &slots,
                 scale: None,
+                rows_in_flight: None,
             };
             // The cache advances on every run: the reference takes as many steps.
             let mut steps = 0;

@@ -15,7 +15,7 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --workspace --features lightning-attention/burn "$@" 2>&1 | tee "$log" || status=$?
 # The decode tests again with the batched-load routine CUDA picks (16 rows in flight).
-LIGHTNING_ATTENTION_DECODE_ROWS_IN_FLIGHT=16 cargo test --release --test kernels decode "$@" 2>&1 | tee -a "$log" || status=$?
+TEST_DECODE_ROWS_IN_FLIGHT=16 cargo test --release --test kernels decode "$@" 2>&1 | tee -a "$log" || status=$?
 # The Burn tests again with Burn's Fusion backend under `Device::wgpu` (feature `fusion`).
 cargo test --release -p lightning-attention-burn-examples --features fusion --test burn "$@" 2>&1 | tee -a "$log" || status=$?
 awk '/^test result:/ {

@@ -20,51 +20,92 @@
 //!
 //! The pure-Rust f64 reference that judges the kernels is re-exported as
 //! [`reference`](mod@crate::reference).
+//!
+//! # The house
+//! The source is in layers, each importing only from the layers below it
+//! (`scripts/check-layers.py` checks it in CI):
+//! 1. `problem`: what the caller asked, validated (shapes, dtypes, the block
+//!    config, precision and tuning, errors, packed batches, slopes);
+//! 2. `device`: what the device is and holds ([`DeviceTensor`], runtime
+//!    selection, limits and tensor cores, memory accounting, the finite scan);
+//! 3. `routines`: one folder per routine family, each with its plan beside its
+//!    launch, and the one function that chooses among them
+//!    ([`plan::PrefillPlan::new`]);
+//! 4. `entry`: [`prefill`], [`prefill_varlen`], [`decode`], [`backward`] and
+//!    the split cache: validate, choose, launch, return;
+//! 5. the users of the entry points: the serving backend
+//!    ([`LightningBackend`]), [`sequence_parallel`] and the Burn extension.
 
 #![warn(missing_docs)]
 
-mod backward;
-mod backward_launch;
+mod device;
+mod entry;
+mod problem;
+mod routines;
+
 #[cfg(feature = "burn")]
 pub mod burn;
-mod chunk_launch;
-pub mod chunk_plan;
-mod config;
-mod decode;
-mod dtype;
-mod error;
-mod finite;
-mod launch;
-pub mod memory;
-pub mod plan;
-mod prefill;
-pub mod runtime;
 pub mod sequence_parallel;
-mod sequences;
 mod serving;
-pub mod shapes;
-pub mod slopes;
-mod split_cache;
-mod tensor;
-mod varlen;
-mod varlen_checks;
-mod widen;
 
-pub use backward::{BackwardInputs, Gradients, backward};
-pub use config::{Precision, PrefillConfig, Routines};
-pub use decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
-pub use dtype::DType;
-pub use error::{LightningError, Result};
-pub use finite::{FiniteScan, check_finite};
-pub use memory::MemoryLimit;
-pub use prefill::{
+pub use device::finite::{FiniteScan, check_finite};
+pub use device::memory::MemoryLimit;
+pub use device::tensor::DeviceTensor;
+pub use entry::backward::{BackwardInputs, Gradients, backward};
+pub use entry::decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
+pub use entry::prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
 };
+pub use entry::split_cache::{SplitCache, decode_split, decode_split_into};
+pub use entry::varlen::{
+    Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into,
+};
+pub use problem::config::{Precision, PrefillConfig, Routines, Tuning};
+pub use problem::dtype::DType;
+pub use problem::error::{LightningError, Result};
+pub use problem::packed::VarlenShape;
 pub use serving::{BackendConfig, LightningBackend};
-pub use split_cache::{SplitCache, decode_split, decode_split_into};
-pub use tensor::DeviceTensor;
-pub use varlen::{Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into};
-pub use varlen_checks::VarlenShape;
+
+/// Launch planning: what each call launches, its grids and tiles, checked
+/// against the device's limits, and the one function that chooses the
+/// routines ([`PrefillPlan::new`]).
+pub mod plan {
+    pub use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, TensorCores};
+    pub use crate::entry::decode::plan_decode_shapes;
+    pub use crate::entry::prefill::plan_prefill_shapes;
+    pub use crate::routines::decode::{DecodePlan, plan_decode};
+    pub use crate::routines::five_kernels::diag::{DiagPlan, DiagRoutine};
+    pub use crate::routines::five_kernels::kv_parallel::{KvParallelPlan, KvParallelRoutine};
+    pub use crate::routines::five_kernels::kv_reduce::{KvReducePlan, kv_reduce_vector_size};
+    pub use crate::routines::five_kernels::non_diag::NonDiagPlan;
+    pub use crate::routines::prefill::plan::PrefillPlan;
+    pub use crate::routines::products::{Products, cmma_vector_size};
+    pub use crate::routines::table::PrefillWork;
+}
+
+/// The chunk-recurrent routine's state pass: its plan (see
+/// [`crate::plan::PrefillPlan::chunk_state`]).
+pub mod chunk_plan {
+    pub use crate::routines::chunk_recurrent::plan::ChunkStatePlan;
+}
+
+/// Device memory: the buffers a call allocates, checked against what the
+/// device can give before anything is allocated.
+pub mod memory {
+    pub use crate::device::memory::{Buffer, DeviceMemory, MemoryLimit};
+}
+
+/// Shape, dtype and buffer validation of every argument, before anything launches.
+pub mod shapes {
+    pub use crate::entry::decode::validate_decode;
+    pub use crate::entry::prefill::validate_prefill;
+    pub use crate::problem::shapes::{
+        DecodeShape, PrefillShape, TensorShape, validate_decode_shapes, validate_prefill_shapes,
+    };
+}
+
+pub use device::runtime;
+pub use problem::slopes;
 
 pub use cubecl;
 pub use lightning_attention_reference as reference;

@@ -21,14 +21,15 @@ use cubecl::bytes::Bytes;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::launch::launch_decode;
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
-use crate::sequences::{IndexBuffer, upload};
-use crate::shapes::{DecodeShape, check_slots, check_tensor, expect_shape};
-use crate::slopes::{layer_slopes, rank_slice};
-use crate::varlen::{DeviceBatch, PlannedBatch};
-use crate::varlen_checks::VarlenShape;
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::entry::varlen::{DeviceBatch, PlannedBatch};
+use crate::problem::packed::VarlenShape;
+use crate::problem::shapes::{DecodeShape, check_slots, check_tensor, expect_shape};
+use crate::problem::slopes::{layer_slopes, rank_slice};
+use crate::routines::decode::launch_decode;
+use crate::routines::decode::{DecodePlan, plan_decode};
+use crate::routines::table::{IndexBuffer, upload};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, VarlenBatch};
 
 /// How a [`LightningBackend`] is built.
@@ -113,7 +114,7 @@ const CACHE: &str = "state cache [slots, h, d, e] f32 of one layer";
 /// with a typed error (its bytes are checked with every other buffer of the
 /// backend, see [`LightningBackend::new`]).
 fn check_cache_indexing(shape: &[usize; 4]) -> Result<()> {
-    crate::shapes::expect_addressable(CACHE, shape.iter().product::<usize>() as u64)
+    crate::problem::shapes::expect_addressable(CACHE, shape.iter().product::<usize>() as u64)
 }
 
 impl LightningBackend {
@@ -218,7 +219,11 @@ impl LightningBackend {
         }
         check_slots(slots, self.config.slots)?;
         let shape = self.decode_shape(slots.len());
-        let plan = plan_decode(&shape, &DeviceLimits::of(&self.client))?;
+        let plan = plan_decode(
+            &shape,
+            &DeviceLimits::of(&self.client),
+            self.config.prefill.tuning.decode_rows_in_flight,
+        )?;
         self.client.write(
             &self.decode_slots,
             Bytes::from_bytes_vec(i32::as_bytes(slots).to_vec()),

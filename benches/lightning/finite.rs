@@ -93,6 +93,7 @@ pub fn bench_decode_check(client: &Client, target: &str, batch: usize, opts: &Op
         slopes: &s,
         slots: &slots,
         scale: None,
+        rows_in_flight: None,
     };
     if let Err(err) = decode_into(client, &inputs, &out) {
         call.note = err.to_string();

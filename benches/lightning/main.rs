@@ -451,6 +451,7 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
         slopes: &s,
         slots: &slots,
         scale: None,
+        rows_in_flight: None,
     };
     let step = || match &split {
         Some(split) => decode_split_into(client, &inputs, split, &out),

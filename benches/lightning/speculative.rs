@@ -93,6 +93,7 @@ pub fn bench_verify(
         slopes: &s,
         slots: &own,
         scale: None,
+        rows_in_flight: None,
     };
     match decode_into(client, &step, &out1) {
         Ok(()) => {

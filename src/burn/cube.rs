@@ -138,6 +138,7 @@ impl Decode {
             slopes: &self.slopes,
             slots,
             scale,
+            rows_in_flight: None,
         }
     }
 }

@@ -43,7 +43,7 @@ use burn::backend::{Backend, DType as BurnDType, ExtensionType, TensorMetadata, 
 use burn::tensor::Tensor;
 use cubecl::prelude::Client;
 
-use crate::shapes::TensorShape;
+use crate::problem::shapes::TensorShape;
 // `Result` is spelled `crate::Result` here: the `ExtensionType` derive's
 // generated code names `Result<(), ExecutionError>` unqualified.
 use crate::{DType, LightningError, PrefillConfig};

@@ -10,7 +10,7 @@
 use cubecl::prelude::*;
 
 use super::comm::StateComm;
-use crate::shapes::{PrefillShape, expect_addressable};
+use crate::problem::shapes::{PrefillShape, expect_addressable};
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// What one rank holds: the sizes every rank must share, and its own length.

@@ -6,9 +6,9 @@ use super::agree::{Claim, agree};
 use super::combine::decayed_sum_of;
 use super::comm::{StateComm, check_comm};
 use super::state_pass::{StatePass, final_state};
-use crate::launch::Variant;
-use crate::plan::PrefillPlan;
-use crate::shapes::PrefillShape;
+use crate::problem::shapes::PrefillShape;
+use crate::routines::common::Variant;
+use crate::routines::prefill::plan::PrefillPlan;
 use crate::{BackwardInputs, Gradients, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill};
 
 /// Runs this rank's part of the backward pass of [`super::prefill`]: every
@@ -112,7 +112,7 @@ fn check(
         initial_state: inputs.initial_state,
     };
     let (shape, plan) = plan_prefill(client, &forward, config)?;
-    crate::backward::check_upstream(inputs, &shape)?;
+    crate::entry::backward::check_upstream(inputs, &shape)?;
     if inputs.d_final_state.is_some() && rank + 1 != world {
         return Err(LightningError::SequenceParallelArgument {
             what: "d_final_state",

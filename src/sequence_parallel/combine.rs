@@ -7,7 +7,7 @@ use std::ops::Range;
 use cubecl::prelude::*;
 use lightning_attention_kernels::decayed_sum::decayed_sum;
 
-use crate::launch::arg;
+use crate::device::tensor::arg;
 use crate::{DType, DeviceTensor};
 
 /// `sum_{j in sources} exp(-s gaps[j]) states[j]` per head, into a new
@@ -81,7 +81,7 @@ fn launch(
     let mut padded = gaps.to_vec();
     padded.resize(gaps.len().max(4), 0.0);
     let gaps = client.create_from_slice(f32::as_bytes(&padded));
-    let (count, dim) = crate::widen::dims(client, sizes.len);
+    let (count, dim) = crate::device::limits::grid_stride(client, sizes.len);
     // SAFETY: `states` holds `sources.end * len` f32 at least, `gaps` covers
     // `sources`, `slopes` holds `heads` f32, `out` holds `(out_slot + 1) * len`
     // f32; every index is below 2^32 (checked when the ranks agreed), and the

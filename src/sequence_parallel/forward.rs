@@ -6,7 +6,7 @@ use super::agree::{Claim, agree};
 use super::combine::decayed_sum_of;
 use super::comm::{StateComm, check_comm};
 use super::state_pass::{StatePass, final_state};
-use crate::launch::Variant;
+use crate::routines::common::Variant;
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, PrefillInputs, Result, plan_prefill};
 
 /// What a rank's sequence-parallel prefill returns.

@@ -8,10 +8,12 @@
 
 use cubecl::prelude::*;
 
-use crate::launch::{CallLaunch, Layout, Stage, Variant, unused_binding};
-use crate::plan::PrefillPlan;
-use crate::sequences::SequenceTable;
-use crate::shapes::PrefillShape;
+use crate::device::tensor::unused_binding;
+use crate::problem::shapes::PrefillShape;
+use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::prefill::launch::CallLaunch;
+use crate::routines::prefill::plan::PrefillPlan;
+use crate::routines::table::SequenceTable;
 use crate::{DType, DeviceTensor, PrefillConfig};
 
 /// The operands of one state pass, in the forward's roles: `[q, k, v]`, and
@@ -39,8 +41,8 @@ pub(crate) fn final_state(
     // by the rounding of 16-bit outputs back from their f32 copies, which
     // needs its full size.
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
-    let table =
-        SequenceTable::dense(shape.batch, shape.seq_len, pass.initial.is_some(), config).upload(client, plan);
+    let table = SequenceTable::dense(shape.batch, shape.seq_len, pass.initial.is_some(), config)
+        .upload(client, plan.chunk_walk());
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = unused_binding(client);
     CallLaunch {

@@ -3,7 +3,7 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::{DType, DeviceTensor, Precision, reference, runtime};
+use lightning_attention::{DType, DeviceTensor, Precision, Tuning, reference, runtime};
 
 pub use lightning_attention::reference::relative_error;
 
@@ -165,4 +165,22 @@ pub fn bounded_error(a: &[f64], b: &[f64], magnitude: &[f64]) -> f64 {
         return if difference == 0.0 { 0.0 } else { f64::INFINITY };
     }
     difference / norm
+}
+
+/// The decode's rows in flight the tests run with: `TEST_DECODE_ROWS_IN_FLIGHT`
+/// (1 to 32), so that `scripts/test.sh` runs the decode tests a second time
+/// with CUDA's 16 on any device; unset, the library's default for the device.
+/// The tests pass it explicitly: the library reads no environment variable.
+pub fn decode_rows_in_flight() -> Option<usize> {
+    std::env::var("TEST_DECODE_ROWS_IN_FLIGHT")
+        .ok()
+        .map(|rows| rows.parse().expect("TEST_DECODE_ROWS_IN_FLIGHT is a number"))
+}
+
+/// The measuring knobs the tests run with (see [`decode_rows_in_flight`]).
+pub fn tuning() -> Tuning {
+    Tuning {
+        decode_rows_in_flight: decode_rows_in_flight(),
+        ..Tuning::default()
+    }
 }

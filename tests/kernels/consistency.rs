@@ -82,6 +82,7 @@ fn prefill_then_decode_equals_one_prefill() {
             slopes: &s,
             slots: &[1],
             scale: None,
+            rows_in_flight: decode_rows_in_flight(),
         };
         let out = read(&client, &decode(&client, &inputs).unwrap());
         let last: Vec<f64> = full_out
@@ -156,6 +157,7 @@ fn padding_slot_is_left_byte_identical() {
         slopes: &s,
         slots: &[PADDING_SLOT, 2],
         scale: None,
+        rows_in_flight: decode_rows_in_flight(),
     };
     let out = read(&client, &decode(&client, &inputs).unwrap());
     let after = cache_t.to_bytes(&client).unwrap();

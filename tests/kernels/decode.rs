@@ -72,7 +72,7 @@ proptest! {
         let cache_t = upload(&client, &cache, &[num_slots, h, d, e], DType::F32);
         let before = cache_t.to_bytes(&client).unwrap();
         let out = poisoned(&client, &[b, h, 1, e], dtype);
-        let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &cache_t, slopes: &s_t, slots: &slots, scale: None };
+        let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &cache_t, slopes: &s_t, slots: &slots, scale: None, rows_in_flight: decode_rows_in_flight() };
         decode_into(&client, &inputs, &out).expect("a valid decode");
 
         let mut expected_cache = f64s(&cache);

@@ -261,6 +261,7 @@ fn run_decode(client: &Client, p: &Decode, slots: &[i32]) -> Result<(), Lightnin
         slopes: &p.slopes,
         slots,
         scale: None,
+        rows_in_flight: decode_rows_in_flight(),
     };
     decode(client, &inputs).map(|_| ())
 }

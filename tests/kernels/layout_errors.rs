@@ -168,6 +168,7 @@ impl Step {
             slopes: &self.slopes,
             slots: &SLOTS,
             scale: None,
+            rows_in_flight: decode_rows_in_flight(),
         }
     }
 }

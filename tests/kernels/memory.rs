@@ -386,6 +386,7 @@ fn a_failed_allocation_surfaces_at_the_read_and_the_client_keeps_running() {
             slopes: &slopes,
             slots: &[0, 1],
             scale: None,
+            rows_in_flight: decode_rows_in_flight(),
         },
     );
     if indexable {

@@ -405,22 +405,22 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
     for dtype in input_dtypes() {
         let auto = plan_for(&client, dtype, 64, 64, &config);
         let portable = plan_for(&client, dtype, 64, 64, &config.with_routines(Routines::Portable));
-        assert_eq!(portable.diag_routine, DiagRoutine::Portable);
-        assert_eq!(portable.kv_parallel_routine, KvParallelRoutine::Portable);
+        assert_eq!(portable.diag.routine, DiagRoutine::Portable);
+        assert_eq!(portable.kv_parallel.routine, KvParallelRoutine::Portable);
         // f32 inputs take the tensor-core routines as bf16 parts
         // (Precision::Split, the default).
         let expected_tensor_cores = cores.supports(dtype) || (dtype == DType::F32 && cores.bf16);
         assert_eq!(
-            matches!(auto.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
+            matches!(auto.kv_parallel.routine, KvParallelRoutine::TensorCores { .. }),
             expected_tensor_cores,
             "{dtype}: {:?} with {cores:?}",
-            auto.kv_parallel_routine
+            auto.kv_parallel.routine
         );
         assert_eq!(
-            matches!(auto.diag_routine, DiagRoutine::TensorCores { .. }),
+            matches!(auto.diag.routine, DiagRoutine::TensorCores { .. }),
             expected_tensor_cores,
             "{dtype}: {:?} with {cores:?}",
-            auto.diag_routine
+            auto.diag.routine
         );
 
         // The chunk-recurrent state pass: Auto takes it with the tensor
@@ -438,7 +438,7 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
         if let Some(chunk) = auto.chunk_state {
             assert_eq!(
                 chunk.states_in_input_dtype,
-                auto.diag_routine.fuses_non_diag(),
+                auto.diag.routine.fuses_non_diag(),
                 "{dtype}: {chunk:?}"
             );
         }
@@ -456,12 +456,12 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
         // d = 20, e = 12: not multiples of 8, so the portable routines.
         let narrow = plan_for(&client, dtype, 20, 12, &config);
         assert_eq!(
-            narrow.diag_routine,
+            narrow.diag.routine,
             DiagRoutine::Portable,
             "{dtype}, d = 20, e = 12"
         );
         assert_eq!(
-            narrow.kv_parallel_routine,
+            narrow.kv_parallel.routine,
             KvParallelRoutine::Portable,
             "{dtype}, d = 20, e = 12"
         );
@@ -490,7 +490,7 @@ fn f32_precision_picks_the_products() {
         let on_tensor_cores = expected != Products::Portable;
         assert_eq!(
             matches!(
-                plan.diag_routine,
+                plan.diag.routine,
                 DiagRoutine::TensorCores {
                     fused_non_diag: true,
                     ..
@@ -498,7 +498,7 @@ fn f32_precision_picks_the_products() {
             ),
             on_tensor_cores,
             "{precision:?}: {:?}",
-            plan.diag_routine
+            plan.diag.routine
         );
         assert_eq!(
             plan.chunk_state.map(|chunk| (chunk.tensor_cores, chunk.split)),
@@ -508,10 +508,10 @@ fn f32_precision_picks_the_products() {
         );
         // kv-parallel (segments) likewise.
         assert_eq!(
-            matches!(plan.kv_parallel_routine, KvParallelRoutine::TensorCores { .. }),
+            matches!(plan.kv_parallel.routine, KvParallelRoutine::TensorCores { .. }),
             on_tensor_cores,
             "{precision:?}: {:?}",
-            plan.kv_parallel_routine
+            plan.kv_parallel.routine
         );
 
         let forced = plan_for(

@@ -55,7 +55,7 @@ fn backend(client: &Client, layers: usize, slots: usize) -> LightningBackend {
             max_batch: 4,
             tensor_parallel: (1, 2),
             dtype: DType::F32,
-            prefill: PrefillConfig::new(16, 16),
+            prefill: PrefillConfig::new(16, 16).with_tuning(tuning()),
         },
     )
     .expect("a valid backend")

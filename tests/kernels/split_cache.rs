@@ -42,7 +42,7 @@ proptest! {
             let v_t = upload(&client, &v, &[b, h, 1, e], dtype);
             let out = poisoned(&client, &[b, h, 1, e], dtype);
             // `cache` is ignored by the split decode: bind any tensor there.
-            let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &s_t, slopes: &s_t, slots: &slots, scale: None };
+            let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &s_t, slopes: &s_t, slots: &slots, scale: None, rows_in_flight: decode_rows_in_flight() };
             decode_split_into(&client, &inputs, &split, &out).expect("a valid decode");
             let expected = reference_decode(h, d, e, &f64s(&q), &f64s(&k), &f64s(&v), &mut expected_cache, &f64s(&slopes), &slots64);
             let actual = read(&client, &out);
@@ -97,6 +97,7 @@ fn split_cache_parts_and_slots() {
         slopes: &s,
         slots: &[10],
         scale: None,
+        rows_in_flight: decode_rows_in_flight(),
     };
     assert!(
         decode_split_into(

@@ -2,12 +2,16 @@
 
 use cubecl::prelude::*;
 
-use crate::config::check_scale;
-use crate::launch::launch_decode;
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DecodePlan, DeviceLimits, plan_decode};
-use crate::sequences::upload;
-use crate::shapes::{DecodeShape, check_tensor, expect_shape, validate_decode};
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::entry::prefill::check_supported;
+use crate::problem::config::check_scale;
+use crate::problem::shapes::{
+    DecodeShape, TensorShape, check_tensor, decode_args, expect_shape, validate_decode_shapes,
+};
+use crate::routines::decode::launch_decode;
+use crate::routines::decode::{DecodePlan, plan_decode};
+use crate::routines::table::upload;
 use crate::{DeviceTensor, LightningError, Result};
 
 /// The slot index that marks a padding row.
@@ -30,6 +34,9 @@ pub struct DecodeInputs<'a> {
     pub slots: &'a [i32],
     /// Multiplies the output; `None` is 1.
     pub scale: Option<f32>,
+    /// Rows of the cache one unit loads before it stores any (1 to 32);
+    /// `None` is the measured default ([`crate::Tuning::decode_rows_in_flight`]).
+    pub rows_in_flight: Option<usize>,
 }
 
 /// Validates and plans a decode step without launching anything.
@@ -49,7 +56,7 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
             runtime: client.name(),
         });
     }
-    let plan = plan_decode(&shape, &DeviceLimits::of(client))?;
+    let plan = plan_decode(&shape, &DeviceLimits::of(client), inputs.rows_in_flight)?;
     Ok((shape, plan))
 }
 
@@ -119,8 +126,8 @@ pub(crate) fn step_buffers(
     let mut buffers = vec![Buffer::new("decode slots", inputs.slots.len().max(1) as u64 * 4); parts];
     buffers.push(Buffer::new("unused token list", 4));
     let out = shape.batch * shape.heads * shape.value_dim;
-    buffers.extend(crate::memory::decode_copies(
-        crate::widen::words(shape.dtype, client),
+    buffers.extend(crate::device::memory::decode_copies(
+        crate::device::limits::bf16_words(shape.dtype, client),
         [
             inputs.q.num_elements(),
             inputs.k.num_elements(),
@@ -175,4 +182,38 @@ pub(crate) fn check_out(out: &DeviceTensor, shape: &DecodeShape) -> Result<()> {
         &[shape.batch, shape.heads, 1, shape.value_dim],
         "[b, h, 1, e]",
     )
+}
+
+/// Validates the arguments of a decode step: q, k `[b, h, 1, d]`, v `[b, h, 1, e]`,
+/// cache `[slots, h, d, e]` f32, slopes `[h]` f32, and `b` slot indices, each -1
+/// (padding) or a distinct slot of the cache.
+pub fn validate_decode(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    cache: &DeviceTensor,
+    slopes: &DeviceTensor,
+    slots: &[i32],
+) -> Result<DecodeShape> {
+    decode_args(q, k, v, cache, slopes, slots)
+}
+
+/// Validates and plans a decode step from its arguments' shapes and dtypes
+/// alone: every check of [`crate::plan_decode_step`] but the buffers' sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_decode_shapes(
+    client: &Client,
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    cache: &TensorShape,
+    slopes: &TensorShape,
+    slots: &[i32],
+    scale: Option<f32>,
+) -> Result<(DecodeShape, DecodePlan)> {
+    let shape = validate_decode_shapes(q, k, v, cache, slopes, slots)?;
+    check_scale(scale)?;
+    check_supported(client, shape.dtype)?;
+    let plan = plan_decode(&shape, &DeviceLimits::of(client), None)?;
+    Ok((shape, plan))
 }

@@ -15,7 +15,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels::finite::count_non_finite;
 
-use crate::shapes::expect_buffer;
+use super::limits::grid_stride;
+use crate::problem::shapes::expect_buffer;
 use crate::{DType, DeviceTensor, LightningError, Result};
 
 /// A scan of one tensor for non-finite elements, launched and not yet read.
@@ -52,7 +53,7 @@ impl FiniteScan {
         };
         let words = if pairs { len.div_ceil(2) } else { len };
         let report = client.create_from_slice(u32::as_bytes(&[0, u32::MAX]));
-        let (count, dim) = crate::widen::dims(client, words);
+        let (count, dim) = grid_stride(client, words);
         // SAFETY: the buffer holds `len` elements (checked above), that is
         // `words` whole 32-bit words (bindings are padded to 4 bytes; the
         // kernel reads the half past an odd 16-bit tensor but counts only
@@ -84,7 +85,7 @@ impl FiniteScan {
         };
         let bytes = client
             .read_one(report)
-            .map_err(|e| crate::memory::read_error(client, self.tensor, e))?;
+            .map_err(|e| super::memory::read_error(client, self.tensor, e))?;
         let report = u32::from_bytes(&bytes);
         let (count, first) = (report[0], report[1]);
         if count == 0 {

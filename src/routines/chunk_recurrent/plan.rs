@@ -6,7 +6,8 @@
 //! HBM once (`kernels::chunk_state`). diag (and non-diag, or diag with it
 //! fused) run after it on the states it leaves, as after kv-reduce.
 //!
-//! It is chosen here, from the config's [`Routines`] and the device:
+//! It is chosen with every other routine in [`crate::plan::PrefillPlan::new`],
+//! from the config's [`crate::Routines`] and the device:
 //! - `Auto`: the tensor-core variant where the device multiplies the dtype on
 //!   tensor cores, else the five kernels;
 //! - `ChunkRecurrent`: the tensor-core variant where possible, else the
@@ -18,12 +19,12 @@
 //! `Products`); the portable variant splits too where `Precision::Split` is
 //! forced onto it (`ChunkRecurrent` without tensor cores: what CI checks).
 
-use crate::plan::{
-    CMMA_VECTOR, DeviceLimits, LaunchDims, PrefillWork, Products, cmma_vector_size, count, planned_products,
-    tensor_cores_may_run,
-};
-use crate::{DType, Precision, PrefillConfig, Result, Routines};
 use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
+
+use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, count};
+use crate::routines::products::{Products, cmma_vector_size};
+use crate::routines::table::PrefillWork;
+use crate::{PrefillConfig, Result};
 
 /// Most rows of `d` one tensor-core cube holds (8 planes of 16, 256 units).
 /// At 256 units the kernel takes 172 registers a unit, one cube per SM
@@ -72,7 +73,7 @@ pub struct ChunkStatePlan {
     /// The tensor-core variant (else the portable one).
     pub tensor_cores: bool,
     /// K and V are staged as high and low parts, three products each (f32
-    /// inputs, [`Precision::Split`]): in bf16 parts where the plan's
+    /// inputs, [`crate::Precision::Split`]): in bf16 parts where the plan's
     /// [`Products`] is [`Products::SplitBf16`], else (the portable variant
     /// forced on a device without tensor cores) in f32 parts on the bf16 grid.
     pub split: bool,
@@ -94,7 +95,7 @@ fn shared_bytes(elem: usize, stage: usize, key_tile: usize, value_tile: usize) -
 }
 
 /// The launch: x over the state's tiles, y over heads, z over one walk per
-/// sequence (segments add walks: see [`plan_chunk_state`]).
+/// sequence (segments add walks: see [`with_segments`]).
 fn launch_dims(
     work: &PrefillWork,
     key_tile: usize,
@@ -113,19 +114,15 @@ fn launch_dims(
     }
 }
 
-/// Plans the state pass for this work, or `None` where the five kernels run
-/// instead (see the module doc); `fused_diag` says whether diag, with
-/// non-diag fused in, is the states' only reader (then they are stored in the
-/// input dtype).
-pub fn plan_chunk_state(
+/// The chosen variant's plan `plan` with its segments and its grid checked;
+/// `fused_diag` says whether diag, with non-diag fused in, is the states'
+/// only reader (then they are stored in the input dtype).
+pub(crate) fn with_segments(
+    plan: ChunkStatePlan,
     work: &PrefillWork,
-    config: &PrefillConfig,
     limits: &DeviceLimits,
     fused_diag: bool,
-) -> Result<Option<ChunkStatePlan>> {
-    let Some(plan) = plan_variant(work, config, limits)? else {
-        return Ok(None);
-    };
+) -> Result<ChunkStatePlan> {
     let segment_blocks = segment_blocks(work, &plan, limits);
     // With segments, at most one walk per sequence plus one per full segment.
     let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
@@ -134,12 +131,12 @@ pub fn plan_chunk_state(
         ..plan.dims
     }
     .check("chunk-state", limits)?;
-    Ok(Some(ChunkStatePlan {
+    Ok(ChunkStatePlan {
         dims,
         states_in_input_dtype: fused_diag,
         segment_blocks,
         ..plan
-    }))
+    })
 }
 
 /// Blocks per segment, where one walk per sequence would leave SMs idle
@@ -165,30 +162,16 @@ fn segment_blocks(work: &PrefillWork, plan: &ChunkStatePlan, limits: &DeviceLimi
     (segment < per_sequence).then_some(segment)
 }
 
-fn plan_variant(
+/// The tensor-core variant for this work, where the plane size, the block
+/// and shared memory allow it; `products` are the operands the choice gave.
+pub(crate) fn on_tensor_cores(
     work: &PrefillWork,
     config: &PrefillConfig,
     limits: &DeviceLimits,
-) -> Result<Option<ChunkStatePlan>> {
-    if config.routines == Routines::Portable {
-        return Ok(None);
-    }
-    if let Some(plan) = on_tensor_cores(work, config, limits) {
-        return Ok(Some(plan));
-    }
-    if config.routines == Routines::Auto {
-        return Ok(None);
-    }
-    portable(work, config, limits).map(Some)
-}
-
-fn on_tensor_cores(
-    work: &PrefillWork,
-    config: &PrefillConfig,
-    limits: &DeviceLimits,
+    products: Products,
 ) -> Option<ChunkStatePlan> {
     let plane = limits.plane_size? as usize;
-    if !tensor_cores_may_run(work, config, limits) || !config.block.is_multiple_of(16) {
+    if !config.block.is_multiple_of(16) {
         return None;
     }
     let (d16, e16) = (work.key_dim.div_ceil(16) * 16, work.value_dim.div_ceil(16) * 16);
@@ -207,7 +190,6 @@ fn on_tensor_cores(
     }
     let stage = config.block.min(MAX_CMMA_STAGE);
     let units = key_tile / 16 * plane;
-    let products = planned_products(work, config, limits);
     let shared = shared_bytes(products.staged_bytes(work.dtype), stage, key_tile, value_tile);
     let dims = launch_dims(work, key_tile, value_tile, units, shared)
         .check("chunk-state (tensor cores)", limits)
@@ -227,25 +209,20 @@ fn on_tensor_cores(
     })
 }
 
-/// Whether the portable variant splits its operands, and the bytes a staged
-/// element then takes: as the tensor-core routines would on this device
-/// (bf16 parts), or, where they cannot run, f32 parts for f32 inputs that ask
-/// for [`Precision::Split`] (the same structure, checked by CI on lavapipe).
-fn portable_operands(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> (bool, usize) {
-    match planned_products(work, config, limits) {
-        Products::Portable if work.dtype == DType::F32 && config.precision == Precision::Split => (true, 8),
-        products => (products.split(), products.staged_bytes(work.dtype)),
-    }
-}
-
-/// The portable variant's plan (any runtime, any dtype).
-fn portable(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<ChunkStatePlan> {
+/// The portable variant's plan (any runtime, any dtype); `(split, elem)`:
+/// whether its operands are split, and the bytes a staged element takes (the
+/// choice decides both).
+pub(crate) fn portable(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+    (split, elem): (bool, usize),
+) -> Result<ChunkStatePlan> {
     let vector_size = portable_vector_size(work.key_dim, work.value_dim);
     let key_tile = work.key_dim.min(MAX_PORTABLE_TILE);
     // A multiple of the vector: e is one, and so is 64.
     let value_tile = work.value_dim.min(MAX_PORTABLE_TILE);
     let units = PORTABLE_UNITS.min(limits.max_units as usize);
-    let (split, elem) = portable_operands(work, config, limits);
     // The widest stage (a power of two dividing the block) that fits.
     let mut stage = config.block.min(MAX_PORTABLE_STAGE);
     while stage > 1 && shared_bytes(elem, stage, key_tile, value_tile) > limits.shared_memory {

@@ -16,13 +16,16 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::launch::{CallLaunch, Layout, Variant};
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DecodePlan, DeviceLimits, PrefillPlan, plan_decode};
-use crate::sequences::{DeviceTable, SequenceStates, SequenceTable};
-use crate::shapes::{DecodeShape, check_tensor, expect_shape};
-use crate::varlen_checks::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
-use crate::widen;
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
+use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
+use crate::routines::common::{Layout, Variant};
+use crate::routines::decode::{DecodePlan, plan_decode};
+use crate::routines::prefill::launch::CallLaunch;
+use crate::routines::prefill::plan::PrefillPlan;
+use crate::routines::table::{DeviceTable, SequenceStates, SequenceTable};
+use crate::routines::widen;
 use crate::{DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
@@ -130,6 +133,7 @@ impl PlannedBatch {
                     dtype: shape.dtype,
                 },
                 &limits,
+                config.tuning.decode_rows_in_flight,
             )?),
         };
         Ok(Self {
@@ -146,7 +150,7 @@ impl PlannedBatch {
 fn copies(shape: &VarlenShape) -> [(&'static str, usize); 4] {
     let rows = shape.total_tokens * shape.heads;
     let (qk, v) = (rows * shape.key_dim, rows * shape.value_dim);
-    crate::memory::f32_copies([qk, qk, v, v])
+    crate::device::memory::f32_copies([qk, qk, v, v])
 }
 
 /// Checks the snapshots and lists them as `(sequence, token, slot)`.
@@ -210,7 +214,7 @@ impl DeviceBatch {
                 shape.dtype,
             ));
         }
-        buffers.extend(crate::memory::launch_buffers(
+        buffers.extend(crate::routines::prefill::buffers::launch_buffers(
             &planned.prefill,
             &planned.table,
             [shape.heads, shape.key_dim, shape.value_dim],
@@ -227,13 +231,13 @@ impl DeviceBatch {
     }
 
     fn upload_checked(client: &Client, planned: PlannedBatch) -> Self {
-        let table = planned.table.upload(client, &planned.prefill);
+        let table = planned.table.upload(client, planned.prefill.chunk_walk());
         let workspace = client.empty(planned.prefill.block_states_len.max(1) * 4);
         Self {
             planned,
             table,
             workspace,
-            unused: crate::launch::unused_binding(client),
+            unused: crate::device::tensor::unused_binding(client),
         }
     }
 

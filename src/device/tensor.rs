@@ -4,7 +4,9 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels::fill::fill_words;
 
-use crate::memory::{Buffer, DeviceMemory, read_error};
+use super::limits::grid_stride;
+use super::memory::{Buffer, DeviceMemory, read_error};
+use crate::problem::shapes::Arg;
 use crate::{DType, LightningError, Result};
 
 /// What the errors of a tensor's creation call it.
@@ -81,7 +83,7 @@ impl DeviceTensor {
             DType::BF16 => u32::from(half::bf16::from_f32(value).to_bits()) * 0x1_0001,
         };
         let tensor = Self::empty(client, shape, dtype);
-        let (count, dim) = crate::widen::dims(client, words);
+        let (count, dim) = grid_stride(client, words);
         // SAFETY: the buffer holds `words` whole 32-bit words, and the kernel
         // writes only words below `words`.
         unsafe {
@@ -149,4 +151,30 @@ impl DeviceTensor {
             .map_err(|e| read_error(client, READ, e))?;
         Ok(bytes[..self.num_elements() * self.dtype.size()].to_vec())
     }
+}
+
+impl Arg for DeviceTensor {
+    fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+    fn elem(&self) -> DType {
+        self.dtype
+    }
+    fn buffer_bytes(&self) -> Option<u64> {
+        Some(self.handle.size())
+    }
+}
+
+/// A kernel argument over a whole validated tensor.
+pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
+    // SAFETY: validation checked that the buffer holds `num_elements` of its dtype.
+    unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.num_elements()) }
+}
+
+/// The tensor bound where a kernel's optional input is absent: four f32, one
+/// vector of the widest binding that may receive it (kv-reduce reads
+/// `initial` in vectors of 4), or wgpu refuses a binding smaller than one
+/// vector.
+pub(crate) fn unused_binding(client: &Client) -> DeviceTensor {
+    DeviceTensor::empty(client, &[4], DType::F32)
 }

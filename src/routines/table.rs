@@ -10,8 +10,51 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::plan::{PrefillPlan, PrefillWork};
+use crate::problem::shapes::PrefillShape;
 use crate::{DType, PrefillConfig};
+
+/// How much work one prefill call holds, whatever its layout: the sizes the
+/// launches are planned from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillWork {
+    /// dtype of q, k, v and the output.
+    pub dtype: DType,
+    /// `h`.
+    pub heads: usize,
+    /// `d`.
+    pub key_dim: usize,
+    /// `e`.
+    pub value_dim: usize,
+    /// Query sub-blocks over all sequences run through the prefill kernels.
+    pub sub_blocks: usize,
+    /// Blocks over all those sequences.
+    pub blocks: usize,
+    /// Sequences run through the prefill kernels.
+    pub sequences: usize,
+    /// States written after chosen tokens (speculative decoding).
+    pub snapshots: usize,
+}
+
+impl PrefillWork {
+    /// The work of a dense `[b, h, n, ...]` prefill.
+    pub fn dense(shape: &PrefillShape, config: &PrefillConfig) -> Self {
+        Self {
+            dtype: shape.dtype,
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            sub_blocks: shape.batch * shape.seq_len.div_ceil(config.sub_block),
+            blocks: shape.batch * shape.seq_len.div_ceil(config.block),
+            sequences: shape.batch,
+            snapshots: 0,
+        }
+    }
+}
+
+/// The walks of a planned chunk-recurrent state pass: tokens per block and
+/// blocks per segment (`None`: one walk per sequence). The table lists them
+/// where a plan has the pass (`PrefillPlan::chunk_walk`).
+pub(crate) type ChunkWalk = (usize, Option<usize>);
 
 /// Where a sequence's state comes from and goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,18 +197,17 @@ impl SequenceTable {
         runs
     }
 
-    /// The runs `plan`'s chunk-recurrent state pass walks, if it has one.
-    fn planned_runs(&self, plan: &PrefillPlan) -> ChunkRuns {
-        plan.chunk_state
-            .map(|chunk| self.chunk_runs(chunk.block, chunk.segment_blocks))
+    /// The runs a planned chunk-recurrent state pass walks, if there is one.
+    fn planned_runs(&self, walk: Option<ChunkWalk>) -> ChunkRuns {
+        walk.map(|(block, segment_blocks)| self.chunk_runs(block, segment_blocks))
             .unwrap_or_default()
     }
 
-    /// What [`SequenceTable::upload`] allocates for `plan`: bytes over all
+    /// What [`SequenceTable::upload`] allocates with `walk`: bytes over all
     /// its lists (an empty one still binds one element), and the segments of
     /// the chunk-recurrent walk (zero without segments).
-    pub fn device_bytes(&self, plan: &PrefillPlan) -> (u64, usize) {
-        let runs = self.planned_runs(plan);
+    pub fn device_bytes(&self, walk: Option<ChunkWalk>) -> (u64, usize) {
+        let runs = self.planned_runs(walk);
         let lists = [
             runs.walks.len(),
             runs.segment_work.len(),
@@ -185,10 +227,10 @@ impl SequenceTable {
         (bytes, runs.segment_work.len() / 2)
     }
 
-    /// Copies the table to the device, with the runs `plan`'s chunk-recurrent
-    /// state pass walks, if it has one.
-    pub fn upload(&self, client: &Client, plan: &PrefillPlan) -> DeviceTable {
-        let runs = self.planned_runs(plan);
+    /// Copies the table to the device, with the runs of the planned
+    /// chunk-recurrent state pass `walk`, if there is one.
+    pub fn upload(&self, client: &Client, walk: Option<ChunkWalk>) -> DeviceTable {
+        let runs = self.planned_runs(walk);
         DeviceTable {
             chunk_walks: upload(client, &runs.walks),
             segment_work: upload(client, &runs.segment_work),

@@ -1,6 +1,7 @@
 //! 16-bit inputs on f32 copies: widen, run the f32 launches, round back.
 //!
-//! Two cases take this path, decided here in one place:
+//! Two cases take this path, decided where every routine is chosen
+//! ([`crate::plan::PrefillPlan::new`], `widens`):
 //! - **bf16 without a bf16 type** (WGSL; SPIR-V, which holds bf16 for storage
 //!   and conversion only): the tensor is bound as the 32-bit words that hold
 //!   its elements in pairs and widened by a shift (`kernels::widen`).
@@ -22,38 +23,11 @@
 use cubecl::prelude::*;
 use lightning_attention_kernels::widen::{narrow_bf16, narrow_cast, widen_bf16, widen_cast};
 
-use crate::memory::Buffer;
-use crate::plan::{DeviceLimits, Products};
-use crate::{DType, DeviceTensor, Precision, PrefillConfig, Result};
-
-/// Units per cube of the conversion kernels.
-const UNITS: u32 = 256;
-/// The most cubes a conversion launches; each unit loops over words beyond.
-const MAX_CUBES: u32 = 8192;
-
-/// Whether `dtype` travels as words on `client` (bf16 where the runtime has
-/// no bf16 of its own).
-pub(crate) fn words(dtype: DType, client: &Client) -> bool {
-    dtype == DType::BF16 && !dtype.is_native(client)
-}
-
-/// Whether a prefill (or backward) of `dtype` inputs with `config` runs on f32
-/// copies on a device with `limits` (the module doc says when).
-pub(crate) fn widens(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
-    match dtype {
-        DType::F32 => false,
-        DType::BF16 if limits.bf16_words => true,
-        dtype => Products::of(dtype, config, limits) == Products::Portable,
-    }
-}
-
-/// The precision the f32 copies of `dtype` inputs run with (the module doc).
-pub(crate) fn copies_precision(dtype: DType) -> Precision {
-    match dtype {
-        DType::BF16 => Precision::Rounded,
-        _ => Precision::Exact,
-    }
-}
+use crate::device::limits::{DeviceLimits, bf16_words, grid_stride};
+use crate::device::memory::{Buffer, fits_one_buffer};
+use crate::device::tensor::arg;
+use crate::routines::prefill::plan::widens;
+use crate::{DType, DeviceTensor, PrefillConfig, Result};
 
 /// Checks that the f32 copies of `tensors` (name, elements) of `dtype` fit one
 /// buffer of a device with `limits`, where a call with `config` takes copies.
@@ -67,18 +41,9 @@ pub(crate) fn check_copies(
         return Ok(());
     }
     for &(name, elements) in tensors {
-        crate::memory::fits_one_buffer(Buffer::elements(name, elements, DType::F32), limits.max_buffer)?;
+        fits_one_buffer(Buffer::elements(name, elements, DType::F32), limits.max_buffer)?;
     }
     Ok(())
-}
-
-/// Grid of a grid-stride kernel (a conversion, a fill) over `items` words or elements.
-pub(crate) fn dims(client: &Client, items: usize) -> (CubeCount, CubeDim) {
-    let max = client.properties().hardware.max_cube_count.0;
-    let cubes = items
-        .div_ceil(UNITS as usize)
-        .clamp(1, MAX_CUBES.min(max) as usize) as u32;
-    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(UNITS))
 }
 
 /// The bf16 tensor's words, as a kernel argument.
@@ -101,16 +66,16 @@ pub(crate) fn widen_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor
     if len == 0 {
         return;
     }
-    let dst_arg = crate::launch::arg(dst);
+    let dst_arg = arg(dst);
     // SAFETY (each launch): both buffers hold `len` elements; the kernels
     // bound every access by `len`.
     unsafe {
-        if words(src.dtype, client) {
-            let (count, dim) = dims(client, len.div_ceil(2));
+        if bf16_words(src.dtype, client) {
+            let (count, dim) = grid_stride(client, len.div_ceil(2));
             widen_bf16::launch_unchecked(client, count, dim, words_arg(src), dst_arg, len as u32)
         } else {
-            let (count, dim) = dims(client, len);
-            let src_arg = crate::launch::arg(src);
+            let (count, dim) = grid_stride(client, len);
+            let src_arg = arg(src);
             match src.dtype {
                 DType::F16 => widen_cast::launch_unchecked::<half::f16>(
                     client, count, dim, src_arg, dst_arg, len as u32,
@@ -129,15 +94,15 @@ pub(crate) fn narrow_into(client: &Client, src: &DeviceTensor, dst: &DeviceTenso
     if len == 0 {
         return;
     }
-    let src_arg = crate::launch::arg(src);
+    let src_arg = arg(src);
     // SAFETY: as in `widen_into`.
     unsafe {
-        if words(dst.dtype, client) {
-            let (count, dim) = dims(client, len.div_ceil(2));
+        if bf16_words(dst.dtype, client) {
+            let (count, dim) = grid_stride(client, len.div_ceil(2));
             narrow_bf16::launch_unchecked(client, count, dim, src_arg, words_arg(dst), len as u32)
         } else {
-            let (count, dim) = dims(client, len);
-            let dst_arg = crate::launch::arg(dst);
+            let (count, dim) = grid_stride(client, len);
+            let dst_arg = arg(dst);
             match dst.dtype {
                 DType::F16 => narrow_cast::launch_unchecked::<half::f16>(
                     client, count, dim, src_arg, dst_arg, len as u32,

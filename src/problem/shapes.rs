@@ -1,6 +1,6 @@
 //! Shape, dtype and buffer validation of every argument, before anything launches.
 
-use crate::{DType, DeviceTensor, LightningError, Result};
+use crate::{DType, LightningError, Result};
 
 /// The largest element count a kernel addresses (indices are 32-bit on wgpu).
 pub(crate) const MAX_ELEMENTS: u64 = u32::MAX as u64;
@@ -8,7 +8,7 @@ pub(crate) const MAX_ELEMENTS: u64 = u32::MAX as u64;
 /// A tensor argument described by its shape and dtype alone, with no buffer:
 /// what [`validate_prefill_shapes`] and [`validate_decode_shapes`] take, for a
 /// caller that validates a call before its buffers exist (Burn's lazy Fusion
-/// backend). Everything is checked as for a [`DeviceTensor`] but the buffer's size.
+/// backend). Everything is checked as for a [`crate::DeviceTensor`] but the buffer's size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorShape {
     /// The shape, outermost first.
@@ -17,7 +17,8 @@ pub struct TensorShape {
     pub dtype: DType,
 }
 
-/// What validation reads of an argument: a [`DeviceTensor`] or a [`TensorShape`].
+/// What validation reads of an argument: a [`crate::DeviceTensor`] (which
+/// implements it where it is defined) or a [`TensorShape`].
 pub(crate) trait Arg {
     /// The shape, outermost first.
     fn dims(&self) -> &[usize];
@@ -25,18 +26,6 @@ pub(crate) trait Arg {
     fn elem(&self) -> DType;
     /// Bytes in its buffer; `None` where there is no buffer yet.
     fn buffer_bytes(&self) -> Option<u64>;
-}
-
-impl Arg for DeviceTensor {
-    fn dims(&self) -> &[usize] {
-        &self.shape
-    }
-    fn elem(&self) -> DType {
-        self.dtype
-    }
-    fn buffer_bytes(&self) -> Option<u64> {
-        Some(self.handle.size())
-    }
 }
 
 impl Arg for TensorShape {
@@ -188,19 +177,7 @@ pub(crate) fn check_tensor(
     expect_buffer(t, tensor)
 }
 
-/// Validates the arguments of a prefill: q, k `[b, h, n, d]`, v `[b, h, n, e]`
-/// of one dtype, slopes `[h]` f32, the optional initial state `[b, h, d, e]` f32.
-pub fn validate_prefill(
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    slopes: &DeviceTensor,
-    initial_state: Option<&DeviceTensor>,
-) -> Result<PrefillShape> {
-    prefill_args(q, k, v, slopes, initial_state)
-}
-
-/// [`validate_prefill`] on shapes and dtypes alone (no buffers, so no buffer-size check).
+/// [`crate::shapes::validate_prefill`] on shapes and dtypes alone (no buffers, so no buffer-size check).
 pub fn validate_prefill_shapes(
     q: &TensorShape,
     k: &TensorShape,
@@ -211,7 +188,13 @@ pub fn validate_prefill_shapes(
     prefill_args(q, k, v, slopes, initial_state)
 }
 
-fn prefill_args<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, initial_state: Option<&T>) -> Result<PrefillShape> {
+pub(crate) fn prefill_args<T: Arg>(
+    q: &T,
+    k: &T,
+    v: &T,
+    slopes: &T,
+    initial_state: Option<&T>,
+) -> Result<PrefillShape> {
     const QK: &str = "[b, h, n, d]";
     const V: &str = "[b, h, n, e]";
     check_tensor(q, "q", &["b", "h", "n", "d"], QK, None)?;
@@ -262,21 +245,7 @@ pub struct DecodeShape {
     pub dtype: DType,
 }
 
-/// Validates the arguments of a decode step: q, k `[b, h, 1, d]`, v `[b, h, 1, e]`,
-/// cache `[slots, h, d, e]` f32, slopes `[h]` f32, and `b` slot indices, each -1
-/// (padding) or a distinct slot of the cache.
-pub fn validate_decode(
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    cache: &DeviceTensor,
-    slopes: &DeviceTensor,
-    slots: &[i32],
-) -> Result<DecodeShape> {
-    decode_args(q, k, v, cache, slopes, slots)
-}
-
-/// [`validate_decode`] on shapes and dtypes alone (no buffers, so no buffer-size check).
+/// [`crate::shapes::validate_decode`] on shapes and dtypes alone (no buffers, so no buffer-size check).
 pub fn validate_decode_shapes(
     q: &TensorShape,
     k: &TensorShape,
@@ -288,7 +257,14 @@ pub fn validate_decode_shapes(
     decode_args(q, k, v, cache, slopes, slots)
 }
 
-fn decode_args<T: Arg>(q: &T, k: &T, v: &T, cache: &T, slopes: &T, slots: &[i32]) -> Result<DecodeShape> {
+pub(crate) fn decode_args<T: Arg>(
+    q: &T,
+    k: &T,
+    v: &T,
+    cache: &T,
+    slopes: &T,
+    slots: &[i32],
+) -> Result<DecodeShape> {
     const QK: &str = "[b, h, 1, d]";
     const V: &str = "[b, h, 1, e]";
     // The token axis is 1 in the layout, not a size of the caller's: each

@@ -1,4 +1,5 @@
-//! The comptime block configuration of the prefill, and its validation.
+//! The comptime block configuration of the prefill, its precision and
+//! routines, the measuring knobs ([`Tuning`]), and their validation.
 
 use crate::{LightningError, Result};
 
@@ -31,6 +32,59 @@ pub struct PrefillConfig {
     /// and [`crate::LightningBackend`] (whose calls never wait on the device)
     /// ignore it: call [`crate::check_finite`] on their results where wanted.
     pub check_finite: bool,
+    /// Tiles and batching with measured defaults, for benchmarks that vary
+    /// them ([`Tuning::default`] is what every call should use).
+    pub tuning: Tuning,
+}
+
+/// The measuring knobs: tile and batching choices whose defaults were
+/// measured (BENCHMARKS.md, SPEED_NOTES.md), passed by a benchmark that
+/// compares other values. `None` takes the measured default. The library
+/// reads no environment variable for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// Most columns of `e` one tensor-core diag cube holds: 16 to 128, a
+    /// multiple of 16; `None` is 128 (with scalar loads, 64 made bf16 diag
+    /// 2x slower on an H100: SPEED_NOTES.md, variants 3 and 10).
+    pub diag_value_tile: Option<usize>,
+    /// Rows of the cache one decode unit loads before it stores any: 1 to
+    /// 32; `None` is 16 on CUDA and 1 elsewhere. On an H100 the batched loads
+    /// raised CUDA's decode bandwidth by 5-10% and lowered wgpu's (WGSL) by
+    /// 25% (BENCHMARKS.md); on the H200 16 (all of a unit's rows at e = d =
+    /// 128, one round of loads) took a 70-layer step at h = 8 from 3.82 to
+    /// 3.18 us per layer at batch 1 and from 7.08 to 6.14 at batch 16, the
+    /// same beyond (BENCHMARKS.md run 15). Decode calls take it from
+    /// [`crate::DecodeInputs::rows_in_flight`]; packed batches and the serving
+    /// backend from their [`PrefillConfig`].
+    pub decode_rows_in_flight: Option<usize>,
+}
+
+impl Tuning {
+    /// Checks each knob's range.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(tile) = self.diag_value_tile
+            && !((16..=128).contains(&tile) && tile.is_multiple_of(16))
+        {
+            return Err(LightningError::InvalidTuning {
+                knob: "diag_value_tile",
+                value: tile,
+                expected: "16 to 128, a multiple of 16",
+            });
+        }
+        check_rows_in_flight(self.decode_rows_in_flight)
+    }
+}
+
+/// Rows in flight, when given, are 1 to 32.
+pub(crate) fn check_rows_in_flight(rows: Option<usize>) -> Result<()> {
+    match rows {
+        Some(rows) if !(1..=32).contains(&rows) => Err(LightningError::InvalidTuning {
+            knob: "decode_rows_in_flight",
+            value: rows,
+            expected: "1 to 32",
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// How the products of f32 inputs are computed: the accuracy each choice
@@ -91,6 +145,7 @@ impl Default for PrefillConfig {
             routines: Routines::Auto,
             precision: Precision::Split,
             check_finite: false,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -121,6 +176,7 @@ impl PrefillConfig {
             routines: Routines::Auto,
             precision: Precision::Split,
             check_finite: false,
+            tuning: Tuning::default(),
         }
     }
 
@@ -147,6 +203,11 @@ impl PrefillConfig {
         Self { check_finite, ..self }
     }
 
+    /// The same config with the measuring knobs `tuning`.
+    pub fn with_tuning(self, tuning: Tuning) -> Self {
+        Self { tuning, ..self }
+    }
+
     /// Checks the rules the kernels rely on.
     pub fn validate(&self) -> Result<()> {
         let fail = |reason| {
@@ -169,7 +230,7 @@ impl PrefillConfig {
             return fail("CBLOCK must be a power of two");
         }
         check_scale(self.scale)?;
-        Ok(())
+        self.tuning.validate()
     }
 }
 

@@ -4,12 +4,18 @@ use std::time::Duration;
 
 use cubecl::prelude::*;
 
-use crate::launch::{CallLaunch, Layout, Stage, Variant};
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DeviceLimits, PrefillPlan, PrefillWork};
-use crate::sequences::SequenceTable;
-use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
-use crate::widen;
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::fits_one_buffer;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::problem::shapes::{
+    PrefillShape, TensorShape, check_tensor, expect_shape, prefill_args, validate_prefill_shapes,
+};
+use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::prefill::launch::CallLaunch;
+use crate::routines::prefill::plan::PrefillPlan;
+use crate::routines::table::PrefillWork;
+use crate::routines::table::SequenceTable;
+use crate::routines::widen;
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// The arguments of a prefill.
@@ -59,7 +65,9 @@ pub fn plan_prefill(
 /// The f32 copies a widened call makes (see [`crate::widen`]): the name and
 /// elements of q, k, v and out (as many as v: `e` per row).
 fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
-    crate::memory::f32_copies([inputs.q, inputs.k, inputs.v, inputs.v].map(DeviceTensor::num_elements))
+    crate::device::memory::f32_copies(
+        [inputs.q, inputs.k, inputs.v, inputs.v].map(DeviceTensor::num_elements),
+    )
 }
 
 /// Runs the prefill, allocating the output and the final state. Returns
@@ -117,7 +125,7 @@ fn launch_buffers(
     table: &SequenceTable,
     inputs: &PrefillInputs,
 ) -> Vec<Buffer> {
-    crate::memory::launch_buffers(
+    crate::routines::prefill::buffers::launch_buffers(
         plan,
         table,
         [shape.heads, shape.key_dim, shape.value_dim],
@@ -147,7 +155,7 @@ pub fn prefill_into(
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimes {
     /// diag: the intra-block causal part (with non-diag's part where the
-    /// tensor-core routine fuses it, see [`crate::plan::DiagRoutine`]).
+    /// tensor-core routine fuses it, see [`crate::routines::five_kernels::diag::DiagRoutine`]).
     pub diag: Duration,
     /// kv-parallel: each block's decayed `K^T V`.
     pub kv_parallel: Duration,
@@ -302,9 +310,9 @@ fn launch_checked(
     final_state: &DeviceTensor,
     hook: &mut dyn FnMut(Stage, &dyn Fn()),
 ) {
-    let table = table.upload(client, &plan);
+    let table = table.upload(client, plan.chunk_walk());
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
-    let unused = crate::launch::unused_binding(client);
+    let unused = crate::device::tensor::unused_binding(client);
     CallLaunch {
         client,
         q: inputs.q,
@@ -327,4 +335,59 @@ fn launch_checked(
         variant: Variant::FORWARD,
     }
     .run(hook);
+}
+
+/// Validates the arguments of a prefill: q, k `[b, h, n, d]`, v `[b, h, n, e]`
+/// of one dtype, slopes `[h]` f32, the optional initial state `[b, h, d, e]` f32.
+pub fn validate_prefill(
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    slopes: &DeviceTensor,
+    initial_state: Option<&DeviceTensor>,
+) -> Result<PrefillShape> {
+    prefill_args(q, k, v, slopes, initial_state)
+}
+
+/// The runtime can hold `dtype` (see [`DType::is_supported`]).
+pub(crate) fn check_supported(client: &Client, dtype: DType) -> Result<()> {
+    if dtype.is_supported(client) {
+        Ok(())
+    } else {
+        Err(LightningError::UnsupportedDType {
+            dtype,
+            runtime: client.name(),
+        })
+    }
+}
+
+/// Validates and plans a dense prefill from its arguments' shapes and dtypes
+/// alone: every check of [`crate::plan_prefill`] (block config, shapes,
+/// dtypes, the runtime's dtype support, the device's limits) but the buffers'
+/// sizes, for a caller whose buffers do not exist yet (Burn's Fusion backend);
+/// the output and final state it will allocate are checked against the
+/// largest buffer the device allocates
+/// ([`crate::LightningError::OutOfMemory`]).
+pub fn plan_prefill_shapes(
+    client: &Client,
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    slopes: &TensorShape,
+    initial_state: Option<&TensorShape>,
+    config: &PrefillConfig,
+) -> Result<(PrefillShape, PrefillPlan)> {
+    config.validate()?;
+    let shape = validate_prefill_shapes(q, k, v, slopes, initial_state)?;
+    check_supported(client, shape.dtype)?;
+    let limits = DeviceLimits::of(client);
+    let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
+    // The buffers the caller will allocate must each fit one buffer too.
+    for output in [
+        Buffer::tensor("out [b, h, n, e]", &shape.out_shape(), shape.dtype),
+        Buffer::tensor("final_state [b, h, d, e] f32", &shape.state_shape(), DType::F32),
+    ] {
+        fits_one_buffer(output, limits.max_buffer)?;
+    }
+    Ok((shape, plan))
 }

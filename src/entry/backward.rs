@@ -28,13 +28,19 @@
 
 use cubecl::prelude::*;
 
-use crate::backward_launch::{BackwardLaunch, BackwardPlan};
-use crate::launch::{CallLaunch, Layout, Stage, Variant};
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DeviceLimits, DiagRoutine, PrefillPlan, PrefillWork};
-use crate::sequences::SequenceTable;
-use crate::shapes::{PrefillShape, check_tensor, expect_shape, validate_prefill};
-use crate::widen;
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::entry::prefill::validate_prefill;
+use crate::problem::shapes::{PrefillShape, check_tensor, expect_shape};
+use crate::routines::backward::launch::BackwardLaunch;
+use crate::routines::backward::plan::BackwardPlan;
+use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::five_kernels::diag::DiagRoutine;
+use crate::routines::prefill::launch::CallLaunch;
+use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
+use crate::routines::table::PrefillWork;
+use crate::routines::table::SequenceTable;
+use crate::routines::widen;
 use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
 
 /// The arguments of a backward pass: the forward's inputs and the upstream gradients.
@@ -118,12 +124,12 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         });
     }
     let limits = DeviceLimits::of(client);
-    if widen::widens(shape.dtype, config, &limits) {
+    if widens(shape.dtype, config, &limits) {
         return backward_widened(client, inputs, &shape, config, &limits);
     }
     let (d, e) = (shape.key_dim, shape.value_dim);
     let (swapped, plan, swapped_plan) = plan_passes(&shape, config, &limits)?;
-    let fused_key_value = match plan.diag_routine {
+    let fused_key_value = match plan.diag.routine {
         DiagRoutine::Portable => Some(BackwardPlan::new(&plan, d, e, &limits)?),
         DiagRoutine::TensorCores { .. } => None,
     };
@@ -137,7 +143,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     };
     // The transposed final states of the dq and dk passes are not wanted.
     let scratch = DeviceTensor::empty(client, &swapped.state_shape(), DType::F32);
-    let unused = crate::launch::unused_binding(client);
+    let unused = crate::device::tensor::unused_binding(client);
     let pass = |[q, k, v, out]: [&DeviceTensor; 4],
                 swap: bool,
                 initial: Option<&DeviceTensor>,
@@ -150,7 +156,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             (&shape, &plan)
         };
         let table = SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config)
-            .upload(client, pass_plan);
+            .upload(client, pass_plan.chunk_walk());
         let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
         let layout = Layout::dense(shape.seq_len);
         let call = CallLaunch {
@@ -310,8 +316,9 @@ fn gradient_buffers(
     // The work lists do not depend on whether a pass has an initial state.
     let table = SequenceTable::dense(b, n, false, config);
     let total = |buffers: &[Buffer]| buffers.iter().map(|buffer| buffer.bytes).sum::<u64>();
-    let pass = crate::memory::launch_buffers(plan, &table, [h, d, e], &[]);
-    let swapped_pass = crate::memory::launch_buffers(swapped_plan, &table, [h, e, d], &[]);
+    let pass = crate::routines::prefill::buffers::launch_buffers(plan, &table, [h, d, e], &[]);
+    let swapped_pass =
+        crate::routines::prefill::buffers::launch_buffers(swapped_plan, &table, [h, e, d], &[]);
     buffers.extend(if total(&pass) >= total(&swapped_pass) {
         pass
     } else {
@@ -341,7 +348,7 @@ fn backward_widened(
     widen::check_copies(limits, dtype, config, &elements)?;
     // Everything the call allocates, checked before the copies are: the
     // copies, the f32 backward on them, the gradients rounded back.
-    let wide_config = config.with_precision(widen::copies_precision(dtype));
+    let wide_config = config.with_precision(copies_precision(dtype));
     let wide_shape = PrefillShape {
         dtype: DType::F32,
         ..*shape

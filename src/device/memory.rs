@@ -28,20 +28,8 @@ use cubecl::MemoryScope;
 use cubecl::prelude::*;
 use cubecl::server::{IoError, ServerError};
 
-use crate::plan::PrefillPlan;
-use crate::sequences::SequenceTable;
+pub use crate::problem::error::MemoryLimit;
 use crate::{DType, LightningError, Result};
-
-/// Which limit refused an allocation (see [`LightningError::OutOfMemory`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MemoryLimit {
-    /// The most bytes the runtime allocates in one buffer: the request never
-    /// fits on this device, whatever is freed; it must be split.
-    Buffer,
-    /// The device's memory left: the request may fit once other work has
-    /// freed memory.
-    Device,
-}
 
 /// One buffer a call allocates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,49 +126,9 @@ pub(crate) fn fits_one_buffer(buffer: Buffer, max_buffer: u64) -> Result<()> {
     Ok(())
 }
 
-/// What a call of `plan` allocates around the caller's tensors, in order:
-/// the work lists of `table`, the per-block state workspace, the f32 copies
-/// of 16-bit inputs where the plan runs on them (`copies`: the name and
-/// elements of q, k, v and out), and the segment states of the
-/// chunk-recurrent routine's segmented walk.
-pub(crate) fn launch_buffers(
-    plan: &PrefillPlan,
-    table: &SequenceTable,
-    [heads, key_dim, value_dim]: [usize; 3],
-    copies: &[(&'static str, usize)],
-) -> Vec<Buffer> {
-    let (table_bytes, segments) = table.device_bytes(plan);
-    let mut buffers = vec![
-        Buffer::new("work lists of the call", table_bytes),
-        Buffer::elements(
-            "per-block state workspace [blocks, h, d, e] f32",
-            plan.block_states_len.max(1),
-            DType::F32,
-        ),
-    ];
-    if plan.widened {
-        buffers.extend(
-            copies
-                .iter()
-                .map(|&(name, elements)| Buffer::elements(name, elements, DType::F32)),
-        );
-    }
-    if plan
-        .chunk_state
-        .is_some_and(|chunk| chunk.segment_blocks.is_some())
-    {
-        buffers.push(Buffer::elements(
-            "segment states [segments, h, d, e] f32",
-            (segments * heads * key_dim * value_dim).max(1),
-            DType::F32,
-        ));
-    }
-    buffers
-}
-
-/// The f32 copies a widened forward call makes (see [`crate::widen`]), as
+/// The f32 copies a widened forward call makes (see the routines' `widen`), as
 /// the errors name them, from the elements of q, k, v and the output: what
-/// [`launch_buffers`] and `widen::check_copies` take.
+/// the prefill routines' `launch_buffers` and `widen::check_copies` take.
 pub(crate) fn f32_copies([q, k, v, out]: [usize; 4]) -> [(&'static str, usize); 4] {
     [
         ("f32 copy of q", q),

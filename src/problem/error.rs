@@ -1,7 +1,6 @@
 //! The typed error every public entry point returns instead of panicking.
 
 use crate::DType;
-use crate::memory::MemoryLimit;
 
 /// Why a lightning-attention call was refused. Each variant says what was
 /// wrong and what was expected; nothing is launched once one is returned,
@@ -78,6 +77,18 @@ pub enum LightningError {
     /// The output scale is not a finite number.
     #[error("scale {0} is not finite; expected a finite multiplier (or None for 1)")]
     InvalidScale(String),
+    /// A measuring knob of [`crate::Tuning`] is out of its range.
+    #[error(
+        "tuning knob {knob} = {value} is out of range; expected {expected} (or None for the measured default)"
+    )]
+    InvalidTuning {
+        /// The knob's name.
+        knob: &'static str,
+        /// The value given.
+        value: usize,
+        /// Its range.
+        expected: &'static str,
+    },
     /// A decode slot index is neither padding (-1) nor a slot of the cache.
     #[error("slots[{index}] = {slot}: expected -1 (padding) or a slot in 0..{slots}")]
     SlotOutOfRange {
@@ -317,3 +328,14 @@ fn memory_advice(bytes: u64, available: Option<u64>, limit: MemoryLimit) -> Stri
 
 /// Shorthand for results of this crate.
 pub type Result<T> = core::result::Result<T, LightningError>;
+
+/// Which limit refused an allocation (see [`LightningError::OutOfMemory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemoryLimit {
+    /// The most bytes the runtime allocates in one buffer: the request never
+    /// fits on this device, whatever is freed; it must be split.
+    Buffer,
+    /// The device's memory left: the request may fit once other work has
+    /// freed memory.
+    Device,
+}

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::shapes::{check_tensor, expect_shape};
-use crate::{DType, DeviceTensor, LightningError, Result};
+use super::shapes::{Arg, check_tensor, expect_shape};
+use crate::{DType, LightningError, Result};
 
 /// Sizes of a validated packed call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,28 +34,22 @@ impl VarlenShape {
 
 /// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype, slopes `[h]` f32 and
 /// the cache `[slots, h, d, e]` f32.
-pub(crate) fn check_tensors(
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    slopes: &DeviceTensor,
-    cache: &DeviceTensor,
-) -> Result<VarlenShape> {
+pub(crate) fn check_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, cache: &T) -> Result<VarlenShape> {
     // The layouts and dimension names of `VarlenInputs`' docs.
     const QK: &str = "[T, h, d]";
     const V: &str = "[T, h, e]";
     const CACHE: &str = "[slots, h, d, e]";
     check_tensor(q, "q", &["T", "h", "d"], QK, None)?;
-    let (total_tokens, heads, key_dim) = (q.shape[0], q.shape[1], q.shape[2]);
-    check_tensor(k, "k", &["T", "h", "d"], QK, Some(q.dtype))?;
-    expect_shape(k, "k", &q.shape, QK)?;
-    check_tensor(v, "v", &["T", "h", "e"], V, Some(q.dtype))?;
-    let value_dim = v.shape[2];
+    let (total_tokens, heads, key_dim) = (q.dims()[0], q.dims()[1], q.dims()[2]);
+    check_tensor(k, "k", &["T", "h", "d"], QK, Some(q.elem()))?;
+    expect_shape(k, "k", q.dims(), QK)?;
+    check_tensor(v, "v", &["T", "h", "e"], V, Some(q.elem()))?;
+    let value_dim = v.dims()[2];
     expect_shape(v, "v", &[total_tokens, heads, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
     check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
-    let slots = cache.shape[0];
+    let slots = cache.dims()[0];
     expect_shape(cache, "cache", &[slots, heads, key_dim, value_dim], CACHE)?;
     Ok(VarlenShape {
         total_tokens,
@@ -64,7 +58,7 @@ pub(crate) fn check_tensors(
         key_dim,
         value_dim,
         slots,
-        dtype: q.dtype,
+        dtype: q.elem(),
     })
 }
 

@@ -1,56 +1,16 @@
-//! Planning and launching the backward kernels of the key and value gradients
-//! (`kernels::backward_diag` and `kernels::backward_non_diag`).
-//!
-//! They stand in for diag and non-diag in the reversed pass whose states are
-//! the gradient states `G` (see [`crate::backward`]): kv-parallel and kv-reduce
-//! of that pass are the reverse sweep, unchanged.
+//! The launches of the backward kernels of the key and value gradients
+//! (`kernels::backward_diag` and `kernels::backward_non_diag`), planned
+//! beside them in `plan.rs`.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
-use crate::launch::arg;
-use crate::plan::{DeviceLimits, LaunchDims, PrefillPlan};
-use crate::sequences::DeviceTable;
-use crate::{DType, DeviceTensor, PrefillConfig, Result};
-
-/// The grids of the two backward kernels for one pass; their tiles are the
-/// pass's diag and non-diag tiles (see [`BackwardLaunch::pass`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BackwardPlan {
-    diag: LaunchDims,
-    non_diag: LaunchDims,
-}
-
-impl BackwardPlan {
-    /// Plans from the (portable) plan of the pass: the same tiles and shared
-    /// memory as diag and non-diag, with column tiles over `max(d, e)` since
-    /// each cube writes columns of dk (`d` wide) and of dv (`e` wide).
-    pub fn new(pass: &PrefillPlan, key_dim: usize, value_dim: usize, limits: &DeviceLimits) -> Result<Self> {
-        let widest = key_dim.max(value_dim);
-        let tiles =
-            |cols_per_unit: usize| u32::try_from(widest.div_ceil(16 * cols_per_unit)).unwrap_or(u32::MAX);
-        let diag = LaunchDims {
-            cubes: (
-                pass.diag.cubes.0,
-                pass.diag.cubes.1,
-                tiles(pass.diag_cols_per_unit),
-            ),
-            ..pass.diag
-        }
-        .check("backward-diag", limits)?;
-        let non_diag = LaunchDims {
-            cubes: (
-                pass.non_diag.cubes.0,
-                pass.non_diag.cubes.1,
-                tiles(pass.non_diag_cols_per_unit),
-            ),
-            ..pass.non_diag
-        }
-        .check("backward-non-diag", limits)?;
-        Ok(Self { diag, non_diag })
-    }
-}
+use super::plan::BackwardPlan;
+use crate::device::tensor::arg;
+use crate::routines::prefill::plan::PrefillPlan;
+use crate::routines::table::DeviceTable;
+use crate::{DType, DeviceTensor, PrefillConfig};
 
 /// The tensors and sizes both backward kernels launch with.
 pub(crate) struct BackwardLaunch<'a> {
@@ -122,9 +82,9 @@ impl BackwardLaunch<'_> {
                 self.value_dim,
                 self.config.block,
                 self.config.sub_block,
-                self.pass.diag_key_chunk,
-                self.pass.diag_rows_per_unit,
-                self.pass.diag_cols_per_unit,
+                self.pass.diag.key_chunk,
+                self.pass.diag.rows_per_unit,
+                self.pass.diag.cols_per_unit,
             )
         }
     }
@@ -154,9 +114,9 @@ impl BackwardLaunch<'_> {
                 self.value_dim,
                 self.config.block,
                 self.config.sub_block,
-                self.pass.non_diag_key_chunk,
-                self.pass.non_diag_rows_per_unit,
-                self.pass.non_diag_cols_per_unit,
+                self.pass.non_diag.key_chunk,
+                self.pass.non_diag.rows_per_unit,
+                self.pass.non_diag.cols_per_unit,
             )
         }
     }

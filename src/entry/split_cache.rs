@@ -10,12 +10,13 @@
 
 use cubecl::prelude::*;
 
-use crate::decode::{check_out, step_buffers};
-use crate::launch::launch_decode;
-use crate::memory::{Buffer, DeviceMemory};
-use crate::plan::{DecodePlan, DeviceLimits};
-use crate::sequences::upload;
-use crate::shapes::{DecodeShape, check_slots, check_tensor};
+use crate::device::limits::DeviceLimits;
+use crate::device::memory::{Buffer, DeviceMemory};
+use crate::entry::decode::{check_out, step_buffers};
+use crate::problem::shapes::{DecodeShape, check_slots, check_tensor};
+use crate::routines::decode::DecodePlan;
+use crate::routines::decode::launch_decode;
+use crate::routines::table::upload;
 use crate::{DType, DecodeInputs, DeviceTensor, LightningError, PADDING_SLOT, Result};
 
 /// The slot the decode kernel skips: an entry another part's launch serves.
@@ -41,7 +42,7 @@ impl SplitCache {
     ) -> Result<Self> {
         let state_bytes = (heads * key_dim * value_dim * 4).max(1) as u64;
         let max_buffer = DeviceLimits::of(client).max_buffer;
-        crate::memory::fits_one_buffer(
+        crate::device::memory::fits_one_buffer(
             Buffer::new("one slot's state [h, d, e] f32 of the split cache", state_bytes),
             max_buffer,
         )?;

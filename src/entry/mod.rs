@@ -1,0 +1,11 @@
+//! Layer 4, the entry points: [`crate::prefill`], [`crate::prefill_varlen`],
+//! [`crate::decode`], [`crate::backward`] and the split cache. Each validates
+//! its arguments (layer 1), asks the device what it can hold (layer 2), lets
+//! the routines choose and plan (layer 3), then allocates, launches and
+//! returns.
+
+pub(crate) mod backward;
+pub(crate) mod decode;
+pub(crate) mod prefill;
+pub(crate) mod split_cache;
+pub(crate) mod varlen;

@@ -1,0 +1,56 @@
+//! kv-snapshot, the state after chosen tokens of a packed batch (speculative
+//! decoding), from the incoming state of the token's block
+//! (`kernels::kv_snapshot`): the plan (one unit per element of the state)
+//! and the launch.
+
+use cubecl::prelude::*;
+use lightning_attention_kernels as kernels;
+
+use crate::Result;
+use crate::device::limits::{DeviceLimits, LaunchDims, count};
+use crate::device::tensor::arg;
+use crate::routines::common::{Call, TARGET_UNITS};
+use crate::routines::table::PrefillWork;
+
+/// Plans kv-snapshot: zero cubes along z where no snapshot is asked for.
+pub(crate) fn plan(work: &PrefillWork, limits: &DeviceLimits) -> Result<LaunchDims> {
+    let units = TARGET_UNITS.min(limits.max_units);
+    LaunchDims {
+        cubes: (
+            count((work.key_dim * work.value_dim).div_ceil(units as usize)),
+            count(work.heads),
+            count(work.snapshots),
+        ),
+        units,
+        shared_bytes: 0,
+    }
+    .check("kv-snapshot", limits)
+}
+
+/// Launches kv-snapshot for inputs of `F`, writing into the call's states.
+pub(crate) fn launch<F: Float + CubeElement>(call: &Call, dims: &LaunchDims) {
+    let (layout, table) = (call.layout, call.table);
+    // SAFETY: the grid was planned and every table entry validated; the
+    // kernel reads the per-block states of the call's workspace.
+    unsafe {
+        kernels::kv_snapshot::kv_snapshot::launch_unchecked::<F>(
+            call.client,
+            dims.cube_count(),
+            dims.cube_dim(),
+            arg(call.k),
+            arg(call.v),
+            arg(call.slopes),
+            table.seq_starts.arg(),
+            table.block_offsets.arg(),
+            table.snapshot_work.arg(),
+            call.block_states_arg(),
+            arg(call.states),
+            call.heads as u32,
+            layout.head_stride,
+            layout.token_stride,
+            call.key_dim,
+            call.value_dim,
+            call.config.block,
+        )
+    }
+}
