@@ -13,11 +13,11 @@ mkdir -p "$out"
 for rows in ${ROWS:-default}; do
     dir="$out/rows-$rows"
     mkdir -p "$dir"
-    if [ "$rows" != default ]; then export LIGHTNING_ATTENTION_DECODE_ROWS_IN_FLIGHT="$rows"; fi
+    rows_arg=""
+    if [ "$rows" != default ]; then rows_arg="--decode-rows-in-flight $rows"; fi
     OUT="$dir" BENCH_RUNTIMES="${BENCH_RUNTIMES:-cuda}" \
-        BENCH_ARGS="--only ${ONLY:-step} --reps ${REPS:-5} --step-layers ${LAYERS:-70} --step-heads ${HEADS:-8} --step-batches ${BATCHES:-1,16,64,256}" \
+        BENCH_ARGS="--only ${ONLY:-step} --reps ${REPS:-5} --step-layers ${LAYERS:-70} --step-heads ${HEADS:-8} --step-batches ${BATCHES:-1,16,64,256} $rows_arg" \
         timeout "${STEP_TIMEOUT:-500}" bash gpu-bundle/gpu-run.sh bench
     echo "== rows in flight $rows: exit $?"
     grep -E "copy|step|verify" "$dir/bench.log" | head -60
-    unset LIGHTNING_ATTENTION_DECODE_ROWS_IN_FLIGHT
 done

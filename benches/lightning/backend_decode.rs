@@ -23,7 +23,7 @@ pub fn bench_backend_decode(client: &Client, target: &str, batch: usize, opts: &
         max_batch: batch,
         tensor_parallel: (0, 1),
         dtype: DType::F32,
-        prefill: PrefillConfig::default(),
+        prefill: PrefillConfig::default().with_tuning(opts.tuning),
     };
     let mut backend = match LightningBackend::new(client, config) {
         Ok(backend) => backend,

@@ -80,7 +80,7 @@ pub fn bench_decode_step(
         max_batch: batch,
         tensor_parallel: (0, 1),
         dtype: DType::F32,
-        prefill: PrefillConfig::default(),
+        prefill: PrefillConfig::default().with_tuning(opts.tuning),
     };
     let failed = |mut a: Row, mut b: Row, note: String| {
         a.note.clone_from(&note);

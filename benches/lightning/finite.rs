@@ -48,7 +48,7 @@ pub fn bench_prefill_check(
         slopes: &s,
         initial_state: None,
     };
-    let config = PrefillConfig::for_client(client);
+    let config = PrefillConfig::for_client(client).with_tuning(opts.tuning);
     if let Err(err) = prefill_into(client, &inputs, &config, &out, &state) {
         call.note = err.to_string();
         return vec![call];
@@ -93,7 +93,7 @@ pub fn bench_decode_check(client: &Client, target: &str, batch: usize, opts: &Op
         slopes: &s,
         slots: &slots,
         scale: None,
-        rows_in_flight: None,
+        rows_in_flight: opts.tuning.decode_rows_in_flight,
     };
     if let Err(err) = decode_into(client, &inputs, &out) {
         call.note = err.to_string();

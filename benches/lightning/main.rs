@@ -30,8 +30,8 @@ use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
     BackwardInputs, DType, DecodeInputs, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines,
-    SplitCache, StageTimes, backward, decode_into, decode_split_into, prefill_into, profile_prefill_into,
-    runtime,
+    SplitCache, StageTimes, Tuning, backward, decode_into, decode_split_into, prefill_into,
+    profile_prefill_into, runtime,
 };
 use report::Row;
 
@@ -67,6 +67,10 @@ struct Options {
     step_batches: Vec<usize>,
     reps: usize,
     out: std::path::PathBuf,
+    /// The measuring knobs every call takes, `--diag-value-tile N` (16 to
+    /// 128) and `--decode-rows-in-flight N` (1 to 32); unset, the measured
+    /// defaults (the library reads no environment variable for them).
+    tuning: Tuning,
 }
 
 fn options() -> Options {
@@ -146,6 +150,12 @@ fn options() -> Options {
             .map(|r| r.parse().expect("--reps takes a number"))
             .unwrap_or(20),
         out: value("--out").unwrap_or("target/bench".into()).into(),
+        tuning: Tuning {
+            diag_value_tile: value("--diag-value-tile")
+                .map(|t| t.parse().expect("--diag-value-tile takes a number")),
+            decode_rows_in_flight: value("--decode-rows-in-flight")
+                .map(|r| r.parse().expect("--decode-rows-in-flight takes a number")),
+        },
     }
 }
 
@@ -196,7 +206,8 @@ fn configs(opts: &Options, dtype: DType) -> Vec<PrefillConfig> {
                 configs.push(
                     PrefillConfig::new(block, sub_block)
                         .with_routines(routines)
-                        .with_precision(precision),
+                        .with_precision(precision)
+                        .with_tuning(opts.tuning),
                 );
             }
         }
@@ -292,7 +303,7 @@ fn bench_prefill(
     let [b, h, n, d] = shape;
     let e = d;
     let mut row = Row::new(target, "prefill", shape, dtype);
-    row.op = if config == PrefillConfig::default() {
+    row.op = if config == PrefillConfig::default().with_tuning(config.tuning) {
         "prefill".into()
     } else {
         format!("prefill {}/{}", config.block, config.sub_block)
@@ -451,7 +462,7 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
         slopes: &s,
         slots: &slots,
         scale: None,
-        rows_in_flight: None,
+        rows_in_flight: opts.tuning.decode_rows_in_flight,
     };
     let step = || match &split {
         Some(split) => decode_split_into(client, &inputs, split, &out),

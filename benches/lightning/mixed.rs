@@ -123,7 +123,7 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
     }
     // The first of the bench's configs (`--configs`).
     let (block, sub_block) = opts.configs[0];
-    let config = PrefillConfig::new(block, sub_block);
+    let config = PrefillConfig::new(block, sub_block).with_tuning(opts.tuning);
     let s = slopes(client, heads, opts);
     // Small random states: the decodes continue them over many timed steps.
     let cache = upload(client, &[sequences, heads, dim, dim], DType::F32, 20);

@@ -64,7 +64,7 @@ pub fn bench_verify(
             }),
         },
     };
-    let config = PrefillConfig::default();
+    let config = PrefillConfig::default().with_tuning(opts.tuning);
     let state_bytes = batch * h * d * e * 4;
     match prefill_varlen_into(client, &inputs, &config, &out) {
         Ok(()) => {
@@ -93,7 +93,7 @@ pub fn bench_verify(
         slopes: &s,
         slots: &own,
         scale: None,
-        rows_in_flight: None,
+        rows_in_flight: opts.tuning.decode_rows_in_flight,
     };
     match decode_into(client, &step, &out1) {
         Ok(()) => {

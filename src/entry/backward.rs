@@ -22,7 +22,7 @@
 //! as one pass: `kernels::backward_diag` writes the intra-block parts of both,
 //! the dv pass's kv-parallel and kv-reduce carry `G`, and
 //! `kernels::backward_non_diag` adds both gradients' parts from it (see
-//! [`crate::backward_launch`]). Where diag runs on tensor cores, the two
+//! `routines::backward`). Where diag runs on tensor cores, the two
 //! forward passes run instead, each on the tensor-core routines.
 //! Slopes are not differentiated: they are fixed per layer.
 

@@ -62,7 +62,7 @@ pub fn plan_prefill(
     Ok((shape, plan))
 }
 
-/// The f32 copies a widened call makes (see [`crate::widen`]): the name and
+/// The f32 copies a widened call makes (see `routines::widen`): the name and
 /// elements of q, k, v and out (as many as v: `e` per row).
 fn copies(inputs: &PrefillInputs) -> [(&'static str, usize); 4] {
     crate::device::memory::f32_copies(

@@ -146,7 +146,7 @@ impl PlannedBatch {
 }
 
 /// The f32 copies a widened call on tensors of `shape` makes (see
-/// [`crate::widen`]): the name and elements of q, k, v and out.
+/// `routines::widen`): the name and elements of q, k, v and out.
 fn copies(shape: &VarlenShape) -> [(&'static str, usize); 4] {
     let rows = shape.total_tokens * shape.heads;
     let (qk, v) = (rows * shape.key_dim, rows * shape.value_dim);

@@ -6,7 +6,7 @@ use crate::device::limits::{DeviceLimits, LaunchDims};
 use crate::routines::prefill::plan::PrefillPlan;
 
 /// The grids of the two backward kernels for one pass; their tiles are the
-/// pass's diag and non-diag tiles (see [`BackwardLaunch::pass`]).
+/// pass's diag and non-diag tiles (see `BackwardLaunch::pass`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BackwardPlan {
     pub diag: LaunchDims,
