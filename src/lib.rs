@@ -68,7 +68,7 @@ pub use serving::{BackendConfig, LightningBackend};
 
 /// Launch planning: what each call launches, its grids and tiles, checked
 /// against the device's limits, and the one function that chooses the
-/// routines ([`PrefillPlan::new`]).
+/// routines ([`crate::plan::PrefillPlan::new`]).
 pub mod plan {
     pub use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, TensorCores};
     pub use crate::entry::decode::plan_decode_shapes;

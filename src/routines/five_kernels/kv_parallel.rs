@@ -47,7 +47,7 @@ pub enum KvParallelRoutine {
 /// kv-parallel's launch and tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvParallelPlan {
-    /// The launch (its cubes along x are a call's blocks; a [`BlockRun`]
+    /// The launch (its cubes along x are a call's blocks; a `BlockRun`
     /// over segments replaces them).
     pub dims: LaunchDims,
     /// Which routine runs.
