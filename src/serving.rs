@@ -141,12 +141,7 @@ impl LightningBackend {
                 });
             }
         }
-        if !config.dtype.is_supported(client) {
-            return Err(LightningError::UnsupportedDType {
-                dtype: config.dtype,
-                runtime: client.name(),
-            });
-        }
+        config.dtype.check_supported(client)?;
         let local_slopes = (0..config.layers)
             .map(|layer| rank_slice(&layer_slopes(config.heads, layer, config.layers)?, rank, world))
             .collect::<Result<Vec<_>>>()?;

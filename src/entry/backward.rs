@@ -34,7 +34,7 @@ use crate::entry::prefill::validate_prefill;
 use crate::problem::shapes::{PrefillShape, check_tensor, expect_shape};
 use crate::routines::backward::launch::BackwardLaunch;
 use crate::routines::backward::plan::BackwardPlan;
-use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::common::{Call, Layout, Stage, Variant};
 use crate::routines::five_kernels::diag::DiagRoutine;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
@@ -110,12 +110,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
     check_upstream(inputs, &shape)?;
-    if !shape.dtype.is_supported(client) {
-        return Err(LightningError::UnsupportedDType {
-            dtype: shape.dtype,
-            runtime: client.name(),
-        });
-    }
+    shape.dtype.check_supported(client)?;
     let scale = config.scale.unwrap_or(1.0);
     if scale == 0.0 {
         return Err(LightningError::UnsupportedScale {
@@ -160,25 +155,27 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
         let layout = Layout::dense(shape.seq_len);
         let call = CallLaunch {
-            client,
-            q,
-            k,
-            v,
-            slopes: inputs.slopes,
-            out,
-            heads: shape.heads,
-            key_dim: pass_shape.key_dim,
-            value_dim: pass_shape.value_dim,
-            config,
-            layout,
-            table: &table,
+            call: Call {
+                client,
+                q,
+                k,
+                v,
+                slopes: inputs.slopes,
+                out,
+                heads: shape.heads,
+                key_dim: pass_shape.key_dim,
+                value_dim: pass_shape.value_dim,
+                config,
+                layout,
+                table: &table,
+                initial,
+                states,
+                workspace: &workspace,
+                unused: &unused,
+                variant,
+            },
             plan: pass_plan,
             decode: None,
-            initial,
-            states,
-            workspace: &workspace,
-            unused: &unused,
-            variant,
         };
         let Some(key_value_plan) = key_value_kernels else {
             call.run(&mut |_, launch| launch());

@@ -4,7 +4,6 @@ use cubecl::prelude::*;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
-use crate::entry::prefill::check_supported;
 use crate::problem::config::check_scale;
 use crate::problem::shapes::{
     DecodeShape, TensorShape, check_tensor, decode_args, expect_shape, validate_decode_shapes,
@@ -12,7 +11,7 @@ use crate::problem::shapes::{
 use crate::routines::decode::launch_decode;
 use crate::routines::decode::{DecodePlan, plan_decode};
 use crate::routines::table::upload;
-use crate::{DeviceTensor, LightningError, Result};
+use crate::{DeviceTensor, Result};
 
 /// The slot index that marks a padding row.
 pub const PADDING_SLOT: i32 = -1;
@@ -50,18 +49,13 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
         inputs.slots,
     )?;
     check_scale(inputs.scale)?;
-    if !shape.dtype.is_supported(client) {
-        return Err(LightningError::UnsupportedDType {
-            dtype: shape.dtype,
-            runtime: client.name(),
-        });
-    }
+    shape.dtype.check_supported(client)?;
     let plan = plan_decode(&shape, &DeviceLimits::of(client), inputs.rows_in_flight)?;
     Ok((shape, plan))
 }
 
 /// Runs a decode step, returning the output `[b, h, 1, e]`; the cache is
-/// updated in place. Returns [`LightningError::OutOfMemory`], having
+/// updated in place. Returns [`crate::LightningError::OutOfMemory`], having
 /// allocated nothing, where the device cannot hold the step's buffers.
 ///
 /// # Non-finite results
@@ -213,7 +207,7 @@ pub fn plan_decode_shapes(
 ) -> Result<(DecodeShape, DecodePlan)> {
     let shape = validate_decode_shapes(q, k, v, cache, slopes, slots)?;
     check_scale(scale)?;
-    check_supported(client, shape.dtype)?;
+    shape.dtype.check_supported(client)?;
     let plan = plan_decode(&shape, &DeviceLimits::of(client), None)?;
     Ok((shape, plan))
 }

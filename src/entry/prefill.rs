@@ -10,7 +10,7 @@ use crate::device::memory::{Buffer, DeviceMemory};
 use crate::problem::shapes::{
     PrefillShape, TensorShape, check_tensor, expect_shape, prefill_args, validate_prefill_shapes,
 };
-use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::common::{Call, Layout, Stage, Variant};
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
 use crate::routines::table::PrefillWork;
@@ -50,12 +50,7 @@ pub fn plan_prefill(
 ) -> Result<(PrefillShape, PrefillPlan)> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
-    if !shape.dtype.is_supported(client) {
-        return Err(LightningError::UnsupportedDType {
-            dtype: shape.dtype,
-            runtime: client.name(),
-        });
-    }
+    shape.dtype.check_supported(client)?;
     let limits = DeviceLimits::of(client);
     widen::check_copies(&limits, shape.dtype, config, &copies(inputs)[..3])?;
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
@@ -314,25 +309,27 @@ fn launch_checked(
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = crate::device::tensor::unused_binding(client);
     CallLaunch {
-        client,
-        q: inputs.q,
-        k: inputs.k,
-        v: inputs.v,
-        slopes: inputs.slopes,
-        out,
-        heads: shape.heads,
-        key_dim: shape.key_dim,
-        value_dim: shape.value_dim,
-        config,
-        layout: Layout::dense(shape.seq_len),
-        table: &table,
+        call: Call {
+            client,
+            q: inputs.q,
+            k: inputs.k,
+            v: inputs.v,
+            slopes: inputs.slopes,
+            out,
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            config,
+            layout: Layout::dense(shape.seq_len),
+            table: &table,
+            initial: inputs.initial_state,
+            states: final_state,
+            workspace: &workspace,
+            unused: &unused,
+            variant: Variant::FORWARD,
+        },
         plan: &plan,
         decode: None,
-        initial: inputs.initial_state,
-        states: final_state,
-        workspace: &workspace,
-        unused: &unused,
-        variant: Variant::FORWARD,
     }
     .run(hook);
 }
@@ -347,18 +344,6 @@ pub fn validate_prefill(
     initial_state: Option<&DeviceTensor>,
 ) -> Result<PrefillShape> {
     prefill_args(q, k, v, slopes, initial_state)
-}
-
-/// The runtime can hold `dtype` (see [`DType::is_supported`]).
-pub(crate) fn check_supported(client: &Client, dtype: DType) -> Result<()> {
-    if dtype.is_supported(client) {
-        Ok(())
-    } else {
-        Err(LightningError::UnsupportedDType {
-            dtype,
-            runtime: client.name(),
-        })
-    }
 }
 
 /// Validates and plans a dense prefill from its arguments' shapes and dtypes
@@ -379,7 +364,7 @@ pub fn plan_prefill_shapes(
 ) -> Result<(PrefillShape, PrefillPlan)> {
     config.validate()?;
     let shape = validate_prefill_shapes(q, k, v, slopes, initial_state)?;
-    check_supported(client, shape.dtype)?;
+    shape.dtype.check_supported(client)?;
     let limits = DeviceLimits::of(client);
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     // The buffers the caller will allocate must each fit one buffer too.

@@ -20,7 +20,7 @@ use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
-use crate::routines::common::{Layout, Variant};
+use crate::routines::common::{Call, Layout, Variant};
 use crate::routines::decode::{DecodePlan, plan_decode};
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
@@ -89,12 +89,7 @@ impl PlannedBatch {
         config: &PrefillConfig,
     ) -> Result<Self> {
         config.validate()?;
-        if !shape.dtype.is_supported(client) {
-            return Err(LightningError::UnsupportedDType {
-                dtype: shape.dtype,
-                runtime: client.name(),
-            });
-        }
+        shape.dtype.check_supported(client)?;
         let limits = DeviceLimits::of(client);
         widen::check_copies(&limits, shape.dtype, config, &copies(&shape)[..3])?;
         let sequences = check_offsets(batch.cu_seqlens, shape.total_tokens)?;
@@ -253,25 +248,27 @@ impl DeviceBatch {
     ) {
         let shape = &self.planned.shape;
         CallLaunch {
-            client,
-            q,
-            k,
-            v,
-            slopes,
-            out,
-            heads: shape.heads,
-            key_dim: shape.key_dim,
-            value_dim: shape.value_dim,
-            config,
-            layout: Layout::packed(shape.heads),
-            table: &self.table,
+            call: Call {
+                client,
+                q,
+                k,
+                v,
+                slopes,
+                out,
+                heads: shape.heads,
+                key_dim: shape.key_dim,
+                value_dim: shape.value_dim,
+                config,
+                layout: Layout::packed(shape.heads),
+                table: &self.table,
+                initial: None,
+                states: cache,
+                workspace: &self.workspace,
+                unused: &self.unused,
+                variant: Variant::FORWARD,
+            },
             plan: &self.planned.prefill,
             decode: self.planned.decode.as_ref(),
-            initial: None,
-            states: cache,
-            workspace: &self.workspace,
-            unused: &self.unused,
-            variant: Variant::FORWARD,
         }
         .run(&mut |_, launch| launch());
     }

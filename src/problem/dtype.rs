@@ -3,6 +3,8 @@
 use cubecl::ir::features::TypeUsage;
 use cubecl::prelude::*;
 
+use crate::{LightningError, Result};
+
 /// The float type of q, k, v and the output. The state is always f32.
 ///
 /// Every kernel computes in f32 and rounds to this type on store, to nearest
@@ -41,6 +43,19 @@ impl DType {
                 self.is_native(client) || <u32 as Scalar>::supported_uses(client).contains(TypeUsage::Buffer)
             }
             _ => self.is_native(client),
+        }
+    }
+
+    /// [`DType::is_supported`] as a check: `Ok`, or
+    /// [`LightningError::UnsupportedDType`] naming the dtype and the runtime.
+    pub(crate) fn check_supported(self, client: &Client) -> Result<()> {
+        if self.is_supported(client) {
+            Ok(())
+        } else {
+            Err(LightningError::UnsupportedDType {
+                dtype: self,
+                runtime: client.name(),
+            })
         }
     }
 

@@ -84,8 +84,9 @@ impl Variant {
     };
 }
 
-/// The tensors, sizes and tables one call's prefill routines launch with;
-/// each family's launch takes this and its own plan.
+/// The tensors, sizes and tables one call's prefill routines launch with,
+/// as its entry point gives them; each family's launch takes this, the
+/// plan's [`Staging`] where it needs it, and its own plan.
 #[derive(Clone, Copy)]
 pub(crate) struct Call<'a> {
     pub client: &'a Client,
@@ -104,28 +105,34 @@ pub(crate) struct Call<'a> {
     pub initial: Option<&'a DeviceTensor>,
     /// `[slots, h, d, e]` f32: where final states (and snapshots) are written.
     pub states: &'a DeviceTensor,
-    /// The per-block state workspace.
+    /// The per-block state workspace: at least [`Staging::block_states_len`] f32.
     pub workspace: &'a Handle,
-    /// Elements of the workspace the kernels may touch (f32, or fewer of a
-    /// narrower type).
-    pub block_states_len: usize,
     /// A one-element f32 buffer bound where a kernel reads nothing.
     pub unused: &'a DeviceTensor,
     /// [`Variant::FORWARD`] but for the backward pass.
     pub variant: Variant,
+}
+
+/// What a call's plan says about how its kernels stage operands and where
+/// the per-block states lie (`PrefillPlan::staging`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Staging {
     /// Units per plane the tensor-core routines are compiled for (0 where the
     /// runtime has no fixed plane size).
     pub plane_size: usize,
     /// f32 operands are split into high and low bf16 parts on tensor cores.
     pub split: bool,
+    /// Elements of the per-block state workspace the kernels may touch (f32,
+    /// or as many of a narrower type).
+    pub block_states_len: usize,
 }
 
 impl Call<'_> {
     /// The per-block state workspace, as a kernel argument.
-    pub fn block_states_arg(&self) -> BufferArg {
+    pub fn block_states_arg(&self, staging: &Staging) -> BufferArg {
         // SAFETY: the workspace holds at least this many f32 (so as many of a
         // narrower type).
-        unsafe { BufferArg::from_raw_parts(self.workspace.clone(), self.block_states_len.max(1)) }
+        unsafe { BufferArg::from_raw_parts(self.workspace.clone(), staging.block_states_len.max(1)) }
     }
 
     /// The states `run` reads and writes, as a kernel argument.

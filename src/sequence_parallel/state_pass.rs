@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 
 use crate::device::tensor::unused_binding;
 use crate::problem::shapes::PrefillShape;
-use crate::routines::common::{Layout, Stage, Variant};
+use crate::routines::common::{Call, Layout, Stage, Variant};
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
 use crate::routines::table::SequenceTable;
@@ -46,25 +46,27 @@ pub(crate) fn final_state(
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
     let unused = unused_binding(client);
     CallLaunch {
-        client,
-        q,
-        k,
-        v,
-        slopes: pass.slopes,
-        out: &out,
-        heads: shape.heads,
-        key_dim: shape.key_dim,
-        value_dim: shape.value_dim,
-        config,
-        layout: Layout::dense(shape.seq_len),
-        table: &table,
+        call: Call {
+            client,
+            q,
+            k,
+            v,
+            slopes: pass.slopes,
+            out: &out,
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            config,
+            layout: Layout::dense(shape.seq_len),
+            table: &table,
+            initial: pass.initial,
+            states: &states,
+            workspace: &workspace,
+            unused: &unused,
+            variant: pass.variant,
+        },
         plan,
         decode: None,
-        initial: pass.initial,
-        states: &states,
-        workspace: &workspace,
-        unused: &unused,
-        variant: pass.variant,
     }
     .run(&mut |stage, launch| match stage {
         Stage::Diag | Stage::NonDiag => {}

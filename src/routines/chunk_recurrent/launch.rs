@@ -9,7 +9,7 @@ use lightning_attention_kernels as kernels;
 use super::plan::ChunkStatePlan;
 use crate::device::limits::LaunchDims;
 use crate::device::tensor::arg;
-use crate::routines::common::{BlockRun, Call};
+use crate::routines::common::{BlockRun, Call, Staging};
 use crate::routines::five_kernels::kv_parallel::{self, KvParallelPlan};
 use crate::routines::five_kernels::kv_reduce::{self, KvReducePlan};
 
@@ -24,6 +24,7 @@ use crate::routines::five_kernels::kv_reduce::{self, KvReducePlan};
 /// from those.
 pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     call: &Call,
+    staging: &Staging,
     chunk: &ChunkStatePlan,
     kv_parallel: &KvParallelPlan,
     kv_reduce: &KvReducePlan,
@@ -40,14 +41,14 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
             states: &states,
             states_len,
         };
-        kv_parallel::launch::<F, M>(call, kv_parallel, &run);
+        kv_parallel::launch::<F, M>(call, staging, kv_parallel, &run);
         kv_reduce::launch(call, kv_reduce, &run);
         states
     });
     if chunk.states_in_input_dtype {
-        launch_as::<F, M, F>(call, chunk, segments.as_ref())
+        launch_as::<F, M, F>(call, staging, chunk, segments.as_ref())
     } else {
-        launch_as::<F, M, f32>(call, chunk, segments.as_ref())
+        launch_as::<F, M, f32>(call, staging, chunk, segments.as_ref())
     }
 }
 
@@ -61,6 +62,7 @@ fn segment_states_len(call: &Call) -> usize {
 /// their incoming states in `segment_states`.
 fn launch_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElement>(
     call: &Call,
+    staging: &Staging,
     chunk: &ChunkStatePlan,
     segment_states: Option<&Handle>,
 ) {
@@ -94,7 +96,7 @@ fn launch_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElem
             table.final_slots.arg(),
             table.chunk_walks.arg(),
             initial,
-            call.block_states_arg(),
+            call.block_states_arg(staging),
             arg(call.states),
             call.heads as u32,
             call.layout.head_stride,
@@ -112,7 +114,7 @@ fn launch_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElem
             chunk.key_tile,
             chunk.value_tile,
             chunk.units,
-            call.plane_size,
+            staging.plane_size,
             chunk.tensor_cores,
             // A segment's incoming state is read as is.
             call.initial.is_none() && segment_states.is_none(),

@@ -11,7 +11,7 @@ use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 use super::{GRID_SIDE, MAX_KEY_CHUNK};
 use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, count};
 use crate::device::tensor::arg;
-use crate::routines::common::Call;
+use crate::routines::common::{Call, Staging};
 use crate::routines::products::Products;
 use crate::routines::table::PrefillWork;
 use crate::{DType, PrefillConfig, Result};
@@ -163,6 +163,7 @@ pub(crate) fn on_tensor_cores(
 /// the per-block states the fused kernel reads (as `F`, else f32).
 pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     call: &Call,
+    staging: &Staging,
     plan: &DiagPlan,
     states_in_input_dtype: bool,
 ) {
@@ -234,7 +235,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
                             table.seq_starts.arg(),
                             table.block_offsets.arg(),
                             table.sub_block_work.arg(),
-                            call.block_states_arg(),
+                            call.block_states_arg(staging),
                             arg(out),
                             h,
                             head_stride,
@@ -245,10 +246,10 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
                             block,
                             cb,
                             value_tile,
-                            call.plane_size,
+                            staging.plane_size,
                             fused_non_diag,
                             variant.reversed,
-                            call.split,
+                            staging.split,
                         )
                     }
                 };

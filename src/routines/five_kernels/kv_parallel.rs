@@ -12,7 +12,7 @@ use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 use super::{GRID_SIDE, per_unit};
 use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, count};
 use crate::device::tensor::arg;
-use crate::routines::common::{BlockRun, Call};
+use crate::routines::common::{BlockRun, Call, Staging};
 use crate::routines::products::Products;
 use crate::routines::table::PrefillWork;
 use crate::{PrefillConfig, Result};
@@ -141,10 +141,11 @@ pub(crate) fn on_tensor_cores(
 }
 
 /// Launches kv-parallel over `run` for inputs of `F`: each block's decayed
-/// `K^T V` into its slot, staged on tensor cores as `M` (split as the call
+/// `K^T V` into its slot, staged on tensor cores as `M` (split as `staging`
 /// says).
 pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     call: &Call,
+    staging: &Staging,
     plan: &KvParallelPlan,
     run: &BlockRun,
 ) {
@@ -208,9 +209,9 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
                 stage,
                 key_tile,
                 value_tile,
-                call.plane_size,
+                staging.plane_size,
                 variant.reversed,
-                call.split,
+                staging.split,
             )
         },
     }

@@ -9,7 +9,7 @@ use lightning_attention_kernels as kernels;
 use crate::Result;
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::device::tensor::arg;
-use crate::routines::common::{Call, TARGET_UNITS};
+use crate::routines::common::{Call, Staging, TARGET_UNITS};
 use crate::routines::table::PrefillWork;
 
 /// Plans kv-snapshot: zero cubes along z where no snapshot is asked for.
@@ -28,7 +28,7 @@ pub(crate) fn plan(work: &PrefillWork, limits: &DeviceLimits) -> Result<LaunchDi
 }
 
 /// Launches kv-snapshot for inputs of `F`, writing into the call's states.
-pub(crate) fn launch<F: Float + CubeElement>(call: &Call, dims: &LaunchDims) {
+pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, dims: &LaunchDims) {
     let (layout, table) = (call.layout, call.table);
     // SAFETY: the grid was planned and every table entry validated; the
     // kernel reads the per-block states of the call's workspace.
@@ -43,7 +43,7 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, dims: &LaunchDims) {
             table.seq_starts.arg(),
             table.block_offsets.arg(),
             table.snapshot_work.arg(),
-            call.block_states_arg(),
+            call.block_states_arg(staging),
             arg(call.states),
             call.heads as u32,
             layout.head_stride,

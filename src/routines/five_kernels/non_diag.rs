@@ -9,7 +9,7 @@ use lightning_attention_kernels as kernels;
 use super::{GRID_SIDE, MAX_KEY_CHUNK, per_unit};
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::device::tensor::arg;
-use crate::routines::common::Call;
+use crate::routines::common::{Call, Staging};
 use crate::routines::table::PrefillWork;
 use crate::{PrefillConfig, Result};
 
@@ -53,7 +53,7 @@ pub(crate) fn plan(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLi
 
 /// Launches non-diag for inputs of `F`, reading the per-block states of the
 /// call's workspace.
-pub(crate) fn launch<F: Float + CubeElement>(call: &Call, plan: &NonDiagPlan) {
+pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, plan: &NonDiagPlan) {
     let (config, layout, table) = (call.config, call.layout, call.table);
     // SAFETY: each size, tile, grid and table entry was validated and planned
     // against the device's limits; the kernel bounds-checks the tails of n,
@@ -68,7 +68,7 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, plan: &NonDiagPlan) {
             table.seq_starts.arg(),
             table.block_offsets.arg(),
             table.sub_block_work.arg(),
-            call.block_states_arg(),
+            call.block_states_arg(staging),
             arg(call.out),
             call.heads as u32,
             layout.head_stride,

@@ -17,6 +17,7 @@ use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims};
 use crate::device::memory::{Buffer, fits_one_buffer};
 use crate::problem::shapes::expect_addressable;
 use crate::routines::chunk_recurrent::plan::{self as chunk, ChunkStatePlan};
+use crate::routines::common::Staging;
 use crate::routines::five_kernels::diag::{self, DiagPlan, MAX_CMMA_VALUE_TILE};
 use crate::routines::five_kernels::kv_parallel::{self, KvParallelPlan};
 use crate::routines::five_kernels::kv_reduce::{self, KvReducePlan};
@@ -151,6 +152,16 @@ impl PrefillPlan {
             products,
             widened: false,
         })
+    }
+
+    /// How the call's kernels stage operands and where the per-block states
+    /// lie, as every family's launch takes it.
+    pub(crate) fn staging(&self) -> Staging {
+        Staging {
+            plane_size: self.plane_size,
+            split: self.products.split(),
+            block_states_len: self.block_states_len,
+        }
     }
 
     /// The walks of the chunk-recurrent state pass, where the plan has it
