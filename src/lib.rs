@@ -104,6 +104,12 @@ pub mod shapes {
     };
 }
 
+/// Every kernel a call would launch, built without a device, for compiling
+/// a runtime's kernels where it has none (see `tools/cuda-offline`).
+pub mod offline {
+    pub use crate::device::target::{OfflineBuild, OfflineKernel};
+    pub use crate::entry::offline::{build_backward, build_decode, build_prefill, build_varlen};
+}
 pub use device::runtime;
 pub use problem::slopes;
 

@@ -23,6 +23,7 @@ use cubecl::server::Handle;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::target::LaunchTarget;
 use crate::entry::varlen::{DeviceBatch, PlannedBatch};
 use crate::problem::packed::VarlenShape;
 use crate::problem::shapes::{DecodeShape, check_slots, check_tensor, expect_shape};
@@ -141,7 +142,7 @@ impl LightningBackend {
                 });
             }
         }
-        config.dtype.check_supported(client)?;
+        config.dtype.check_supported(client.properties(), client.name())?;
         let local_slopes = (0..config.layers)
             .map(|layer| rank_slice(&layer_slopes(config.heads, layer, config.layers)?, rank, world))
             .collect::<Result<Vec<_>>>()?;
@@ -173,7 +174,7 @@ impl LightningBackend {
             slopes,
             caches,
             decode_slots: client.create_from_slice(i32::as_bytes(&vec![-1; config.max_batch])),
-            unused_tokens: upload::<u32>(client, &[]),
+            unused_tokens: upload::<u32>(LaunchTarget::Device(client), &[]),
             step: Step::None,
         })
     }
@@ -244,7 +245,12 @@ impl LightningBackend {
             slots: self.config.slots,
             dtype: self.config.dtype,
         };
-        let planned = PlannedBatch::new(&self.client, shape, batch, &self.config.prefill)?;
+        let planned = PlannedBatch::new(
+            LaunchTarget::Device(&self.client),
+            shape,
+            batch,
+            &self.config.prefill,
+        )?;
         self.step = Step::Extend(Box::new(DeviceBatch::upload(&self.client, planned)?));
         Ok(())
     }
@@ -270,7 +276,7 @@ impl LightningBackend {
         self.check_layer_tensors(&DECODE, q, k, v, out, *batch)?;
         let slots = IndexBuffer::new(self.decode_slots.clone(), *batch);
         launch_decode(
-            &self.client,
+            LaunchTarget::Device(&self.client),
             plan,
             [q, k, v, &self.slopes[layer]],
             &[(&self.caches[layer], &slots)],
@@ -305,7 +311,7 @@ impl LightningBackend {
         self.check_layer(layer)?;
         self.check_layer_tensors(&EXTEND, q, k, v, out, batch.planned.shape.total_tokens)?;
         batch.launch(
-            &self.client,
+            LaunchTarget::Device(&self.client),
             [q, k, v, &self.slopes[layer]],
             &self.caches[layer],
             &self.config.prefill,

@@ -32,7 +32,7 @@ const SIDE: usize = 16;
 /// Launched with the geometry in the module doc after the reverse sweep;
 /// always reads sequences back to front. `block_offsets[i]` is the index of
 /// sequence `i`'s first block in `block_states` (`[blocks, h, d, e]`).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn backward_non_diag<F: Float>(
     k: &[F],

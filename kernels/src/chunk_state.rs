@@ -77,7 +77,7 @@ const ALIGN: usize = 128;
 /// `initial_in_states` is false and some sequence has an initial slot (any
 /// buffer may be bound otherwise); `reversed` reads every sequence back to
 /// front (see [`crate::layout`]).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_state<F: Float, M: Float, S: Float, N: Size>(
     k: &[Vector<F, N>],

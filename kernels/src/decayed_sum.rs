@@ -18,7 +18,7 @@ use cubecl::prelude::*;
 /// for `i < len`, where `states` holds `[sources, b, h, d, e]` f32 (`len`
 /// elements per source), `head = (i / head_len) % heads` and `head_len = d e`.
 /// An empty range writes zeros.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn decayed_sum(
     states: &[f32],

@@ -26,7 +26,7 @@ use cubecl::prelude::*;
 /// Launched with the geometry in the module doc. q, k `[b, h, d]`, v, out
 /// `[b, h, e]` (or packed, with `indexed`), cache `[slots, h, d, e]`, slots and
 /// tokens `[b]` (`tokens` is read only with `indexed`); `value_dim` is `e` in scalars.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn decode<F: Float, N: Size>(
     q: &[F],

@@ -32,7 +32,7 @@ const SIDE: usize = 16;
 
 /// Launched with the geometry in the module doc; `reversed` reads every
 /// sequence back to front (see [`crate::layout`]).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn diag<F: Float>(
     q: &[F],

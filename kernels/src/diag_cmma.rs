@@ -61,7 +61,7 @@ const ALIGN: usize = 128;
 /// Launched with the geometry in the module doc and `sub_block / 16` planes of
 /// `plane_size` units (the device's fixed plane size); `reversed` reads every
 /// sequence back to front (see [`crate::layout`]).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn diag_cmma<F: Float, M: Float, S: Float, N: Size>(
     q: &[Vector<F, N>],

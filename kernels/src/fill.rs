@@ -13,7 +13,7 @@
 use cubecl::prelude::*;
 
 /// `out[w] = pattern` for `w < words`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn fill_words(out: &mut [u32], pattern: u32, words: u32) {
     let words = words as usize;
     let units = CUBE_COUNT * CUBE_DIM as usize;

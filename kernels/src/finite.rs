@@ -27,7 +27,7 @@ use cubecl::prelude::*;
 /// mask of an element's exponent bits within its 16 or 32 bits; with `pairs`
 /// each word holds two elements, and the high half of the last word is not
 /// an element when `len` is odd.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn count_non_finite(
     words: &[u32],
     report: &mut [Atomic<u32>],

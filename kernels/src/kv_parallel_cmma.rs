@@ -35,7 +35,7 @@ const ALIGN: usize = 128;
 /// Launched with the geometry in the module doc and `key_tile / 16` planes of
 /// `plane_size` units (the device's fixed plane size); `stage` is a multiple of 16; `reversed` reads
 /// every sequence back to front (see [`crate::layout`]).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_parallel_cmma<F: Float, M: Float, N: Size>(
     k: &[Vector<F, N>],

@@ -114,7 +114,7 @@ pub fn initial_state<N: Size>(
 /// Launched with the geometry in the module doc. `initial` is read only when
 /// `initial_in_states` is false and some sequence has an initial slot (any
 /// buffer may be bound otherwise).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_reduce<N: Size>(
     slopes: &[f32],

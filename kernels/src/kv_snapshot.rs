@@ -19,7 +19,7 @@ use cubecl::prelude::*;
 use crate::layout::first_row;
 
 /// Launched with the geometry in the module doc, after kv-reduce.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_snapshot<F: Float>(
     k: &[F],

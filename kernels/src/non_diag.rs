@@ -25,7 +25,7 @@ const SIDE: usize = 16;
 /// Launched with the geometry in the module doc, after kv-reduce; `reversed`
 /// reads every sequence back to front (see [`crate::layout`]).
 /// `block_offsets[i]` is the index of sequence `i`'s first block in `block_states`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn non_diag<F: Float>(
     q: &[F],

@@ -44,7 +44,7 @@ pub fn bf16_bits(x: f32) -> u32 {
 }
 
 /// `dst[i]` = the bf16 element `i` of `src` (words), for `i < len`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn widen_bf16(src: &[u32], dst: &mut [f32], len: u32) {
     let len = len as usize;
     let words = len.div_ceil(2);
@@ -62,7 +62,7 @@ pub fn widen_bf16(src: &[u32], dst: &mut [f32], len: u32) {
 
 /// The bf16 element `i` of `dst` (words) = `src[i]` rounded, for `i < len`.
 /// With `len` odd, the high half of the last word (outside the tensor) is kept.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn narrow_bf16(src: &[f32], dst: &mut [u32], len: u32) {
     let len = len as usize;
     let words = len.div_ceil(2);
@@ -80,7 +80,7 @@ pub fn narrow_bf16(src: &[f32], dst: &mut [u32], len: u32) {
 }
 
 /// `dst[i]` = `src[i]` as f32, for `i < len`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn widen_cast<F: Float>(src: &[F], dst: &mut [f32], len: u32) {
     let len = len as usize;
     let units = CUBE_COUNT * CUBE_DIM as usize;
@@ -92,7 +92,7 @@ pub fn widen_cast<F: Float>(src: &[F], dst: &mut [f32], len: u32) {
 }
 
 /// `dst[i]` = `src[i]` converted to `F`, for `i < len`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn narrow_cast<F: Float>(src: &[f32], dst: &mut [F], len: u32) {
     let len = len as usize;
     let units = CUBE_COUNT * CUBE_DIM as usize;

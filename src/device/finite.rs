@@ -11,6 +11,7 @@
 //! no such option. [`FiniteScan`] splits the launch from the read-back, so a
 //! caller can scan every step's output and wait once.
 
+use super::target::{LaunchTarget, launch_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels::finite::count_non_finite;
@@ -53,15 +54,14 @@ impl FiniteScan {
         };
         let words = if pairs { len.div_ceil(2) } else { len };
         let report = client.create_from_slice(u32::as_bytes(&[0, u32::MAX]));
-        let (count, dim) = grid_stride(client, words);
+        let (count, dim) = grid_stride(LaunchTarget::Device(client), words);
         // SAFETY: the buffer holds `len` elements (checked above), that is
         // `words` whole 32-bit words (bindings are padded to 4 bytes; the
         // kernel reads the half past an odd 16-bit tensor but counts only
         // elements below `len`); `report` holds the two words the kernel
         // updates.
         unsafe {
-            count_non_finite::launch_unchecked(
-                client,
+            launch_kernel!(LaunchTarget::Device(client), count_non_finite[],
                 count,
                 dim,
                 BufferArg::from_raw_parts(tensor.handle.clone(), words),

@@ -5,6 +5,8 @@
 
 use cubecl::prelude::*;
 
+use super::target::LaunchTarget;
+
 use crate::{DType, LightningError, Result};
 
 /// What the device allows, read from its reported properties.
@@ -52,9 +54,14 @@ impl TensorCores {
     /// same in three processes (BENCHMARKS.md, 2026-12-02 run 9), while its
     /// portable routines pass and run at CUDA's portable speed.
     pub fn of(client: &Client) -> Self {
+        Self::of_target(LaunchTarget::Device(client))
+    }
+
+    /// What `target`'s runtime reports (see [`TensorCores::of`]).
+    pub(crate) fn of_target(target: LaunchTarget) -> Self {
         use cubecl::ir::{ElemType, FloatKind, features::MmaConfig};
-        let properties = client.properties();
-        if client.name().starts_with("wgpu") || properties.hardware.max_vector_size < CMMA_VECTOR {
+        let properties = target.properties();
+        if target.runtime_name().starts_with("wgpu") || properties.hardware.max_vector_size < CMMA_VECTOR {
             return Self::default();
         }
         let cmma = &properties.features.matmul.cmma;
@@ -87,17 +94,24 @@ impl TensorCores {
 impl DeviceLimits {
     /// The limits `client`'s device reports.
     pub fn of(client: &Client) -> Self {
-        let hw = &client.properties().hardware;
+        Self::of_target(LaunchTarget::Device(client))
+    }
+
+    /// The limits `target`'s device reports (an offline build: the ones it
+    /// stands in for).
+    pub(crate) fn of_target(target: LaunchTarget) -> Self {
+        let properties = target.properties();
+        let hw = &properties.hardware;
         Self {
             shared_memory: hw.max_shared_memory_size,
             max_units: hw.max_units_per_cube,
             max_cube_count: hw.max_cube_count,
-            max_buffer: client.properties().memory.max_page_size,
+            max_buffer: properties.memory.max_page_size,
             plane_size: (hw.plane_size_min == hw.plane_size_max).then_some(hw.plane_size_max),
-            tensor_cores: TensorCores::of(client),
-            cuda: client.name().starts_with("cuda"),
+            tensor_cores: TensorCores::of_target(target),
+            cuda: target.runtime_name().starts_with("cuda"),
             multiprocessors: hw.num_streaming_multiprocessors,
-            bf16_words: !DType::BF16.is_native(client),
+            bf16_words: !DType::BF16.is_native_in(properties),
         }
     }
 }
@@ -177,8 +191,8 @@ pub(crate) fn count(x: usize) -> u32 {
 
 /// bf16 travels as the 32-bit words holding its elements in pairs on this
 /// runtime (it has no bf16 type: WGSL, SPIR-V), so kernels run on f32 copies.
-pub(crate) fn bf16_words(dtype: DType, client: &Client) -> bool {
-    dtype == DType::BF16 && !dtype.is_native(client)
+pub(crate) fn bf16_words(dtype: DType, target: LaunchTarget) -> bool {
+    dtype == DType::BF16 && !dtype.is_native_in(target.properties())
 }
 
 /// Units per cube of a grid-stride kernel (a conversion, a fill, a scan).
@@ -188,8 +202,8 @@ const GRID_STRIDE_MAX_CUBES: u32 = 8192;
 
 /// Grid of a grid-stride kernel (a conversion, a fill, a scan) over `items`
 /// words or elements.
-pub(crate) fn grid_stride(client: &Client, items: usize) -> (CubeCount, CubeDim) {
-    let max = client.properties().hardware.max_cube_count.0;
+pub(crate) fn grid_stride(target: LaunchTarget, items: usize) -> (CubeCount, CubeDim) {
+    let max = target.properties().hardware.max_cube_count.0;
     let cubes = items
         .div_ceil(GRID_STRIDE_UNITS as usize)
         .clamp(1, GRID_STRIDE_MAX_CUBES.min(max) as usize) as u32;

@@ -7,4 +7,5 @@ pub(crate) mod finite;
 pub(crate) mod limits;
 pub(crate) mod memory;
 pub mod runtime;
+pub(crate) mod target;
 pub(crate) mod tensor;

@@ -1,5 +1,6 @@
 //! A device buffer with its shape and dtype: what the host API takes and returns.
 
+use super::target::{LaunchTarget, launch_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use lightning_attention_kernels::fill::fill_words;
@@ -83,12 +84,11 @@ impl DeviceTensor {
             DType::BF16 => u32::from(half::bf16::from_f32(value).to_bits()) * 0x1_0001,
         };
         let tensor = Self::empty(client, shape, dtype);
-        let (count, dim) = grid_stride(client, words);
+        let (count, dim) = grid_stride(LaunchTarget::Device(client), words);
         // SAFETY: the buffer holds `words` whole 32-bit words, and the kernel
         // writes only words below `words`.
         unsafe {
-            fill_words::launch_unchecked(
-                client,
+            launch_kernel!(LaunchTarget::Device(client), fill_words[],
                 count,
                 dim,
                 BufferArg::from_raw_parts(tensor.handle.clone(), words),
@@ -175,6 +175,6 @@ pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
 /// vector of the widest binding that may receive it (kv-reduce reads
 /// `initial` in vectors of 4), or wgpu refuses a binding smaller than one
 /// vector.
-pub(crate) fn unused_binding(client: &Client) -> DeviceTensor {
-    DeviceTensor::empty(client, &[4], DType::F32)
+pub(crate) fn unused_binding(target: LaunchTarget) -> DeviceTensor {
+    target.empty_tensor(&[4], DType::F32)
 }

@@ -29,7 +29,8 @@
 use cubecl::prelude::*;
 
 use crate::device::limits::DeviceLimits;
-use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::memory::Buffer;
+use crate::device::target::LaunchTarget;
 use crate::entry::prefill::validate_prefill;
 use crate::problem::shapes::{PrefillShape, check_tensor, expect_shape};
 use crate::routines::backward::launch::BackwardLaunch;
@@ -107,10 +108,21 @@ pub(crate) fn check_upstream(inputs: &BackwardInputs, shape: &PrefillShape) -> R
 /// nothing, where the device cannot hold the gradients and the passes'
 /// buffers (see [`crate::memory`]).
 pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
+    backward_on(LaunchTarget::Device(client), inputs, config)
+}
+
+/// [`backward`] on `target`'s device.
+pub(crate) fn backward_on(
+    target: LaunchTarget,
+    inputs: &BackwardInputs,
+    config: &PrefillConfig,
+) -> Result<Gradients> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
     check_upstream(inputs, &shape)?;
-    shape.dtype.check_supported(client)?;
+    shape
+        .dtype
+        .check_supported(target.properties(), target.runtime_name())?;
     let scale = config.scale.unwrap_or(1.0);
     if scale == 0.0 {
         return Err(LightningError::UnsupportedScale {
@@ -118,9 +130,9 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             reason: "the backward pass divides the final-state gradient by the scale; use a nonzero scale",
         });
     }
-    let limits = DeviceLimits::of(client);
+    let limits = DeviceLimits::of_target(target);
     if widens(shape.dtype, config, &limits) {
-        return backward_widened(client, inputs, &shape, config, &limits);
+        return backward_widened(target, inputs, &shape, config, &limits);
     }
     let (d, e) = (shape.key_dim, shape.value_dim);
     let (swapped, plan, swapped_plan) = plan_passes(&shape, config, &limits)?;
@@ -128,17 +140,17 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
         DiagRoutine::Portable => Some(BackwardPlan::new(&plan, d, e, &limits)?),
         DiagRoutine::TensorCores { .. } => None,
     };
-    DeviceMemory::of(client).check(&gradient_buffers(&shape, config, &plan, &swapped_plan))?;
+    target.check_memory(&gradient_buffers(&shape, config, &plan, &swapped_plan))?;
 
     let grads = Gradients {
-        dq: DeviceTensor::empty(client, &inputs.q.shape, shape.dtype),
-        dk: DeviceTensor::empty(client, &inputs.k.shape, shape.dtype),
-        dv: DeviceTensor::empty(client, &inputs.v.shape, shape.dtype),
-        d_initial_state: DeviceTensor::empty(client, &shape.state_shape(), DType::F32),
+        dq: target.empty_tensor(&inputs.q.shape, shape.dtype),
+        dk: target.empty_tensor(&inputs.k.shape, shape.dtype),
+        dv: target.empty_tensor(&inputs.v.shape, shape.dtype),
+        d_initial_state: target.empty_tensor(&shape.state_shape(), DType::F32),
     };
     // The transposed final states of the dq and dk passes are not wanted.
-    let scratch = DeviceTensor::empty(client, &swapped.state_shape(), DType::F32);
-    let unused = crate::device::tensor::unused_binding(client);
+    let scratch = target.empty_tensor(&swapped.state_shape(), DType::F32);
+    let unused = crate::device::tensor::unused_binding(target);
     let pass = |[q, k, v, out]: [&DeviceTensor; 4],
                 swap: bool,
                 initial: Option<&DeviceTensor>,
@@ -151,12 +163,12 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             (&shape, &plan)
         };
         let table = SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config)
-            .upload(client, pass_plan.chunk_walk());
-        let workspace = client.empty(pass_plan.block_states_len.max(1) * 4);
+            .upload(target, pass_plan.chunk_walk());
+        let workspace = target.empty(pass_plan.block_states_len.max(1) * 4);
         let layout = Layout::dense(shape.seq_len);
         let call = CallLaunch {
             call: Call {
-                client,
+                target,
                 q,
                 k,
                 v,
@@ -182,7 +194,7 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
             return;
         };
         let kernels = BackwardLaunch {
-            client,
+            target,
             plan: key_value_plan,
             pass: pass_plan,
             table: &table,
@@ -328,7 +340,7 @@ fn gradient_buffers(
 /// widened copies of q, k, v and d_out, its gradients rounded back to the
 /// input dtype.
 fn backward_widened(
-    client: &Client,
+    target: LaunchTarget,
     inputs: &BackwardInputs,
     shape: &PrefillShape,
     config: &PrefillConfig,
@@ -361,10 +373,10 @@ fn backward_widened(
         Buffer::elements("dk rounded back", inputs.k.num_elements(), dtype),
         Buffer::elements("dv rounded back", inputs.v.num_elements(), dtype),
     ]);
-    DeviceMemory::of(client).check(&buffers)?;
-    let [q, k, v, d_out] = [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| widen::widened(client, t));
-    let wide = backward(
-        client,
+    target.check_memory(&buffers)?;
+    let [q, k, v, d_out] = [inputs.q, inputs.k, inputs.v, inputs.d_out].map(|t| widen::widened(target, t));
+    let wide = backward_on(
+        target,
         &BackwardInputs {
             q: &q,
             k: &k,
@@ -375,8 +387,8 @@ fn backward_widened(
         &wide_config,
     )?;
     let narrowed = |g: &DeviceTensor| {
-        let t = DeviceTensor::empty(client, &g.shape, dtype);
-        widen::narrow_into(client, g, &t);
+        let t = target.empty_tensor(&g.shape, dtype);
+        widen::narrow_into(target, g, &t);
         t
     };
     Ok(Gradients {

@@ -4,6 +4,7 @@ use cubecl::prelude::*;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::target::LaunchTarget;
 use crate::problem::config::check_scale;
 use crate::problem::shapes::{
     DecodeShape, TensorShape, check_tensor, decode_args, expect_shape, validate_decode_shapes,
@@ -40,6 +41,11 @@ pub struct DecodeInputs<'a> {
 
 /// Validates and plans a decode step without launching anything.
 pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(DecodeShape, DecodePlan)> {
+    plan_step(LaunchTarget::Device(client), inputs)
+}
+
+/// [`plan_decode_step`] on `target`'s device.
+pub(crate) fn plan_step(target: LaunchTarget, inputs: &DecodeInputs) -> Result<(DecodeShape, DecodePlan)> {
     let shape = validate_decode(
         inputs.q,
         inputs.k,
@@ -49,8 +55,10 @@ pub fn plan_decode_step(client: &Client, inputs: &DecodeInputs) -> Result<(Decod
         inputs.slots,
     )?;
     check_scale(inputs.scale)?;
-    shape.dtype.check_supported(client)?;
-    let plan = plan_decode(&shape, &DeviceLimits::of(client), inputs.rows_in_flight)?;
+    shape
+        .dtype
+        .check_supported(target.properties(), target.runtime_name())?;
+    let plan = plan_decode(&shape, &DeviceLimits::of_target(target), inputs.rows_in_flight)?;
     Ok((shape, plan))
 }
 
@@ -74,10 +82,10 @@ pub fn decode(client: &Client, inputs: &DecodeInputs) -> Result<DeviceTensor> {
         &out_shape(&shape),
         shape.dtype,
     )];
-    buffers.extend(step_buffers(client, inputs, &shape, 1));
+    buffers.extend(step_buffers(LaunchTarget::Device(client), inputs, &shape, 1));
     DeviceMemory::of(client).check(&buffers)?;
     let out = DeviceTensor::empty(client, &out_shape(&shape), shape.dtype);
-    launch_checked(client, inputs, shape, plan, &out);
+    launch_checked(LaunchTarget::Device(client), inputs, shape, plan, &out);
     Ok(out)
 }
 
@@ -98,8 +106,9 @@ fn launch_planned(
     out: &DeviceTensor,
 ) -> Result<()> {
     check_out(out, &shape)?;
-    DeviceMemory::of(client).check(&step_buffers(client, inputs, &shape, 1))?;
-    launch_checked(client, inputs, shape, plan, out);
+    let target = LaunchTarget::Device(client);
+    DeviceMemory::of(client).check(&step_buffers(target, inputs, &shape, 1))?;
+    launch_checked(target, inputs, shape, plan, out);
     Ok(())
 }
 
@@ -112,7 +121,7 @@ fn out_shape(shape: &DecodeShape) -> [usize; 4] {
 /// `parts` parts: each part's slots, the unused token list, and the f32
 /// copies of bf16 inputs on a runtime without bf16.
 pub(crate) fn step_buffers(
-    client: &Client,
+    target: LaunchTarget,
     inputs: &DecodeInputs,
     shape: &DecodeShape,
     parts: usize,
@@ -121,7 +130,7 @@ pub(crate) fn step_buffers(
     buffers.push(Buffer::new("unused token list", 4));
     let out = shape.batch * shape.heads * shape.value_dim;
     buffers.extend(crate::device::memory::decode_copies(
-        crate::device::limits::bf16_words(shape.dtype, client),
+        crate::device::limits::bf16_words(shape.dtype, target),
         [
             inputs.q.num_elements(),
             inputs.k.num_elements(),
@@ -133,21 +142,21 @@ pub(crate) fn step_buffers(
 }
 
 /// Launches a step whose tensors were checked and whose buffers fit the device.
-fn launch_checked(
-    client: &Client,
+pub(crate) fn launch_checked(
+    target: LaunchTarget,
     inputs: &DecodeInputs,
     shape: DecodeShape,
     plan: DecodePlan,
     out: &DeviceTensor,
 ) {
-    let slots = upload(client, inputs.slots);
+    let slots = upload(target, inputs.slots);
     // Bound for the kernel's packed mode, which a dense step does not use.
-    let unused_tokens = upload::<u32>(client, &[]);
+    let unused_tokens = upload::<u32>(target, &[]);
     let scale = inputs.scale.unwrap_or(1.0);
     let tensors = [inputs.q, inputs.k, inputs.v, inputs.slopes];
     let (heads, d, e) = (shape.heads, shape.key_dim, shape.value_dim);
     launch_decode(
-        client,
+        target,
         &plan,
         tensors,
         &[(inputs.cache, &slots)],
@@ -207,7 +216,7 @@ pub fn plan_decode_shapes(
 ) -> Result<(DecodeShape, DecodePlan)> {
     let shape = validate_decode_shapes(q, k, v, cache, slopes, slots)?;
     check_scale(scale)?;
-    shape.dtype.check_supported(client)?;
+    shape.dtype.check_supported(client.properties(), client.name())?;
     let plan = plan_decode(&shape, &DeviceLimits::of(client), None)?;
     Ok((shape, plan))
 }

@@ -6,6 +6,7 @@
 
 pub(crate) mod backward;
 pub(crate) mod decode;
+pub(crate) mod offline;
 pub(crate) mod prefill;
 pub(crate) mod split_cache;
 pub(crate) mod varlen;

@@ -7,6 +7,7 @@ use cubecl::prelude::*;
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::fits_one_buffer;
 use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::target::LaunchTarget;
 use crate::problem::shapes::{
     PrefillShape, TensorShape, check_tensor, expect_shape, prefill_args, validate_prefill_shapes,
 };
@@ -48,10 +49,21 @@ pub fn plan_prefill(
     inputs: &PrefillInputs,
     config: &PrefillConfig,
 ) -> Result<(PrefillShape, PrefillPlan)> {
+    plan_on(LaunchTarget::Device(client), inputs, config)
+}
+
+/// [`plan_prefill`] on `target`'s device.
+pub(crate) fn plan_on(
+    target: LaunchTarget,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+) -> Result<(PrefillShape, PrefillPlan)> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
-    shape.dtype.check_supported(client)?;
-    let limits = DeviceLimits::of(client);
+    shape
+        .dtype
+        .check_supported(target.properties(), target.runtime_name())?;
+    let limits = DeviceLimits::of_target(target);
     widen::check_copies(&limits, shape.dtype, config, &copies(inputs)[..3])?;
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     Ok((shape, plan))
@@ -95,7 +107,7 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
     let final_state = DeviceTensor::empty(client, &shape.state_shape(), DType::F32);
     launch_checked(
-        client,
+        LaunchTarget::Device(client),
         inputs,
         config,
         (shape, plan),
@@ -109,7 +121,11 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
 }
 
 /// The work lists of a dense prefill.
-fn dense_table(shape: &PrefillShape, inputs: &PrefillInputs, config: &PrefillConfig) -> SequenceTable {
+pub(crate) fn dense_table(
+    shape: &PrefillShape,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+) -> SequenceTable {
     SequenceTable::dense(shape.batch, shape.seq_len, inputs.initial_state.is_some(), config)
 }
 
@@ -264,7 +280,7 @@ fn launch_planned(
     let table = dense_table(&shape, inputs, config);
     DeviceMemory::of(client).check(&launch_buffers(&shape, &plan, &table, inputs))?;
     launch_checked(
-        client,
+        LaunchTarget::Device(client),
         inputs,
         config,
         (shape, plan),
@@ -295,8 +311,8 @@ fn check_outputs(
 /// device: allocates the tables and the workspace, then hands each stage's
 /// launch to `hook` in order.
 #[allow(clippy::too_many_arguments)]
-fn launch_checked(
-    client: &Client,
+pub(crate) fn launch_checked(
+    target: LaunchTarget,
     inputs: &PrefillInputs,
     config: &PrefillConfig,
     (shape, plan): (PrefillShape, PrefillPlan),
@@ -305,12 +321,12 @@ fn launch_checked(
     final_state: &DeviceTensor,
     hook: &mut dyn FnMut(Stage, &dyn Fn()),
 ) {
-    let table = table.upload(client, plan.chunk_walk());
-    let workspace = client.empty(plan.block_states_len.max(1) * 4);
-    let unused = crate::device::tensor::unused_binding(client);
+    let table = table.upload(target, plan.chunk_walk());
+    let workspace = target.empty(plan.block_states_len.max(1) * 4);
+    let unused = crate::device::tensor::unused_binding(target);
     CallLaunch {
         call: Call {
-            client,
+            target,
             q: inputs.q,
             k: inputs.k,
             v: inputs.v,
@@ -364,7 +380,7 @@ pub fn plan_prefill_shapes(
 ) -> Result<(PrefillShape, PrefillPlan)> {
     config.validate()?;
     let shape = validate_prefill_shapes(q, k, v, slopes, initial_state)?;
-    shape.dtype.check_supported(client)?;
+    shape.dtype.check_supported(client.properties(), client.name())?;
     let limits = DeviceLimits::of(client);
     let plan = PrefillPlan::new(&PrefillWork::dense(&shape, config), config, &limits)?;
     // The buffers the caller will allocate must each fit one buffer too.

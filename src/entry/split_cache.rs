@@ -12,6 +12,7 @@ use cubecl::prelude::*;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::target::LaunchTarget;
 use crate::entry::decode::{check_out, step_buffers};
 use crate::problem::shapes::{DecodeShape, check_slots, check_tensor};
 use crate::routines::decode::DecodePlan;
@@ -191,7 +192,12 @@ pub fn decode_split(client: &Client, inputs: &DecodeInputs, cache: &SplitCache) 
     let shape = &step.shape;
     let out_shape = [shape.batch, shape.heads, 1, shape.value_dim];
     let mut buffers = vec![Buffer::tensor("out [b, h, 1, e]", &out_shape, shape.dtype)];
-    buffers.extend(step_buffers(client, inputs, shape, cache.parts.len()));
+    buffers.extend(step_buffers(
+        LaunchTarget::Device(client),
+        inputs,
+        shape,
+        cache.parts.len(),
+    ));
     DeviceMemory::of(client).check(&buffers)?;
     let out = DeviceTensor::empty(client, &out_shape, shape.dtype);
     step.launch(client, inputs, cache, &out);
@@ -207,7 +213,12 @@ pub fn decode_split_into(
 ) -> Result<()> {
     let step = SplitStep::new(client, inputs, cache)?;
     check_out(out, &step.shape)?;
-    DeviceMemory::of(client).check(&step_buffers(client, inputs, &step.shape, cache.parts.len()))?;
+    DeviceMemory::of(client).check(&step_buffers(
+        LaunchTarget::Device(client),
+        inputs,
+        &step.shape,
+        cache.parts.len(),
+    ))?;
     step.launch(client, inputs, cache, out);
     Ok(())
 }
@@ -250,12 +261,13 @@ impl SplitStep {
 
     /// Launches the step into a checked `out`, once its buffers fit the device.
     fn launch(&self, client: &Client, inputs: &DecodeInputs, cache: &SplitCache, out: &DeviceTensor) {
-        let slots: Vec<_> = self.local_slots.iter().map(|part| upload(client, part)).collect();
+        let target = LaunchTarget::Device(client);
+        let slots: Vec<_> = self.local_slots.iter().map(|part| upload(target, part)).collect();
         let caches: Vec<_> = cache.parts.iter().zip(&slots).collect();
         // Bound for the kernel's packed mode, which a dense step does not use.
-        let unused_tokens = upload::<u32>(client, &[]);
+        let unused_tokens = upload::<u32>(target, &[]);
         launch_decode(
-            client,
+            target,
             &self.plan,
             [inputs.q, inputs.k, inputs.v, inputs.slopes],
             &caches,

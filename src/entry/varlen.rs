@@ -18,6 +18,7 @@ use cubecl::server::Handle;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
+use crate::device::target::LaunchTarget;
 use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::routines::common::{Call, Layout, Variant};
@@ -83,14 +84,16 @@ pub(crate) struct PlannedBatch {
 impl PlannedBatch {
     /// Validates `batch` against tensors of `shape` and plans its launches.
     pub fn new(
-        client: &Client,
+        target: LaunchTarget,
         mut shape: VarlenShape,
         batch: &VarlenBatch,
         config: &PrefillConfig,
     ) -> Result<Self> {
         config.validate()?;
-        shape.dtype.check_supported(client)?;
-        let limits = DeviceLimits::of(client);
+        shape
+            .dtype
+            .check_supported(target.properties(), target.runtime_name())?;
+        let limits = DeviceLimits::of_target(target);
         widen::check_copies(&limits, shape.dtype, config, &copies(&shape)[..3])?;
         let sequences = check_offsets(batch.cu_seqlens, shape.total_tokens)?;
         shape.sequences = sequences;
@@ -222,17 +225,18 @@ impl DeviceBatch {
     /// buffers are known to fit the device.
     pub fn upload(client: &Client, planned: PlannedBatch) -> Result<Self> {
         DeviceMemory::of(client).check(&Self::buffers(&planned, false))?;
-        Ok(Self::upload_checked(client, planned))
+        Ok(Self::upload_checked(LaunchTarget::Device(client), planned))
     }
 
-    fn upload_checked(client: &Client, planned: PlannedBatch) -> Self {
-        let table = planned.table.upload(client, planned.prefill.chunk_walk());
-        let workspace = client.empty(planned.prefill.block_states_len.max(1) * 4);
+    /// [`DeviceBatch::upload`] without the memory check (done, or offline).
+    pub(crate) fn upload_checked(target: LaunchTarget, planned: PlannedBatch) -> Self {
+        let table = planned.table.upload(target, planned.prefill.chunk_walk());
+        let workspace = target.empty(planned.prefill.block_states_len.max(1) * 4);
         Self {
             planned,
             table,
             workspace,
-            unused: crate::device::tensor::unused_binding(client),
+            unused: crate::device::tensor::unused_binding(target),
         }
     }
 
@@ -240,7 +244,7 @@ impl DeviceBatch {
     /// against `planned.shape` (the batch metadata is in the uploaded tables).
     pub fn launch(
         &self,
-        client: &Client,
+        target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
         cache: &DeviceTensor,
         config: &PrefillConfig,
@@ -249,7 +253,7 @@ impl DeviceBatch {
         let shape = &self.planned.shape;
         CallLaunch {
             call: Call {
-                client,
+                target,
                 q,
                 k,
                 v,
@@ -292,7 +296,7 @@ pub fn plan_varlen(client: &Client, inputs: &VarlenInputs, config: &PrefillConfi
 
 fn plan(client: &Client, inputs: &VarlenInputs, config: &PrefillConfig) -> Result<PlannedBatch> {
     let shape = check_tensors(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.cache)?;
-    PlannedBatch::new(client, shape, &inputs.batch, config)
+    PlannedBatch::new(LaunchTarget::Device(client), shape, &inputs.batch, config)
 }
 
 /// Runs a packed call, returning the output `[T, h, e]` (dtype of q); final
@@ -307,8 +311,8 @@ pub fn prefill_varlen(
     let planned = plan(client, inputs, config)?;
     DeviceMemory::of(client).check(&DeviceBatch::buffers(&planned, true))?;
     let out = DeviceTensor::empty(client, &planned.shape.out_shape(), planned.shape.dtype);
-    DeviceBatch::upload_checked(client, planned).launch(
-        client,
+    DeviceBatch::upload_checked(LaunchTarget::Device(client), planned).launch(
+        LaunchTarget::Device(client),
         layer_tensors(inputs),
         inputs.cache,
         config,
@@ -330,7 +334,13 @@ pub fn prefill_varlen_into(
 ) -> Result<()> {
     let planned = plan(client, inputs, config)?;
     check_out(&planned.shape, out)?;
-    DeviceBatch::upload(client, planned)?.launch(client, layer_tensors(inputs), inputs.cache, config, out);
+    DeviceBatch::upload(client, planned)?.launch(
+        LaunchTarget::Device(client),
+        layer_tensors(inputs),
+        inputs.cache,
+        config,
+        out,
+    );
     if config.check_finite {
         check_finite(client, out, "out")?;
     }

@@ -38,24 +38,30 @@ impl DType {
     /// as 32-bit words widened to f32 in a kernel and rounded back to nearest
     /// even (`kernels::widen`).
     pub fn is_supported(self, client: &Client) -> bool {
+        self.is_supported_in(client.properties())
+    }
+
+    /// [`DType::is_supported`] by a device reporting `properties`.
+    pub(crate) fn is_supported_in(self, properties: &DeviceProperties) -> bool {
         match self {
             DType::BF16 => {
-                self.is_native(client) || <u32 as Scalar>::supported_uses(client).contains(TypeUsage::Buffer)
+                self.is_native_in(properties)
+                    || properties
+                        .type_usage(<u32 as Scalar>::elem_type_native())
+                        .contains(TypeUsage::Buffer)
             }
-            _ => self.is_native(client),
+            _ => self.is_native_in(properties),
         }
     }
 
-    /// [`DType::is_supported`] as a check: `Ok`, or
-    /// [`LightningError::UnsupportedDType`] naming the dtype and the runtime.
-    pub(crate) fn check_supported(self, client: &Client) -> Result<()> {
-        if self.is_supported(client) {
+    /// [`DType::is_supported`] as a check on a device reporting `properties`
+    /// under `runtime`: `Ok`, or [`LightningError::UnsupportedDType`] naming
+    /// the dtype and the runtime.
+    pub(crate) fn check_supported(self, properties: &DeviceProperties, runtime: &'static str) -> Result<()> {
+        if self.is_supported_in(properties) {
             Ok(())
         } else {
-            Err(LightningError::UnsupportedDType {
-                dtype: self,
-                runtime: client.name(),
-            })
+            Err(LightningError::UnsupportedDType { dtype: self, runtime })
         }
     }
 
@@ -66,11 +72,17 @@ impl DType {
     /// failed to compile (`../shared/TOOLCHAIN.md`): there bf16 travels as
     /// words instead.
     pub fn is_native(self, client: &Client) -> bool {
-        let uses = match self {
-            DType::F32 => <f32 as Scalar>::supported_uses(client),
-            DType::F16 => <half::f16 as Scalar>::supported_uses(client),
-            DType::BF16 => <half::bf16 as Scalar>::supported_uses(client),
+        self.is_native_in(client.properties())
+    }
+
+    /// [`DType::is_native`] on a device reporting `properties`.
+    pub(crate) fn is_native_in(self, properties: &DeviceProperties) -> bool {
+        let elem = match self {
+            DType::F32 => <f32 as Scalar>::elem_type_native(),
+            DType::F16 => <half::f16 as Scalar>::elem_type_native(),
+            DType::BF16 => <half::bf16 as Scalar>::elem_type_native(),
         };
+        let uses = properties.type_usage(elem);
         let holds = uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion);
         match self {
             DType::BF16 => holds && uses.contains(TypeUsage::Arithmetic),

@@ -62,6 +62,14 @@ impl PrefillShape {
     pub fn batch_heads(&self) -> usize {
         self.batch * self.heads
     }
+    /// Shape of q and k `[b, h, n, d]`.
+    pub fn qk_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.heads, self.seq_len, self.key_dim]
+    }
+    /// Shape of v (and the output) `[b, h, n, e]`.
+    pub fn v_shape(&self) -> Vec<usize> {
+        self.out_shape()
+    }
     /// Shape of the output `[b, h, n, e]`.
     pub fn out_shape(&self) -> Vec<usize> {
         vec![self.batch, self.heads, self.seq_len, self.value_dim]

@@ -7,6 +7,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::device::target::LaunchTarget;
 use crate::device::tensor::arg;
 use crate::routines::table::{DeviceTable, IndexBuffer};
 use crate::{DeviceTensor, PrefillConfig};
@@ -28,6 +29,22 @@ pub(crate) enum Stage {
     /// 16-bit inputs widened to f32 copies before the launches, or the output
     /// rounded back after them (see `crate::widen`).
     Widen,
+}
+
+impl Stage {
+    /// The stage's name, as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diag => "diag",
+            Self::KvParallel => "kv_parallel",
+            Self::KvReduce => "kv_reduce",
+            Self::ChunkState => "chunk_state",
+            Self::NonDiag => "non_diag",
+            Self::KvSnapshot => "kv_snapshot",
+            Self::Decode => "decode",
+            Self::Widen => "widen",
+        }
+    }
 }
 
 /// How rows of q, k, v and out step (see `kernels::layout`).
@@ -89,7 +106,7 @@ impl Variant {
 /// plan's [`Staging`] where it needs it, and its own plan.
 #[derive(Clone, Copy)]
 pub(crate) struct Call<'a> {
-    pub client: &'a Client,
+    pub target: LaunchTarget<'a>,
     pub q: &'a DeviceTensor,
     pub k: &'a DeviceTensor,
     pub v: &'a DeviceTensor,

@@ -10,6 +10,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::device::target::LaunchTarget;
 use crate::problem::shapes::PrefillShape;
 use crate::{DType, PrefillConfig};
 
@@ -229,24 +230,24 @@ impl SequenceTable {
 
     /// Copies the table to the device, with the runs of the planned
     /// chunk-recurrent state pass `walk`, if there is one.
-    pub fn upload(&self, client: &Client, walk: Option<ChunkWalk>) -> DeviceTable {
+    pub fn upload(&self, target: LaunchTarget, walk: Option<ChunkWalk>) -> DeviceTable {
         let runs = self.planned_runs(walk);
         DeviceTable {
-            chunk_walks: upload(client, &runs.walks),
-            segment_work: upload(client, &runs.segment_work),
-            segment_offsets: upload(client, &runs.segment_offsets),
+            chunk_walks: upload(target, &runs.walks),
+            segment_work: upload(target, &runs.segment_work),
+            segment_offsets: upload(target, &runs.segment_offsets),
             segments: runs.segment_work.len() / 2,
             walks: runs.walks.len() / 3,
-            seq_starts: upload(client, &self.seq_starts),
-            block_offsets: upload(client, &self.block_offsets),
-            initial_slots: upload(client, &self.initial_slots),
-            final_slots: upload(client, &self.final_slots),
-            sub_block_work: upload(client, &self.sub_block_work),
-            block_work: upload(client, &self.block_work),
-            reduce_work: upload(client, &self.reduce_work),
-            snapshot_work: upload(client, &self.snapshot_work),
-            decode_tokens: upload(client, &self.decode_tokens),
-            decode_slots: upload(client, &self.decode_slots),
+            seq_starts: upload(target, &self.seq_starts),
+            block_offsets: upload(target, &self.block_offsets),
+            initial_slots: upload(target, &self.initial_slots),
+            final_slots: upload(target, &self.final_slots),
+            sub_block_work: upload(target, &self.sub_block_work),
+            block_work: upload(target, &self.block_work),
+            reduce_work: upload(target, &self.reduce_work),
+            snapshot_work: upload(target, &self.snapshot_work),
+            decode_tokens: upload(target, &self.decode_tokens),
+            decode_slots: upload(target, &self.decode_slots),
         }
     }
 }
@@ -283,17 +284,17 @@ impl IndexBuffer {
 }
 
 /// Copies `values` to a new device buffer.
-pub(crate) fn upload<T: CubeElement>(client: &Client, values: &[T]) -> IndexBuffer {
+pub(crate) fn upload<T: CubeElement>(target: LaunchTarget, values: &[T]) -> IndexBuffer {
     // An empty list still binds a buffer: a one-element one nobody reads.
     if values.is_empty() {
         let zero = [T::from_bytes(&[0u8; 4])[0]];
         return IndexBuffer {
-            handle: client.create_from_slice(T::as_bytes(&zero)),
+            handle: target.create_from_slice(T::as_bytes(&zero)),
             len: 1,
         };
     }
     IndexBuffer {
-        handle: client.create_from_slice(T::as_bytes(values)),
+        handle: target.create_from_slice(T::as_bytes(values)),
         len: values.len(),
     }
 }

@@ -25,6 +25,7 @@ use lightning_attention_kernels::widen::{narrow_bf16, narrow_cast, widen_bf16, w
 
 use crate::device::limits::{DeviceLimits, bf16_words, grid_stride};
 use crate::device::memory::{Buffer, fits_one_buffer};
+use crate::device::target::{LaunchTarget, launch_kernel};
 use crate::device::tensor::arg;
 use crate::routines::prefill::plan::widens;
 use crate::{DType, DeviceTensor, PrefillConfig, Result};
@@ -54,14 +55,14 @@ fn words_arg(t: &DeviceTensor) -> BufferArg {
 }
 
 /// An f32 copy of the 16-bit tensor `t`.
-pub(crate) fn widened(client: &Client, t: &DeviceTensor) -> DeviceTensor {
-    let wide = DeviceTensor::empty(client, &t.shape, DType::F32);
-    widen_into(client, t, &wide);
+pub(crate) fn widened(target: LaunchTarget, t: &DeviceTensor) -> DeviceTensor {
+    let wide = target.empty_tensor(&t.shape, DType::F32);
+    widen_into(target, t, &wide);
     wide
 }
 
 /// Widens the 16-bit tensor `src` into the f32 tensor `dst` of as many elements.
-pub(crate) fn widen_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor) {
+pub(crate) fn widen_into(target: LaunchTarget, src: &DeviceTensor, dst: &DeviceTensor) {
     let len = src.num_elements();
     if len == 0 {
         return;
@@ -70,18 +71,30 @@ pub(crate) fn widen_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor
     // SAFETY (each launch): both buffers hold `len` elements; the kernels
     // bound every access by `len`.
     unsafe {
-        if bf16_words(src.dtype, client) {
-            let (count, dim) = grid_stride(client, len.div_ceil(2));
-            widen_bf16::launch_unchecked(client, count, dim, words_arg(src), dst_arg, len as u32)
+        if bf16_words(src.dtype, target) {
+            let (count, dim) = grid_stride(target, len.div_ceil(2));
+            launch_kernel!(target, widen_bf16[], count, dim, words_arg(src), dst_arg, len as u32)
         } else {
-            let (count, dim) = grid_stride(client, len);
+            let (count, dim) = grid_stride(target, len);
             let src_arg = arg(src);
             match src.dtype {
-                DType::F16 => widen_cast::launch_unchecked::<half::f16>(
-                    client, count, dim, src_arg, dst_arg, len as u32,
+                DType::F16 => launch_kernel!(
+                    target,
+                    widen_cast[half::f16],
+                    count,
+                    dim,
+                    src_arg,
+                    dst_arg,
+                    len as u32,
                 ),
-                _ => widen_cast::launch_unchecked::<half::bf16>(
-                    client, count, dim, src_arg, dst_arg, len as u32,
+                _ => launch_kernel!(
+                    target,
+                    widen_cast[half::bf16],
+                    count,
+                    dim,
+                    src_arg,
+                    dst_arg,
+                    len as u32,
                 ),
             }
         }
@@ -89,7 +102,7 @@ pub(crate) fn widen_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor
 }
 
 /// Rounds the f32 tensor `src` into the 16-bit tensor `dst` of as many elements.
-pub(crate) fn narrow_into(client: &Client, src: &DeviceTensor, dst: &DeviceTensor) {
+pub(crate) fn narrow_into(target: LaunchTarget, src: &DeviceTensor, dst: &DeviceTensor) {
     let len = src.num_elements();
     if len == 0 {
         return;
@@ -97,18 +110,30 @@ pub(crate) fn narrow_into(client: &Client, src: &DeviceTensor, dst: &DeviceTenso
     let src_arg = arg(src);
     // SAFETY: as in `widen_into`.
     unsafe {
-        if bf16_words(dst.dtype, client) {
-            let (count, dim) = grid_stride(client, len.div_ceil(2));
-            narrow_bf16::launch_unchecked(client, count, dim, src_arg, words_arg(dst), len as u32)
+        if bf16_words(dst.dtype, target) {
+            let (count, dim) = grid_stride(target, len.div_ceil(2));
+            launch_kernel!(target, narrow_bf16[], count, dim, src_arg, words_arg(dst), len as u32)
         } else {
-            let (count, dim) = grid_stride(client, len);
+            let (count, dim) = grid_stride(target, len);
             let dst_arg = arg(dst);
             match dst.dtype {
-                DType::F16 => narrow_cast::launch_unchecked::<half::f16>(
-                    client, count, dim, src_arg, dst_arg, len as u32,
+                DType::F16 => launch_kernel!(
+                    target,
+                    narrow_cast[half::f16],
+                    count,
+                    dim,
+                    src_arg,
+                    dst_arg,
+                    len as u32,
                 ),
-                _ => narrow_cast::launch_unchecked::<half::bf16>(
-                    client, count, dim, src_arg, dst_arg, len as u32,
+                _ => launch_kernel!(
+                    target,
+                    narrow_cast[half::bf16],
+                    count,
+                    dim,
+                    src_arg,
+                    dst_arg,
+                    len as u32,
                 ),
             }
         }

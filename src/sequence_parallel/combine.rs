@@ -2,6 +2,7 @@
 //! entering a rank's segment, the gradient leaving it, and a rank's tensor
 //! placed in its slot of a gather.
 
+use crate::device::target::{LaunchTarget, launch_kernel};
 use std::ops::Range;
 
 use cubecl::prelude::*;
@@ -81,14 +82,13 @@ fn launch(
     let mut padded = gaps.to_vec();
     padded.resize(gaps.len().max(4), 0.0);
     let gaps = client.create_from_slice(f32::as_bytes(&padded));
-    let (count, dim) = crate::device::limits::grid_stride(client, sizes.len);
+    let (count, dim) = crate::device::limits::grid_stride(LaunchTarget::Device(client), sizes.len);
     // SAFETY: `states` holds `sources.end * len` f32 at least, `gaps` covers
     // `sources`, `slopes` holds `heads` f32, `out` holds `(out_slot + 1) * len`
     // f32; every index is below 2^32 (checked when the ranks agreed), and the
     // kernel writes only `out_slot * len .. (out_slot + 1) * len`.
     unsafe {
-        decayed_sum::launch_unchecked(
-            client,
+        launch_kernel!(LaunchTarget::Device(client), decayed_sum[],
             count,
             dim,
             arg(states),

@@ -8,6 +8,7 @@
 
 use cubecl::prelude::*;
 
+use crate::device::target::LaunchTarget;
 use crate::device::tensor::unused_binding;
 use crate::problem::shapes::PrefillShape;
 use crate::routines::common::{Call, Layout, Stage, Variant};
@@ -41,13 +42,14 @@ pub(crate) fn final_state(
     // by the rounding of 16-bit outputs back from their f32 copies, which
     // needs its full size.
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
+    let target = LaunchTarget::Device(client);
     let table = SequenceTable::dense(shape.batch, shape.seq_len, pass.initial.is_some(), config)
-        .upload(client, plan.chunk_walk());
+        .upload(target, plan.chunk_walk());
     let workspace = client.empty(plan.block_states_len.max(1) * 4);
-    let unused = unused_binding(client);
+    let unused = unused_binding(target);
     CallLaunch {
         call: Call {
-            client,
+            target,
             q,
             k,
             v,

@@ -7,6 +7,7 @@ use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
 use super::plan::BackwardPlan;
+use crate::device::target::{LaunchTarget, launch_kernel};
 use crate::device::tensor::arg;
 use crate::routines::prefill::plan::PrefillPlan;
 use crate::routines::table::DeviceTable;
@@ -14,7 +15,7 @@ use crate::{DType, DeviceTensor, PrefillConfig};
 
 /// The tensors and sizes both backward kernels launch with.
 pub(crate) struct BackwardLaunch<'a> {
-    pub client: &'a Client,
+    pub target: LaunchTarget<'a>,
     pub plan: &'a BackwardPlan,
     /// The (portable) plan of the pass [`BackwardPlan`] was made from.
     pub pass: &'a PrefillPlan,
@@ -61,8 +62,9 @@ impl BackwardLaunch<'_> {
         // made for, the geometry checked against the device; the kernel
         // bounds-checks the tails of n, d and e.
         unsafe {
-            kernels::backward_diag::backward_diag::launch_unchecked::<F>(
-                self.client,
+            launch_kernel!(
+                self.target,
+                kernels::backward_diag::backward_diag[F],
                 plan.diag.cube_count(),
                 plan.diag.cube_dim(),
                 arg(self.q),
@@ -93,8 +95,9 @@ impl BackwardLaunch<'_> {
         let plan = self.plan;
         // SAFETY: as for diag; the workspace holds the pass's `block_states_len` f32.
         unsafe {
-            kernels::backward_non_diag::backward_non_diag::launch_unchecked::<F>(
-                self.client,
+            launch_kernel!(
+                self.target,
+                kernels::backward_non_diag::backward_non_diag[F],
                 plan.non_diag.cube_count(),
                 plan.non_diag.cube_dim(),
                 arg(self.k),

@@ -8,6 +8,7 @@ use lightning_attention_kernels as kernels;
 
 use super::plan::ChunkStatePlan;
 use crate::device::limits::LaunchDims;
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{BlockRun, Call, Staging};
 use crate::routines::five_kernels::kv_parallel::{self, KvParallelPlan};
@@ -32,7 +33,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     let segments = chunk.segment_blocks.map(|segment_blocks| {
         let table = call.table;
         let states_len = segment_states_len(call);
-        let states = call.client.empty(states_len.max(1) * 4);
+        let states = call.target.empty(states_len.max(1) * 4);
         let run = BlockRun {
             block: segment_blocks * chunk.block,
             cubes: table.segments as u32,
@@ -82,8 +83,7 @@ fn launch_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElem
     // the device; the tables and every buffer's size were validated; the
     // kernel bounds-checks the tails of n, d and e.
     unsafe {
-        kernels::chunk_state::chunk_state::launch_unchecked::<F, M, S>(
-            call.client,
+        launch_kernel!(call.target, kernels::chunk_state::chunk_state[F, M, S],
             dims.cube_count(),
             dims.cube_dim(),
             chunk.vector_size,

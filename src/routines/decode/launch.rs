@@ -2,11 +2,11 @@
 //! `plan.rs`: once per part of the state cache, bf16 on f32 copies where the
 //! runtime has no bf16 type.
 
-use cubecl::prelude::*;
 use lightning_attention_kernels as kernels;
 
 use super::plan::DecodePlan;
 use crate::device::limits::bf16_words;
+use crate::device::target::{LaunchTarget, launch_kernel};
 use crate::device::tensor::arg;
 use crate::routines::table::IndexBuffer;
 use crate::routines::widen;
@@ -21,7 +21,7 @@ use crate::{DType, DeviceTensor};
 /// a dispatch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode(
-    client: &Client,
+    target: LaunchTarget,
     plan: &DecodePlan,
     [q, k, v, slopes]: [&DeviceTensor; 4],
     caches: &[(&DeviceTensor, &IndexBuffer)],
@@ -33,13 +33,13 @@ pub(crate) fn launch_decode(
     key_dim: usize,
     value_dim: usize,
 ) {
-    if bf16_words(q.dtype, client) {
+    if bf16_words(q.dtype, target) {
         // bf16 on a runtime without bf16: the f32 kernel on widened copies,
         // every part into one f32 output, rounded back once.
-        let [q, k, v] = [q, k, v].map(|t| widen::widened(client, t));
-        let wide_out = DeviceTensor::empty(client, &out.shape, DType::F32);
+        let [q, k, v] = [q, k, v].map(|t| widen::widened(target, t));
+        let wide_out = target.empty_tensor(&out.shape, DType::F32);
         launch_decode(
-            client,
+            target,
             plan,
             [&q, &k, &v, slopes],
             caches,
@@ -51,15 +51,16 @@ pub(crate) fn launch_decode(
             key_dim,
             value_dim,
         );
-        widen::narrow_into(client, &wide_out, out);
+        widen::narrow_into(target, &wide_out, out);
         return;
     }
     macro_rules! launch {
         ($f:ty, $cache:expr, $slots:expr) => {
             // SAFETY: shapes, slots, tokens and the grid were validated and planned.
             unsafe {
-                kernels::decode::decode::launch_unchecked::<$f>(
-                    client,
+                launch_kernel!(
+                    target,
+                    kernels::decode::decode[$f],
                     plan.dims.cube_count(),
                     plan.dims.cube_dim(),
                     plan.vector_size,

@@ -10,6 +10,7 @@ use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
 use super::{GRID_SIDE, MAX_KEY_CHUNK};
 use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, count};
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{Call, Staging};
 use crate::routines::products::Products;
@@ -168,7 +169,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     states_in_input_dtype: bool,
 ) {
     let Call {
-        client,
+        target,
         q,
         k,
         v,
@@ -190,8 +191,9 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     // bounds-checks the tails of n, d and e.
     match plan.routine {
         DiagRoutine::Portable => unsafe {
-            kernels::diag::diag::launch_unchecked::<F>(
-                client,
+            launch_kernel!(
+                target,
+                kernels::diag::diag[F],
                 plan.dims.cube_count(),
                 plan.dims.cube_dim(),
                 arg(q),
@@ -223,8 +225,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
             macro_rules! diag_cmma {
                 ($states:ty) => {
                     unsafe {
-                        kernels::diag_cmma::diag_cmma::launch_unchecked::<F, M, $states>(
-                            client,
+                        launch_kernel!(target, kernels::diag_cmma::diag_cmma[F, M, $states],
                             plan.dims.cube_count(),
                             plan.dims.cube_dim(),
                             CMMA_VECTOR,

@@ -11,6 +11,7 @@ use lightning_attention_kernels::staging::{F32_ROW_PAD, ROW_PAD};
 
 use super::{GRID_SIDE, per_unit};
 use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, count};
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{BlockRun, Call, Staging};
 use crate::routines::products::Products;
@@ -149,7 +150,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     plan: &KvParallelPlan,
     run: &BlockRun,
 ) {
-    let (client, table, variant) = (call.client, call.table, call.variant);
+    let (target, table, variant) = (call.target, call.table, call.variant);
     let h = call.heads as u32;
     let (d, e) = (call.key_dim, call.value_dim);
     let (head_stride, token_stride) = (call.layout.head_stride, call.layout.token_stride);
@@ -162,8 +163,9 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     // buffer size was validated.
     match plan.routine {
         KvParallelRoutine::Portable => unsafe {
-            kernels::kv_parallel::kv_parallel::launch_unchecked::<F>(
-                client,
+            launch_kernel!(
+                target,
+                kernels::kv_parallel::kv_parallel[F],
                 dims.cube_count(),
                 dims.cube_dim(),
                 arg(call.k),
@@ -189,8 +191,7 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
             key_tile,
             value_tile,
         } => unsafe {
-            kernels::kv_parallel_cmma::kv_parallel_cmma::launch_unchecked::<F, M>(
-                client,
+            launch_kernel!(target, kernels::kv_parallel_cmma::kv_parallel_cmma[F, M],
                 dims.cube_count(),
                 dims.cube_dim(),
                 CMMA_VECTOR,

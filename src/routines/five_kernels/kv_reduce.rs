@@ -7,6 +7,7 @@ use lightning_attention_kernels as kernels;
 
 use crate::Result;
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{BlockRun, Call, TARGET_UNITS};
 use crate::routines::table::PrefillWork;
@@ -54,8 +55,7 @@ pub(crate) fn launch(call: &Call, plan: &KvReducePlan, run: &BlockRun) {
     let (table, variant) = (call.table, call.variant);
     // SAFETY: as for kv-parallel; kv-reduce's grid was planned per sequence.
     unsafe {
-        kernels::kv_reduce::kv_reduce::launch_unchecked(
-            call.client,
+        launch_kernel!(call.target, kernels::kv_reduce::kv_reduce[],
             plan.dims.cube_count(),
             plan.dims.cube_dim(),
             plan.vector_size,

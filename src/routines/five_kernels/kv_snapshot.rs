@@ -8,6 +8,7 @@ use lightning_attention_kernels as kernels;
 
 use crate::Result;
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{Call, Staging, TARGET_UNITS};
 use crate::routines::table::PrefillWork;
@@ -33,8 +34,9 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, dim
     // SAFETY: the grid was planned and every table entry validated; the
     // kernel reads the per-block states of the call's workspace.
     unsafe {
-        kernels::kv_snapshot::kv_snapshot::launch_unchecked::<F>(
-            call.client,
+        launch_kernel!(
+            call.target,
+            kernels::kv_snapshot::kv_snapshot[F],
             dims.cube_count(),
             dims.cube_dim(),
             arg(call.k),

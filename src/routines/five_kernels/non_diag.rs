@@ -8,6 +8,7 @@ use lightning_attention_kernels as kernels;
 
 use super::{GRID_SIDE, MAX_KEY_CHUNK, per_unit};
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
+use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
 use crate::routines::common::{Call, Staging};
 use crate::routines::table::PrefillWork;
@@ -59,8 +60,9 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, pla
     // against the device's limits; the kernel bounds-checks the tails of n,
     // d and e.
     unsafe {
-        kernels::non_diag::non_diag::launch_unchecked::<F>(
-            call.client,
+        launch_kernel!(
+            call.target,
+            kernels::non_diag::non_diag[F],
             plan.dims.cube_count(),
             plan.dims.cube_dim(),
             arg(call.q),

@@ -54,12 +54,12 @@ impl CallLaunch<'_> {
     /// into `out`.
     fn run_widened(&self, hook: &mut dyn FnMut(Stage, &dyn Fn())) {
         let narrow = self.call;
-        let client = narrow.client;
-        let copy = |t: &DeviceTensor| DeviceTensor::empty(client, &t.shape, DType::F32);
+        let target = narrow.target;
+        let copy = |t: &DeviceTensor| target.empty_tensor(&t.shape, DType::F32);
         let (q, k, v, out) = (copy(narrow.q), copy(narrow.k), copy(narrow.v), copy(narrow.out));
         hook(Stage::Widen, &|| {
             for (narrow, wide) in [(narrow.q, &q), (narrow.k, &k), (narrow.v, &v)] {
-                widen::widen_into(client, narrow, wide);
+                widen::widen_into(target, narrow, wide);
             }
         });
         CallLaunch {
@@ -73,7 +73,7 @@ impl CallLaunch<'_> {
             ..*self
         }
         .run_f32(hook);
-        hook(Stage::Widen, &|| widen::narrow_into(client, &out, narrow.out));
+        hook(Stage::Widen, &|| widen::narrow_into(target, &out, narrow.out));
     }
 
     /// The launches for inputs of `F`, staged on tensor cores as `M`.
@@ -126,7 +126,7 @@ impl CallLaunch<'_> {
         if let Some(decode) = self.decode {
             hook(Stage::Decode, &|| {
                 launch_decode(
-                    call.client,
+                    call.target,
                     decode,
                     [call.q, call.k, call.v, call.slopes],
                     &[(call.states, &call.table.decode_slots)],

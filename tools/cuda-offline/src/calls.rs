@@ -1,0 +1,205 @@
+//! The calls whose kernels the offline compile builds: the benchmark's
+//! prefill shapes under every block config, routine and precision a caller
+//! can ask for, a spread of head dims, a mixed packed batch with snapshots,
+//! decode steps and backward passes. Each call runs the library's own
+//! validation and planning (`lightning_attention::offline`), so what gets
+//! built is what the plans launch; calls a plan refuses are reported, not
+//! built.
+
+use lightning_attention::offline::{OfflineBuild, build_backward, build_decode, build_prefill, build_varlen};
+use lightning_attention::shapes::{DecodeShape, PrefillShape};
+use lightning_attention::{DType, Precision, PrefillConfig, Result, Routines, Snapshots, VarlenBatch};
+
+/// One call to build, named for the report.
+pub struct Call {
+    /// What the report calls it.
+    pub label: String,
+    run: Box<dyn Fn(&OfflineBuild) -> Result<()>>,
+}
+
+impl Call {
+    fn new(label: String, run: impl Fn(&OfflineBuild) -> Result<()> + 'static) -> Self {
+        Self {
+            label,
+            run: Box::new(run),
+        }
+    }
+
+    /// Records the call's kernels in `build`.
+    pub fn build(&self, build: &OfflineBuild) -> Result<()> {
+        build.set_label(&self.label);
+        (self.run)(build)
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+
+/// The benchmark's prefill shapes `[b, h, n, d]` (d = e), benches/lightning.
+const BENCH_SHAPES: [[usize; 4]; 6] = [
+    [1, 64, 4096, 128],
+    [1, 64, 16384, 128],
+    [4, 64, 8192, 128],
+    [1, 8, 65536, 128],
+    [16, 8, 4096, 128],
+    [1, 64, 16384, 64],
+];
+
+/// (BLOCK, CBLOCK): CUDA's default (`PrefillConfig::for_client`), the
+/// configuration Nsight Compute read on the H200, vLLM's default.
+const CONFIGS: [(usize, usize); 3] = [(64, 64), (128, 64), (256, 32)];
+
+fn name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    }
+}
+
+fn routine_name(routines: Routines) -> &'static str {
+    match routines {
+        Routines::Auto => "auto",
+        Routines::Portable => "portable",
+        Routines::ChunkRecurrent => "chunk-recurrent",
+    }
+}
+
+/// Every precision an f32 call may ask for; 16-bit inputs ignore it.
+fn precisions(dtype: DType) -> Vec<Precision> {
+    match dtype {
+        DType::F32 => vec![Precision::Split, Precision::Rounded, Precision::Exact],
+        _ => vec![Precision::Split],
+    }
+}
+
+fn shape([batch, heads, seq_len, key_dim]: [usize; 4], value_dim: usize, dtype: DType) -> PrefillShape {
+    PrefillShape {
+        batch,
+        heads,
+        seq_len,
+        key_dim,
+        value_dim,
+        dtype,
+    }
+}
+
+/// Every call, in report order.
+pub fn calls() -> Vec<Call> {
+    let mut calls = Vec::new();
+    // Prefill at the benchmark's shapes.
+    for dims in BENCH_SHAPES {
+        for dtype in DTYPES {
+            for (block, sub_block) in CONFIGS {
+                for routines in [Routines::Auto, Routines::Portable, Routines::ChunkRecurrent] {
+                    for precision in precisions(dtype) {
+                        let config = PrefillConfig::new(block, sub_block)
+                            .with_routines(routines)
+                            .with_precision(precision);
+                        let shape = shape(dims, dims[3], dtype);
+                        calls.push(Call::new(
+                            format!(
+                                "prefill {} {dims:?} {block}/{sub_block} {} {precision:?}",
+                                name(dtype),
+                                routine_name(routines)
+                            ),
+                            move |build| build_prefill(build, &shape, true, &config),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // A spread of head dims (d, e), CUDA's default block config.
+    for (d, e) in [
+        (32, 32),
+        (64, 64),
+        (96, 96),
+        (128, 128),
+        (256, 256),
+        (128, 64),
+        (64, 128),
+    ] {
+        for dtype in DTYPES {
+            for routines in [Routines::Auto, Routines::Portable] {
+                let config = PrefillConfig::new(64, 64).with_routines(routines);
+                let shape = shape([2, 16, 4096, d], e, dtype);
+                calls.push(Call::new(
+                    format!(
+                        "prefill {} d{d} e{e} 64/64 {}",
+                        name(dtype),
+                        routine_name(routines)
+                    ),
+                    move |build| build_prefill(build, &shape, false, &config),
+                ));
+            }
+        }
+    }
+    // A mixed packed batch: prefills, two decodes (one-token sequences), snapshots.
+    for dtype in DTYPES {
+        for (block, sub_block) in [(64, 64), (256, 32)] {
+            let config = PrefillConfig::new(block, sub_block);
+            calls.push(Call::new(
+                format!(
+                    "varlen {} h32 d128 e128 {block}/{sub_block} mixed + snapshots",
+                    name(dtype)
+                ),
+                move |build| {
+                    let cu_seqlens = [0, 300, 301, 1301, 1302, 1366];
+                    let slots = [0, 1, 2, 3, 4];
+                    let has_initial = [true, true, false, true, false];
+                    let snapshot_slots = [5, 6, -1, -1, 7, 8, -1, -1, -1, -1];
+                    let batch = VarlenBatch {
+                        cu_seqlens: &cu_seqlens,
+                        slots: &slots,
+                        has_initial_state: &has_initial,
+                        snapshots: Some(Snapshots {
+                            count: 2,
+                            slots: &snapshot_slots,
+                        }),
+                    };
+                    build_varlen(build, [32, 128, 128], dtype, 16, &batch, &config)
+                },
+            ));
+        }
+    }
+    // Decode steps: the default rows in flight (16 on CUDA) and one row.
+    for dtype in DTYPES {
+        for (batch, dim) in [(16, 128), (128, 128), (128, 64)] {
+            for rows in [None, Some(1)] {
+                let shape = DecodeShape {
+                    batch,
+                    heads: 64,
+                    key_dim: dim,
+                    value_dim: dim,
+                    slots: 512,
+                    dtype,
+                };
+                calls.push(Call::new(
+                    format!("decode {} b{batch} h64 d{dim} rows {rows:?}", name(dtype)),
+                    move |build| build_decode(build, &shape, rows),
+                ));
+            }
+        }
+    }
+    // Backward passes: with tensor cores (the forward kernels on other
+    // operands) and portable (with the key and value gradient kernels).
+    for dims in [[1, 64, 4096, 128], [2, 16, 1024, 64]] {
+        for dtype in DTYPES {
+            for (block, sub_block) in [(64, 64), (256, 32)] {
+                for routines in [Routines::Auto, Routines::Portable] {
+                    let config = PrefillConfig::new(block, sub_block).with_routines(routines);
+                    let shape = shape(dims, dims[3], dtype);
+                    calls.push(Call::new(
+                        format!(
+                            "backward {} {dims:?} {block}/{sub_block} {}",
+                            name(dtype),
+                            routine_name(routines)
+                        ),
+                        move |build| build_backward(build, &shape, true, &config),
+                    ));
+                }
+            }
+        }
+    }
+    calls
+}
