@@ -116,6 +116,12 @@ pub fn kv_parallel<F: Float>(
         }
     }
 
+    // One base index per unit and comptime offsets per element: ptxas then
+    // stores through one address with immediate offsets, where sixteen
+    // computed addresses kept more values live than the 32 registers it
+    // aims for at 8 cubes per SM (it spilled them: the offline compile).
+    let slot = (global_block * heads as usize + head) * key_dim * value_dim;
+    let base = slot + (d0 + unit_row) * value_dim + e0 + unit_col;
     #[unroll]
     for m in 0..rows_per_unit {
         let i = d0 + m * SIDE + unit_row;
@@ -123,8 +129,7 @@ pub fn kv_parallel<F: Float>(
         for j in 0..cols_per_unit {
             let col = e0 + j * SIDE + unit_col;
             if i < key_dim && col < value_dim {
-                block_states[((global_block * heads as usize + head) * key_dim + i) * value_dim + col] =
-                    acc[m * cols_per_unit + j];
+                block_states[base + comptime!(m * SIDE * value_dim + j * SIDE)] = acc[m * cols_per_unit + j];
             }
         }
     }

@@ -118,7 +118,7 @@ pub(crate) use launch_kernel;
 /// (the CUDA kernels through NVRTC on a machine without a GPU:
 /// `tools/cuda-offline`). Build one from the properties the runtime would
 /// report, run the `offline::build_*` functions, then compile
-/// [`OfflineBuild::kernels`].
+/// what [`OfflineBuild::take_kernels`] returns.
 pub struct OfflineBuild {
     properties: Arc<DeviceProperties>,
     target_properties: Arc<TargetProperties>,
@@ -146,10 +146,26 @@ pub struct OfflineKernel {
 }
 
 impl OfflineKernel {
-    /// The kernel's definition with its launch's execution mode, ready for a compiler.
+    /// The id its launch gives the kernel (cubecl's compilation caches, and
+    /// [`cubecl::launched`], key kernels by it).
+    pub fn id(&self) -> KernelId {
+        let mut id = self.kernel.id();
+        id.mode = self.mode;
+        id
+    }
+
+    /// The kernel's definition as its launch would compile it, ready for a
+    /// compiler: the launch's execution mode, and the entry point's name,
+    /// whose suffix hashes the id (mode included).
     pub fn definition(&self) -> Result<KernelDefinition, CompilationError> {
         let mut definition = define_kernel(self.kernel.as_ref())?;
         definition.settings.execution_mode = self.mode;
+        let name = &definition.settings.kernel_name;
+        let base = name
+            .rsplit_once('_')
+            .map_or(name.as_str(), |(base, _)| base)
+            .to_string();
+        definition.settings.kernel_name = self.id().entrypoint_name(&base);
         Ok(definition)
     }
 }
@@ -171,6 +187,16 @@ impl OfflineBuild {
             stage: Cell::new("call"),
             kernels: RefCell::new(Vec::new()),
         }
+    }
+
+    /// A build standing in for `client`'s device (its properties, its
+    /// runtime's name and compiler target).
+    pub fn like(client: &Client) -> Self {
+        Self::new(
+            client.name(),
+            client.properties().clone(),
+            client.target_properties_shared().as_ref().clone(),
+        )
     }
 
     /// Labels the kernels recorded from now on (a shape, a config).

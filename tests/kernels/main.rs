@@ -14,6 +14,7 @@ mod fill;
 mod finite;
 mod layout_errors;
 mod memory;
+mod offline;
 mod prefill;
 mod sequence_parallel;
 mod serving;

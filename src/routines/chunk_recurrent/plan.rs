@@ -188,7 +188,16 @@ pub(crate) fn on_tensor_cores(
     {
         value_tile = MIN_CMMA_VALUE_TILE;
     }
-    let stage = config.block.min(MAX_CMMA_STAGE);
+    // Split operands (three products, twice the fragments) at stage 128 with
+    // a 64-wide value tile need more than 255 registers and spill (the
+    // offline compile: f32 at 128/64 and 256/32, SPEED_NOTES.md); they stage
+    // 64 tokens at a time.
+    let max_stage = if products.split() {
+        MAX_CMMA_STAGE / 2
+    } else {
+        MAX_CMMA_STAGE
+    };
+    let stage = config.block.min(max_stage);
     let units = key_tile / 16 * plane;
     let shared = shared_bytes(products.staged_bytes(work.dtype), stage, key_tile, value_tile);
     let dims = launch_dims(work, key_tile, value_tile, units, shared)

@@ -68,6 +68,21 @@ pub struct DiagPlan {
     pub cols_per_unit: usize,
 }
 
+/// The widest value tile whose kernel fits a unit's registers: 128 columns
+/// hold 8 accumulators per plane beside the query and key fragments, which
+/// fits (173 registers for bf16, 180 for split f32 at d = e = 128) except
+/// with a key dim past 128 (255 registers and a spill, bf16 and f32 at d =
+/// 256) and with split f32 operands whose key dim is narrower than the tile
+/// (255 and a spill at d = 64, e = 128); 64 columns take 134 to 184 there,
+/// without spills (SPEED_NOTES.md, the offline compile).
+fn register_value_tile(key_pad: usize, value_pad: usize, products: Products) -> usize {
+    if key_pad > 128 || (products.split() && key_pad < value_pad.min(MAX_CMMA_VALUE_TILE)) {
+        64
+    } else {
+        128
+    }
+}
+
 /// Plans diag: the tensor-core launch `on_tensor_cores` where the choice
 /// ([`crate::plan::PrefillPlan::new`]) found one, else the portable one. The
 /// portable tiles are planned either way (the backward kernels take them).
@@ -131,7 +146,10 @@ pub(crate) fn on_tensor_cores(
         return None;
     }
     let key_pad = work.key_dim.div_ceil(16) * 16;
-    let value_tile = (work.value_dim.div_ceil(16) * 16).min(max_value_tile);
+    let value_pad = work.value_dim.div_ceil(16) * 16;
+    let value_tile = value_pad
+        .min(max_value_tile)
+        .min(register_value_tile(key_pad, value_pad, products));
     let elem = products.staged_bytes(work.dtype);
     // Staged rows padded as kernels::staging pads them.
     let shared_bytes = elem * cb * (2 * (key_pad + ROW_PAD) + (value_tile + ROW_PAD) + (cb + ROW_PAD))

@@ -10,11 +10,14 @@ use lightning_attention::offline::{OfflineBuild, build_backward, build_decode, b
 use lightning_attention::shapes::{DecodeShape, PrefillShape};
 use lightning_attention::{DType, Precision, PrefillConfig, Result, Routines, Snapshots, VarlenBatch};
 
+/// Records one call's kernels.
+type Build = Box<dyn Fn(&OfflineBuild) -> Result<()>>;
+
 /// One call to build, named for the report.
 pub struct Call {
     /// What the report calls it.
     pub label: String,
-    run: Box<dyn Fn(&OfflineBuild) -> Result<()>>,
+    run: Build,
 }
 
 impl Call {

@@ -16,7 +16,8 @@
 //! ```text
 //! cargo run --release -p lightning-attention-cuda-offline -- [--out DIR]
 //! ```
-//! (default `target/cuda-offline-src`). Exit status 1 where a kernel fails
+//! (default `target/cuda-offline-src`); `--only KERNEL` writes one kernel's
+//! variants (`--only diag_cmma`). Exit status 1 where a kernel fails
 //! to expand or compile.
 
 mod calls;
@@ -43,12 +44,14 @@ struct Distinct {
 
 fn main() -> ExitCode {
     let mut out = PathBuf::from("target/cuda-offline-src");
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--out" => out = PathBuf::from(args.next().expect("--out takes a directory")),
+            "--only" => only = Some(args.next().expect("--only takes a kernel name")),
             other => {
-                eprintln!("unknown argument {other}; usage: cuda-offline [--out DIR]");
+                eprintln!("unknown argument {other}; usage: cuda-offline [--out DIR] [--only KERNEL]");
                 return ExitCode::from(2);
             }
         }
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
             refused += 1;
         }
         for kernel in build.take_kernels() {
-            let id = kernel.kernel.id();
+            let id = kernel.id();
             match index.get(&id) {
                 Some(&i) => distinct[i].calls.push(kernel.label.clone()),
                 None => {
@@ -84,6 +87,10 @@ fn main() -> ExitCode {
     }
     let options = sm90::compilation_options();
     let mut failed = 0;
+    distinct.retain(|kernel| {
+        only.as_ref()
+            .is_none_or(|only| kernel_name(&kernel.kernel) == *only)
+    });
     for kernel in &distinct {
         if let Err(err) = write_kernel(&out, kernel, &options) {
             eprintln!(
