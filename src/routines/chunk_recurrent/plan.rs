@@ -27,9 +27,11 @@ use crate::routines::table::PrefillWork;
 use crate::{PrefillConfig, Result};
 
 /// Most rows of `d` one tensor-core cube holds (8 planes of 16, 256 units).
-/// At 256 units the kernel takes 172 registers a unit, one cube per SM
-/// (Nsight Compute); 64 rows (128 units, two cubes per SM) measured slower
-/// on five of the six bench shapes on an H200 (SPEED_NOTES.md, variant 13).
+/// At 256 units the bf16 kernel takes 172 registers a unit at BLOCK 128
+/// (stage 128: one cube per SM, as Nsight Compute read) and 100 at BLOCK 64
+/// (two cubes per SM; the offline compile, SPEED_NOTES.md issue 27); 64
+/// rows (128 units) measured slower on five of the six bench shapes on an
+/// H200 (SPEED_NOTES.md, variant 13).
 const MAX_CMMA_KEY_TILE: usize = 128;
 /// Most columns of `e` one tensor-core cube holds (4 accumulators per plane).
 const MAX_CMMA_VALUE_TILE: usize = 64;
