@@ -78,6 +78,7 @@ pub mod plan {
     pub use crate::routines::five_kernels::kv_parallel::{KvParallelPlan, KvParallelRoutine};
     pub use crate::routines::five_kernels::kv_reduce::{KvReducePlan, kv_reduce_vector_size};
     pub use crate::routines::five_kernels::non_diag::NonDiagPlan;
+    pub use crate::routines::fused::plan::FusedPlan;
     pub use crate::routines::prefill::plan::PrefillPlan;
     pub use crate::routines::products::{Products, cmma_vector_size};
     pub use crate::routines::table::PrefillWork;

@@ -41,7 +41,7 @@ struct Options {
     quick: bool,
     /// Prefill (BLOCK, CBLOCK) pairs, `--configs 256/32,256/64`.
     configs: Vec<(usize, usize)>,
-    /// Prefill routines, `--routines auto,portable,chunk` (auto: tensor cores and
+    /// Prefill routines, `--routines auto,portable,chunk,fused` (auto: tensor cores and
     /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
     /// Which groups of rows run, `--only prefill,decode,training,mixed,step,verify,finite`
@@ -108,7 +108,8 @@ fn options() -> Options {
                 "auto" => Routines::Auto,
                 "portable" => Routines::Portable,
                 "chunk" => Routines::ChunkRecurrent,
-                other => panic!("--routines takes auto, portable and/or chunk, not {other}"),
+                "fused" => Routines::Fused,
+                other => panic!("--routines takes auto, portable, chunk and/or fused, not {other}"),
             })
             .collect(),
         only: value("--only")
@@ -177,6 +178,7 @@ fn routines_label(routines: Routines) -> &'static str {
     match routines {
         Routines::Portable => " portable",
         Routines::ChunkRecurrent => " chunk",
+        Routines::Fused => " fused",
         Routines::Auto => "",
     }
 }

@@ -58,13 +58,16 @@ impl Row {
         format!("({b},{h},{n},{d})")
     }
 
-    /// "diag / kv-parallel / kv-reduce / non-diag" in ms, or "diag / chunk
-    /// state / non-diag" where the chunk-recurrent routine ran, with the bf16
+    /// "diag / kv-parallel / kv-reduce / non-diag" in ms, "diag / chunk
+    /// state / non-diag" where the chunk-recurrent routine ran, or "fused"
+    /// where the fused routine ran, with the bf16
     /// conversions where the runtime has no bf16.
     pub fn stages_label(&self) -> String {
         self.stages
             .map(|s| {
-                let kernels = if s.chunk_state.is_zero() {
+                let kernels = if !s.fused.is_zero() {
+                    format!("fused {:.2}", ms(s.fused))
+                } else if s.chunk_state.is_zero() {
                     format!(
                         "{:.2} / {:.2} / {:.2} / {:.2}",
                         ms(s.diag),

@@ -19,6 +19,9 @@
 //! (tensor-core and portable variants), so that the per-block states cross
 //! HBM once.
 //!
+//! [`fused`] is the whole prefill in one pass per sequence with the state on
+//! the chip (its portable routine; the tensor-core one is issue 28's).
+//!
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //! [`decayed_sum`] sums decayed states (sequence parallelism: the state
 //! entering a rank's segment, the gradient leaving it).
@@ -53,6 +56,7 @@ pub mod diag;
 pub mod diag_cmma;
 pub mod fill;
 pub mod finite;
+pub mod fused;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;
 pub mod kv_reduce;

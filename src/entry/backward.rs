@@ -136,9 +136,12 @@ pub(crate) fn backward_on(
     }
     let (d, e) = (shape.key_dim, shape.value_dim);
     let (swapped, plan, swapped_plan) = plan_passes(&shape, config, &limits)?;
+    // dk and dv from one reverse sweep need the five kernels' stages (the
+    // backward kernels take diag's and non-diag's place); the fused routine
+    // has none, so its passes run as forward passes, three of them.
     let fused_key_value = match plan.diag.routine {
-        DiagRoutine::Portable => Some(BackwardPlan::new(&plan, d, e, &limits)?),
-        DiagRoutine::TensorCores { .. } => None,
+        DiagRoutine::Portable if plan.fused.is_none() => Some(BackwardPlan::new(&plan, d, e, &limits)?),
+        DiagRoutine::Portable | DiagRoutine::TensorCores { .. } => None,
     };
     target.check_memory(&gradient_buffers(&shape, config, &plan, &swapped_plan))?;
 

@@ -177,6 +177,9 @@ pub struct StageTimes {
     /// The chunk-recurrent state pass; zero where kv-parallel and kv-reduce
     /// ran instead (and they are zero where it ran).
     pub chunk_state: Duration,
+    /// The fused routine ([`crate::Routines::Fused`]), the whole prefill;
+    /// every stage above is zero where it ran.
+    pub fused: Duration,
     /// 16-bit inputs on f32 copies (bf16 without a bf16 type, or portable
     /// products): widening q, k, v and rounding the output back; zero elsewhere.
     pub widening: Duration,
@@ -185,7 +188,13 @@ pub struct StageTimes {
 impl StageTimes {
     /// The stages together.
     pub fn total(&self) -> Duration {
-        self.diag + self.kv_parallel + self.kv_reduce + self.non_diag + self.chunk_state + self.widening
+        self.diag
+            + self.kv_parallel
+            + self.kv_reduce
+            + self.non_diag
+            + self.chunk_state
+            + self.fused
+            + self.widening
     }
 }
 
@@ -213,6 +222,7 @@ pub fn profile_prefill_into(
                 Stage::KvReduce => times.kv_reduce = time,
                 Stage::ChunkState => times.chunk_state = time,
                 Stage::NonDiag => times.non_diag = time,
+                Stage::Fused => times.fused = time,
                 Stage::Widen => times.widening += time,
                 // A dense prefill takes no snapshot and routes nothing to decode.
                 Stage::KvSnapshot | Stage::Decode => {}

@@ -133,6 +133,14 @@ pub enum Routines {
     /// has them, else its portable variant. `Auto` takes it wherever tensor
     /// cores run; this forces it everywhere (for tests and comparisons).
     ChunkRecurrent,
+    /// The fused routine (opt-in while it is built, issue 28): the whole
+    /// prefill in one pass per sequence, the running state kept on the chip
+    /// and written once as the final state. Today its portable routine
+    /// (products on CUDA cores in f32) on every runtime; 16-bit inputs run on
+    /// f32 copies, as with `Portable`. A packed call with snapshots takes the
+    /// chunk-recurrent routine instead (the fused walk writes no state but the
+    /// final one).
+    Fused,
 }
 
 impl Default for PrefillConfig {

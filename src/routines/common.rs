@@ -25,6 +25,8 @@ pub(crate) enum Stage {
     ChunkState,
     NonDiag,
     KvSnapshot,
+    /// The fused routine (in place of every prefill kernel above).
+    Fused,
     Decode,
     /// 16-bit inputs widened to f32 copies before the launches, or the output
     /// rounded back after them (see `crate::widen`).
@@ -41,6 +43,7 @@ impl Stage {
             Self::ChunkState => "chunk_state",
             Self::NonDiag => "non_diag",
             Self::KvSnapshot => "kv_snapshot",
+            Self::Fused => "fused",
             Self::Decode => "decode",
             Self::Widen => "widen",
         }

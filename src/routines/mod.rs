@@ -7,6 +7,8 @@
 //!   and kv-parallel;
 //! - `chunk_recurrent`: the state pass that walks each sequence's blocks in
 //!   place of kv-parallel and kv-reduce;
+//! - `fused`: the whole prefill in one pass per sequence, the state on the
+//!   chip (opt-in, `Routines::Fused`);
 //! - `backward`: the kernels of the key and value gradients;
 //! - `decode`: one token per sequence against the state cache;
 //! - `widen`: 16-bit inputs on f32 copies;
@@ -21,6 +23,7 @@ pub(crate) mod chunk_recurrent;
 pub(crate) mod common;
 pub(crate) mod decode;
 pub(crate) mod five_kernels;
+pub(crate) mod fused;
 pub(crate) mod prefill;
 pub(crate) mod products;
 pub(crate) mod table;

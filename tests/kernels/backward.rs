@@ -50,7 +50,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop::sample::select(vec![None, Some(0.125f32), Some(-2.0)]),
         prop::sample::select(input_dtypes()),
-        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent]),
+        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Fused]),
         prop::sample::select(precisions()),
         any::<u64>(),
     )

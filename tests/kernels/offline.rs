@@ -55,7 +55,12 @@ fn offline_prefill_records_what_prefill_launches() {
     let client = exclusive_client();
     let mut rng = SeededRng::new(27);
     for dtype in input_dtypes() {
-        for routines in [Routines::Auto, Routines::Portable, Routines::ChunkRecurrent] {
+        for routines in [
+            Routines::Auto,
+            Routines::Portable,
+            Routines::ChunkRecurrent,
+            Routines::Fused,
+        ] {
             let shape = shape(dtype);
             let config = PrefillConfig::new(32, 16).with_routines(routines);
             let qk = [shape.batch, shape.heads, shape.seq_len, shape.key_dim];

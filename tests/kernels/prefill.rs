@@ -55,7 +55,12 @@ fn case() -> impl Strategy<Value = Case> {
         1usize..=3,
         any::<bool>(),
         prop::sample::select(input_dtypes()),
-        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Portable]),
+        prop::sample::select(vec![
+            Routines::Auto,
+            Routines::ChunkRecurrent,
+            Routines::Portable,
+            Routines::Fused,
+        ]),
         prop::sample::select(precisions()),
         any::<u64>(),
     )

@@ -342,6 +342,10 @@ fn five_ranks_of_unequal_segments() {
         &Problem::new(&[12, 5, 31, 1, 8], true, false, Some(0.5), seed + 2),
         Routines::ChunkRecurrent,
     );
+    run_case(
+        &Problem::new(&[6, 19, 2, 25, 11], true, true, Some(-2.0), seed + 3),
+        Routines::Fused,
+    );
 }
 
 /// Poisoned `[b, h, n, x]` segments: what the refusals are judged on (no

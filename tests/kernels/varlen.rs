@@ -60,7 +60,7 @@ fn case() -> impl Strategy<Value = Case> {
         0usize..=3,
         0usize..=3,
         prop::sample::select(input_dtypes()),
-        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent]),
+        prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Fused]),
         any::<u64>(),
     )
         .prop_flat_map(

@@ -13,6 +13,7 @@ use crate::routines::chunk_recurrent::launch as chunk_state;
 use crate::routines::common::{BlockRun, Call, Stage};
 use crate::routines::decode::{DecodePlan, launch_decode};
 use crate::routines::five_kernels::{diag, kv_parallel, kv_reduce, kv_snapshot, non_diag};
+use crate::routines::fused::launch as fused;
 use crate::routines::products::Products;
 use crate::routines::widen;
 use crate::{DType, DeviceTensor};
@@ -83,7 +84,9 @@ impl CallLaunch<'_> {
     ) {
         let (call, plan) = (&self.call, self.plan);
         let staging = plan.staging();
-        if plan.total_blocks > 0 {
+        if let (Some(fused), true) = (&plan.fused, plan.total_blocks > 0) {
+            hook(Stage::Fused, &|| fused::launch::<F>(call, fused));
+        } else if plan.total_blocks > 0 {
             let states_in_input_dtype = plan.chunk_state.is_some_and(|chunk| chunk.states_in_input_dtype);
             let diag = || diag::launch::<F, M>(call, &staging, &plan.diag, states_in_input_dtype);
             let fused = plan.diag.routine.fuses_non_diag();

@@ -9,7 +9,10 @@
 //!   portable;
 //! - the chunk-recurrent state pass in place of kv-parallel and kv-reduce:
 //!   `Auto` where its tensor-core variant runs, `ChunkRecurrent` always (its
-//!   portable variant elsewhere), `Portable` never.
+//!   portable variant elsewhere), `Portable` never;
+//! - the fused routine in place of every other prefill kernel with
+//!   `Routines::Fused` (opt-in), except in a call with snapshots (it writes
+//!   no state but the final one), which takes the chunk-recurrent routine.
 //!
 //! Each family plans its own tiles, grids and shared memory beside its launch.
 
@@ -25,6 +28,7 @@ use crate::routines::five_kernels::{
     kv_snapshot,
     non_diag::{self, NonDiagPlan},
 };
+use crate::routines::fused::plan::{self as fused, FusedPlan};
 use crate::routines::products::{Products, cmma_vector_size};
 use crate::routines::table::{ChunkWalk, PrefillWork};
 use crate::{DType, Precision, PrefillConfig, Result, Routines};
@@ -52,6 +56,9 @@ pub struct PrefillPlan {
     /// The chunk-recurrent state pass, where it replaces kv-parallel and
     /// kv-reduce (see [`crate::chunk_plan`]).
     pub chunk_state: Option<ChunkStatePlan>,
+    /// The fused routine, where it replaces every other prefill kernel
+    /// ([`Routines::Fused`]).
+    pub fused: Option<FusedPlan>,
     /// How the tensor-core routines take their operands: for f32 inputs,
     /// whether the config's [`Precision`] runs on tensor cores or falls back
     /// to the portable routines ([`Products::Portable`]) on this device.
@@ -96,6 +103,13 @@ impl PrefillPlan {
             ),
             limits.max_buffer,
         )?;
+        // The fused routine walks each sequence once and writes no state
+        // but the final one: a call with snapshots takes the chunk-recurrent
+        // routine instead.
+        let fused = (config.routines == Routines::Fused && work.snapshots == 0)
+            .then(|| fused::portable(work, config, limits))
+            .transpose()?;
+        let block_states_len = if fused.is_some() { 0 } else { block_states_len };
         let products = planned_products(work, config, limits);
         let tensor_cores = products != Products::Portable;
         let max_value_tile = config.tuning.diag_value_tile.unwrap_or(MAX_CMMA_VALUE_TILE);
@@ -120,6 +134,7 @@ impl PrefillPlan {
         let non_diag = non_diag::plan(work, config, limits)?;
         let chunk_state = match config.routines {
             Routines::Portable => None,
+            Routines::Fused if fused.is_some() => None,
             routines => match tensor_cores
                 .then(|| chunk::on_tensor_cores(work, config, limits, products))
                 .flatten()
@@ -149,6 +164,7 @@ impl PrefillPlan {
             non_diag,
             kv_snapshot,
             chunk_state,
+            fused,
             products,
             widened: false,
         })
@@ -167,14 +183,21 @@ impl PrefillPlan {
     /// The walks of the chunk-recurrent state pass, where the plan has it
     /// (the sequence table lists them).
     pub(crate) fn chunk_walk(&self) -> Option<ChunkWalk> {
-        self.chunk_state.map(|chunk| (chunk.block, chunk.segment_blocks))
+        match (self.chunk_state, self.fused) {
+            (Some(chunk), _) => Some((chunk.block, chunk.segment_blocks)),
+            // One walk per sequence (the fused kernel reads only its sequence).
+            (None, Some(fused)) => Some((fused.chunk, None)),
+            (None, None) => None,
+        }
     }
 }
 
 /// What the device, the dtype and the config allow the tensor-core routines
 /// to take as operands (before any tile or shared-memory check).
 fn products(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> Products {
-    if config.routines == Routines::Portable {
+    // The fused routine's products are portable for now (issue 28 adds
+    // its tensor-core routine).
+    if matches!(config.routines, Routines::Portable | Routines::Fused) {
         return Products::Portable;
     }
     match (dtype, config.precision) {

@@ -64,6 +64,7 @@ fn routine_name(routines: Routines) -> &'static str {
         Routines::Auto => "auto",
         Routines::Portable => "portable",
         Routines::ChunkRecurrent => "chunk-recurrent",
+        Routines::Fused => "fused",
     }
 }
 
@@ -93,7 +94,12 @@ pub fn calls() -> Vec<Call> {
     for dims in BENCH_SHAPES {
         for dtype in DTYPES {
             for (block, sub_block) in CONFIGS {
-                for routines in [Routines::Auto, Routines::Portable, Routines::ChunkRecurrent] {
+                for routines in [
+                    Routines::Auto,
+                    Routines::Portable,
+                    Routines::ChunkRecurrent,
+                    Routines::Fused,
+                ] {
                     for precision in precisions(dtype) {
                         let config = PrefillConfig::new(block, sub_block)
                             .with_routines(routines)
@@ -123,7 +129,7 @@ pub fn calls() -> Vec<Call> {
         (64, 128),
     ] {
         for dtype in DTYPES {
-            for routines in [Routines::Auto, Routines::Portable] {
+            for routines in [Routines::Auto, Routines::Portable, Routines::Fused] {
                 let config = PrefillConfig::new(64, 64).with_routines(routines);
                 let shape = shape([2, 16, 4096, d], e, dtype);
                 calls.push(Call::new(
