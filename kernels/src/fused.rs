@@ -18,7 +18,7 @@
 //! This is the twin of the tensor-core fused routine (issue 28): the same
 //! walk, with its products on CUDA cores in f32 and its loads synchronous, so
 //! that it runs on every runtime (lavapipe in CI). The intra-chunk part is
-//! diag's ([`crate::tiles::masked_scores`], [`crate::tiles::apply_scores`]);
+//! diag's ([`crate::tiles::masked_scores()`], [`crate::tiles::apply_scores()`]);
 //! the initial and final states are handled as [`crate::kv_reduce`] handles
 //! them (slots per sequence, the backward pass's transposed, scaled, advanced
 //! and retreated variants), through the same helpers.

@@ -19,6 +19,8 @@
 //! (tensor-core and portable variants), so that the per-block states cross
 //! HBM once.
 //!
+//! [`fragments`] is the register-fragment product (`mma.m16n8k16`) the fused
+//! routine's tensor-core products go through, real or emulated.
 //! [`fused`] is the whole prefill in one pass per sequence with the state on
 //! the chip (its portable routine; the tensor-core one is issue 28's).
 //!
@@ -56,6 +58,7 @@ pub mod diag;
 pub mod diag_cmma;
 pub mod fill;
 pub mod finite;
+pub mod fragments;
 pub mod fused;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;

@@ -101,8 +101,8 @@ macro_rules! launch_kernel {
             $crate::device::target::LaunchTarget::Offline(build) => build.record(
                 count.clone(),
                 $($kernel)::+::create_dummy_kernel::<$($generic),*>(
-                    build.device_properties(),
-                    build.target_properties(),
+                    build.properties_shared(),
+                    build.target_properties_shared(),
                     count,
                     $($arg),+
                 ),
@@ -218,16 +218,21 @@ impl OfflineBuild {
         self.stage.set(stage);
     }
 
-    pub(crate) fn device_properties(&self) -> Arc<DeviceProperties> {
+    /// The properties, as a kernel's constructor takes them.
+    pub fn properties_shared(&self) -> Arc<DeviceProperties> {
         self.properties.clone()
     }
 
-    pub(crate) fn target_properties(&self) -> Arc<TargetProperties> {
+    /// The compiler target's properties, as a kernel's constructor takes them.
+    pub fn target_properties_shared(&self) -> Arc<TargetProperties> {
         self.target_properties.clone()
     }
 
-    /// Records `kernel`, which its launch would run on `cube_count` cubes.
-    pub(crate) fn record(&self, cube_count: CubeCount, kernel: impl CubeKernel + 'static) {
+    /// Records `kernel`, which its launch would run on `cube_count` cubes:
+    /// what every launch of the library does on an offline target, and how a
+    /// caller adds a kernel no entry point launches (a check kernel, built
+    /// with its `create_dummy_kernel` and [`OfflineBuild::buffer`]s).
+    pub fn record(&self, cube_count: CubeCount, kernel: impl CubeKernel + 'static) {
         self.kernels.borrow_mut().push(OfflineKernel {
             label: self.label.borrow().clone(),
             stage: self.stage.get(),
@@ -235,6 +240,14 @@ impl OfflineBuild {
             cube_count,
             mode: ExecutionMode::Unchecked,
         });
+    }
+
+    /// A kernel argument of `elements` elements of `elem_bytes` bytes with no
+    /// memory behind it, for [`OfflineBuild::record`].
+    pub fn buffer(&self, elements: usize, elem_bytes: usize) -> BufferArg {
+        // SAFETY: the handle is never read or written: the kernel is recorded,
+        // not launched.
+        unsafe { BufferArg::from_raw_parts(self.handle(elements * elem_bytes), elements) }
     }
 
     /// A handle of `bytes` with no memory behind it: kernels record the

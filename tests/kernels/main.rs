@@ -12,6 +12,7 @@ mod decode;
 mod errors;
 mod fill;
 mod finite;
+mod fragments;
 mod layout_errors;
 mod memory;
 mod offline;

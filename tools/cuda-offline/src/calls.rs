@@ -210,5 +210,51 @@ pub fn calls() -> Vec<Call> {
             }
         }
     }
+    // The register-fragment product the fused routine's tensor-core products
+    // go through, on tensor cores (no plan launches it yet).
+    for dtype in [DType::F16, DType::BF16] {
+        calls.push(Call::new(
+            format!("fragment product {} (mma.m16n8k16, real)", name(dtype)),
+            move |build| {
+                record_fragment_product(build, dtype);
+                Ok(())
+            },
+        ));
+    }
     calls
+}
+
+/// Records `kernels::fragments::fragment_product` with real products on
+/// operands of `dtype`, as the tests launch it (two planes).
+fn record_fragment_product(build: &OfflineBuild, dtype: DType) {
+    use lightning_attention::cubecl::prelude::{CubeCount, CubeDim};
+    use lightning_attention_kernels::fragments::{K, M, N, PLANE, fragment_product};
+    const PLANES: usize = 2;
+    let count = CubeCount::Static(1, 1, 1);
+    let dim = CubeDim::new_1d((PLANES * PLANE) as u32);
+    let [a, b] = [M * K, K * N].map(|len| build.buffer(PLANES * len, 2));
+    let [c, out] = [0; 2].map(|_| build.buffer(PLANES * M * N, 4));
+    macro_rules! record {
+        ($e:ty) => {
+            build.record(
+                count.clone(),
+                fragment_product::create_dummy_kernel::<$e>(
+                    build.properties_shared(),
+                    build.target_properties_shared(),
+                    count,
+                    dim,
+                    a,
+                    b,
+                    c,
+                    out,
+                    PLANES,
+                    false,
+                ),
+            )
+        };
+    }
+    match dtype {
+        DType::BF16 => record!(half::bf16),
+        _ => record!(half::f16),
+    }
 }
