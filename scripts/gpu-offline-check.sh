@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
-# Issue 27 on the GPU machine, over a bundle from scripts/gpu-bundle.sh: the
-# PTX the CUDA runtime really loads at the bench's shapes
+# Issues 27 and 28 on the GPU machine, over a bundle from scripts/gpu-bundle.sh.
+# `ptx`: the PTX the CUDA runtime really loads at the bench's shapes
 # (CUBECL_CUDA_DUMP_PTX), to compare here with the offline compile
-# (`compile.py --ptx-dir $OUT/ptx --compare target/cuda-offline-report/report.json`),
-# then the CUDA suite on the changed plans and kernels. Logs under $OUT.
-# Device tool: carry ["gpu-bundle"], command
-# `bash scripts/gpu-offline-check.sh`.
+# (`compile.py --ptx-dir $OUT/ptx --compare target/cuda-offline-report/report.json`);
+# `tests`: the CUDA suite (the changed plans and kernels, the fused routine,
+# the real fragment product and its positions); `fused`: the bench's bf16
+# prefill with the fused routine beside the default. Default: `ptx tests`.
+# Logs under $OUT. Device tool: carry ["gpu-bundle"], command
+# `bash scripts/gpu-offline-check.sh [ptx] [tests] [fused]`.
 set -uo pipefail
 out="${OUT:-/tmp/lightning-out}"
-mkdir -p "$out/ptx"
+mkdir -p "$out"
 bundle=gpu-bundle
 for z in "$bundle"/bin/*.gz; do [ -e "$z" ] && gunzip -f "$z"; done
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
-# Every kernel the bench's prefill, training and decode rows load, bf16 first.
-CUBECL_CUDA_DUMP_PTX="$out/ptx" timeout "${BENCH_SECONDS:-300}" "$bundle/bin/bench" --runtimes cuda \
-    --only prefill,decode,training --dtypes bf16,f16,f32 --configs 64/64,128/64 --reps 3 \
-    --out "$out/bench" >"$out/bench.log" 2>&1
-echo "== bench: exit $? ($(ls "$out/ptx" | wc -l) PTX files dumped)"
-PROPTEST_CASES=6 LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-240}" \
-    "$bundle/bin/kernels-tests" >"$out/tests-cuda.log" 2>&1
-echo "== cuda tests: exit $?"
-grep -E "^test result|FAILED|panicked" "$out/tests-cuda.log" | head -20
+whats=("$@")
+[ ${#whats[@]} -eq 0 ] && whats=(ptx tests)
+for what in "${whats[@]}"; do
+    case "$what" in
+    ptx)
+        # Every kernel the bench's prefill, training and decode rows load, bf16 first.
+        mkdir -p "$out/ptx"
+        CUBECL_CUDA_DUMP_PTX="$out/ptx" timeout "${BENCH_SECONDS:-280}" "$bundle/bin/bench" --runtimes cuda \
+            --only prefill,decode,training --dtypes bf16,f16,f32 --configs 64/64,128/64 --reps 3 \
+            --out "$out/bench-ptx" >"$out/bench-ptx.log" 2>&1
+        echo "== ptx bench: exit $? ($(ls "$out/ptx" | wc -l) PTX files dumped)"
+        ;;
+    tests)
+        PROPTEST_CASES=6 LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-280}" \
+            "$bundle/bin/kernels-tests" >"$out/tests-cuda.log" 2>&1
+        echo "== cuda tests: exit $?"
+        grep -E "^test result|FAILED|panicked|fragment" "$out/tests-cuda.log" | head -20
+        ;;
+    fused)
+        timeout "${BENCH_SECONDS:-280}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines auto,fused --out "$out/bench-fused" >"$out/bench-fused.log" 2>&1
+        echo "== fused bench: exit $?"
+        grep -E "^\|" "$out/bench-fused.log" | head -20
+        ;;
+    esac
+done
