@@ -26,6 +26,15 @@ for what in "${whats[@]}"; do
             --out "$out/bench-ptx" >"$out/bench-ptx.log" 2>&1
         echo "== ptx bench: exit $? ($(ls "$out/ptx" | wc -l) PTX files dumped)"
         ;;
+    ptx-bf16)
+        # One dtype and config, so that the dump's file names (the last 180
+        # characters of each kernel's id, which collide across variants of a
+        # kernel) end up holding variants the offline build also has.
+        mkdir -p "$out/ptx-bf16"
+        CUBECL_CUDA_DUMP_PTX="$out/ptx-bf16" timeout "${BENCH_SECONDS:-200}" "$bundle/bin/bench" --runtimes cuda \
+            --only prefill --dtypes bf16 --configs 64/64 --reps 2 --out "$out/bench-ptx-bf16" >"$out/bench-ptx-bf16.log" 2>&1
+        echo "== ptx-bf16 bench: exit $? ($(ls "$out/ptx-bf16" | wc -l) PTX files dumped)"
+        ;;
     tests)
         PROPTEST_CASES=6 LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-280}" \
             "$bundle/bin/kernels-tests" >"$out/tests-cuda.log" 2>&1

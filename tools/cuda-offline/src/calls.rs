@@ -105,9 +105,19 @@ pub fn calls() -> Vec<Call> {
                             .with_routines(routines)
                             .with_precision(precision);
                         let shape = shape(dims, dims[3], dtype);
+                        // As the bench calls it: no initial state.
                         calls.push(Call::new(
                             format!(
                                 "prefill {} {dims:?} {block}/{sub_block} {} {precision:?}",
+                                name(dtype),
+                                routine_name(routines)
+                            ),
+                            move |build| build_prefill(build, &shape, false, &config),
+                        ));
+                        // And with one (the state pass and kv-reduce read it).
+                        calls.push(Call::new(
+                            format!(
+                                "prefill {} {dims:?} {block}/{sub_block} {} {precision:?} with initial state",
                                 name(dtype),
                                 routine_name(routines)
                             ),
