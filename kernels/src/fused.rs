@@ -25,8 +25,12 @@
 //!
 //! Geometry: cube x runs over the `ceil(e / value_tile)` value tiles
 //! (`value_tile = 16 * cols_per_unit`), y over the `h` heads, z over the
-//! walks: `work[3z]` is the sequence (the chunk-recurrent routine's walk list;
-//! the rest of each entry is not read: a walk is a whole sequence). The cube
+//! walks: `work[3z .. 3z + 3]` is `(sequence, first block, blocks)`, the
+//! chunk-recurrent routine's walk list. Without `segmented` a walk is a whole
+//! sequence; with it (few, long sequences), a segment of whole blocks whose
+//! incoming state is slot `z` of `initial` (kv-parallel and kv-reduce over
+//! the segments computed it, and the final states), read as is; the walk then
+//! writes no final state. The cube
 //! has 256 units in a 16 x 16 grid; each holds `rows_per_unit x cols_per_unit`
 //! outputs (`rows_per_unit = max(1, chunk / 16)`). Shared memory, in f32:
 //! `chunk^2 + 2 * chunk * (key_chunk + 1) + chunk * value_tile + d * value_tile`.
@@ -67,6 +71,7 @@ pub fn fused<F: Float, N: Size>(
     final_scale: f32,
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
+    #[comptime] block: usize,
     #[comptime] chunk: usize,
     #[comptime] key_chunk: usize,
     #[comptime] rows_per_unit: usize,
@@ -76,15 +81,21 @@ pub fn fused<F: Float, N: Size>(
     #[comptime] advance_initial: bool,
     #[comptime] retreat_final: bool,
     #[comptime] reversed: bool,
+    #[comptime] segmented: bool,
 ) {
     let lanes = N::value();
     let value_tile = comptime!(SIDE * cols_per_unit);
     let stride = comptime!(key_chunk + 1);
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
-    let seq = work[3 * CUBE_POS_Z as usize] as usize;
+    let walk = CUBE_POS_Z as usize;
+    let seq = work[3 * walk] as usize;
     let seq_start = seq_starts[seq] as usize;
     let n = seq_starts[seq + 1] as usize - seq_start;
+    // Tokens `first_token .. end_token` of the sequence: all of them, or a
+    // segment's whole blocks.
+    let first_token = work[3 * walk + 1] as usize * block;
+    let end_token = min(first_token + work[3 * walk + 2] as usize * block, n);
     let row0 = first_row(seq_start, head, h, head_stride as usize);
     let step = token_stride as usize;
     let neg_slope = -slopes[head];
@@ -100,8 +111,12 @@ pub fn fused<F: Float, N: Size>(
     let mut v_tile = Shared::<[f32]>::new_slice(chunk * value_tile);
     let mut state_s = Shared::<[f32]>::new_slice(key_dim * value_tile);
 
-    // The initial state's tile, or zeros.
-    let initial_slot = initial_slots[seq];
+    // The initial state's tile, or zeros. A segment's incoming state is slot
+    // `walk` of `initial` (see the module doc).
+    let mut initial_slot = initial_slots[seq];
+    if comptime!(segmented) {
+        initial_slot = walk as i32;
+    }
     let factor = initial_factor(initial_scale, neg_slope, advance_initial);
     for idx in range_stepped(unit, key_dim * value_tile, units) {
         let row = idx / value_tile;
@@ -129,10 +144,10 @@ pub fn fused<F: Float, N: Size>(
 
     let mut acc = Array::<f32>::new(rows_per_unit * cols_per_unit);
     let mut inter = Array::<f32>::new(rows_per_unit * cols_per_unit);
-    let chunks = n.div_ceil(chunk);
+    let chunks = (end_token - first_token).div_ceil(chunk);
     for c in 0..chunks {
-        let c0 = c * chunk;
-        let len = min(chunk, n - c0);
+        let c0 = first_token + c * chunk;
+        let len = min(chunk, end_token - c0);
         // The intra-chunk part, diag's steps (masked_scores opens with a
         // barrier: the previous chunk's state update is done).
         #[unroll]
@@ -239,7 +254,11 @@ pub fn fused<F: Float, N: Size>(
     }
 
     sync_cube();
-    let final_slot = final_slots[seq];
+    // A segment's state goes nowhere: kv-reduce wrote the final states.
+    let mut final_slot = final_slots[seq];
+    if comptime!(segmented) {
+        final_slot = -1i32;
+    }
     if final_slot >= 0 {
         let factor = final_factor(final_scale, neg_slope, retreat_final);
         let base = (final_slot as usize * h + head) * state_len;

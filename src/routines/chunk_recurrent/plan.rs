@@ -147,10 +147,17 @@ pub(crate) fn with_segments(
 /// [`FALLBACK_MULTIPROCESSORS`] stands in (so that the CPU path walks
 /// segments too, and CI checks them).
 fn segment_blocks(work: &PrefillWork, plan: &ChunkStatePlan, limits: &DeviceLimits) -> Option<usize> {
+    segments_for(work, plan.dims.cubes.0 as usize, limits)
+}
+
+/// Blocks per segment for a walk routine with `tiles` cubes per (walk, head)
+/// (the state pass's tiles, the fused routine's value tiles): see
+/// [`segment_blocks`]; the fused routine segments its walks by this rule too.
+pub(crate) fn segments_for(work: &PrefillWork, tiles: usize, limits: &DeviceLimits) -> Option<usize> {
     let sms = limits
         .multiprocessors
         .map_or(FALLBACK_MULTIPROCESSORS, |sms| sms as usize);
-    let cubes_per_walk = plan.dims.cubes.0 as usize * work.heads;
+    let cubes_per_walk = tiles * work.heads;
     let walks = work.sequences.max(1);
     if cubes_per_walk * walks >= sms || work.blocks <= walks {
         return None;

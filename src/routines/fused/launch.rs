@@ -7,15 +7,49 @@ use super::plan::FusedPlan;
 use crate::device::limits::LaunchDims;
 use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
-use crate::routines::common::Call;
+use crate::routines::common::{BlockRun, Call, Staging};
+use crate::routines::five_kernels::kv_parallel::{self, KvParallelPlan};
+use crate::routines::five_kernels::kv_reduce::{self, KvReducePlan};
 
 /// The states' vector: the portable routine moves them one scalar at a time.
 const STATE_VECTOR: usize = 1;
 
 /// Launches the fused routine for inputs of `F`: every output of the call's
 /// prefill sequences, and each one's final state into its slot of `states`.
-pub(crate) fn launch<F: Float + CubeElement>(call: &Call, plan: &FusedPlan) {
+///
+/// With segments, kv-parallel first sums each segment's `K^T V` and kv-reduce
+/// carries the states across segments (and writes the final states), into a
+/// buffer of one state per segment, as for the chunk-recurrent routine; the
+/// walks then start from those and write no final state.
+pub(crate) fn launch<F: Float + CubeElement>(
+    call: &Call,
+    staging: &Staging,
+    plan: &FusedPlan,
+    kv_parallel: &KvParallelPlan,
+    kv_reduce: &KvReducePlan,
+) {
     let (table, variant) = (call.table, call.variant);
+    let segments_len = table.segments * call.heads * call.key_dim * call.value_dim;
+    let segments = plan.segment_blocks.map(|segment_blocks| {
+        let states = call.target.empty(segments_len.max(1) * 4);
+        let run = BlockRun {
+            block: segment_blocks * plan.block,
+            cubes: table.segments as u32,
+            work: &table.segment_work,
+            offsets: &table.segment_offsets,
+            states: &states,
+            states_len: segments_len,
+        };
+        kv_parallel::launch::<F, F>(call, staging, kv_parallel, &run);
+        kv_reduce::launch(call, kv_reduce, &run);
+        states
+    });
+    let segmented = segments.is_some();
+    let initial = match &segments {
+        // SAFETY: one state per segment, as allocated above.
+        Some(states) => unsafe { BufferArg::from_raw_parts(states.clone(), segments_len.max(1)) },
+        None => call.initial_arg(),
+    };
     let dims = LaunchDims {
         cubes: (plan.dims.cubes.0, plan.dims.cubes.1, table.walks as u32),
         ..plan.dims
@@ -38,26 +72,29 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, plan: &FusedPlan) {
             table.initial_slots.arg(),
             table.final_slots.arg(),
             table.chunk_walks.arg(),
-            call.initial_arg(),
+            initial,
             arg(call.states),
             arg(call.out),
             call.heads as u32,
             call.layout.head_stride,
             call.layout.token_stride,
             call.config.scale.unwrap_or(1.0),
-            variant.initial_scale,
+            // A segment's incoming state is read as is.
+            if segmented { 1.0 } else { variant.initial_scale },
             variant.final_scale,
             call.key_dim,
             call.value_dim,
+            plan.block,
             plan.chunk,
             plan.key_chunk,
             plan.rows_per_unit,
             plan.cols_per_unit,
-            call.initial.is_none(),
-            variant.transpose_initial,
-            variant.advance_initial,
+            call.initial.is_none() && !segmented,
+            variant.transpose_initial && !segmented,
+            variant.advance_initial && !segmented,
             variant.retreat_final,
             variant.reversed,
+            segmented,
         )
     }
 }

@@ -33,10 +33,7 @@ pub(crate) fn launch_buffers(
                 .map(|&(name, elements)| Buffer::elements(name, elements, DType::F32)),
         );
     }
-    if plan
-        .chunk_state
-        .is_some_and(|chunk| chunk.segment_blocks.is_some())
-    {
+    if plan.chunk_walk().is_some_and(|(_, segments)| segments.is_some()) {
         buffers.push(Buffer::elements(
             "segment states [segments, h, d, e] f32",
             (segments * heads * key_dim * value_dim).max(1),

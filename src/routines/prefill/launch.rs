@@ -85,7 +85,9 @@ impl CallLaunch<'_> {
         let (call, plan) = (&self.call, self.plan);
         let staging = plan.staging();
         if let (Some(fused), true) = (&plan.fused, plan.total_blocks > 0) {
-            hook(Stage::Fused, &|| fused::launch::<F>(call, fused));
+            hook(Stage::Fused, &|| {
+                fused::launch::<F>(call, &staging, fused, &plan.kv_parallel, &plan.kv_reduce)
+            });
         } else if plan.total_blocks > 0 {
             let states_in_input_dtype = plan.chunk_state.is_some_and(|chunk| chunk.states_in_input_dtype);
             let diag = || diag::launch::<F, M>(call, &staging, &plan.diag, states_in_input_dtype);

@@ -185,8 +185,7 @@ impl PrefillPlan {
     pub(crate) fn chunk_walk(&self) -> Option<ChunkWalk> {
         match (self.chunk_state, self.fused) {
             (Some(chunk), _) => Some((chunk.block, chunk.segment_blocks)),
-            // One walk per sequence (the fused kernel reads only its sequence).
-            (None, Some(fused)) => Some((fused.chunk, None)),
+            (None, Some(fused)) => Some((fused.block, fused.segment_blocks)),
             (None, None) => None,
         }
     }
