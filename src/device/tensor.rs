@@ -114,12 +114,7 @@ impl DeviceTensor {
     /// outputs returns [`LightningError::OutOfMemory`]. [`DeviceTensor::try_empty`]
     /// refuses what cannot fit before allocating.
     pub fn empty(client: &Client, shape: &[usize], dtype: DType) -> Self {
-        let len: usize = shape.iter().product();
-        Self {
-            handle: client.empty(len * dtype.size()),
-            shape: shape.to_vec(),
-            dtype,
-        }
+        LaunchTarget::Device(client).empty_tensor(shape, dtype)
     }
 
     /// Reads the tensor back, widened to f32. Waits for the work writing it;

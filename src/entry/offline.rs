@@ -21,6 +21,26 @@ fn tensors<const N: usize>(build: &OfflineBuild, shapes: [(&[usize], DType); N])
     shapes.map(|(shape, dtype)| LaunchTarget::Offline(build).empty_tensor(shape, dtype))
 }
 
+/// The tensors of a dense call of `shape`: q, k, v, slopes, a state, an
+/// output-shaped tensor and another state (a prefill's initial state, output
+/// and final state; a backward pass's initial state, `d_out` and final-state
+/// gradient).
+fn dense_tensors(build: &OfflineBuild, shape: &PrefillShape) -> [DeviceTensor; 7] {
+    let (qk, v) = (shape.qk_shape(), shape.v_shape());
+    tensors(
+        build,
+        [
+            (&qk, shape.dtype),
+            (&qk, shape.dtype),
+            (&v, shape.dtype),
+            (&[shape.heads], DType::F32),
+            (&shape.state_shape(), DType::F32),
+            (&shape.out_shape(), shape.dtype),
+            (&shape.state_shape(), DType::F32),
+        ],
+    )
+}
+
 /// Labels each launch with its stage, then records it.
 fn record(build: &OfflineBuild) -> impl FnMut(Stage, &dyn Fn()) + '_ {
     move |stage, launch| {
@@ -38,19 +58,7 @@ pub fn build_prefill(
     config: &PrefillConfig,
 ) -> Result<()> {
     let target = LaunchTarget::Offline(build);
-    let (qk, v) = (shape.qk_shape(), shape.v_shape());
-    let [q, k, v, slopes, initial, out, final_state] = tensors(
-        build,
-        [
-            (&qk, shape.dtype),
-            (&qk, shape.dtype),
-            (&v, shape.dtype),
-            (&[shape.heads], DType::F32),
-            (&shape.state_shape(), DType::F32),
-            (&shape.out_shape(), shape.dtype),
-            (&shape.state_shape(), DType::F32),
-        ],
-    );
+    let [q, k, v, slopes, initial, out, final_state] = dense_tensors(build, shape);
     let inputs = PrefillInputs {
         q: &q,
         k: &k,
@@ -148,19 +156,7 @@ pub fn build_backward(
     with_states: bool,
     config: &PrefillConfig,
 ) -> Result<()> {
-    let (qk, v) = (shape.qk_shape(), shape.v_shape());
-    let [q, k, v, slopes, initial, d_out, d_final] = tensors(
-        build,
-        [
-            (&qk, shape.dtype),
-            (&qk, shape.dtype),
-            (&v, shape.dtype),
-            (&[shape.heads], DType::F32),
-            (&shape.state_shape(), DType::F32),
-            (&shape.out_shape(), shape.dtype),
-            (&shape.state_shape(), DType::F32),
-        ],
-    );
+    let [q, k, v, slopes, initial, d_out, d_final] = dense_tensors(build, shape);
     let inputs = BackwardInputs {
         q: &q,
         k: &k,

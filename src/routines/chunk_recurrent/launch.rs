@@ -31,26 +31,53 @@ pub(crate) fn launch<F: Float + CubeElement, M: Float + CubeElement>(
     kv_reduce: &KvReducePlan,
 ) {
     let segments = chunk.segment_blocks.map(|segment_blocks| {
-        let table = call.table;
-        let states_len = segment_states_len(call);
-        let states = call.target.empty(states_len.max(1) * 4);
-        let run = BlockRun {
-            block: segment_blocks * chunk.block,
-            cubes: table.segments as u32,
-            work: &table.segment_work,
-            offsets: &table.segment_offsets,
-            states: &states,
-            states_len,
-        };
-        kv_parallel::launch::<F, M>(call, staging, kv_parallel, &run);
-        kv_reduce::launch(call, kv_reduce, &run);
-        states
+        segment_states::<F, M>(
+            call,
+            staging,
+            segment_blocks * chunk.block,
+            kv_parallel,
+            kv_reduce,
+        )
     });
     if chunk.states_in_input_dtype {
         launch_as::<F, M, F>(call, staging, chunk, segments.as_ref())
     } else {
         launch_as::<F, M, f32>(call, staging, chunk, segments.as_ref())
     }
+}
+
+/// Each segment's incoming state, for the walk routines that cut sequences
+/// into segments of `segment_tokens` tokens (this state pass and the fused
+/// walk): kv-parallel sums each segment's `K^T V` and kv-reduce carries the
+/// states across segments (and writes the final states), into a new buffer
+/// of one f32 state per segment.
+pub(crate) fn segment_states<F: Float + CubeElement, M: Float + CubeElement>(
+    call: &Call,
+    staging: &Staging,
+    segment_tokens: usize,
+    kv_parallel: &KvParallelPlan,
+    kv_reduce: &KvReducePlan,
+) -> Handle {
+    let table = call.table;
+    let states_len = segment_states_len(call);
+    let states = call.target.empty(states_len.max(1) * 4);
+    let run = BlockRun {
+        block: segment_tokens,
+        cubes: table.segments as u32,
+        work: &table.segment_work,
+        offsets: &table.segment_offsets,
+        states: &states,
+        states_len,
+    };
+    kv_parallel::launch::<F, M>(call, staging, kv_parallel, &run);
+    kv_reduce::launch(call, kv_reduce, &run);
+    states
+}
+
+/// The buffer of [`segment_states`], as a walk's `initial` argument.
+pub(crate) fn segment_states_arg(call: &Call, states: &Handle) -> BufferArg {
+    // SAFETY: one f32 state per segment, as `segment_states` allocates.
+    unsafe { BufferArg::from_raw_parts(states.clone(), segment_states_len(call).max(1)) }
 }
 
 /// Elements of the buffer of one f32 state per segment.
@@ -70,8 +97,7 @@ fn launch_as<F: Float + CubeElement, M: Float + CubeElement, S: Float + CubeElem
     let table = call.table;
     let variant = call.variant;
     let initial = match segment_states {
-        // SAFETY: one state per segment, as allocated above.
-        Some(states) => unsafe { BufferArg::from_raw_parts(states.clone(), segment_states_len(call).max(1)) },
+        Some(states) => segment_states_arg(call, states),
         None => call.initial_arg(),
     };
     let walks = table.walks as u32;

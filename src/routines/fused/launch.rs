@@ -7,9 +7,10 @@ use super::plan::FusedPlan;
 use crate::device::limits::LaunchDims;
 use crate::device::target::launch_kernel;
 use crate::device::tensor::arg;
-use crate::routines::common::{BlockRun, Call, Staging};
-use crate::routines::five_kernels::kv_parallel::{self, KvParallelPlan};
-use crate::routines::five_kernels::kv_reduce::{self, KvReducePlan};
+use crate::routines::chunk_recurrent::launch::{segment_states, segment_states_arg};
+use crate::routines::common::{Call, Staging};
+use crate::routines::five_kernels::kv_parallel::KvParallelPlan;
+use crate::routines::five_kernels::kv_reduce::KvReducePlan;
 
 /// The states' vector: the portable routine moves them one scalar at a time.
 const STATE_VECTOR: usize = 1;
@@ -29,25 +30,12 @@ pub(crate) fn launch<F: Float + CubeElement>(
     kv_reduce: &KvReducePlan,
 ) {
     let (table, variant) = (call.table, call.variant);
-    let segments_len = table.segments * call.heads * call.key_dim * call.value_dim;
     let segments = plan.segment_blocks.map(|segment_blocks| {
-        let states = call.target.empty(segments_len.max(1) * 4);
-        let run = BlockRun {
-            block: segment_blocks * plan.block,
-            cubes: table.segments as u32,
-            work: &table.segment_work,
-            offsets: &table.segment_offsets,
-            states: &states,
-            states_len: segments_len,
-        };
-        kv_parallel::launch::<F, F>(call, staging, kv_parallel, &run);
-        kv_reduce::launch(call, kv_reduce, &run);
-        states
+        segment_states::<F, F>(call, staging, segment_blocks * plan.block, kv_parallel, kv_reduce)
     });
     let segmented = segments.is_some();
     let initial = match &segments {
-        // SAFETY: one state per segment, as allocated above.
-        Some(states) => unsafe { BufferArg::from_raw_parts(states.clone(), segments_len.max(1)) },
+        Some(states) => segment_states_arg(call, states),
         None => call.initial_arg(),
     };
     let dims = LaunchDims {
