@@ -119,17 +119,39 @@ pub fn mma<E: Float>(
     scratch: &mut Shared<[f32]>,
     #[comptime] emulated: bool,
 ) {
+    mma_at::<E>(a, b, c, 0usize, scratch, emulated);
+}
+
+/// [`mma()`] into the accumulator fragment at `c[at .. at + C_ELEMS]`: a
+/// walk holds many accumulator tiles in one register array (`at` is a
+/// constant where the caller's loops unroll, as they must on tensor cores
+/// for the array to live in registers).
+#[cube]
+pub fn mma_at<E: Float>(
+    a: &Array<E>,
+    b: &Array<E>,
+    c: &mut Array<f32>,
+    at: usize,
+    scratch: &mut Shared<[f32]>,
+    #[comptime] emulated: bool,
+) {
     if comptime!(emulated) {
-        mma_emulated::<E>(a, b, c, scratch);
+        mma_emulated::<E>(a, b, c, at, scratch);
     } else {
-        mma_real::<E>(a, b, c);
+        mma_real::<E>(a, b, c, at);
     }
 }
 
 /// The product through shared memory: this plane's `A` and `B` written at
 /// their positions, each lane's `C` elements computed from them in f32.
 #[cube]
-fn mma_emulated<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>, scratch: &mut Shared<[f32]>) {
+fn mma_emulated<E: Float>(
+    a: &Array<E>,
+    b: &Array<E>,
+    c: &mut Array<f32>,
+    at: usize,
+    scratch: &mut Shared<[f32]>,
+) {
     let lane = UNIT_POS as usize % PLANE;
     let base = (UNIT_POS as usize / PLANE) * SCRATCH;
     let b_base = base + M * K;
@@ -148,12 +170,12 @@ fn mma_emulated<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>, scratc
     for nth in 0..C_ELEMS {
         let row = c_row(lane, nth);
         let col = c_col(lane, nth);
-        let mut sum = c[nth];
+        let mut sum = c[at + nth];
         #[unroll]
         for x in 0..K {
             sum += scratch[base + row * K + x] * scratch[b_base + x * N + col];
         }
-        c[nth] = sum;
+        c[at + nth] = sum;
     }
 }
 
@@ -161,7 +183,7 @@ fn mma_emulated<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>, scratc
 /// register-fragment MMA takes (element `nth` is lane element `i * size + j`
 /// of vector `i`), one `mma.sync`, and the result unpacked.
 #[cube]
-fn mma_real<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>) {
+fn mma_real<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>, at: usize) {
     let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
     let size_a = def.vector_size(MatrixIdent::A);
     let size_b = def.vector_size(MatrixIdent::B);
@@ -195,7 +217,7 @@ fn mma_real<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>) {
         let mut reg = Vector::empty();
         #[unroll]
         for j in 0..size_c {
-            reg.insert(j, c[i * size_c + j]);
+            reg.insert(j, c[at + i * size_c + j]);
         }
         rc[i] = reg;
     }
@@ -205,7 +227,7 @@ fn mma_real<E: Float>(a: &Array<E>, b: &Array<E>, c: &mut Array<f32>) {
         let reg = rd[i];
         #[unroll]
         for j in 0..size_c {
-            c[i * size_c + j] = reg.extract(j);
+            c[at + i * size_c + j] = reg.extract(j);
         }
     }
 }

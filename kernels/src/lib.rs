@@ -60,6 +60,7 @@ pub mod fill;
 pub mod finite;
 pub mod fragments;
 pub mod fused;
+pub mod fused_fragments;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;
 pub mod kv_reduce;

@@ -24,6 +24,12 @@ pub struct DeviceLimits {
     pub plane_size: Option<u32>,
     /// Input dtypes with a 16 x 16 x 16 `cmma` into f32 accumulators.
     pub tensor_cores: TensorCores,
+    /// Input dtypes with the register-fragment product `mma.m16n8k16` into
+    /// f32 (cubecl's `MmaDefinition`), planes of 32 units: the tensor-core
+    /// fused walk ([`TensorCores::fragments_of`]).
+    pub fragments: TensorCores,
+    /// Widest vector a binding may take, in scalars.
+    pub max_vector: usize,
     /// Multiprocessors (SMs), where the runtime reports them: the
     /// chunk-recurrent routine narrows its tiles until its walks fill them.
     pub multiprocessors: Option<u32>,
@@ -81,6 +87,39 @@ impl TensorCores {
         }
     }
 
+    /// Which dtypes `client`'s runtime multiplies as register fragments
+    /// (`mma.m16n8k16` into f32, planes of 32 units): what the tensor-core
+    /// fused walk needs. None through wgpu (its tensor-core results were
+    /// wrong on the H200's Vulkan, see [`TensorCores::of`]).
+    pub fn fragments_of(client: &Client) -> Self {
+        Self::fragments_of_target(LaunchTarget::Device(client))
+    }
+
+    /// What `target`'s runtime reports (see [`TensorCores::fragments_of`]).
+    pub(crate) fn fragments_of_target(target: LaunchTarget) -> Self {
+        use cubecl::ir::{ElemType, FloatKind, features::MmaConfig};
+        let properties = target.properties();
+        let hw = &properties.hardware;
+        if target.runtime_name().starts_with("wgpu") || hw.plane_size_min != 32 || hw.plane_size_max != 32 {
+            return Self::default();
+        }
+        let mma = &properties.features.matmul.mma;
+        let has = |kind: FloatKind| {
+            mma.contains(&MmaConfig {
+                a_type: ElemType::Float(kind),
+                b_type: ElemType::Float(kind),
+                cd_type: ElemType::Float(FloatKind::F32),
+                m: 16,
+                n: 8,
+                k: 16,
+            })
+        };
+        Self {
+            f16: has(FloatKind::F16),
+            bf16: has(FloatKind::BF16),
+        }
+    }
+
     /// Whether 16-bit inputs of `dtype` go on tensor cores as they are (f32
     /// inputs go as bf16 parts where `bf16` is true: see [`Products`](crate::plan::Products)).
     pub fn supports(&self, dtype: DType) -> bool {
@@ -109,6 +148,8 @@ impl DeviceLimits {
             max_buffer: properties.memory.max_page_size,
             plane_size: (hw.plane_size_min == hw.plane_size_max).then_some(hw.plane_size_max),
             tensor_cores: TensorCores::of_target(target),
+            fragments: TensorCores::fragments_of_target(target),
+            max_vector: hw.max_vector_size as usize,
             cuda: target.runtime_name().starts_with("cuda"),
             multiprocessors: hw.num_streaming_multiprocessors,
             bf16_words: !DType::BF16.is_native_in(properties),

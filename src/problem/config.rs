@@ -57,6 +57,30 @@ pub struct Tuning {
     /// [`crate::DecodeInputs::rows_in_flight`]; packed batches and the serving
     /// backend from their [`PrefillConfig`].
     pub decode_rows_in_flight: Option<usize>,
+    /// How the fused routine ([`Routines::Fused`]) multiplies; the default
+    /// takes tensor cores where the device has them for the dtype.
+    pub fused_products: FusedProducts,
+    /// Columns of `e` one fused cube walks: 16 to 128, a power of two;
+    /// `None` lets the plan choose (the widest that fits).
+    pub fused_value_tile: Option<usize>,
+}
+
+/// How the fused routine ([`Routines::Fused`]) takes its products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FusedProducts {
+    /// The tensor-core walk (`mma.m16n8k16` register fragments, the state
+    /// held in registers) where the device has it for the dtype (CUDA, f16
+    /// and bf16) and the tiles fit; elsewhere the portable walk.
+    #[default]
+    Auto,
+    /// The portable walk: products on CUDA cores in f32, the state in
+    /// shared memory (every runtime).
+    Portable,
+    /// The tensor-core walk with each product emulated through shared memory
+    /// in f32, on any runtime: the very code that runs on tensor cores, for
+    /// the property tests on a device without them (slow; where its tiles do
+    /// not fit, the portable walk).
+    Emulated,
 }
 
 impl Tuning {
@@ -69,6 +93,15 @@ impl Tuning {
                 knob: "diag_value_tile",
                 value: tile,
                 expected: "16 to 128, a multiple of 16",
+            });
+        }
+        if let Some(tile) = self.fused_value_tile
+            && !((16..=128).contains(&tile) && tile.is_power_of_two())
+        {
+            return Err(LightningError::InvalidTuning {
+                knob: "fused_value_tile",
+                value: tile,
+                expected: "16 to 128, a power of two",
             });
         }
         check_rows_in_flight(self.decode_rows_in_flight)

@@ -3,7 +3,7 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::{DType, DeviceTensor, Precision, Tuning, reference, runtime};
+use lightning_attention::{DType, DeviceTensor, FusedProducts, Precision, Tuning, reference, runtime};
 
 pub use lightning_attention::reference::relative_error;
 
@@ -175,6 +175,28 @@ pub fn decode_rows_in_flight() -> Option<usize> {
     std::env::var("TEST_DECODE_ROWS_IN_FLIGHT")
         .ok()
         .map(|rows| rows.parse().expect("TEST_DECODE_ROWS_IN_FLIGHT is a number"))
+}
+
+/// The measuring knobs the fused routine's tests draw: its walk (tensor
+/// cores where the device has them, the portable one, or the tensor-core
+/// walk emulated: the code that runs on tensor cores, on any runtime) and a
+/// value tile (the plan's, or a forced narrow one).
+pub fn fused_tuning() -> impl proptest::strategy::Strategy<Value = Tuning> {
+    use proptest::prelude::*;
+    (
+        prop::sample::select(vec![
+            FusedProducts::Auto,
+            FusedProducts::Portable,
+            FusedProducts::Emulated,
+            FusedProducts::Emulated,
+        ]),
+        prop::sample::select(vec![None, None, Some(16), Some(32), Some(64)]),
+    )
+        .prop_map(|(fused_products, fused_value_tile)| Tuning {
+            fused_products,
+            fused_value_tile,
+            ..tuning()
+        })
 }
 
 /// The measuring knobs the tests run with (see [`decode_rows_in_flight`]).

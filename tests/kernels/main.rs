@@ -13,6 +13,7 @@ mod errors;
 mod fill;
 mod finite;
 mod fragments;
+mod fused;
 mod layout_errors;
 mod memory;
 mod offline;

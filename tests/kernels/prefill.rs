@@ -4,8 +4,8 @@ use lightning_attention::cubecl::prelude::Client;
 use lightning_attention::plan::{self, DiagRoutine, KvParallelRoutine, PrefillPlan, Products, TensorCores};
 use lightning_attention::reference::{Dims, Prefill, blocked_vllm_off_by_one, recurrence};
 use lightning_attention::{
-    DType, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines, plan_prefill, prefill_into,
-    profile_prefill_into,
+    DType, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines, Tuning, plan_prefill,
+    prefill_into, profile_prefill_into,
 };
 use proptest::prelude::*;
 
@@ -23,6 +23,8 @@ pub struct Case {
     pub routines: Routines,
     /// How f32 products are taken (16-bit inputs ignore it).
     pub precision: Precision,
+    /// The measuring knobs: how the fused routine multiplies, and its tile.
+    pub tuning: Tuning,
     pub seed: u64,
 }
 
@@ -62,10 +64,11 @@ fn case() -> impl Strategy<Value = Case> {
             Routines::Fused,
         ]),
         prop::sample::select(precisions()),
+        fused_tuning(),
         any::<u64>(),
     )
         .prop_flat_map(
-            |(block, (d, e), b, h, with_state, dtype, routines, precision, seed)| {
+            |(block, (d, e), b, h, with_state, dtype, routines, precision, tuning, seed)| {
                 (prop::sample::select(sub_blocks(block)), 1usize..=3 * block + 17).prop_map(
                     move |(sub_block, n)| Case {
                         block,
@@ -81,6 +84,7 @@ fn case() -> impl Strategy<Value = Case> {
                         dtype,
                         routines,
                         precision,
+                        tuning,
                         seed,
                     },
                 )
@@ -131,7 +135,8 @@ fn run_with(case: &Case, zero_slopes: bool) -> (f64, f64, f64) {
         &inputs,
         &PrefillConfig::new(case.block, case.sub_block)
             .with_routines(case.routines)
-            .with_precision(case.precision),
+            .with_precision(case.precision)
+            .with_tuning(case.tuning),
         &out,
         &final_state,
     )
@@ -189,6 +194,7 @@ fn vllm_off_by_one_would_fail_the_bound() {
             dtype,
             routines: Routines::Auto,
             precision: Precision::Split,
+            tuning: tuning(),
             seed: 42 + i as u64,
         };
         // Every head decays: where one does not, the off-by-one changes nothing.
@@ -571,6 +577,7 @@ fn split_operands_match_reference() {
             dtype: DType::F32,
             routines: Routines::ChunkRecurrent,
             precision: Precision::Split,
+            tuning: tuning(),
             seed: 77 + i as u64,
         };
         let (out_err, state_err, _) = run(&case);

@@ -1,4 +1,5 @@
-//! The fused routine's launch (`kernels::fused`), planned beside it in `plan.rs`.
+//! The fused routine's launch (`kernels::fused_fragments` on tensor cores
+//! or emulated, else `kernels::fused`), planned beside it in `plan.rs`.
 
 use cubecl::prelude::*;
 use lightning_attention_kernels as kernels;
@@ -42,6 +43,55 @@ pub(crate) fn launch<F: Float + CubeElement>(
         cubes: (plan.dims.cubes.0, plan.dims.cubes.1, table.walks as u32),
         ..plan.dims
     };
+    let initial_scale = if segmented { 1.0 } else { variant.initial_scale };
+    let initial_in_states = call.initial.is_none() && !segmented;
+    let transpose_initial = variant.transpose_initial && !segmented;
+    let advance_initial = variant.advance_initial && !segmented;
+    if let Some(walk) = plan.fragments {
+        // SAFETY: as below; the plan checked the planes and chunk the
+        // kernel requires (module doc of `kernels::fused_fragments`).
+        unsafe {
+            launch_kernel!(
+                call.target,
+                kernels::fused_fragments::fused_fragments[F],
+                dims.cube_count(),
+                dims.cube_dim(),
+                STATE_VECTOR,
+                walk.vector,
+                arg(call.q),
+                arg(call.k),
+                arg(call.v),
+                arg(call.slopes),
+                table.seq_starts.arg(),
+                table.initial_slots.arg(),
+                table.final_slots.arg(),
+                table.chunk_walks.arg(),
+                initial,
+                arg(call.states),
+                arg(call.out),
+                call.heads as u32,
+                call.layout.head_stride,
+                call.layout.token_stride,
+                call.config.scale.unwrap_or(1.0),
+                // A segment's incoming state is read as is.
+                initial_scale,
+                variant.final_scale,
+                call.key_dim,
+                call.value_dim,
+                plan.block,
+                plan.chunk,
+                walk.planes,
+                initial_in_states,
+                transpose_initial,
+                advance_initial,
+                variant.retreat_final,
+                variant.reversed,
+                segmented,
+                walk.emulated,
+            )
+        }
+        return;
+    }
     // SAFETY: the plan checked the tiles, grid and shared memory against the
     // device; the tables and every buffer's size were validated; the kernel
     // bounds-checks the tails of n, d and e.
@@ -68,7 +118,7 @@ pub(crate) fn launch<F: Float + CubeElement>(
             call.layout.token_stride,
             call.config.scale.unwrap_or(1.0),
             // A segment's incoming state is read as is.
-            if segmented { 1.0 } else { variant.initial_scale },
+            initial_scale,
             variant.final_scale,
             call.key_dim,
             call.value_dim,
@@ -77,9 +127,9 @@ pub(crate) fn launch<F: Float + CubeElement>(
             plan.key_chunk,
             plan.rows_per_unit,
             plan.cols_per_unit,
-            call.initial.is_none() && !segmented,
-            variant.transpose_initial && !segmented,
-            variant.advance_initial && !segmented,
+            initial_in_states,
+            transpose_initial,
+            advance_initial,
             variant.retreat_final,
             variant.reversed,
             segmented,

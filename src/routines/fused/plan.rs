@@ -1,10 +1,23 @@
-//! Planning of the fused routine (`kernels::fused`): its chunk, tiles and grid.
+//! Planning of the fused routine: which walk (the tensor-core one,
+//! `kernels::fused_fragments`, or the portable twin, `kernels::fused`), its
+//! chunk, tiles and grid.
 
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::routines::chunk_recurrent::plan::segments_for;
 use crate::routines::five_kernels::GRID_SIDE;
 use crate::routines::table::PrefillWork;
-use crate::{PrefillConfig, Result};
+use crate::{DType, FusedProducts, PrefillConfig, Result};
+
+/// Largest key dim of the tensor-core walk: its state tile takes `d / 2`
+/// registers per unit (64 at d = 128).
+const MAX_FRAGMENT_KEY_DIM: usize = 128;
+/// Chunks of the tensor-core walk: a multiple of 16 (the product's rows),
+/// at most 64 (the scores' tiles per plane).
+const FRAGMENT_CHUNKS: [usize; 3] = [16, 32, 64];
+/// Widest value tile of the tensor-core walk (8 planes of 16 columns).
+const MAX_FRAGMENT_VALUE_TILE: usize = 128;
+/// Units per plane of the tensor-core walk (`mma.sync` is a plane's).
+const PLANE: usize = 32;
 
 /// Most columns of `d` the portable routine stages per step.
 const MAX_KEY_CHUNK: usize = 32;
@@ -34,8 +47,118 @@ pub struct FusedPlan {
     pub key_chunk: usize,
     /// Query rows of a chunk each unit holds.
     pub rows_per_unit: usize,
-    /// Value columns each unit holds; the value tile is `16 *` this.
+    /// Value columns each unit holds; the value tile is `16 *` this (the
+    /// portable walk).
     pub cols_per_unit: usize,
+    /// The tensor-core walk, where the plan takes it; else the portable one.
+    pub fragments: Option<FragmentWalk>,
+}
+
+/// The tensor-core walk's tiles (`kernels::fused_fragments`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentWalk {
+    /// Planes of 32 units per cube; each holds 16 value columns of the state,
+    /// so the value tile is `16 *` this.
+    pub planes: usize,
+    /// Products emulated through shared memory (any runtime) rather than on
+    /// tensor cores ([`FusedProducts::Emulated`]).
+    pub emulated: bool,
+    /// Scalars per vector q, k, v and out move in: the widest of 8, 4, 2, 1
+    /// that divides `d` and `e` and the device's vectors allow.
+    pub vector: usize,
+}
+
+/// Plans the fused routine: the tensor-core walk where the config and the
+/// device allow it and its tiles fit ([`fragments`]), else the portable one.
+pub(crate) fn plan(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<FusedPlan> {
+    match fragments(work, config, limits)? {
+        Some(plan) => Ok(plan),
+        None => portable(work, config, limits),
+    }
+}
+
+/// Whether the tensor-core walk runs 16-bit inputs as they are on this
+/// device with this config (else they run on f32 copies): the decision the
+/// prefill plan's products take for [`crate::Routines::Fused`].
+pub(crate) fn native_fragments(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
+    config.tuning.fused_products == FusedProducts::Auto && limits.fragments.supports(dtype)
+}
+
+/// Shared memory of the tensor-core walk, bytes (the kernel's module doc):
+/// `Q`, `K`, `V^T`, `P` and `O` in the staged type, the decay table and the
+/// emulation's scratch in f32.
+fn fragment_shared_bytes(
+    chunk: usize,
+    key_dim: usize,
+    value_tile: usize,
+    element: usize,
+    emulated: bool,
+) -> usize {
+    let key_pad = key_dim.div_ceil(16) * 16;
+    let planes = value_tile / 16;
+    let scratch = if emulated { planes * (16 * 16 + 16 * 8) } else { 1 };
+    element * (2 * chunk * key_pad + 2 * value_tile * chunk + chunk * chunk) + 4 * (chunk + 1 + scratch)
+}
+
+/// Plans the tensor-core walk, or `None` where it does not run: the config
+/// asks for the portable walk, the device has no register fragments for the
+/// dtype (and the config does not ask for the emulation), `d` is past
+/// [`MAX_FRAGMENT_KEY_DIM`], the chunk is not one of [`FRAGMENT_CHUNKS`], or
+/// no value tile fits shared memory. The value tile is the widest up to
+/// 128 columns that fits (at least the chunk: every plane's share of the
+/// scores lies in one row block); parallelism comes from segments, not
+/// narrower tiles (each tile recomputes the chunk's scores: variant 19).
+fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Option<FusedPlan>> {
+    let emulated = match config.tuning.fused_products {
+        FusedProducts::Portable => return Ok(None),
+        FusedProducts::Emulated => true,
+        FusedProducts::Auto if native_fragments(work.dtype, config, limits) => false,
+        FusedProducts::Auto => return Ok(None),
+    };
+    let (chunk, d, e) = (config.sub_block, work.key_dim, work.value_dim);
+    if d > MAX_FRAGMENT_KEY_DIM || !FRAGMENT_CHUNKS.contains(&chunk) {
+        return Ok(None);
+    }
+    let element = if emulated { work.dtype.size() } else { 2 };
+    let narrowest = chunk.max(16);
+    let mut value_tile = match config.tuning.fused_value_tile {
+        Some(tile) => tile.max(narrowest),
+        None => e.next_power_of_two().clamp(narrowest, MAX_FRAGMENT_VALUE_TILE),
+    };
+    let bytes = |tile: usize| fragment_shared_bytes(chunk, d, tile, element, emulated);
+    while bytes(value_tile) > limits.shared_memory && value_tile > narrowest {
+        value_tile /= 2;
+    }
+    if bytes(value_tile) > limits.shared_memory || (value_tile / 16) * PLANE > limits.max_units as usize {
+        return Ok(None);
+    }
+    let tiles = e.div_ceil(value_tile);
+    let segment_blocks = segments_for(work, tiles, limits);
+    let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
+    let planes = value_tile / 16;
+    let dims = LaunchDims {
+        cubes: (count(tiles), count(work.heads), count(walks)),
+        units: count(planes * PLANE),
+        shared_bytes: bytes(value_tile),
+    }
+    .check("fused (tensor cores)", limits)?;
+    Ok(Some(FusedPlan {
+        dims,
+        chunk,
+        block: config.block,
+        segment_blocks,
+        key_chunk: 0,
+        rows_per_unit: 0,
+        cols_per_unit: 0,
+        fragments: Some(FragmentWalk {
+            planes,
+            emulated,
+            vector: [8, 4, 2]
+                .into_iter()
+                .find(|&lanes| lanes <= limits.max_vector && d % lanes == 0 && e % lanes == 0)
+                .unwrap_or(1),
+        }),
+    }))
 }
 
 /// Shared memory of the portable routine, bytes (the kernel's module doc).
@@ -92,5 +215,6 @@ pub(crate) fn portable(
         key_chunk,
         rows_per_unit,
         cols_per_unit,
+        fragments: None,
     })
 }

@@ -12,7 +12,9 @@
 //!   portable variant elsewhere), `Portable` never;
 //! - the fused routine in place of every other prefill kernel with
 //!   `Routines::Fused` (opt-in), except in a call with snapshots (it writes
-//!   no state but the final one), which takes the chunk-recurrent routine.
+//!   no state but the final one), which takes the chunk-recurrent routine;
+//!   its tensor-core walk where the device has register fragments for the
+//!   16-bit dtype ([`crate::FusedProducts`]), else its portable walk.
 //!
 //! Each family plans its own tiles, grids and shared memory beside its launch.
 
@@ -107,7 +109,7 @@ impl PrefillPlan {
         // but the final one: a call with snapshots takes the chunk-recurrent
         // routine instead.
         let fused = (config.routines == Routines::Fused && work.snapshots == 0)
-            .then(|| fused::portable(work, config, limits))
+            .then(|| fused::plan(work, config, limits))
             .transpose()?;
         let block_states_len = if fused.is_some() { 0 } else { block_states_len };
         let products = planned_products(work, config, limits);
@@ -194,9 +196,17 @@ impl PrefillPlan {
 /// What the device, the dtype and the config allow the tensor-core routines
 /// to take as operands (before any tile or shared-memory check).
 fn products(dtype: DType, config: &PrefillConfig, limits: &DeviceLimits) -> Products {
-    // The fused routine's products are portable for now (issue 28 adds
-    // its tensor-core routine).
-    if matches!(config.routines, Routines::Portable | Routines::Fused) {
+    // The fused routine takes 16-bit inputs as they are where its
+    // tensor-core walk runs them (else f32 copies, for its portable walk or
+    // the emulation); f32 inputs take its portable walk.
+    if config.routines == Routines::Fused {
+        return if fused::native_fragments(dtype, config, limits) {
+            Products::Native
+        } else {
+            Products::Portable
+        };
+    }
+    if config.routines == Routines::Portable {
         return Products::Portable;
     }
     match (dtype, config.precision) {

@@ -1,0 +1,505 @@
+//! The fused forward on tensor cores: the walk of [`crate::fused`] with every
+//! product an `mma.m16n8k16` of register fragments ([`crate::fragments`]),
+//! and the running state held in registers as accumulator fragments.
+//!
+//! One cube of `planes` planes walks one (sequence or segment, head, value
+//! tile of `16 * planes` columns of `e`); plane `w` owns the value columns
+//! `16 w .. 16 w + 16` of the tile. Per chunk of `C` tokens from `c0` (`len`
+//! of them, the last chunk may be short):
+//!
+//! ```text
+//! P   = scale * (Q K^T ⊙ D)          D_ij = exp(-s (i - j)) for j <= i, else 0
+//! O^T = diag(scale * λ) applied to (S^T Q^T)  +  V^T P^T      λ_i = exp(-s (i + 1))
+//! S^T = exp(-s len) S^T + V^T (K ⊙ κ)                         κ_j = exp(-s (len - 1 - j))
+//! ```
+//!
+//! Why this orientation (SPEED_NOTES.md, "the fragment plan"): with
+//! `mma.m16n8k16` an accumulator tile's elements are where an `A` operand's
+//! are (two 16 x 8 accumulator tiles side by side are one 16 x 16 `A`), so
+//! a matrix the walk feeds back into a product must be a left operand. The
+//! state is held transposed, `S^T` (`e x d`, rows: value columns), as f32
+//! accumulators: `S^T Q^T` takes it as `A` straight from registers (rounded
+//! to the operand type), and its update `S^T += V^T (K ⊙ κ)` accumulates into
+//! it in place, the decay `exp(-s len)` multiplying each element where it is.
+//! The intra-chunk part is then `V^T P^T`, with `P^T` a right operand: each
+//! plane computes a share of `P` once per chunk (rows: queries) and writes
+//! it to shared memory in the operand type; every plane reads it back as `B`.
+//! That is the one trip through shared memory per chunk (`C x C` elements),
+//! where the state (`d x e`) never leaves the registers.
+//!
+//! Shared memory, in `F`: `Q` and `K` of the chunk (`C x d16`, `d16` the key
+//! dim rounded up to 16, zero beyond `d` and past `len`), `V^T` (`16 planes x
+//! C`), `P` (`C x C`), the chunk's output `O` (`C x 16 planes`, written by
+//! the planes' accumulators, stored to HBM in whole vectors); in f32 the decay table `exp(-s m)` for `m = 0 ..= C`
+//! and, when `emulated`, the fragments' scratch. The products are real
+//! (`mma.sync`, CUDA) or emulated through shared memory on any runtime
+//! ([`crate::fragments::mma_at()`]): the same code around them either way.
+//!
+//! Geometry, tables and the initial and final states are the portable
+//! twin's ([`crate::fused`]): cube x over value tiles, y over heads, z over
+//! walks (`work[3z .. 3z + 3]`); the cube is `32 * planes` units in one
+//! dimension. Requires `chunk` a multiple of 16 and at most 64, and
+//! `planes >= chunk / 16` (each plane's share of `P` lies in one row block).
+//! The states travel as vectors of one scalar (`N = 1`); q, k, v and out as
+//! vectors of `NV` scalars, which divides `d` and `e`.
+
+use cubecl::prelude::*;
+
+use crate::fragments::{
+    A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col, a_row, b_col, b_row, c_col, c_row, mma_at,
+};
+use crate::kv_reduce::{final_factor, initial_factor, initial_state};
+use crate::layout::{first_row, token_row};
+
+/// Launched with the geometry in the module doc; the arguments are the
+/// portable twin's ([`crate::fused::fused()`]), with `planes` for its
+/// `rows_per_unit`, `cols_per_unit` and `key_chunk`, and `emulated` choosing
+/// how the products run.
+#[cube(launch_unchecked, create_dummy_kernel)]
+#[allow(clippy::too_many_arguments)]
+pub fn fused_fragments<F: Float, N: Size, NV: Size>(
+    q: &[Vector<F, NV>],
+    k: &[Vector<F, NV>],
+    v: &[Vector<F, NV>],
+    slopes: &[f32],
+    seq_starts: &[u32],
+    initial_slots: &[i32],
+    final_slots: &[i32],
+    work: &[u32],
+    initial: &[Vector<f32, N>],
+    states: &mut [Vector<f32, N>],
+    out: &mut [Vector<F, NV>],
+    heads: u32,
+    head_stride: u32,
+    token_stride: u32,
+    scale: f32,
+    initial_scale: f32,
+    final_scale: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] block: usize,
+    #[comptime] chunk: usize,
+    #[comptime] planes: usize,
+    #[comptime] initial_in_states: bool,
+    #[comptime] transpose_initial: bool,
+    #[comptime] advance_initial: bool,
+    #[comptime] retreat_final: bool,
+    #[comptime] reversed: bool,
+    #[comptime] segmented: bool,
+    #[comptime] emulated: bool,
+) {
+    let key_pad = comptime!(key_dim.div_ceil(16) * 16);
+    let key_steps = comptime!(key_pad / 16);
+    let key_tiles = comptime!(key_pad / 8);
+    let value_tile = comptime!(planes * 16);
+    let chunk_steps = comptime!(chunk / 16);
+    let chunk_tiles = comptime!(chunk / 8);
+    let score_tiles = comptime!(chunk_steps * chunk_tiles);
+    let tiles_per_plane = comptime!(score_tiles.div_ceil(planes));
+    let lanes = N::value();
+    let h = heads as usize;
+    let head = CUBE_POS_Y as usize;
+    let walk = CUBE_POS_Z as usize;
+    let seq = work[3 * walk] as usize;
+    let seq_start = seq_starts[seq] as usize;
+    let n = seq_starts[seq + 1] as usize - seq_start;
+    let first_token = work[3 * walk + 1] as usize * block;
+    let end_token = min(first_token + work[3 * walk + 2] as usize * block, n);
+    let row0 = first_row(seq_start, head, h, head_stride as usize);
+    let step = token_stride as usize;
+    let neg_slope = -slopes[head];
+    let e0 = CUBE_POS_X as usize * value_tile;
+    let unit = UNIT_POS as usize;
+    let units = CUBE_DIM as usize;
+    let lane = unit % PLANE;
+    let plane = unit / PLANE;
+    // The value columns of this plane's state rows and output rows.
+    let plane_e = plane * 16;
+
+    let mut q_s = Shared::<[F]>::new_slice(comptime!(chunk * key_pad));
+    let mut k_s = Shared::<[F]>::new_slice(comptime!(chunk * key_pad));
+    let mut vt_s = Shared::<[F]>::new_slice(comptime!(value_tile * chunk));
+    let mut p_s = Shared::<[F]>::new_slice(comptime!(chunk * chunk));
+    let mut o_s = Shared::<[F]>::new_slice(comptime!(chunk * value_tile));
+    let mut decays = Shared::<[f32]>::new_slice(comptime!(chunk + 1));
+    let mut scratch = Shared::<[f32]>::new_slice(comptime!(if emulated { planes * SCRATCH } else { 1 }));
+
+    for m in range_stepped(unit, chunk + 1, units) {
+        decays[m] = f32::exp(neg_slope * f32::cast_from(m as u32));
+    }
+
+    // The state tile `S^T`, this plane's 16 rows: accumulator tile `x` holds
+    // key columns `8 x .. 8 x + 8`.
+    let mut initial_slot = initial_slots[seq];
+    if comptime!(segmented) {
+        initial_slot = walk as i32;
+    }
+    let factor = initial_factor(initial_scale, neg_slope, advance_initial);
+    let mut st = Array::<f32>::new(comptime!(key_tiles * C_ELEMS));
+    #[unroll(!emulated)]
+    for x in 0..key_tiles {
+        #[unroll]
+        for nth in 0..C_ELEMS {
+            let col = e0 + plane_e + c_row(lane, nth);
+            let key = x * 8 + c_col(lane, nth);
+            let mut value = 0.0f32;
+            if initial_slot >= 0 && key < key_dim && col < value_dim {
+                let flat = key * value_dim + col;
+                value = initial_state::<N>(
+                    initial,
+                    &states[0..],
+                    initial_slot as usize,
+                    head,
+                    h,
+                    flat / lanes,
+                    factor,
+                    key_dim,
+                    value_dim,
+                    initial_in_states,
+                    transpose_initial,
+                )
+                .extract_dynamic(flat % lanes);
+            }
+            st[x * C_ELEMS + nth] = value;
+        }
+    }
+
+    // This plane's share of the chunk's scores: `tiles_per_plane` 16 x 8
+    // tiles of one row block (planes past the last tile compute a copy of
+    // the last row block's and keep nothing: every plane takes part in every
+    // product, as the emulation needs).
+    let first_tile = plane * tiles_per_plane;
+    let score_block = min(first_tile / chunk_tiles, chunk_steps - 1);
+
+    let chunks = (end_token - first_token).div_ceil(chunk);
+    for c in 0..chunks {
+        let c0 = first_token + c * chunk;
+        let len = min(chunk, end_token - c0);
+        // Every plane is done with the previous chunk's tiles.
+        sync_cube();
+        stage_chunk::<F, NV>(
+            q,
+            k,
+            v,
+            &mut q_s,
+            &mut k_s,
+            &mut vt_s,
+            row0,
+            n,
+            step,
+            c0,
+            len,
+            e0,
+            key_dim,
+            value_dim,
+            key_pad,
+            chunk,
+            value_tile,
+            comptime!(planes * PLANE),
+            reversed,
+        );
+        sync_cube();
+
+        // P = scale * (Q K^T ⊙ D), this plane's tiles, into shared memory.
+        let mut scores = Array::<f32>::new(comptime!(tiles_per_plane * C_ELEMS));
+        #[unroll(!emulated)]
+        for x in 0..tiles_per_plane * C_ELEMS {
+            scores[x] = 0.0f32;
+        }
+        #[unroll(!emulated)]
+        for ks in 0..key_steps {
+            let mut a = Array::<F>::new(A_ELEMS);
+            #[unroll]
+            for nth in 0..A_ELEMS {
+                a[nth] = q_s[(score_block * 16 + a_row(lane, nth)) * key_pad + ks * 16 + a_col(lane, nth)];
+            }
+            #[unroll(!emulated)]
+            for m in 0..tiles_per_plane {
+                let tile = (first_tile + m) % chunk_tiles;
+                let mut b = Array::<F>::new(B_ELEMS);
+                #[unroll]
+                for nth in 0..B_ELEMS {
+                    b[nth] = k_s[(tile * 8 + b_col(lane, nth)) * key_pad + ks * 16 + b_row(lane, nth)];
+                }
+                mma_at::<F>(&a, &b, &mut scores, m * C_ELEMS, &mut scratch, emulated);
+            }
+        }
+        #[unroll(!emulated)]
+        for m in 0..tiles_per_plane {
+            let tile = (first_tile + m) % chunk_tiles;
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let i = score_block * 16 + c_row(lane, nth);
+                let j = tile * 8 + c_col(lane, nth);
+                let mut value = 0.0f32;
+                if j <= i {
+                    value = scores[m * C_ELEMS + nth] * scale * decays[i - j];
+                }
+                if first_tile + m < score_tiles {
+                    p_s[i * chunk + j] = F::cast_from(value);
+                }
+            }
+        }
+        sync_cube();
+
+        // O^T = λ (S^T Q^T): the state as the left operand, from registers.
+        let mut acc = Array::<f32>::new(comptime!(chunk_tiles * C_ELEMS));
+        #[unroll(!emulated)]
+        for x in 0..chunk_tiles * C_ELEMS {
+            acc[x] = 0.0f32;
+        }
+        #[unroll(!emulated)]
+        for ks in 0..key_steps {
+            let mut a = Array::<F>::new(A_ELEMS);
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                a[nth] = F::cast_from(st[2 * ks * C_ELEMS + nth]);
+                a[nth + C_ELEMS] = F::cast_from(st[(2 * ks + 1) * C_ELEMS + nth]);
+            }
+            #[unroll(!emulated)]
+            for tile in 0..chunk_tiles {
+                let mut b = Array::<F>::new(B_ELEMS);
+                #[unroll]
+                for nth in 0..B_ELEMS {
+                    b[nth] = q_s[(tile * 8 + b_col(lane, nth)) * key_pad + ks * 16 + b_row(lane, nth)];
+                }
+                mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
+            }
+        }
+        #[unroll(!emulated)]
+        for tile in 0..chunk_tiles {
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let i = tile * 8 + c_col(lane, nth);
+                acc[tile * C_ELEMS + nth] *= scale * decays[i + 1];
+            }
+        }
+
+        // O^T += V^T P^T, and S^T = exp(-s len) S^T + V^T (K ⊙ κ): both take
+        // V^T as the left operand, loaded once per step.
+        let chunk_decay = decays[len];
+        #[unroll(!emulated)]
+        for x in 0..key_tiles * C_ELEMS {
+            st[x] *= chunk_decay;
+        }
+        #[unroll(!emulated)]
+        for js in 0..chunk_steps {
+            let mut a = Array::<F>::new(A_ELEMS);
+            #[unroll]
+            for nth in 0..A_ELEMS {
+                a[nth] = vt_s[(plane_e + a_row(lane, nth)) * chunk + js * 16 + a_col(lane, nth)];
+            }
+            #[unroll(!emulated)]
+            for tile in 0..chunk_tiles {
+                let mut b = Array::<F>::new(B_ELEMS);
+                #[unroll]
+                for nth in 0..B_ELEMS {
+                    b[nth] = p_s[(tile * 8 + b_col(lane, nth)) * chunk + js * 16 + b_row(lane, nth)];
+                }
+                mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
+            }
+            // κ of this lane's key rows of the step (zero past `len`).
+            let mut kappa = Array::<f32>::new(B_ELEMS);
+            #[unroll]
+            for nth in 0..B_ELEMS {
+                let j = js * 16 + b_row(lane, nth);
+                let mut value = 0.0f32;
+                if j < len {
+                    value = decays[len - 1 - j];
+                }
+                kappa[nth] = value;
+            }
+            #[unroll(!emulated)]
+            for x in 0..key_tiles {
+                let mut b = Array::<F>::new(B_ELEMS);
+                #[unroll]
+                for nth in 0..B_ELEMS {
+                    let j = js * 16 + b_row(lane, nth);
+                    b[nth] = F::cast_from(
+                        f32::cast_from(k_s[j * key_pad + x * 8 + b_col(lane, nth)]) * kappa[nth],
+                    );
+                }
+                mma_at::<F>(&a, &b, &mut st, x * C_ELEMS, &mut scratch, emulated);
+            }
+        }
+
+        // The outputs: element (value column, query) of each accumulator
+        // into the chunk's output tile, then whole rows of it to `out`.
+        #[unroll(!emulated)]
+        for tile in 0..chunk_tiles {
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let i = tile * 8 + c_col(lane, nth);
+                o_s[i * value_tile + plane_e + c_row(lane, nth)] = F::cast_from(acc[tile * C_ELEMS + nth]);
+            }
+        }
+        sync_cube();
+        store_chunk::<F, NV>(
+            &o_s,
+            out,
+            row0,
+            n,
+            step,
+            c0,
+            len,
+            e0,
+            value_dim,
+            chunk,
+            value_tile,
+            comptime!(planes * PLANE),
+            reversed,
+        );
+    }
+
+    // A segment's state goes nowhere: kv-reduce wrote the final states.
+    let mut final_slot = final_slots[seq];
+    if comptime!(segmented) {
+        final_slot = -1i32;
+    }
+    if final_slot >= 0 {
+        let factor = final_factor(final_scale, neg_slope, retreat_final);
+        let base = (final_slot as usize * h + head) * comptime!(key_dim * value_dim);
+        #[unroll(!emulated)]
+        for x in 0..key_tiles {
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let col = e0 + plane_e + c_row(lane, nth);
+                let key = x * 8 + c_col(lane, nth);
+                if key < key_dim && col < value_dim {
+                    states[base + key * value_dim + col] = Vector::new(st[x * C_ELEMS + nth] * factor);
+                }
+            }
+        }
+    }
+}
+
+/// Stages the chunk's `len` tokens from `c0`: `Q` and `K` rows (`key_pad`
+/// columns, zero beyond `key_dim`) and `V^T` (the tile's `value_tile`
+/// columns from `e0` as rows), zero past `len`. Every unit loads its share
+/// of all three in vectors of `NV` (which divides `key_dim` and `value_dim`)
+/// before it stores any, so that the loads are in flight together.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_chunk<F: Float, NV: Size>(
+    q: &[Vector<F, NV>],
+    k: &[Vector<F, NV>],
+    v: &[Vector<F, NV>],
+    q_s: &mut Shared<[F]>,
+    k_s: &mut Shared<[F]>,
+    vt_s: &mut Shared<[F]>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    c0: usize,
+    len: usize,
+    e0: usize,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] key_pad: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = NV::value();
+    let key_vectors = comptime!(key_pad / lanes);
+    let value_vectors = comptime!(value_tile / lanes);
+    let key_share = comptime!((chunk * key_vectors).div_ceil(units));
+    let value_share = comptime!((chunk * value_vectors).div_ceil(units));
+    let key_width = comptime!(key_dim / lanes);
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    let zero = Vector::<F, NV>::new(F::cast_from(0.0f32));
+    let mut q_regs = Array::<Vector<F, NV>>::new(key_share);
+    let mut k_regs = Array::<Vector<F, NV>>::new(key_share);
+    let mut v_regs = Array::<Vector<F, NV>>::new(value_share);
+    #[unroll]
+    for x in 0..key_share {
+        let idx = x * units + unit;
+        let r = idx / key_vectors;
+        let c = idx % key_vectors;
+        let mut qv = zero;
+        let mut kv = zero;
+        if r < len && c < key_width {
+            let at = token_row(row0, c0 + r, n, step, reversed) * key_width + c;
+            qv = q[at];
+            kv = k[at];
+        }
+        q_regs[x] = qv;
+        k_regs[x] = kv;
+    }
+    #[unroll]
+    for x in 0..value_share {
+        let idx = x * units + unit;
+        let r = idx / value_vectors;
+        let c = e0 / lanes + idx % value_vectors;
+        let mut vv = zero;
+        if r < len && c < value_width {
+            vv = v[token_row(row0, c0 + r, n, step, reversed) * value_width + c];
+        }
+        v_regs[x] = vv;
+    }
+    #[unroll]
+    for x in 0..key_share {
+        let idx = x * units + unit;
+        if idx < comptime!(chunk * key_vectors) {
+            #[unroll]
+            for j in 0..lanes {
+                q_s[idx * lanes + j] = q_regs[x].extract(j);
+                k_s[idx * lanes + j] = k_regs[x].extract(j);
+            }
+        }
+    }
+    #[unroll]
+    for x in 0..value_share {
+        let idx = x * units + unit;
+        if idx < comptime!(chunk * value_vectors) {
+            let r = idx / value_vectors;
+            let col = (idx % value_vectors) * lanes;
+            #[unroll]
+            for j in 0..lanes {
+                vt_s[(col + j) * chunk + r] = v_regs[x].extract(j);
+            }
+        }
+    }
+}
+
+/// Writes the chunk's output tile (`len` rows of `value_tile` columns from
+/// `e0`, row-major in `o_s`) to `out` in vectors of `NV`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_chunk<F: Float, NV: Size>(
+    o_s: &Shared<[F]>,
+    out: &mut [Vector<F, NV>],
+    row0: usize,
+    n: usize,
+    step: usize,
+    c0: usize,
+    len: usize,
+    e0: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = NV::value();
+    let value_vectors = comptime!(value_tile / lanes);
+    let share = comptime!((chunk * value_vectors).div_ceil(units));
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for x in 0..share {
+        let idx = x * units + unit;
+        let r = idx / value_vectors;
+        let c = e0 / lanes + idx % value_vectors;
+        if r < len && c < value_width {
+            let mut value = Vector::<F, NV>::empty();
+            #[unroll]
+            for j in 0..lanes {
+                value.insert(j, o_s[idx * lanes + j]);
+            }
+            out[token_row(row0, c0 + r, n, step, reversed) * value_width + c] = value;
+        }
+    }
+}
