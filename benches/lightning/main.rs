@@ -29,9 +29,9 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, Precision, PrefillConfig, PrefillInputs, Routines,
-    SplitCache, StageTimes, Tuning, backward, decode_into, decode_split_into, prefill_into,
-    profile_prefill_into, runtime,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, FusedProducts, Precision, PrefillConfig,
+    PrefillInputs, Routines, SplitCache, StageTimes, Tuning, backward, decode_into, decode_split_into,
+    prefill_into, profile_prefill_into, runtime,
 };
 use report::Row;
 
@@ -68,8 +68,10 @@ struct Options {
     reps: usize,
     out: std::path::PathBuf,
     /// The measuring knobs every call takes, `--diag-value-tile N` (16 to
-    /// 128) and `--decode-rows-in-flight N` (1 to 32); unset, the measured
-    /// defaults (the library reads no environment variable for them).
+    /// 128), `--decode-rows-in-flight N` (1 to 32), `--fused-products
+    /// auto|portable|emulated` and `--fused-value-tile N` (16 to 128, the
+    /// fused routine's walk and tile); unset, the measured defaults (the
+    /// library reads no environment variable for them).
     tuning: Tuning,
 }
 
@@ -156,6 +158,14 @@ fn options() -> Options {
                 .map(|t| t.parse().expect("--diag-value-tile takes a number")),
             decode_rows_in_flight: value("--decode-rows-in-flight")
                 .map(|r| r.parse().expect("--decode-rows-in-flight takes a number")),
+            fused_products: match value("--fused-products").as_deref() {
+                None | Some("auto") => FusedProducts::Auto,
+                Some("portable") => FusedProducts::Portable,
+                Some("emulated") => FusedProducts::Emulated,
+                Some(other) => panic!("--fused-products takes auto, portable or emulated, not {other}"),
+            },
+            fused_value_tile: value("--fused-value-tile")
+                .map(|t| t.parse().expect("--fused-value-tile takes a number")),
         },
     }
 }

@@ -149,7 +149,7 @@ impl DeviceLimits {
             plane_size: (hw.plane_size_min == hw.plane_size_max).then_some(hw.plane_size_max),
             tensor_cores: TensorCores::of_target(target),
             fragments: TensorCores::fragments_of_target(target),
-            max_vector: hw.max_vector_size as usize,
+            max_vector: hw.max_vector_size,
             cuda: target.runtime_name().starts_with("cuda"),
             multiprocessors: hw.num_streaming_multiprocessors,
             bf16_words: !DType::BF16.is_native_in(properties),
