@@ -5,9 +5,12 @@
 # (`compile.py --ptx-dir $OUT/ptx --compare target/cuda-offline-report/report.json`);
 # `tests`: the CUDA suite (the changed plans and kernels, the fused routine,
 # the real fragment product and its positions); `fused`: the bench's bf16
-# prefill with the fused routine beside the default. Default: `ptx tests`.
-# Logs under $OUT. Device tool: carry ["gpu-bundle"], command
-# `bash scripts/gpu-offline-check.sh [ptx] [tests] [fused]`.
+# and f16 prefill with the fused routine beside the default, and its 64-wide
+# value tile; `fla`: FLA's chunk_simple_gla on the six prefill shapes
+# (`../shared/anchors/bench_triton.py` copied into .fla/, the fla-core wheel
+# in .whl/: carry both). Default: `ptx tests`.
+# Logs under $OUT. Device tool: carry ["gpu-bundle", ".fla", ".whl"], command
+# `bash scripts/gpu-offline-check.sh [ptx] [tests] [fused] [fla]`.
 set -uo pipefail
 out="${OUT:-/tmp/lightning-out}"
 mkdir -p "$out"
@@ -42,10 +45,21 @@ for what in "${whats[@]}"; do
         grep -E "^test result|FAILED|panicked|fragment" "$out/tests-cuda.log" | head -20
         ;;
     fused)
-        timeout "${BENCH_SECONDS:-280}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-            --configs 64/64 --routines auto,fused --out "$out/bench-fused" >"$out/bench-fused.log" 2>&1
+        timeout "${BENCH_SECONDS:-280}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16,f16 \
+            --configs 64/64 --routines auto,fused --accuracy --out "$out/bench-fused" >"$out/bench-fused.log" 2>&1
         echo "== fused bench: exit $?"
-        grep -E "^\|" "$out/bench-fused.log" | head -20
+        grep -E "^\|" "$out/bench-fused.log" | head -40
+        timeout "${BENCH_SECONDS:-200}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
+        echo "== fused bench, value tile 64: exit $?"
+        grep -E "^\|" "$out/bench-fused64.log" | head -20
+        ;;
+    fla)
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1
+        PYTHONPATH=/tmp/site timeout "${FLA_SECONDS:-500}" python3 .fla/bench_triton.py --parts prefill --no-la2 \
+            --shapes "${FLA_SHAPES:-0,1,2,3,4,5}" --out "$out/fla.json" >"$out/fla.log" 2>&1
+        echo "== fla: exit $?"
+        tail -n 20 "$out/fla.log"
         ;;
     esac
 done

@@ -27,7 +27,9 @@
 //! That is the one trip through shared memory per chunk (`C x C` elements),
 //! where the state (`d x e`) never leaves the registers.
 //!
-//! Shared memory, in `F`: `Q` and `K` of the chunk (`C x d16`, `d16` the key
+//! Shared memory, in `F` (on tensor cores each row padded by [`ROW_PAD`]
+//! scalars, so that the rows a fragment reads together fall in different
+//! banks): `Q` and `K` of the chunk (`C x d16`, `d16` the key
 //! dim rounded up to 16, zero beyond `d` and past `len`), `V^T` (`16 planes x
 //! C`), `P` (`C x C`), the chunk's output `O` (`C x 16 planes`, written by
 //! the planes' accumulators, stored to HBM in whole vectors); in f32 the decay table `exp(-s m)` for `m = 0 ..= C`
@@ -50,6 +52,7 @@ use crate::fragments::{
 };
 use crate::kv_reduce::{final_factor, initial_factor, initial_state};
 use crate::layout::{first_row, token_row};
+use crate::staging::ROW_PAD;
 
 /// Launched with the geometry in the module doc; the arguments are the
 /// portable twin's ([`crate::fused::fused()`]), with `planes` for its
@@ -91,6 +94,13 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let key_pad = comptime!(key_dim.div_ceil(16) * 16);
     let key_steps = comptime!(key_pad / 16);
     let key_tiles = comptime!(key_pad / 8);
+    // Row strides of the shared tiles, padded by ROW_PAD scalars on tensor
+    // cores: rows a fragment reads together then start in different banks
+    // (the emulation has no banks to spare, and less shared memory).
+    let pad = comptime!(if emulated { 0 } else { ROW_PAD });
+    let key_stride = comptime!(key_pad + pad);
+    let chunk_stride = comptime!(chunk + pad);
+    let value_stride = comptime!(planes * 16 + pad);
     let value_tile = comptime!(planes * 16);
     let chunk_steps = comptime!(chunk / 16);
     let chunk_tiles = comptime!(chunk / 8);
@@ -116,11 +126,11 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     // The value columns of this plane's state rows and output rows.
     let plane_e = plane * 16;
 
-    let mut q_s = Shared::<[F]>::new_slice(comptime!(chunk * key_pad));
-    let mut k_s = Shared::<[F]>::new_slice(comptime!(chunk * key_pad));
-    let mut vt_s = Shared::<[F]>::new_slice(comptime!(value_tile * chunk));
-    let mut p_s = Shared::<[F]>::new_slice(comptime!(chunk * chunk));
-    let mut o_s = Shared::<[F]>::new_slice(comptime!(chunk * value_tile));
+    let mut q_s = Shared::<[F]>::new_slice(comptime!(chunk * key_stride));
+    let mut k_s = Shared::<[F]>::new_slice(comptime!(chunk * key_stride));
+    let mut vt_s = Shared::<[F]>::new_slice(comptime!(value_tile * chunk_stride));
+    let mut p_s = Shared::<[F]>::new_slice(comptime!(chunk * chunk_stride));
+    let mut o_s = Shared::<[F]>::new_slice(comptime!(chunk * value_stride));
     let mut decays = Shared::<[f32]>::new_slice(comptime!(chunk + 1));
     let mut scratch = Shared::<[f32]>::new_slice(comptime!(if emulated { planes * SCRATCH } else { 1 }));
 
@@ -193,7 +203,9 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             key_dim,
             value_dim,
             key_pad,
+            key_stride,
             chunk,
+            chunk_stride,
             value_tile,
             comptime!(planes * PLANE),
             reversed,
@@ -211,7 +223,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut a = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                a[nth] = q_s[(score_block * 16 + a_row(lane, nth)) * key_pad + ks * 16 + a_col(lane, nth)];
+                a[nth] = q_s[(score_block * 16 + a_row(lane, nth)) * key_stride + ks * 16 + a_col(lane, nth)];
             }
             #[unroll(!emulated)]
             for m in 0..tiles_per_plane {
@@ -219,7 +231,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = k_s[(tile * 8 + b_col(lane, nth)) * key_pad + ks * 16 + b_row(lane, nth)];
+                    b[nth] = k_s[(tile * 8 + b_col(lane, nth)) * key_stride + ks * 16 + b_row(lane, nth)];
                 }
                 mma_at::<F>(&a, &b, &mut scores, m * C_ELEMS, &mut scratch, emulated);
             }
@@ -236,7 +248,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                     value = scores[m * C_ELEMS + nth] * scale * decays[i - j];
                 }
                 if first_tile + m < score_tiles {
-                    p_s[i * chunk + j] = F::cast_from(value);
+                    p_s[i * chunk_stride + j] = F::cast_from(value);
                 }
             }
         }
@@ -261,7 +273,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = q_s[(tile * 8 + b_col(lane, nth)) * key_pad + ks * 16 + b_row(lane, nth)];
+                    b[nth] = q_s[(tile * 8 + b_col(lane, nth)) * key_stride + ks * 16 + b_row(lane, nth)];
                 }
                 mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
             }
@@ -287,14 +299,14 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut a = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                a[nth] = vt_s[(plane_e + a_row(lane, nth)) * chunk + js * 16 + a_col(lane, nth)];
+                a[nth] = vt_s[(plane_e + a_row(lane, nth)) * chunk_stride + js * 16 + a_col(lane, nth)];
             }
             #[unroll(!emulated)]
             for tile in 0..chunk_tiles {
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = p_s[(tile * 8 + b_col(lane, nth)) * chunk + js * 16 + b_row(lane, nth)];
+                    b[nth] = p_s[(tile * 8 + b_col(lane, nth)) * chunk_stride + js * 16 + b_row(lane, nth)];
                 }
                 mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
             }
@@ -316,7 +328,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 for nth in 0..B_ELEMS {
                     let j = js * 16 + b_row(lane, nth);
                     b[nth] = F::cast_from(
-                        f32::cast_from(k_s[j * key_pad + x * 8 + b_col(lane, nth)]) * kappa[nth],
+                        f32::cast_from(k_s[j * key_stride + x * 8 + b_col(lane, nth)]) * kappa[nth],
                     );
                 }
                 mma_at::<F>(&a, &b, &mut st, x * C_ELEMS, &mut scratch, emulated);
@@ -330,7 +342,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             #[unroll]
             for nth in 0..C_ELEMS {
                 let i = tile * 8 + c_col(lane, nth);
-                o_s[i * value_tile + plane_e + c_row(lane, nth)] = F::cast_from(acc[tile * C_ELEMS + nth]);
+                o_s[i * value_stride + plane_e + c_row(lane, nth)] = F::cast_from(acc[tile * C_ELEMS + nth]);
             }
         }
         sync_cube();
@@ -346,6 +358,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             value_dim,
             chunk,
             value_tile,
+            value_stride,
             comptime!(planes * PLANE),
             reversed,
         );
@@ -396,7 +409,9 @@ fn stage_chunk<F: Float, NV: Size>(
     #[comptime] key_dim: usize,
     #[comptime] value_dim: usize,
     #[comptime] key_pad: usize,
+    #[comptime] key_stride: usize,
     #[comptime] chunk: usize,
+    #[comptime] chunk_stride: usize,
     #[comptime] value_tile: usize,
     #[comptime] units: usize,
     #[comptime] reversed: bool,
@@ -443,10 +458,11 @@ fn stage_chunk<F: Float, NV: Size>(
     for x in 0..key_share {
         let idx = x * units + unit;
         if idx < comptime!(chunk * key_vectors) {
+            let at = (idx / key_vectors) * key_stride + (idx % key_vectors) * lanes;
             #[unroll]
             for j in 0..lanes {
-                q_s[idx * lanes + j] = q_regs[x].extract(j);
-                k_s[idx * lanes + j] = k_regs[x].extract(j);
+                q_s[at + j] = q_regs[x].extract(j);
+                k_s[at + j] = k_regs[x].extract(j);
             }
         }
     }
@@ -458,14 +474,15 @@ fn stage_chunk<F: Float, NV: Size>(
             let col = (idx % value_vectors) * lanes;
             #[unroll]
             for j in 0..lanes {
-                vt_s[(col + j) * chunk + r] = v_regs[x].extract(j);
+                vt_s[(col + j) * chunk_stride + r] = v_regs[x].extract(j);
             }
         }
     }
 }
 
 /// Writes the chunk's output tile (`len` rows of `value_tile` columns from
-/// `e0`, row-major in `o_s`) to `out` in vectors of `NV`.
+/// `e0`, row-major in `o_s`, rows `value_stride` apart) to `out` in vectors
+/// of `NV`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_chunk<F: Float, NV: Size>(
@@ -480,6 +497,7 @@ fn store_chunk<F: Float, NV: Size>(
     #[comptime] value_dim: usize,
     #[comptime] chunk: usize,
     #[comptime] value_tile: usize,
+    #[comptime] value_stride: usize,
     #[comptime] units: usize,
     #[comptime] reversed: bool,
 ) {
@@ -494,10 +512,11 @@ fn store_chunk<F: Float, NV: Size>(
         let r = idx / value_vectors;
         let c = e0 / lanes + idx % value_vectors;
         if r < len && c < value_width {
+            let at = r * value_stride + (idx % value_vectors) * lanes;
             let mut value = Vector::<F, NV>::empty();
             #[unroll]
             for j in 0..lanes {
-                value.insert(j, o_s[idx * lanes + j]);
+                value.insert(j, o_s[at + j]);
             }
             out[token_row(row0, c0 + r, n, step, reversed) * value_width + c] = value;
         }

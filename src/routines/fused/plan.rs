@@ -97,7 +97,14 @@ fn fragment_shared_bytes(
     let key_pad = key_dim.div_ceil(16) * 16;
     let planes = value_tile / 16;
     let scratch = if emulated { planes * (16 * 16 + 16 * 8) } else { 1 };
-    element * (2 * chunk * key_pad + 2 * value_tile * chunk + chunk * chunk) + 4 * (chunk + 1 + scratch)
+    // Rows padded by 8 scalars on tensor cores (`kernels::staging::ROW_PAD`).
+    let pad = if emulated { 0 } else { 8 };
+    element
+        * (2 * chunk * (key_pad + pad)
+            + value_tile * (chunk + pad)
+            + chunk * (chunk + pad)
+            + chunk * (value_tile + pad))
+        + 4 * (chunk + 1 + scratch)
 }
 
 /// Plans the tensor-core walk, or `None` where it does not run: the config
