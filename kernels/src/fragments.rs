@@ -48,6 +48,38 @@ pub const C_ELEMS: usize = 4;
 /// Shared memory the emulation takes per plane, in f32: one `A` and one `B`.
 pub const SCRATCH: usize = M * K + K * N;
 
+/// The part of [`a_row()`] that does not depend on the lane: a walk adds
+/// it, a constant where its loops unroll, to a lane's base address computed
+/// once (per-element lane arithmetic in the loops cost more issue slots than
+/// the loads and products together: SPEED_NOTES.md, variant 20).
+pub const fn a_row_offset(nth: usize) -> usize {
+    ((nth / 2) % 2) * 8
+}
+
+/// The part of [`a_col()`] that does not depend on the lane (its lane part is
+/// `2 * (lane % 4)`).
+pub const fn a_col_offset(nth: usize) -> usize {
+    nth % 2 + (nth / 4) * 8
+}
+
+/// The part of [`b_row()`] that does not depend on the lane (its lane part is
+/// `2 * (lane % 4)`; [`b_col()`] is `lane / 4`).
+pub const fn b_row_offset(nth: usize) -> usize {
+    nth % 2 + (nth / 2) * 8
+}
+
+/// The part of [`c_row()`] that does not depend on the lane (its lane part is
+/// `lane / 4`).
+pub const fn c_row_offset(nth: usize) -> usize {
+    (nth / 2) * 8
+}
+
+/// The part of [`c_col()`] that does not depend on the lane (its lane part is
+/// `2 * (lane % 4)`).
+pub const fn c_col_offset(nth: usize) -> usize {
+    nth % 2
+}
+
 /// Row of element `nth` of `A` held by `lane`: `groupID` (lane / 4), plus 8
 /// for elements 2, 3, 6, 7.
 #[cube]

@@ -48,7 +48,8 @@
 use cubecl::prelude::*;
 
 use crate::fragments::{
-    A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col, a_row, b_col, b_row, c_col, c_row, mma_at,
+    A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, a_row_offset, b_row_offset, c_col, c_col_offset,
+    c_row, c_row_offset, mma_at,
 };
 use crate::kv_reduce::{final_factor, initial_factor, initial_state};
 use crate::layout::{first_row, token_row};
@@ -181,6 +182,21 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let first_tile = plane * tiles_per_plane;
     let score_block = min(first_tile / chunk_tiles, chunk_steps - 1);
 
+    // Each fragment element's shared address is a lane's base, computed once
+    // here, plus a constant (the fragment offsets, the step and tile, which
+    // unroll on tensor cores): the lane arithmetic stays out of the loop.
+    let g = lane / 4;
+    let t2 = (lane % 4) * 2;
+    let score_col = (first_tile % chunk_tiles) * 8 + t2;
+    let score_row = score_block * 16 + g;
+    let q_a = score_row * key_stride + t2;
+    let k_b = (score_col - t2 + g) * key_stride + t2;
+    let q_b = g * key_stride + t2;
+    let v_a = (plane_e + g) * chunk_stride + t2;
+    let p_b = g * chunk_stride + t2;
+    let k_update = t2 * key_stride + g;
+    let o_at = t2 * value_stride + plane_e + g;
+
     let chunks = (end_token - first_token).div_ceil(chunk);
     for c in 0..chunks {
         let c0 = first_token + c * chunk;
@@ -223,26 +239,25 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut a = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                a[nth] = q_s[(score_block * 16 + a_row(lane, nth)) * key_stride + ks * 16 + a_col(lane, nth)];
+                a[nth] = q_s[q_a + ks * 16 + comptime!(a_row_offset(nth) * key_stride + a_col_offset(nth))];
             }
             #[unroll(!emulated)]
             for m in 0..tiles_per_plane {
-                let tile = (first_tile + m) % chunk_tiles;
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = k_s[(tile * 8 + b_col(lane, nth)) * key_stride + ks * 16 + b_row(lane, nth)];
+                    b[nth] =
+                        k_s[k_b + m * comptime!(8 * key_stride) + ks * 16 + comptime!(b_row_offset(nth))];
                 }
                 mma_at::<F>(&a, &b, &mut scores, m * C_ELEMS, &mut scratch, emulated);
             }
         }
         #[unroll(!emulated)]
         for m in 0..tiles_per_plane {
-            let tile = (first_tile + m) % chunk_tiles;
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = score_block * 16 + c_row(lane, nth);
-                let j = tile * 8 + c_col(lane, nth);
+                let i = score_row + comptime!(c_row_offset(nth));
+                let j = score_col + m * 8 + comptime!(c_col_offset(nth));
                 let mut value = 0.0f32;
                 if j <= i {
                     value = scores[m * C_ELEMS + nth] * scale * decays[i - j];
@@ -273,7 +288,8 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = q_s[(tile * 8 + b_col(lane, nth)) * key_stride + ks * 16 + b_row(lane, nth)];
+                    b[nth] =
+                        q_s[q_b + tile * comptime!(8 * key_stride) + ks * 16 + comptime!(b_row_offset(nth))];
                 }
                 mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
             }
@@ -282,7 +298,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for tile in 0..chunk_tiles {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = tile * 8 + c_col(lane, nth);
+                let i = t2 + tile * 8 + comptime!(c_col_offset(nth));
                 acc[tile * C_ELEMS + nth] *= scale * decays[i + 1];
             }
         }
@@ -299,14 +315,16 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut a = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                a[nth] = vt_s[(plane_e + a_row(lane, nth)) * chunk_stride + js * 16 + a_col(lane, nth)];
+                a[nth] =
+                    vt_s[v_a + js * 16 + comptime!(a_row_offset(nth) * chunk_stride + a_col_offset(nth))];
             }
             #[unroll(!emulated)]
             for tile in 0..chunk_tiles {
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    b[nth] = p_s[(tile * 8 + b_col(lane, nth)) * chunk_stride + js * 16 + b_row(lane, nth)];
+                    b[nth] = p_s
+                        [p_b + tile * comptime!(8 * chunk_stride) + js * 16 + comptime!(b_row_offset(nth))];
                 }
                 mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
             }
@@ -314,7 +332,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut kappa = Array::<f32>::new(B_ELEMS);
             #[unroll]
             for nth in 0..B_ELEMS {
-                let j = js * 16 + b_row(lane, nth);
+                let j = t2 + js * 16 + comptime!(b_row_offset(nth));
                 let mut value = 0.0f32;
                 if j < len {
                     value = decays[len - 1 - j];
@@ -326,9 +344,9 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 #[unroll]
                 for nth in 0..B_ELEMS {
-                    let j = js * 16 + b_row(lane, nth);
+                    let at = k_update + js * comptime!(16 * key_stride) + x * 8;
                     b[nth] = F::cast_from(
-                        f32::cast_from(k_s[j * key_stride + x * 8 + b_col(lane, nth)]) * kappa[nth],
+                        f32::cast_from(k_s[at + comptime!(b_row_offset(nth) * key_stride)]) * kappa[nth],
                     );
                 }
                 mma_at::<F>(&a, &b, &mut st, x * C_ELEMS, &mut scratch, emulated);
@@ -341,8 +359,9 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for tile in 0..chunk_tiles {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = tile * 8 + c_col(lane, nth);
-                o_s[i * value_stride + plane_e + c_row(lane, nth)] = F::cast_from(acc[tile * C_ELEMS + nth]);
+                let at = o_at + tile * comptime!(8 * value_stride);
+                o_s[at + comptime!(c_col_offset(nth) * value_stride + c_row_offset(nth))] =
+                    F::cast_from(acc[tile * C_ELEMS + nth]);
             }
         }
         sync_cube();
