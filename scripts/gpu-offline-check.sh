@@ -6,7 +6,8 @@
 # `tests`: the CUDA suite (the changed plans and kernels, the fused routine,
 # the real fragment product and its positions); `fused`: the bench's bf16
 # and f16 prefill with the fused routine beside the default, and its 64-wide
-# value tile; `fla`: FLA's chunk_simple_gla on the six prefill shapes
+# value tile; `fused-bf16`: the same for bf16 alone, without accuracy;
+# `fla`: FLA's chunk_simple_gla on the six prefill shapes
 # (`../shared/anchors/bench_triton.py` copied into .fla/, the fla-core wheel
 # in .whl/: carry both). Default: `ptx tests`.
 # Logs under $OUT. Device tool: carry ["gpu-bundle", ".fla", ".whl"], command
@@ -50,6 +51,18 @@ for what in "${whats[@]}"; do
         echo "== fused bench: exit $?"
         grep -E "^\|" "$out/bench-fused.log" | head -40
         timeout "${BENCH_SECONDS:-200}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
+        echo "== fused bench, value tile 64: exit $?"
+        grep -E "^\|" "$out/bench-fused64.log" | head -20
+        ;;
+    fused-bf16)
+        # The bf16 rows alone, default beside fused, then the 64-wide tile:
+        # a short lease's measurement of one variant.
+        timeout "${BENCH_SECONDS:-240}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines auto,fused --out "$out/bench-fused-bf16" >"$out/bench-fused-bf16.log" 2>&1
+        echo "== fused bench, bf16: exit $?"
+        grep -E "^\|" "$out/bench-fused-bf16.log" | head -20
+        timeout "${BENCH_SECONDS:-150}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
             --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
         echo "== fused bench, value tile 64: exit $?"
         grep -E "^\|" "$out/bench-fused64.log" | head -20

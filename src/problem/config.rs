@@ -60,8 +60,10 @@ pub struct Tuning {
     /// How the fused routine ([`Routines::Fused`]) multiplies; the default
     /// takes tensor cores where the device has them for the dtype.
     pub fused_products: FusedProducts,
-    /// Columns of `e` one fused cube walks: 16 to 128, a power of two;
-    /// `None` lets the plan choose (the widest that fits).
+    /// Columns of `e` one cube of the fused routine's tensor-core walk holds
+    /// (the portable walk ignores it): 16 to 128, a power of two; `None` is 64
+    /// (faster than 128 at every bench shape on an H100: SPEED_NOTES.md,
+    /// variant 21).
     pub fused_value_tile: Option<usize>,
 }
 

@@ -14,8 +14,11 @@ const MAX_FRAGMENT_KEY_DIM: usize = 128;
 /// Chunks of the tensor-core walk: a multiple of 16 (the product's rows),
 /// at most 64 (the scores' tiles per plane).
 const FRAGMENT_CHUNKS: [usize; 3] = [16, 32, 64];
-/// Widest value tile of the tensor-core walk (8 planes of 16 columns).
-const MAX_FRAGMENT_VALUE_TILE: usize = 128;
+/// Value tile of the tensor-core walk unless tuned: 64 columns (4 planes).
+/// On an H100 it ran the six bf16 bench shapes 1.05-1.37x faster than 128
+/// (two cubes per SM where one ran, at twice the score work: SPEED_NOTES.md,
+/// variant 21); [`crate::Tuning::fused_value_tile`] takes 128.
+const FRAGMENT_VALUE_TILE: usize = 64;
 /// Units per plane of the tensor-core walk (`mma.sync` is a plane's).
 const PLANE: usize = 32;
 
@@ -111,10 +114,11 @@ fn fragment_shared_bytes(
 /// asks for the portable walk, the device has no register fragments for the
 /// dtype (and the config does not ask for the emulation), `d` is past
 /// [`MAX_FRAGMENT_KEY_DIM`], the chunk is not one of [`FRAGMENT_CHUNKS`], or
-/// no value tile fits shared memory. The value tile is the widest up to
-/// 128 columns that fits (at least the chunk: every plane's share of the
-/// scores lies in one row block); parallelism comes from segments, not
-/// narrower tiles (each tile recomputes the chunk's scores: variant 19).
+/// no value tile fits shared memory. The value tile is the tuning's, else 64
+/// columns (measured: [`FRAGMENT_VALUE_TILE`]), narrowed until it fits, and
+/// at least the chunk (every plane's share of the scores lies in one row
+/// block); further parallelism comes from segments, not narrower tiles
+/// (each tile recomputes the chunk's scores: variant 19).
 fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Option<FusedPlan>> {
     let emulated = match config.tuning.fused_products {
         FusedProducts::Portable => return Ok(None),
@@ -130,7 +134,9 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
     let narrowest = chunk.max(16);
     let mut value_tile = match config.tuning.fused_value_tile {
         Some(tile) => tile.max(narrowest),
-        None => e.next_power_of_two().clamp(narrowest, MAX_FRAGMENT_VALUE_TILE),
+        None => e
+            .next_power_of_two()
+            .clamp(narrowest, FRAGMENT_VALUE_TILE.max(narrowest)),
     };
     let bytes = |tile: usize| fragment_shared_bytes(chunk, d, tile, element, emulated);
     while bytes(value_tile) > limits.shared_memory && value_tile > narrowest {
