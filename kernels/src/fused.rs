@@ -38,7 +38,7 @@
 
 use cubecl::prelude::*;
 
-use crate::kv_reduce::{final_factor, initial_factor, initial_state};
+use crate::kv_reduce::{final_factor, initial_element, initial_factor};
 use crate::layout::first_row;
 use crate::tiles::{apply_scores, load, masked_scores, store_rows};
 
@@ -89,13 +89,8 @@ pub fn fused<F: Float, N: Size>(
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
     let walk = CUBE_POS_Z as usize;
-    let seq = work[3 * walk] as usize;
-    let seq_start = seq_starts[seq] as usize;
-    let n = seq_starts[seq + 1] as usize - seq_start;
-    // Tokens `first_token .. end_token` of the sequence: all of them, or a
-    // segment's whole blocks.
-    let first_token = work[3 * walk + 1] as usize * block;
-    let end_token = min(first_token + work[3 * walk + 2] as usize * block, n);
+    let (seq, seq_start, n, first_token, end_token) = walk_tokens(seq_starts, work, walk, block);
+    let (initial_slot, final_slot) = walk_slots(initial_slots, final_slots, seq, walk, segmented);
     let row0 = first_row(seq_start, head, h, head_stride as usize);
     let step = token_stride as usize;
     let neg_slope = -slopes[head];
@@ -111,33 +106,26 @@ pub fn fused<F: Float, N: Size>(
     let mut v_tile = Shared::<[f32]>::new_slice(chunk * value_tile);
     let mut state_s = Shared::<[f32]>::new_slice(key_dim * value_tile);
 
-    // The initial state's tile, or zeros. A segment's incoming state is slot
-    // `walk` of `initial` (see the module doc).
-    let mut initial_slot = initial_slots[seq];
-    if comptime!(segmented) {
-        initial_slot = walk as i32;
-    }
+    // The initial state's tile, or zeros.
     let factor = initial_factor(initial_scale, neg_slope, advance_initial);
     for idx in range_stepped(unit, key_dim * value_tile, units) {
         let row = idx / value_tile;
         let col = e0 + idx % value_tile;
         let mut value = 0.0f32;
         if initial_slot >= 0 && col < value_dim {
-            let flat = row * value_dim + col;
-            value = initial_state::<N>(
+            value = initial_element::<N>(
                 initial,
                 &states[0..],
                 initial_slot as usize,
                 head,
                 h,
-                flat / lanes,
+                row * value_dim + col,
                 factor,
                 key_dim,
                 value_dim,
                 initial_in_states,
                 transpose_initial,
-            )
-            .extract_dynamic(flat % lanes);
+            );
         }
         state_s[idx] = value;
     }
@@ -254,11 +242,6 @@ pub fn fused<F: Float, N: Size>(
     }
 
     sync_cube();
-    // A segment's state goes nowhere: kv-reduce wrote the final states.
-    let mut final_slot = final_slots[seq];
-    if comptime!(segmented) {
-        final_slot = -1i32;
-    }
     if final_slot >= 0 {
         let factor = final_factor(final_scale, neg_slope, retreat_final);
         let base = (final_slot as usize * h + head) * state_len;
@@ -278,6 +261,47 @@ pub fn fused<F: Float, N: Size>(
             }
         }
     }
+}
+
+/// Walk `walk` of the work list (`work[3 walk .. 3 walk + 3]`: sequence,
+/// first block, blocks): `(sequence, its first token's index in the packed
+/// rows, its length, first_token, end_token)`, where tokens `first_token ..
+/// end_token` of the sequence are the walk's: all of them, or a segment's
+/// whole blocks. Both fused walks read their work this way.
+#[cube]
+pub fn walk_tokens(
+    seq_starts: &[u32],
+    work: &[u32],
+    walk: usize,
+    #[comptime] block: usize,
+) -> (usize, usize, usize, usize, usize) {
+    let seq = work[3 * walk] as usize;
+    let seq_start = seq_starts[seq] as usize;
+    let n = seq_starts[seq + 1] as usize - seq_start;
+    let first_token = work[3 * walk + 1] as usize * block;
+    let end_token = min(first_token + work[3 * walk + 2] as usize * block, n);
+    (seq, seq_start, n, first_token, end_token)
+}
+
+/// The walk's `(initial slot, final slot)`, negative for none: the
+/// sequence's; with `segmented`, the segment's incoming state (slot `walk`
+/// of `initial`) and no final state (kv-reduce over the segments wrote the
+/// final states).
+#[cube]
+pub fn walk_slots(
+    initial_slots: &[i32],
+    final_slots: &[i32],
+    seq: usize,
+    walk: usize,
+    #[comptime] segmented: bool,
+) -> (i32, i32) {
+    let mut initial_slot = initial_slots[seq];
+    let mut final_slot = final_slots[seq];
+    if comptime!(segmented) {
+        initial_slot = walk as i32;
+        final_slot = -1i32;
+    }
+    (initial_slot, final_slot)
 }
 
 /// `acc = Q_chunk S` for the unit's rows and columns: the chunk's queries

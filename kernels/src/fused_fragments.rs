@@ -32,7 +32,8 @@
 //! banks): `Q` and `K` of the chunk (`C x d16`, `d16` the key
 //! dim rounded up to 16, zero beyond `d` and past `len`), `V^T` (`16 planes x
 //! C`), `P` (`C x C`), the chunk's output `O` (`C x 16 planes`, written by
-//! the planes' accumulators, stored to HBM in whole vectors); in f32 the decay table `exp(-s m)` for `m = 0 ..= C`
+//! the planes' accumulators, stored to HBM in whole vectors); in f32 the
+//! decay table `exp(-s m)` for `m = 0 ..= C`
 //! and, when `emulated`, the fragments' scratch. The products are real
 //! (`mma.sync`, CUDA) or emulated through shared memory on any runtime
 //! ([`crate::fragments::mma_at()`]): the same code around them either way.
@@ -51,7 +52,8 @@ use crate::fragments::{
     A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, a_row_offset, b_row_offset, c_col, c_col_offset,
     c_row, c_row_offset, mma_at,
 };
-use crate::kv_reduce::{final_factor, initial_factor, initial_state};
+use crate::fused::{walk_slots, walk_tokens};
+use crate::kv_reduce::{final_factor, initial_element, initial_factor};
 use crate::layout::{first_row, token_row};
 use crate::staging::ROW_PAD;
 
@@ -107,15 +109,11 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let chunk_tiles = comptime!(chunk / 8);
     let score_tiles = comptime!(chunk_steps * chunk_tiles);
     let tiles_per_plane = comptime!(score_tiles.div_ceil(planes));
-    let lanes = N::value();
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
     let walk = CUBE_POS_Z as usize;
-    let seq = work[3 * walk] as usize;
-    let seq_start = seq_starts[seq] as usize;
-    let n = seq_starts[seq + 1] as usize - seq_start;
-    let first_token = work[3 * walk + 1] as usize * block;
-    let end_token = min(first_token + work[3 * walk + 2] as usize * block, n);
+    let (seq, seq_start, n, first_token, end_token) = walk_tokens(seq_starts, work, walk, block);
+    let (initial_slot, final_slot) = walk_slots(initial_slots, final_slots, seq, walk, segmented);
     let row0 = first_row(seq_start, head, h, head_stride as usize);
     let step = token_stride as usize;
     let neg_slope = -slopes[head];
@@ -141,10 +139,6 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
 
     // The state tile `S^T`, this plane's 16 rows: accumulator tile `x` holds
     // key columns `8 x .. 8 x + 8`.
-    let mut initial_slot = initial_slots[seq];
-    if comptime!(segmented) {
-        initial_slot = walk as i32;
-    }
     let factor = initial_factor(initial_scale, neg_slope, advance_initial);
     let mut st = Array::<f32>::new(comptime!(key_tiles * C_ELEMS));
     #[unroll(!emulated)]
@@ -155,21 +149,19 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let key = x * 8 + c_col(lane, nth);
             let mut value = 0.0f32;
             if initial_slot >= 0 && key < key_dim && col < value_dim {
-                let flat = key * value_dim + col;
-                value = initial_state::<N>(
+                value = initial_element::<N>(
                     initial,
                     &states[0..],
                     initial_slot as usize,
                     head,
                     h,
-                    flat / lanes,
+                    key * value_dim + col,
                     factor,
                     key_dim,
                     value_dim,
                     initial_in_states,
                     transpose_initial,
-                )
-                .extract_dynamic(flat % lanes);
+                );
             }
             st[x * C_ELEMS + nth] = value;
         }
@@ -383,11 +375,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         );
     }
 
-    // A segment's state goes nowhere: kv-reduce wrote the final states.
-    let mut final_slot = final_slots[seq];
-    if comptime!(segmented) {
-        final_slot = -1i32;
-    }
+    // A segment's state goes nowhere (`walk_slots`).
     if final_slot >= 0 {
         let factor = final_factor(final_scale, neg_slope, retreat_final);
         let base = (final_slot as usize * h + head) * comptime!(key_dim * value_dim);

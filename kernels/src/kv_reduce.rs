@@ -111,6 +111,41 @@ pub fn initial_state<N: Size>(
     value * Vector::new(factor)
 }
 
+/// Element `flat` (the row-major `[d, e]` index) of the initial state, one
+/// scalar of the vector [`initial_state()`] reads: for the walks that place
+/// the state element by element (the fused routines).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn initial_element<N: Size>(
+    initial: &[Vector<f32, N>],
+    states: &[Vector<f32, N>],
+    slot: usize,
+    head: usize,
+    heads: usize,
+    flat: usize,
+    factor: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] in_states: bool,
+    #[comptime] transposed: bool,
+) -> f32 {
+    let lanes = N::value();
+    initial_state::<N>(
+        initial,
+        states,
+        slot,
+        head,
+        heads,
+        flat / lanes,
+        factor,
+        key_dim,
+        value_dim,
+        in_states,
+        transposed,
+    )
+    .extract_dynamic(flat % lanes)
+}
+
 /// Launched with the geometry in the module doc. `initial` is read only when
 /// `initial_in_states` is false and some sequence has an initial slot (any
 /// buffer may be bound otherwise).

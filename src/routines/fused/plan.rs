@@ -145,16 +145,15 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
     if bytes(value_tile) > limits.shared_memory || (value_tile / 16) * PLANE > limits.max_units as usize {
         return Ok(None);
     }
-    let tiles = e.div_ceil(value_tile);
-    let segment_blocks = segments_for(work, tiles, limits);
-    let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
     let planes = value_tile / 16;
-    let dims = LaunchDims {
-        cubes: (count(tiles), count(work.heads), count(walks)),
-        units: count(planes * PLANE),
-        shared_bytes: bytes(value_tile),
-    }
-    .check("fused (tensor cores)", limits)?;
+    let (dims, segment_blocks) = walk_grid(
+        work,
+        e.div_ceil(value_tile),
+        planes * PLANE,
+        bytes(value_tile),
+        "fused (tensor cores)",
+        limits,
+    )?;
     Ok(Some(FusedPlan {
         dims,
         chunk,
@@ -210,16 +209,15 @@ pub(crate) fn portable(
             cols_per_unit /= 2;
         }
     }
-    let tiles = e.div_ceil(GRID_SIDE * cols_per_unit);
     // Then segments, where even that leaves SMs idle.
-    let segment_blocks = segments_for(work, tiles, limits);
-    let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
-    let dims = LaunchDims {
-        cubes: (count(tiles), count(work.heads), count(walks)),
-        units: count(GRID_SIDE * GRID_SIDE),
-        shared_bytes: bytes(key_chunk, cols_per_unit),
-    }
-    .check("fused", limits)?;
+    let (dims, segment_blocks) = walk_grid(
+        work,
+        e.div_ceil(GRID_SIDE * cols_per_unit),
+        GRID_SIDE * GRID_SIDE,
+        bytes(key_chunk, cols_per_unit),
+        "fused",
+        limits,
+    )?;
     Ok(FusedPlan {
         dims,
         chunk,
@@ -230,4 +228,27 @@ pub(crate) fn portable(
         cols_per_unit,
         fragments: None,
     })
+}
+
+/// The grid of either walk over `tiles` value tiles per head: the sequences
+/// split into segments by the chunk-recurrent rule where the walks would
+/// leave SMs idle (`segments_for`), x over tiles, y over heads, z over walks,
+/// checked against the device; and the blocks per segment.
+fn walk_grid(
+    work: &PrefillWork,
+    tiles: usize,
+    units: usize,
+    shared_bytes: usize,
+    label: &'static str,
+    limits: &DeviceLimits,
+) -> Result<(LaunchDims, Option<usize>)> {
+    let segment_blocks = segments_for(work, tiles, limits);
+    let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
+    let dims = LaunchDims {
+        cubes: (count(tiles), count(work.heads), count(walks)),
+        units: count(units),
+        shared_bytes,
+    }
+    .check(label, limits)?;
+    Ok((dims, segment_blocks))
 }
