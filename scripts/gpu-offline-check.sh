@@ -7,6 +7,7 @@
 # the real fragment product and its positions); `fused`: the bench's bf16
 # and f16 prefill with the fused routine beside the default, and its 64-wide
 # value tile; `fused-bf16`: the same for bf16 alone, without accuracy;
+# `ncu`: Nsight Compute on one launch of the tensor-core walk;
 # `fla`: FLA's chunk_simple_gla on the six prefill shapes
 # (`../shared/anchors/bench_triton.py` copied into .fla/, the fla-core wheel
 # in .whl/: carry both). Default: `ptx tests`.
@@ -66,6 +67,23 @@ for what in "${whats[@]}"; do
             --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
         echo "== fused bench, value tile 64: exit $?"
         grep -E "^\|" "$out/bench-fused64.log" | head -20
+        ;;
+    ncu)
+        # Nsight Compute on one warm launch of the tensor-core walk (64-wide
+        # value tile) at the third prefill shape, (4,64,8192,128) bf16: with
+        # --reps 3 each shape launches the walk 10 times (1 check, 3 warm-up,
+        # 3 timed, 3 staged), so skipping 22 lands on shape three's third.
+        # NCU_SKIP and NCU_TILE move it. Clocks left alone (METHOD.md).
+        timeout "${NCU_SECONDS:-300}" ncu --clock-control none --kernel-name regex:fused_fragments \
+            --launch-skip "${NCU_SKIP:-22}" --launch-count 1 --set full --import-source no \
+            -f -o "$out/fused-walk" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines fused --fused-value-tile "${NCU_TILE:-64}" --reps 3 \
+            --out "$out/bench-ncu" >"$out/ncu.log" 2>&1
+        echo "== ncu: exit $?"
+        ncu -i "$out/fused-walk.ncu-rep" --page details >"$out/ncu-details.txt" 2>&1
+        ncu -i "$out/fused-walk.ncu-rep" --page raw --csv >"$out/ncu-raw.csv" 2>&1
+        ncu -i "$out/fused-walk.ncu-rep" --page source --csv --print-source sass >"$out/ncu-sass.csv" 2>&1
+        grep -E "Grid Size|Block Size|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$out/ncu-details.txt" | head -20
         ;;
     fla)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1

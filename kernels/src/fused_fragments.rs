@@ -48,9 +48,9 @@
 
 use cubecl::prelude::*;
 
+use crate::fragment_loads::{a_lane_offset, b_lane_offset, load_a, load_b, load_b_pair};
 use crate::fragments::{
-    A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, a_row_offset, b_row_offset, c_col, c_col_offset,
-    c_row, c_row_offset, mma_at,
+    A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, c_col, c_col_offset, c_row, c_row_offset, mma_at,
 };
 use crate::fused::{walk_slots, walk_tokens};
 use crate::kv_reduce::{final_factor, initial_element, initial_factor};
@@ -125,10 +125,11 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     // The value columns of this plane's state rows and output rows.
     let plane_e = plane * 16;
 
-    let mut q_s = Shared::<[F]>::new_slice(comptime!(chunk * key_stride));
-    let mut k_s = Shared::<[F]>::new_slice(comptime!(chunk * key_stride));
-    let mut vt_s = Shared::<[F]>::new_slice(comptime!(value_tile * chunk_stride));
-    let mut p_s = Shared::<[F]>::new_slice(comptime!(chunk * chunk_stride));
+    // 16-byte aligned: `ldmatrix` reads 16-byte rows (`fragment_loads`).
+    let mut q_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
+    let mut k_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
+    let mut vt_s = Shared::<[F]>::new_aligned_slice(comptime!(value_tile * chunk_stride), 16usize);
+    let mut p_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * chunk_stride), 16usize);
     let mut o_s = Shared::<[F]>::new_slice(comptime!(chunk * value_stride));
     let mut decays = Shared::<[f32]>::new_slice(comptime!(chunk + 1));
     let mut scratch = Shared::<[f32]>::new_slice(comptime!(if emulated { planes * SCRATCH } else { 1 }));
@@ -174,20 +175,27 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let first_tile = plane * tiles_per_plane;
     let score_block = min(first_tile / chunk_tiles, chunk_steps - 1);
 
-    // Each fragment element's shared address is a lane's base, computed once
-    // here, plus a constant (the fragment offsets, the step and tile, which
-    // unroll on tensor cores): the lane arithmetic stays out of the loop.
+    // Each fragment's shared address is a tile offset (a constant where the
+    // loops unroll on tensor cores) plus a lane's part, computed once here:
+    // the lane arithmetic stays out of the loop (`fragment_loads`).
     let g = lane / 4;
     let t2 = (lane % 4) * 2;
     let score_col = (first_tile % chunk_tiles) * 8 + t2;
     let score_row = score_block * 16 + g;
-    let q_a = score_row * key_stride + t2;
-    let k_b = (score_col - t2 + g) * key_stride + t2;
-    let q_b = g * key_stride + t2;
-    let v_a = (plane_e + g) * chunk_stride + t2;
-    let p_b = g * chunk_stride + t2;
-    let k_update = t2 * key_stride + g;
+    // Q as `A` (rows: this plane's row block of queries), and as `B^T` rows
+    // of `S^T Q^T`; K as `B^T` rows of `Q K^T`, and as `B` (tokens down the
+    // rows) of the update; V^T as `A`; P as `B^T` rows of `V^T P^T`.
+    let q_a = score_block * 16 * key_stride;
+    let k_b = (score_col - t2) * key_stride;
+    let a_key = a_lane_offset(lane, key_stride);
+    let b_key = b_lane_offset(lane, key_stride, false);
+    let b_key_one = b_lane_offset(lane % 16, key_stride, false);
+    let b_update = b_lane_offset(lane, key_stride, true);
+    let v_a = plane_e * chunk_stride;
+    let a_chunk = a_lane_offset(lane, chunk_stride);
+    let b_chunk = b_lane_offset(lane, chunk_stride, false);
     let o_at = t2 * value_stride + plane_e + g;
+    let score_pairs = comptime!(tiles_per_plane / 2);
 
     let chunks = (end_token - first_token).div_ceil(chunk);
     for c in 0..chunks {
@@ -229,19 +237,29 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         #[unroll(!emulated)]
         for ks in 0..key_steps {
             let mut a = Array::<F>::new(A_ELEMS);
-            #[unroll]
-            for nth in 0..A_ELEMS {
-                a[nth] = q_s[q_a + ks * 16 + comptime!(a_row_offset(nth) * key_stride + a_col_offset(nth))];
-            }
+            let at = q_a + ks * 16;
+            load_a::<F>(&q_s, at, at + a_key, &mut a, key_stride, emulated);
             #[unroll(!emulated)]
-            for m in 0..tiles_per_plane {
+            for pair in 0..score_pairs {
                 let mut b = Array::<F>::new(B_ELEMS);
-                #[unroll]
-                for nth in 0..B_ELEMS {
-                    b[nth] =
-                        k_s[k_b + m * comptime!(8 * key_stride) + ks * 16 + comptime!(b_row_offset(nth))];
-                }
-                mma_at::<F>(&a, &b, &mut scores, m * C_ELEMS, &mut scratch, emulated);
+                let mut b_next = Array::<F>::new(B_ELEMS);
+                let at = k_b + pair * comptime!(16 * key_stride) + ks * 16;
+                load_b_pair::<F>(&k_s, at, at + b_key, &mut b, &mut b_next, key_stride, false, emulated);
+                mma_at::<F>(&a, &b, &mut scores, 2 * pair * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(&a, &b_next, &mut scores, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+            }
+            if comptime!(tiles_per_plane % 2 == 1) {
+                let mut b = Array::<F>::new(B_ELEMS);
+                let at = k_b + comptime!(2 * score_pairs * 8 * key_stride) + ks * 16;
+                load_b::<F>(&k_s, at, at + b_key_one, &mut b, key_stride, false, emulated);
+                mma_at::<F>(
+                    &a,
+                    &b,
+                    &mut scores,
+                    comptime!(2 * score_pairs * C_ELEMS),
+                    &mut scratch,
+                    emulated,
+                );
             }
         }
         #[unroll(!emulated)]
@@ -276,14 +294,13 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 a[nth + C_ELEMS] = F::cast_from(st[(2 * ks + 1) * C_ELEMS + nth]);
             }
             #[unroll(!emulated)]
-            for tile in 0..chunk_tiles {
+            for pair in 0..comptime!(chunk_tiles / 2) {
                 let mut b = Array::<F>::new(B_ELEMS);
-                #[unroll]
-                for nth in 0..B_ELEMS {
-                    b[nth] =
-                        q_s[q_b + tile * comptime!(8 * key_stride) + ks * 16 + comptime!(b_row_offset(nth))];
-                }
-                mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
+                let mut b_next = Array::<F>::new(B_ELEMS);
+                let at = pair * comptime!(16 * key_stride) + ks * 16;
+                load_b_pair::<F>(&q_s, at, at + b_key, &mut b, &mut b_next, key_stride, false, emulated);
+                mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(&a, &b_next, &mut acc, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
             }
         }
         #[unroll(!emulated)]
@@ -305,43 +322,38 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         #[unroll(!emulated)]
         for js in 0..chunk_steps {
             let mut a = Array::<F>::new(A_ELEMS);
+            let at = v_a + js * 16;
+            load_a::<F>(&vt_s, at, at + a_chunk, &mut a, chunk_stride, emulated);
+            #[unroll(!emulated)]
+            for pair in 0..comptime!(chunk_tiles / 2) {
+                let mut b = Array::<F>::new(B_ELEMS);
+                let mut b_next = Array::<F>::new(B_ELEMS);
+                let at = pair * comptime!(16 * chunk_stride) + js * 16;
+                load_b_pair::<F>(&p_s, at, at + b_chunk, &mut b, &mut b_next, chunk_stride, false, emulated);
+                mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(&a, &b_next, &mut acc, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+            }
+            // The update's left operand: V^T with κ on its columns (tokens;
+            // zero past `len`), `V^T (K ⊙ κ) = (V^T ⊙ κ) K`: 8 products per
+            // step where κ on `K` took one per element of every `B`.
+            let mut a_kappa = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                a[nth] =
-                    vt_s[v_a + js * 16 + comptime!(a_row_offset(nth) * chunk_stride + a_col_offset(nth))];
-            }
-            #[unroll(!emulated)]
-            for tile in 0..chunk_tiles {
-                let mut b = Array::<F>::new(B_ELEMS);
-                #[unroll]
-                for nth in 0..B_ELEMS {
-                    b[nth] = p_s
-                        [p_b + tile * comptime!(8 * chunk_stride) + js * 16 + comptime!(b_row_offset(nth))];
-                }
-                mma_at::<F>(&a, &b, &mut acc, tile * C_ELEMS, &mut scratch, emulated);
-            }
-            // κ of this lane's key rows of the step (zero past `len`).
-            let mut kappa = Array::<f32>::new(B_ELEMS);
-            #[unroll]
-            for nth in 0..B_ELEMS {
-                let j = t2 + js * 16 + comptime!(b_row_offset(nth));
-                let mut value = 0.0f32;
+                let j = t2 + js * 16 + comptime!(a_col_offset(nth));
+                let mut kappa = 0.0f32;
                 if j < len {
-                    value = decays[len - 1 - j];
+                    kappa = decays[len - 1 - j];
                 }
-                kappa[nth] = value;
+                a_kappa[nth] = F::cast_from(f32::cast_from(a[nth]) * kappa);
             }
             #[unroll(!emulated)]
-            for x in 0..key_tiles {
+            for pair in 0..comptime!(key_tiles / 2) {
                 let mut b = Array::<F>::new(B_ELEMS);
-                #[unroll]
-                for nth in 0..B_ELEMS {
-                    let at = k_update + js * comptime!(16 * key_stride) + x * 8;
-                    b[nth] = F::cast_from(
-                        f32::cast_from(k_s[at + comptime!(b_row_offset(nth) * key_stride)]) * kappa[nth],
-                    );
-                }
-                mma_at::<F>(&a, &b, &mut st, x * C_ELEMS, &mut scratch, emulated);
+                let mut b_next = Array::<F>::new(B_ELEMS);
+                let at = js * comptime!(16 * key_stride) + pair * 16;
+                load_b_pair::<F>(&k_s, at, at + b_update, &mut b, &mut b_next, key_stride, true, emulated);
+                mma_at::<F>(&a_kappa, &b, &mut st, 2 * pair * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(&a_kappa, &b_next, &mut st, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
             }
         }
 
@@ -431,45 +443,48 @@ fn stage_chunk<F: Float, NV: Size>(
     let key_width = comptime!(key_dim / lanes);
     let value_width = comptime!(value_dim / lanes);
     let unit = UNIT_POS as usize;
-    let zero = Vector::<F, NV>::new(F::cast_from(0.0f32));
+    let zero = F::cast_from(0.0f32);
+    // Every load reads a valid vector (rows past `len` and columns past the
+    // dims clamped to the last), and the stores write zero in their place:
+    // choosing zero or the load per vector in registers took a byte permute
+    // per scalar (variant 22).
+    let last = len - 1;
     let mut q_regs = Array::<Vector<F, NV>>::new(key_share);
     let mut k_regs = Array::<Vector<F, NV>>::new(key_share);
     let mut v_regs = Array::<Vector<F, NV>>::new(value_share);
     #[unroll]
     for x in 0..key_share {
         let idx = x * units + unit;
-        let r = idx / key_vectors;
-        let c = idx % key_vectors;
-        let mut qv = zero;
-        let mut kv = zero;
-        if r < len && c < key_width {
-            let at = token_row(row0, c0 + r, n, step, reversed) * key_width + c;
-            qv = q[at];
-            kv = k[at];
-        }
-        q_regs[x] = qv;
-        k_regs[x] = kv;
+        let r = min(idx / key_vectors, last);
+        let c = min(idx % key_vectors, comptime!(key_width - 1));
+        let at = token_row(row0, c0 + r, n, step, reversed) * key_width + c;
+        q_regs[x] = q[at];
+        k_regs[x] = k[at];
     }
     #[unroll]
     for x in 0..value_share {
         let idx = x * units + unit;
-        let r = idx / value_vectors;
-        let c = e0 / lanes + idx % value_vectors;
-        let mut vv = zero;
-        if r < len && c < value_width {
-            vv = v[token_row(row0, c0 + r, n, step, reversed) * value_width + c];
-        }
-        v_regs[x] = vv;
+        let r = min(idx / value_vectors, last);
+        let c = min(e0 / lanes + idx % value_vectors, comptime!(value_width - 1));
+        v_regs[x] = v[token_row(row0, c0 + r, n, step, reversed) * value_width + c];
     }
     #[unroll]
     for x in 0..key_share {
         let idx = x * units + unit;
         if idx < comptime!(chunk * key_vectors) {
             let at = (idx / key_vectors) * key_stride + (idx % key_vectors) * lanes;
-            #[unroll]
-            for j in 0..lanes {
-                q_s[at + j] = q_regs[x].extract(j);
-                k_s[at + j] = k_regs[x].extract(j);
+            if idx / key_vectors < len && idx % key_vectors < key_width {
+                #[unroll]
+                for j in 0..lanes {
+                    q_s[at + j] = q_regs[x].extract(j);
+                    k_s[at + j] = k_regs[x].extract(j);
+                }
+            } else {
+                #[unroll]
+                for j in 0..lanes {
+                    q_s[at + j] = zero;
+                    k_s[at + j] = zero;
+                }
             }
         }
     }
@@ -479,9 +494,16 @@ fn stage_chunk<F: Float, NV: Size>(
         if idx < comptime!(chunk * value_vectors) {
             let r = idx / value_vectors;
             let col = (idx % value_vectors) * lanes;
-            #[unroll]
-            for j in 0..lanes {
-                vt_s[(col + j) * chunk_stride + r] = v_regs[x].extract(j);
+            if r < len && e0 / lanes + idx % value_vectors < value_width {
+                #[unroll]
+                for j in 0..lanes {
+                    vt_s[(col + j) * chunk_stride + r] = v_regs[x].extract(j);
+                }
+            } else {
+                #[unroll]
+                for j in 0..lanes {
+                    vt_s[(col + j) * chunk_stride + r] = zero;
+                }
             }
         }
     }

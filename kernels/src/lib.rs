@@ -57,6 +57,7 @@ pub mod decode;
 pub mod diag;
 pub mod diag_cmma;
 pub mod fill;
+pub mod fragment_loads;
 pub mod finite;
 pub mod fragments;
 pub mod fused;

@@ -1,0 +1,173 @@
+//! Loads of `mma.m16n8k16` operand fragments ([`crate::fragments`]) from
+//! shared memory: on tensor cores one `ldmatrix.x4` per call (four 8 x 8
+//! matrices: one `A` fragment, or two `B` fragments side by side), emulated
+//! as one load per element at the same positions on any runtime.
+//!
+//! Why (SPEED_NOTES.md, variant 22): loading fragments element by element,
+//! the fused walk spent more issue slots on loads, repacking and addresses
+//! than on its products, and a right operand stored with `K` along its rows
+//! (the state update's `K ⊙ κ`, tokens down the rows) took a 16-bit load
+//! and a repack per element. `ldmatrix` moves four registers per instruction,
+//! and its `.trans` form reads such an operand in the layout the product
+//! wants.
+//!
+//! Each lane of a plane gives the address of one 16-byte row of one of the
+//! four matrices ([`a_lane_offset()`], [`b_lane_offset()`]: computed once,
+//! added to each call's tile offset). The tile's rows must be 16-byte
+//! aligned on tensor cores (shared tiles made with `new_aligned_slice(_, 16)`,
+//! row strides a multiple of 8 scalars).
+
+use cubecl::cmma::MatrixIdent;
+use cubecl::prelude::*;
+
+use crate::fragments::{A_ELEMS, B_ELEMS, K, M, N, a_col, a_row, b_col, b_row};
+
+/// Scalars of one `ldmatrix` row (16 bytes of a 16-bit type).
+const ROW: usize = 8;
+
+/// The lane part of an `A` fragment's `ldmatrix` address, the tile stored
+/// row-major (rows along `M`, `stride` scalars apart): lanes 0-7 give rows
+/// 0-7 and lanes 8-15 rows 8-15 of columns 0-7, lanes 16-31 the same rows
+/// of columns 8-15 (the order of `A`'s four registers).
+#[cube]
+pub fn a_lane_offset(lane: usize, #[comptime] stride: usize) -> usize {
+    (((lane / 8) % 2) * 8 + lane % 8) * stride + (lane / 16) * 8
+}
+
+/// The lane part of a pair of `B` fragments' `ldmatrix` address (columns
+/// `0..8` and `8..16` of a 16 x 16 block of `B`). `k_major`: the tile holds
+/// `B` with `K` down its rows (element `(k, n)` at `k * stride + n`, read
+/// with `.trans`); else with `N` down its rows (`(k, n)` at `n * stride + k`,
+/// `B^T` row-major). Either way matrix `i` of lanes `8 i .. 8 i + 8` is
+/// rows `8 (i % 2)` of `K` and columns `8 (i / 2)` of `N`: the registers of
+/// the first fragment, then the second. For one fragment ([`load_b()`]),
+/// pass `lane % 16`.
+#[cube]
+pub fn b_lane_offset(lane: usize, #[comptime] stride: usize, #[comptime] k_major: bool) -> usize {
+    let k = ((lane / 8) % 2) * 8;
+    let n = (lane / 16) * 8;
+    let mut at = (n + lane % 8) * stride + k;
+    if comptime!(k_major) {
+        at = (k + lane % 8) * stride + n;
+    }
+    at
+}
+
+/// This lane's `A` fragment of the 16 x 16 block at `at` of `tile` (row-major,
+/// rows `stride` apart) into `a[..A_ELEMS]`; `lane_at` is `at` plus
+/// [`a_lane_offset()`] (the real load's address; the emulation computes each
+/// element's).
+#[cube]
+pub fn load_a<E: Float>(
+    tile: &Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    a: &mut Array<E>,
+    #[comptime] stride: usize,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        let lane = UNIT_POS as usize % 32;
+        #[unroll]
+        for nth in 0..A_ELEMS {
+            a[nth] = tile[at + a_row(lane, nth) * stride + a_col(lane, nth)];
+        }
+    } else {
+        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
+        let size_a = def.vector_size(MatrixIdent::A);
+        let size!(NA) = size_a;
+        let regs = def.load_matrix::<E, NA>(&tile[lane_at..lane_at + ROW], MatrixIdent::A, 4usize, false);
+        #[unroll]
+        for i in 0..comptime!(A_ELEMS / size_a) {
+            #[unroll]
+            for j in 0..size_a {
+                a[i * size_a + j] = regs[i].extract(j);
+            }
+        }
+    }
+}
+
+/// This lane's one `B` fragment of the 16 x 8 block of `B` at `at` of `tile`
+/// (`ldmatrix.x2`; lanes 16-31 give the same addresses as lanes 0-15); the
+/// layout and `lane_at` as [`load_b_pair()`]'s.
+#[cube]
+pub fn load_b<E: Float>(
+    tile: &Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    b: &mut Array<E>,
+    #[comptime] stride: usize,
+    #[comptime] k_major: bool,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        let lane = UNIT_POS as usize % 32;
+        #[unroll]
+        for nth in 0..B_ELEMS {
+            let k = b_row(lane, nth);
+            let n = b_col(lane, nth);
+            let mut offset = n * stride + k;
+            if comptime!(k_major) {
+                offset = k * stride + n;
+            }
+            b[nth] = tile[at + offset];
+        }
+    } else {
+        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
+        let size_b = def.vector_size(MatrixIdent::B);
+        let size!(NB) = size_b;
+        let regs = def.load_matrix::<E, NB>(&tile[lane_at..lane_at + ROW], MatrixIdent::B, 2usize, k_major);
+        #[unroll]
+        for i in 0..comptime!(B_ELEMS / size_b) {
+            #[unroll]
+            for j in 0..size_b {
+                b[i * size_b + j] = regs[i].extract(j);
+            }
+        }
+    }
+}
+
+/// This lane's two `B` fragments of the 16 x 16 block of `B` at `at` of
+/// `tile` (columns `0..8` into `first`, `8..16` into `second`); the layout
+/// as [`b_lane_offset()`]'s, and `lane_at` is `at` plus it.
+#[cube]
+pub fn load_b_pair<E: Float>(
+    tile: &Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    first: &mut Array<E>,
+    second: &mut Array<E>,
+    #[comptime] stride: usize,
+    #[comptime] k_major: bool,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        let lane = UNIT_POS as usize % 32;
+        #[unroll]
+        for nth in 0..B_ELEMS {
+            let k = b_row(lane, nth);
+            let n = b_col(lane, nth);
+            let mut offset = n * stride + k;
+            let mut next = offset + 8 * stride;
+            if comptime!(k_major) {
+                offset = k * stride + n;
+                next = offset + 8;
+            }
+            first[nth] = tile[at + offset];
+            second[nth] = tile[at + next];
+        }
+    } else {
+        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
+        let size_b = def.vector_size(MatrixIdent::B);
+        let size!(NB) = size_b;
+        let regs = def.load_matrix::<E, NB>(&tile[lane_at..lane_at + ROW], MatrixIdent::B, 4usize, k_major);
+        #[unroll]
+        for i in 0..comptime!(B_ELEMS / size_b) {
+            #[unroll]
+            for j in 0..size_b {
+                first[i * size_b + j] = regs[i].extract(j);
+                second[i * size_b + j] = regs[i + comptime!(B_ELEMS / size_b)].extract(j);
+            }
+        }
+    }
+}
