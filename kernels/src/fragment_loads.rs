@@ -171,3 +171,89 @@ pub fn load_b_pair<E: Float>(
         }
     }
 }
+
+/// Row stride of the check kernel's tile: not 16, so that a stride mistake
+/// shows.
+pub const CHECK_STRIDE: usize = 24;
+/// Elements the check kernel writes: `A`, the `B` pair read with `N` down the
+/// rows, the pair read with `K` down the rows (16 x 16 each), and one `B`
+/// (16 x 8), each row-major by (row, column) of the operand.
+pub const CHECK_LEN: usize = 3 * 16 * 16 + 16 * 8;
+/// Scalars of the check kernel's tile.
+const CHECK_TILE: usize = 16 * CHECK_STRIDE;
+
+/// A check of the loads: one plane stages `tile` (16 rows of
+/// [`CHECK_STRIDE`]) in shared memory, loads from it each fragment kind at
+/// offset 0 and writes every element it holds to `out` at the element's
+/// (row, column) of its operand (layout in [`CHECK_LEN`]). The tests run it
+/// emulated everywhere and, on CUDA, with `ldmatrix`, against the tile read
+/// on the host.
+#[cube(launch_unchecked, create_dummy_kernel)]
+pub fn fragment_loads_check<E: Float>(tile: &[E], out: &mut [E], #[comptime] emulated: bool) {
+    let lane = UNIT_POS as usize;
+    let mut staged = Shared::<[E]>::new_aligned_slice(CHECK_TILE, 16usize);
+    for i in range_stepped(lane, CHECK_TILE, 32usize) {
+        staged[i] = tile[i];
+    }
+    sync_cube();
+    let mut a = Array::<E>::new(A_ELEMS);
+    load_a::<E>(
+        &staged,
+        0usize,
+        a_lane_offset(lane, CHECK_STRIDE),
+        &mut a,
+        CHECK_STRIDE,
+        emulated,
+    );
+    #[unroll]
+    for nth in 0..A_ELEMS {
+        out[a_row(lane, nth) * 16 + a_col(lane, nth)] = a[nth];
+    }
+    check_pair::<E>(&staged, out, lane, 256usize, false, emulated);
+    check_pair::<E>(&staged, out, lane, 512usize, true, emulated);
+    let mut b = Array::<E>::new(B_ELEMS);
+    load_b::<E>(
+        &staged,
+        0usize,
+        b_lane_offset(lane % 16, CHECK_STRIDE, false),
+        &mut b,
+        CHECK_STRIDE,
+        false,
+        emulated,
+    );
+    #[unroll]
+    for nth in 0..B_ELEMS {
+        out[768usize + b_row(lane, nth) * 8 + b_col(lane, nth)] = b[nth];
+    }
+}
+
+/// [`fragment_loads_check()`]'s `B` pair, written from `base`.
+#[cube]
+fn check_pair<E: Float>(
+    staged: &Shared<[E]>,
+    out: &mut [E],
+    lane: usize,
+    #[comptime] base: usize,
+    #[comptime] k_major: bool,
+    #[comptime] emulated: bool,
+) {
+    let mut first = Array::<E>::new(B_ELEMS);
+    let mut second = Array::<E>::new(B_ELEMS);
+    let lane_at = b_lane_offset(lane, CHECK_STRIDE, k_major);
+    load_b_pair::<E>(
+        staged,
+        0usize,
+        lane_at,
+        &mut first,
+        &mut second,
+        CHECK_STRIDE,
+        k_major,
+        emulated,
+    );
+    #[unroll]
+    for nth in 0..B_ELEMS {
+        let at = base + b_row(lane, nth) * 16 + b_col(lane, nth);
+        out[at] = first[nth];
+        out[at + 8] = second[nth];
+    }
+}

@@ -244,9 +244,25 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = k_b + pair * comptime!(16 * key_stride) + ks * 16;
-                load_b_pair::<F>(&k_s, at, at + b_key, &mut b, &mut b_next, key_stride, false, emulated);
+                load_b_pair::<F>(
+                    &k_s,
+                    at,
+                    at + b_key,
+                    &mut b,
+                    &mut b_next,
+                    key_stride,
+                    false,
+                    emulated,
+                );
                 mma_at::<F>(&a, &b, &mut scores, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(&a, &b_next, &mut scores, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(
+                    &a,
+                    &b_next,
+                    &mut scores,
+                    (2 * pair + 1) * C_ELEMS,
+                    &mut scratch,
+                    emulated,
+                );
             }
             if comptime!(tiles_per_plane % 2 == 1) {
                 let mut b = Array::<F>::new(B_ELEMS);
@@ -298,9 +314,25 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = pair * comptime!(16 * key_stride) + ks * 16;
-                load_b_pair::<F>(&q_s, at, at + b_key, &mut b, &mut b_next, key_stride, false, emulated);
+                load_b_pair::<F>(
+                    &q_s,
+                    at,
+                    at + b_key,
+                    &mut b,
+                    &mut b_next,
+                    key_stride,
+                    false,
+                    emulated,
+                );
                 mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(&a, &b_next, &mut acc, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(
+                    &a,
+                    &b_next,
+                    &mut acc,
+                    (2 * pair + 1) * C_ELEMS,
+                    &mut scratch,
+                    emulated,
+                );
             }
         }
         #[unroll(!emulated)]
@@ -329,9 +361,25 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = pair * comptime!(16 * chunk_stride) + js * 16;
-                load_b_pair::<F>(&p_s, at, at + b_chunk, &mut b, &mut b_next, chunk_stride, false, emulated);
+                load_b_pair::<F>(
+                    &p_s,
+                    at,
+                    at + b_chunk,
+                    &mut b,
+                    &mut b_next,
+                    chunk_stride,
+                    false,
+                    emulated,
+                );
                 mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(&a, &b_next, &mut acc, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(
+                    &a,
+                    &b_next,
+                    &mut acc,
+                    (2 * pair + 1) * C_ELEMS,
+                    &mut scratch,
+                    emulated,
+                );
             }
             // The update's left operand: V^T with κ on its columns (tokens;
             // zero past `len`), `V^T (K ⊙ κ) = (V^T ⊙ κ) K`: 8 products per
@@ -351,9 +399,25 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                 let mut b = Array::<F>::new(B_ELEMS);
                 let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = js * comptime!(16 * key_stride) + pair * 16;
-                load_b_pair::<F>(&k_s, at, at + b_update, &mut b, &mut b_next, key_stride, true, emulated);
+                load_b_pair::<F>(
+                    &k_s,
+                    at,
+                    at + b_update,
+                    &mut b,
+                    &mut b_next,
+                    key_stride,
+                    true,
+                    emulated,
+                );
                 mma_at::<F>(&a_kappa, &b, &mut st, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(&a_kappa, &b_next, &mut st, (2 * pair + 1) * C_ELEMS, &mut scratch, emulated);
+                mma_at::<F>(
+                    &a_kappa,
+                    &b_next,
+                    &mut st,
+                    (2 * pair + 1) * C_ELEMS,
+                    &mut scratch,
+                    emulated,
+                );
             }
         }
 

@@ -160,3 +160,91 @@ fn real_fragment_product_and_positions_match_cubecl_on_cuda() {
         }
     }
 }
+
+/// What `fragment_loads_check` must write: each operand's elements read from
+/// the row-major tile (`A` and the `N`-major `B`: row `n` of the tile holds
+/// column `n` of `B`; the `K`-major `B`: row `k` holds row `k`).
+fn loads_expected(tile: &[f32]) -> Vec<f32> {
+    use lightning_attention_kernels::fragment_loads::{CHECK_LEN, CHECK_STRIDE};
+    let at = |row: usize, col: usize| tile[row * CHECK_STRIDE + col];
+    let mut want = vec![0.0; CHECK_LEN];
+    for r in 0..16 {
+        for c in 0..16 {
+            want[r * 16 + c] = at(r, c);
+            want[256 + r * 16 + c] = at(c, r);
+            want[512 + r * 16 + c] = at(r, c);
+        }
+        for c in 0..8 {
+            want[768 + r * 8 + c] = at(c, r);
+        }
+    }
+    want
+}
+
+/// Runs `fragment_loads_check` on a fresh tile and returns what it wrote and
+/// what it must write.
+fn loads(client: &TestClient, dtype: DType, emulated: bool, seed: u64) -> (Vec<f64>, Vec<f32>) {
+    use lightning_attention_kernels::fragment_loads::{CHECK_LEN, CHECK_STRIDE, fragment_loads_check};
+    let tile = SeededRng::new(seed).values(16 * CHECK_STRIDE, dtype);
+    let t = upload(client, &tile, &[16 * CHECK_STRIDE], dtype);
+    let out = poisoned(client, &[CHECK_LEN], dtype);
+    macro_rules! launch {
+        ($e:ty) => {
+            // SAFETY: `t` holds 16 rows of CHECK_STRIDE and `out` CHECK_LEN
+            // elements, what the kernel reads and writes.
+            unsafe {
+                fragment_loads_check::launch_unchecked::<$e>(
+                    client,
+                    CubeCount::Static(1, 1, 1),
+                    CubeDim::new_1d(PLANE as u32),
+                    arg(&t),
+                    arg(&out),
+                    emulated,
+                )
+            }
+        };
+    }
+    match dtype {
+        DType::F32 => launch!(f32),
+        DType::F16 => launch!(half::f16),
+        DType::BF16 => launch!(half::bf16),
+    }
+    (read(client, &out), loads_expected(&tile))
+}
+
+/// Every fragment element the loads give is the tile's element at its
+/// position, exactly (a copy): emulated here, and on CUDA below through
+/// `ldmatrix` (where a wrong lane address would move whole rows).
+#[test]
+fn emulated_fragment_loads_place_every_element() {
+    let client = client();
+    for (i, dtype) in input_dtypes()
+        .into_iter()
+        .filter(|d| d.is_native(&client))
+        .enumerate()
+    {
+        let (got, want) = loads(&client, dtype, true, 60 + i as u64);
+        for (at, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*g, f64::from(*w), "{dtype:?}: element {at} of the emulated loads");
+        }
+    }
+}
+
+/// On CUDA: the `ldmatrix` loads (f16 and bf16) place every element where
+/// the emulated ones do.
+#[cfg(feature = "cuda")]
+#[test]
+fn real_fragment_loads_place_every_element_on_cuda() {
+    let client = client();
+    assert!(
+        client.name().starts_with("cuda"),
+        "ldmatrix runs on CUDA only, and this build's device is {}",
+        client.name()
+    );
+    for (i, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+        let (got, want) = loads(&client, dtype, false, 70 + i as u64);
+        for (at, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*g, f64::from(*w), "{dtype:?}: element {at} of the ldmatrix loads");
+        }
+    }
+}
