@@ -4,7 +4,8 @@
 # (CUBECL_CUDA_DUMP_PTX), to compare here with the offline compile
 # (`compile.py --ptx-dir $OUT/ptx --compare target/cuda-offline-report/report.json`);
 # `tests`: the CUDA suite (the changed plans and kernels, the fused routine,
-# the real fragment product and its positions); `fused`: the bench's bf16
+# the real fragment product and its positions; TEST_FILTER, say `fragment`,
+# runs the tests whose names contain it); `fused`: the bench's bf16
 # and f16 prefill with the fused routine beside the default, and its 64-wide
 # value tile; `fused-bf16`: the same for bf16 alone, without accuracy;
 # `ncu`: Nsight Compute on one launch of the tensor-core walk;
@@ -42,7 +43,7 @@ for what in "${whats[@]}"; do
         ;;
     tests)
         PROPTEST_CASES=6 LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-280}" \
-            "$bundle/bin/kernels-tests" >"$out/tests-cuda.log" 2>&1
+            "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-cuda.log" 2>&1
         echo "== cuda tests: exit $?"
         grep -E "^test result|FAILED|panicked|fragment" "$out/tests-cuda.log" | head -20
         ;;

@@ -143,3 +143,61 @@ fn portable_walk_where_asked_or_without_fragments() {
     let fragments = lightning_attention::plan::TensorCores::fragments_of(&client).supports(DType::BF16);
     assert_eq!(planned_walk(&case), fragments.then_some(false));
 }
+
+/// On CUDA: the real tensor-core walk (`ldmatrix` loads, `mma.sync`
+/// products: what `Auto` plans for f16 and bf16 there) against the f64
+/// reference, chunks of 16, 32 and 64, head dims to 128, value tiles from
+/// 16 to the default 64, sequences past several chunks.
+#[cfg(feature = "cuda")]
+fn real_case() -> impl Strategy<Value = Case> {
+    (
+        prop::sample::select(vec![16usize, 32, 64]),
+        1usize..=2,
+        prop::sample::select(vec![(128, 128), (64, 64), (16, 16), (32, 64), (96, 96), (24, 40), (128, 64)]),
+        1usize..=2,
+        1usize..=3,
+        any::<bool>(),
+        prop::sample::select(vec![DType::F16, DType::BF16]),
+        prop::sample::select(vec![None, Some(16), Some(32)]),
+        any::<u64>(),
+    )
+        .prop_flat_map(|(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
+            let block = sub_block * blocks;
+            (1usize..=3 * block + 17).prop_map(move |n| Case {
+                block,
+                sub_block,
+                dims: Dims {
+                    batch: b,
+                    heads: h,
+                    seq_len: n,
+                    key_dim: d,
+                    value_dim: e,
+                },
+                with_state,
+                dtype,
+                routines: Routines::Fused,
+                precision: Default::default(),
+                tuning: Tuning {
+                    fused_products: FusedProducts::Auto,
+                    // At least the chunk (the plan's rule) where forced.
+                    fused_value_tile: tile.map(|t| t.max(sub_block)),
+                    ..tuning()
+                },
+                seed,
+            })
+        })
+}
+
+#[cfg(feature = "cuda")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(24), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn real_fragment_walk_matches_reference_on_cuda(case in real_case()) {
+        prop_assert_eq!(planned_walk(&case), Some(false), "the real walk was not planned for {:?}", case);
+        let (out_err, state_err, _) = run(&case);
+        let tol = tolerance_for(case.dtype, case.precision);
+        prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
+        prop_assert!(state_err < tol, "state error {state_err:e} >= {tol:e} for {case:?}");
+    }
+}
