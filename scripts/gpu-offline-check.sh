@@ -42,7 +42,7 @@ for what in "${whats[@]}"; do
         echo "== ptx-bf16 bench: exit $? ($(ls "$out/ptx-bf16" | wc -l) PTX files dumped)"
         ;;
     tests)
-        PROPTEST_CASES=6 LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-280}" \
+        PROPTEST_CASES=${PROPTEST_CASES:-6} LIGHTNING_ATTENTION_RUNTIME=cuda timeout "${TEST_SECONDS:-280}" \
             "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/tests-cuda.log" 2>&1
         echo "== cuda tests: exit $?"
         grep -E "^test result|FAILED|panicked|fragment" "$out/tests-cuda.log" | head -20
@@ -85,6 +85,13 @@ for what in "${whats[@]}"; do
         ncu -i "$out/fused-walk.ncu-rep" --page raw --csv >"$out/ncu-raw.csv" 2>&1
         ncu -i "$out/fused-walk.ncu-rep" --page source --csv --print-source sass >"$out/ncu-sass.csv" 2>&1
         grep -E "Grid Size|Block Size|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Compute \(SM\) Throughput|Memory Throughput" "$out/ncu-details.txt" | head -20
+        ;;
+    fused-one)
+        # The bf16 rows, default beside fused (its default tile), once.
+        timeout "${BENCH_SECONDS:-240}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+            --configs 64/64 --routines auto,fused --out "$out/bench-fused-one" >"$out/bench-fused-one.log" 2>&1
+        echo "== fused bench, bf16: exit $?"
+        grep -E "^\|" "$out/bench-fused-one.log" | head -20
         ;;
     fla)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1

@@ -20,7 +20,7 @@
 use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
-use crate::fragments::{A_ELEMS, B_ELEMS, K, M, N, a_col, a_row, b_col, b_row};
+use crate::fragments::{A_ELEMS, B_ELEMS, C_ELEMS, K, M, N, a_col, a_row, b_col, b_row, c_col, c_row};
 
 /// Scalars of one `ldmatrix` row (16 bytes of a 16-bit type).
 const ROW: usize = 8;
@@ -51,6 +51,16 @@ pub fn b_lane_offset(lane: usize, #[comptime] stride: usize, #[comptime] k_major
         at = (k + lane % 8) * stride + n;
     }
     at
+}
+
+/// The lane part of an `A` fragment's `.trans` address, the tile holding
+/// `A^T` row-major (element `(m, k)` at `k * stride + m`): matrix `i` of
+/// lanes `8 i .. 8 i + 8` is rows `8 (i / 2)` of `K` and columns `8 (i % 2)`
+/// of `M`. The same addresses place a pair of accumulator tiles stored
+/// transposed ([`store_c_pair()`]).
+#[cube]
+pub fn a_lane_offset_trans(lane: usize, #[comptime] stride: usize) -> usize {
+    ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8
 }
 
 /// This lane's `A` fragment of the 16 x 16 block at `at` of `tile` (row-major,
@@ -84,6 +94,99 @@ pub fn load_a<E: Float>(
                 a[i * size_a + j] = regs[i].extract(j);
             }
         }
+    }
+}
+
+/// This lane's `A` fragment of the 16 x 16 block at `at` of `tile`, which
+/// holds `A^T` row-major (rows along `K`, `stride` scalars apart: the staged
+/// `V` rows as the left operand `V^T`), read with `ldmatrix.trans`; `lane_at`
+/// is `at` plus [`a_lane_offset_trans()`].
+#[cube]
+pub fn load_a_trans<E: Float>(
+    tile: &Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    a: &mut Array<E>,
+    #[comptime] stride: usize,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        let lane = UNIT_POS as usize % 32;
+        #[unroll]
+        for nth in 0..A_ELEMS {
+            a[nth] = tile[at + a_col(lane, nth) * stride + a_row(lane, nth)];
+        }
+    } else {
+        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
+        let size_a = def.vector_size(MatrixIdent::A);
+        let size!(NA) = size_a;
+        let regs = def.load_matrix::<E, NA>(&tile[lane_at..lane_at + ROW], MatrixIdent::A, 4usize, true);
+        #[unroll]
+        for i in 0..comptime!(A_ELEMS / size_a) {
+            #[unroll]
+            for j in 0..size_a {
+                a[i * size_a + j] = regs[i].extract(j);
+            }
+        }
+    }
+}
+
+/// Stores two accumulator tiles side by side (`c[c_at ..]`, then the next
+/// `C_ELEMS`: a 16 x 16 block), rounded to `E`, into `tile` at `at`: row-major
+/// (`(row, col)` at `row * stride + col`, `stmatrix`; `lane_at` is `at` plus
+/// [`a_lane_offset()`]), or `transposed` (at `col * stride + row`,
+/// `stmatrix.trans`; `lane_at` is `at` plus [`a_lane_offset_trans()`]). One
+/// instruction for what took 8 16-bit stores per lane (variant 23).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_c_pair<E: Float>(
+    tile: &mut Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    c: &Array<f32>,
+    c_at: usize,
+    #[comptime] stride: usize,
+    #[comptime] transposed: bool,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        let lane = UNIT_POS as usize % 32;
+        #[unroll]
+        for half in 0..2usize {
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let row = c_row(lane, nth);
+                let col = c_col(lane, nth) + half * 8;
+                let mut offset = row * stride + col;
+                if comptime!(transposed) {
+                    offset = col * stride + row;
+                }
+                tile[at + offset] = E::cast_from(c[c_at + half * C_ELEMS + nth]);
+            }
+        }
+    } else {
+        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
+        let size_a = def.vector_size(MatrixIdent::A);
+        let size!(NA) = size_a;
+        // Registers in `A`'s order: rows 0-7 and 8-15 of the first tile,
+        // then of the second (two accumulator elements make one register).
+        let mut regs = Array::<Vector<E, NA>>::new(4usize);
+        #[unroll]
+        for r in 0..4usize {
+            let mut reg = Vector::empty();
+            #[unroll]
+            for j in 0..size_a {
+                reg.insert(j, E::cast_from(c[c_at + (r / 2) * C_ELEMS + (r % 2) * 2 + j]));
+            }
+            regs[r] = reg;
+        }
+        def.store_matrix::<E, NA>(
+            &mut tile[lane_at..lane_at + ROW],
+            &regs,
+            MatrixIdent::A,
+            4usize,
+            transposed,
+        );
     }
 }
 

@@ -48,7 +48,10 @@
 
 use cubecl::prelude::*;
 
-use crate::fragment_loads::{a_lane_offset, b_lane_offset, load_a, load_b, load_b_pair};
+use crate::fragment_loads::{
+    a_lane_offset, a_lane_offset_trans, b_lane_offset, load_a, load_a_trans, load_b, load_b_pair,
+    store_c_pair,
+};
 use crate::fragments::{
     A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, c_col, c_col_offset, c_row, c_row_offset, mma_at,
 };
@@ -128,15 +131,39 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     // 16-byte aligned: `ldmatrix` reads 16-byte rows (`fragment_loads`).
     let mut q_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
     let mut k_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
-    let mut vt_s = Shared::<[F]>::new_aligned_slice(comptime!(value_tile * chunk_stride), 16usize);
+    let mut v_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * value_stride), 16usize);
     let mut p_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * chunk_stride), 16usize);
-    let mut o_s = Shared::<[F]>::new_slice(comptime!(chunk * value_stride));
-    let mut decays = Shared::<[f32]>::new_slice(comptime!(chunk + 1));
+    let mut o_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * value_stride), 16usize);
+    // The decays, as tables a lane reads at its base plus a constant, with
+    // the masks and the scale in them (no compare, branch or product per
+    // element: variant 23): `zeroed[x]` is `exp(-s (x - C))` for `x >= C`, else
+    // 0 (`x` in `0 ..= 2C`: κ and the chunk's decay); `scores_table[x]` the
+    // same times `scale` (`x` in `0 .. 2C`: `D` of `P` at `x = i - j + C`);
+    // `lambdas[i]` is `scale exp(-s (i + 1))` (`O`'s inter-chunk factor).
+    let mut tables = Shared::<[f32]>::new_slice(comptime!(5 * chunk + 1));
     let mut scratch = Shared::<[f32]>::new_slice(comptime!(if emulated { planes * SCRATCH } else { 1 }));
 
-    for m in range_stepped(unit, chunk + 1, units) {
-        decays[m] = f32::exp(neg_slope * f32::cast_from(m as u32));
+    for m in range_stepped(unit, comptime!(5 * chunk + 1), units) {
+        let mut value = 0.0f32;
+        if m < comptime!(4 * chunk + 1) {
+            // `zeroed` then `scores_table`: the same shape, from `2C + 1`.
+            let mut x = m;
+            let mut factor = 1.0f32;
+            if m > comptime!(2 * chunk) {
+                x = m - comptime!(2 * chunk + 1);
+                factor = scale;
+            }
+            if x >= chunk {
+                value = factor * f32::exp(neg_slope * f32::cast_from((x - chunk) as u32));
+            }
+        } else {
+            let i = m - comptime!(4 * chunk + 1);
+            value = scale * f32::exp(neg_slope * f32::cast_from((i + 1) as u32));
+        }
+        tables[m] = value;
     }
+    let scores_table = comptime!(2 * chunk + 1);
+    let lambdas = comptime!(4 * chunk + 1);
 
     // The state tile `S^T`, this plane's 16 rows: accumulator tile `x` holds
     // key columns `8 x .. 8 x + 8`.
@@ -191,10 +218,12 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let b_key = b_lane_offset(lane, key_stride, false);
     let b_key_one = b_lane_offset(lane % 16, key_stride, false);
     let b_update = b_lane_offset(lane, key_stride, true);
-    let v_a = plane_e * chunk_stride;
+    let a_value = a_lane_offset_trans(lane, value_stride);
     let a_chunk = a_lane_offset(lane, chunk_stride);
     let b_chunk = b_lane_offset(lane, chunk_stride, false);
-    let o_at = t2 * value_stride + plane_e + g;
+    let mask_at = score_row + chunk - score_col;
+    // This plane's score tiles in `P` (row-major), from their first column.
+    let p_at = score_block * 16 * chunk_stride + (first_tile % chunk_tiles) * 8;
     let score_pairs = comptime!(tiles_per_plane / 2);
 
     let chunks = (end_token - first_token).div_ceil(chunk);
@@ -209,7 +238,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             v,
             &mut q_s,
             &mut k_s,
-            &mut vt_s,
+            &mut v_s,
             row0,
             n,
             step,
@@ -221,10 +250,11 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             key_pad,
             key_stride,
             chunk,
-            chunk_stride,
+            value_stride,
             value_tile,
             comptime!(planes * PLANE),
             reversed,
+            emulated,
         );
         sync_cube();
 
@@ -282,14 +312,34 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for m in 0..tiles_per_plane {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = score_row + comptime!(c_row_offset(nth));
-                let j = score_col + m * 8 + comptime!(c_col_offset(nth));
-                let mut value = 0.0f32;
-                if j <= i {
-                    value = scores[m * C_ELEMS + nth] * scale * decays[i - j];
-                }
-                if first_tile + m < score_tiles {
-                    p_s[i * chunk_stride + j] = F::cast_from(value);
+                // `i - j + C` of the element, at least 1 (`j < C`).
+                let x = mask_at + comptime!(c_row_offset(nth)) - comptime!(c_col_offset(nth)) - m * 8;
+                scores[m * C_ELEMS + nth] *= tables[scores_table + x];
+            }
+        }
+        // Planes past the last score tile hold a copy and store none.
+        if first_tile < score_tiles {
+            #[unroll(!emulated)]
+            for pair in 0..score_pairs {
+                let at = p_at + pair * 16;
+                store_c_pair::<F>(
+                    &mut p_s,
+                    at,
+                    at + a_chunk,
+                    &scores,
+                    2 * pair * C_ELEMS,
+                    chunk_stride,
+                    false,
+                    emulated,
+                );
+            }
+            if comptime!(tiles_per_plane % 2 == 1) {
+                #[unroll]
+                for nth in 0..C_ELEMS {
+                    let i = score_row + comptime!(c_row_offset(nth));
+                    let j = score_col + comptime!(2 * score_pairs * 8 + c_col_offset(nth));
+                    p_s[i * chunk_stride + j] =
+                        F::cast_from(scores[comptime!(2 * score_pairs * C_ELEMS) + nth]);
                 }
             }
         }
@@ -339,14 +389,15 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for tile in 0..chunk_tiles {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = t2 + tile * 8 + comptime!(c_col_offset(nth));
-                acc[tile * C_ELEMS + nth] *= scale * decays[i + 1];
+                acc[tile * C_ELEMS + nth] *= tables[lambdas + t2 + tile * 8 + comptime!(c_col_offset(nth))];
             }
         }
 
         // O^T += V^T P^T, and S^T = exp(-s len) S^T + V^T (K ⊙ κ): both take
         // V^T as the left operand, loaded once per step.
-        let chunk_decay = decays[len];
+        let chunk_decay = tables[len + chunk];
+        // κ_j = zeroed[len - 1 - j + C], zero past `len` (j < C).
+        let kappa_at = len + chunk - 1 - t2;
         #[unroll(!emulated)]
         for x in 0..key_tiles * C_ELEMS {
             st[x] *= chunk_decay;
@@ -354,8 +405,8 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         #[unroll(!emulated)]
         for js in 0..chunk_steps {
             let mut a = Array::<F>::new(A_ELEMS);
-            let at = v_a + js * 16;
-            load_a::<F>(&vt_s, at, at + a_chunk, &mut a, chunk_stride, emulated);
+            let at = js * comptime!(16 * value_stride) + plane_e;
+            load_a_trans::<F>(&v_s, at, at + a_value, &mut a, value_stride, emulated);
             #[unroll(!emulated)]
             for pair in 0..comptime!(chunk_tiles / 2) {
                 let mut b = Array::<F>::new(B_ELEMS);
@@ -387,11 +438,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             let mut a_kappa = Array::<F>::new(A_ELEMS);
             #[unroll]
             for nth in 0..A_ELEMS {
-                let j = t2 + js * 16 + comptime!(a_col_offset(nth));
-                let mut kappa = 0.0f32;
-                if j < len {
-                    kappa = decays[len - 1 - j];
-                }
+                let kappa = tables[kappa_at - js * 16 - comptime!(a_col_offset(nth))];
                 a_kappa[nth] = F::cast_from(f32::cast_from(a[nth]) * kappa);
             }
             #[unroll(!emulated)]
@@ -424,13 +471,18 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         // The outputs: element (value column, query) of each accumulator
         // into the chunk's output tile, then whole rows of it to `out`.
         #[unroll(!emulated)]
-        for tile in 0..chunk_tiles {
-            #[unroll]
-            for nth in 0..C_ELEMS {
-                let at = o_at + tile * comptime!(8 * value_stride);
-                o_s[at + comptime!(c_col_offset(nth) * value_stride + c_row_offset(nth))] =
-                    F::cast_from(acc[tile * C_ELEMS + nth]);
-            }
+        for pair in 0..comptime!(chunk_tiles / 2) {
+            let at = pair * comptime!(16 * value_stride) + plane_e;
+            store_c_pair::<F>(
+                &mut o_s,
+                at,
+                at + a_value,
+                &acc,
+                2 * pair * C_ELEMS,
+                value_stride,
+                true,
+                emulated,
+            );
         }
         sync_cube();
         store_chunk::<F, NV>(
@@ -482,7 +534,7 @@ fn stage_chunk<F: Float, NV: Size>(
     v: &[Vector<F, NV>],
     q_s: &mut Shared<[F]>,
     k_s: &mut Shared<[F]>,
-    vt_s: &mut Shared<[F]>,
+    v_s: &mut Shared<[F]>,
     row0: usize,
     n: usize,
     step: usize,
@@ -494,10 +546,11 @@ fn stage_chunk<F: Float, NV: Size>(
     #[comptime] key_pad: usize,
     #[comptime] key_stride: usize,
     #[comptime] chunk: usize,
-    #[comptime] chunk_stride: usize,
+    #[comptime] value_stride: usize,
     #[comptime] value_tile: usize,
     #[comptime] units: usize,
     #[comptime] reversed: bool,
+    #[comptime] emulated: bool,
 ) {
     let lanes = NV::value();
     let key_vectors = comptime!(key_pad / lanes);
@@ -507,7 +560,7 @@ fn stage_chunk<F: Float, NV: Size>(
     let key_width = comptime!(key_dim / lanes);
     let value_width = comptime!(value_dim / lanes);
     let unit = UNIT_POS as usize;
-    let zero = F::cast_from(0.0f32);
+    let zero = Vector::<F, NV>::new(F::cast_from(0.0f32));
     // Every load reads a valid vector (rows past `len` and columns past the
     // dims clamped to the last), and the stores write zero in their place:
     // choosing zero or the load per vector in registers took a byte permute
@@ -538,17 +591,11 @@ fn stage_chunk<F: Float, NV: Size>(
         if idx < comptime!(chunk * key_vectors) {
             let at = (idx / key_vectors) * key_stride + (idx % key_vectors) * lanes;
             if idx / key_vectors < len && idx % key_vectors < key_width {
-                #[unroll]
-                for j in 0..lanes {
-                    q_s[at + j] = q_regs[x].extract(j);
-                    k_s[at + j] = k_regs[x].extract(j);
-                }
+                store_vector::<F, NV>(q_s, at, q_regs[x], emulated);
+                store_vector::<F, NV>(k_s, at, k_regs[x], emulated);
             } else {
-                #[unroll]
-                for j in 0..lanes {
-                    q_s[at + j] = zero;
-                    k_s[at + j] = zero;
-                }
+                store_vector::<F, NV>(q_s, at, zero, emulated);
+                store_vector::<F, NV>(k_s, at, zero, emulated);
             }
         }
     }
@@ -557,19 +604,36 @@ fn stage_chunk<F: Float, NV: Size>(
         let idx = x * units + unit;
         if idx < comptime!(chunk * value_vectors) {
             let r = idx / value_vectors;
-            let col = (idx % value_vectors) * lanes;
+            let at = r * value_stride + (idx % value_vectors) * lanes;
             if r < len && e0 / lanes + idx % value_vectors < value_width {
-                #[unroll]
-                for j in 0..lanes {
-                    vt_s[(col + j) * chunk_stride + r] = v_regs[x].extract(j);
-                }
+                store_vector::<F, NV>(v_s, at, v_regs[x], emulated);
             } else {
-                #[unroll]
-                for j in 0..lanes {
-                    vt_s[(col + j) * chunk_stride + r] = zero;
-                }
+                store_vector::<F, NV>(v_s, at, zero, emulated);
             }
         }
+    }
+}
+
+/// Stores `value` at `tile[at .. at + NV]`: one 16-byte store on tensor
+/// cores (`at` a multiple of `NV`, the tile 16-byte aligned), where scalar
+/// stores took four 32-bit ones, four-way bank-conflicted (variant 23);
+/// scalar stores when emulated (WGSL has no view of shared memory as
+/// vectors).
+#[cube]
+fn store_vector<F: Float, NV: Size>(
+    tile: &mut Shared<[F]>,
+    at: usize,
+    value: Vector<F, NV>,
+    #[comptime] emulated: bool,
+) {
+    if comptime!(emulated) {
+        #[unroll]
+        for j in 0..NV::value() {
+            tile[at + j] = value.extract(j);
+        }
+    } else {
+        let view = tile.as_vectorized_mut().with_vector_size_mut::<NV>();
+        view[at / NV::value()] = value;
     }
 }
 

@@ -153,7 +153,15 @@ fn real_case() -> impl Strategy<Value = Case> {
     (
         prop::sample::select(vec![16usize, 32, 64]),
         1usize..=2,
-        prop::sample::select(vec![(128, 128), (64, 64), (16, 16), (32, 64), (96, 96), (24, 40), (128, 64)]),
+        prop::sample::select(vec![
+            (128, 128),
+            (64, 64),
+            (16, 16),
+            (32, 64),
+            (96, 96),
+            (24, 40),
+            (128, 64),
+        ]),
         1usize..=2,
         1usize..=3,
         any::<bool>(),
@@ -161,31 +169,33 @@ fn real_case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![None, Some(16), Some(32)]),
         any::<u64>(),
     )
-        .prop_flat_map(|(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
-            let block = sub_block * blocks;
-            (1usize..=3 * block + 17).prop_map(move |n| Case {
-                block,
-                sub_block,
-                dims: Dims {
-                    batch: b,
-                    heads: h,
-                    seq_len: n,
-                    key_dim: d,
-                    value_dim: e,
-                },
-                with_state,
-                dtype,
-                routines: Routines::Fused,
-                precision: Default::default(),
-                tuning: Tuning {
-                    fused_products: FusedProducts::Auto,
-                    // At least the chunk (the plan's rule) where forced.
-                    fused_value_tile: tile.map(|t| t.max(sub_block)),
-                    ..tuning()
-                },
-                seed,
-            })
-        })
+        .prop_flat_map(
+            |(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
+                let block = sub_block * blocks;
+                (1usize..=3 * block + 17).prop_map(move |n| Case {
+                    block,
+                    sub_block,
+                    dims: Dims {
+                        batch: b,
+                        heads: h,
+                        seq_len: n,
+                        key_dim: d,
+                        value_dim: e,
+                    },
+                    with_state,
+                    dtype,
+                    routines: Routines::Fused,
+                    precision: Default::default(),
+                    tuning: Tuning {
+                        fused_products: FusedProducts::Auto,
+                        // At least the chunk (the plan's rule) where forced.
+                        fused_value_tile: tile.map(|t| t.max(sub_block)),
+                        ..tuning()
+                    },
+                    seed,
+                })
+            },
+        )
 }
 
 #[cfg(feature = "cuda")]

@@ -88,7 +88,7 @@ pub(crate) fn native_fragments(dtype: DType, config: &PrefillConfig, limits: &De
 }
 
 /// Shared memory of the tensor-core walk, bytes (the kernel's module doc):
-/// `Q`, `K`, `V^T`, `P` and `O` in the staged type, the decay table and the
+/// `Q`, `K`, `V`, `P` and `O` in the staged type, the decay tables and the
 /// emulation's scratch in f32.
 fn fragment_shared_bytes(
     chunk: usize,
@@ -102,12 +102,8 @@ fn fragment_shared_bytes(
     let scratch = if emulated { planes * (16 * 16 + 16 * 8) } else { 1 };
     // Rows padded by 8 scalars on tensor cores (`kernels::staging::ROW_PAD`).
     let pad = if emulated { 0 } else { 8 };
-    element
-        * (2 * chunk * (key_pad + pad)
-            + value_tile * (chunk + pad)
-            + chunk * (chunk + pad)
-            + chunk * (value_tile + pad))
-        + 4 * (chunk + 1 + scratch)
+    element * (2 * chunk * (key_pad + pad) + chunk * (chunk + pad) + 2 * chunk * (value_tile + pad))
+        + 4 * (5 * chunk + 1 + scratch)
 }
 
 /// Plans the tensor-core walk, or `None` where it does not run: the config
