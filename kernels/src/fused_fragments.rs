@@ -29,14 +29,17 @@
 //!
 //! Shared memory, in `F` (on tensor cores each row padded by [`ROW_PAD`]
 //! scalars, so that the rows a fragment reads together fall in different
-//! banks): `Q` and `K` of the chunk (`C x d16`, `d16` the key
-//! dim rounded up to 16, zero beyond `d` and past `len`), `V^T` (`16 planes x
-//! C`), `P` (`C x C`), the chunk's output `O` (`C x 16 planes`, written by
-//! the planes' accumulators, stored to HBM in whole vectors); in f32 the
-//! decay table `exp(-s m)` for `m = 0 ..= C`
-//! and, when `emulated`, the fragments' scratch. The products are real
-//! (`mma.sync`, CUDA) or emulated through shared memory on any runtime
-//! ([`crate::fragments::mma_at()`]): the same code around them either way.
+//! banks, and 16-byte aligned for `ldmatrix` and `stmatrix`): `Q` and `K`
+//! of the chunk (`C x d16`, `d16` the key dim rounded up to 16, zero beyond
+//! `d` and past `len`), `V` (`C x 16 planes`, read as the left operand `V^T`
+//! with `.trans`), `P` (`C x C`), the chunk's output `O` (`C x 16 planes`,
+//! stored from the planes' accumulators with `stmatrix.trans`, then to HBM
+//! in whole vectors); in f32 the decay tables (masks and scale folded in)
+//! and, when `emulated`, the fragments' scratch. Fragments move between
+//! shared memory and registers through [`crate::fragment_loads`]; the
+//! products are real (`mma.sync`, CUDA) or emulated through shared memory on
+//! any runtime ([`crate::fragments::mma_at()`]): the same code around them
+//! either way.
 //!
 //! Geometry, tables and the initial and final states are the portable
 //! twin's ([`crate::fused`]): cube x over value tiles, y over heads, z over
@@ -522,10 +525,10 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
 }
 
 /// Stages the chunk's `len` tokens from `c0`: `Q` and `K` rows (`key_pad`
-/// columns, zero beyond `key_dim`) and `V^T` (the tile's `value_tile`
-/// columns from `e0` as rows), zero past `len`. Every unit loads its share
-/// of all three in vectors of `NV` (which divides `key_dim` and `value_dim`)
-/// before it stores any, so that the loads are in flight together.
+/// columns, zero beyond `key_dim`) and `V` rows (the tile's `value_tile`
+/// columns from `e0`), zero past `len`. Every unit loads its share of all
+/// three in vectors of `NV` (which divides `key_dim` and `value_dim`) before
+/// it stores any, so that the loads are in flight together.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_chunk<F: Float, NV: Size>(
