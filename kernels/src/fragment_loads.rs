@@ -20,7 +20,9 @@
 use cubecl::cmma::MatrixIdent;
 use cubecl::prelude::*;
 
-use crate::fragments::{A_ELEMS, B_ELEMS, C_ELEMS, K, M, N, a_col, a_row, b_col, b_row, c_col, c_row};
+use crate::fragments::{
+    A_ELEMS, B_ELEMS, C_ELEMS, K, M, N, a_col, a_row, b_col, b_row, c_col, c_row, mma_at,
+};
 
 /// Scalars of one `ldmatrix` row (16 bytes of a 16-bit type).
 const ROW: usize = 8;
@@ -63,10 +65,13 @@ pub fn a_lane_offset_trans(lane: usize, #[comptime] stride: usize) -> usize {
     ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8
 }
 
-/// This lane's `A` fragment of the 16 x 16 block at `at` of `tile` (row-major,
-/// rows `stride` apart) into `a[..A_ELEMS]`; `lane_at` is `at` plus
-/// [`a_lane_offset()`] (the real load's address; the emulation computes each
-/// element's).
+/// This lane's `A` fragment of the 16 x 16 block at `at` of `tile` into
+/// `a[..A_ELEMS]`: the tile row-major (rows along `M`, `stride` scalars
+/// apart; `lane_at` is `at` plus [`a_lane_offset()`]), or `transposed`,
+/// holding `A^T` row-major (rows along `K`: the staged `V` rows as the left
+/// operand `V^T`, read with `ldmatrix.trans`; `lane_at` is `at` plus
+/// [`a_lane_offset_trans()`]). `lane_at` is the real load's address; the
+/// emulation computes each element's.
 #[cube]
 pub fn load_a<E: Float>(
     tile: &Shared<[E]>,
@@ -74,53 +79,25 @@ pub fn load_a<E: Float>(
     lane_at: usize,
     a: &mut Array<E>,
     #[comptime] stride: usize,
+    #[comptime] transposed: bool,
     #[comptime] emulated: bool,
 ) {
     if comptime!(emulated) {
         let lane = UNIT_POS as usize % 32;
         #[unroll]
         for nth in 0..A_ELEMS {
-            a[nth] = tile[at + a_row(lane, nth) * stride + a_col(lane, nth)];
-        }
-    } else {
-        let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
-        let size_a = def.vector_size(MatrixIdent::A);
-        let size!(NA) = size_a;
-        let regs = def.load_matrix::<E, NA>(&tile[lane_at..lane_at + ROW], MatrixIdent::A, 4usize, false);
-        #[unroll]
-        for i in 0..comptime!(A_ELEMS / size_a) {
-            #[unroll]
-            for j in 0..size_a {
-                a[i * size_a + j] = regs[i].extract(j);
+            let mut offset = a_row(lane, nth) * stride + a_col(lane, nth);
+            if comptime!(transposed) {
+                offset = a_col(lane, nth) * stride + a_row(lane, nth);
             }
-        }
-    }
-}
-
-/// This lane's `A` fragment of the 16 x 16 block at `at` of `tile`, which
-/// holds `A^T` row-major (rows along `K`, `stride` scalars apart: the staged
-/// `V` rows as the left operand `V^T`), read with `ldmatrix.trans`; `lane_at`
-/// is `at` plus [`a_lane_offset_trans()`].
-#[cube]
-pub fn load_a_trans<E: Float>(
-    tile: &Shared<[E]>,
-    at: usize,
-    lane_at: usize,
-    a: &mut Array<E>,
-    #[comptime] stride: usize,
-    #[comptime] emulated: bool,
-) {
-    if comptime!(emulated) {
-        let lane = UNIT_POS as usize % 32;
-        #[unroll]
-        for nth in 0..A_ELEMS {
-            a[nth] = tile[at + a_col(lane, nth) * stride + a_row(lane, nth)];
+            a[nth] = tile[at + offset];
         }
     } else {
         let def = cmma::MmaDefinition::<E, E, f32>::new(M, N, K);
         let size_a = def.vector_size(MatrixIdent::A);
         let size!(NA) = size_a;
-        let regs = def.load_matrix::<E, NA>(&tile[lane_at..lane_at + ROW], MatrixIdent::A, 4usize, true);
+        let regs =
+            def.load_matrix::<E, NA>(&tile[lane_at..lane_at + ROW], MatrixIdent::A, 4usize, transposed);
         #[unroll]
         for i in 0..comptime!(A_ELEMS / size_a) {
             #[unroll]
@@ -275,6 +252,41 @@ pub fn load_b_pair<E: Float>(
     }
 }
 
+/// `c[c_at ..] += a B` for a 16 x 16 block of `B` at `at` of `tile` (two
+/// fragments, [`load_b_pair()`]): the products of the first fragment into
+/// the accumulator tile at `c_at`, of the second into the next one. The
+/// walk's every product whose right operand comes from shared memory two
+/// tiles at a time.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn mma_pair<E: Float>(
+    a: &Array<E>,
+    tile: &Shared<[E]>,
+    at: usize,
+    lane_at: usize,
+    c: &mut Array<f32>,
+    c_at: usize,
+    scratch: &mut Shared<[f32]>,
+    #[comptime] stride: usize,
+    #[comptime] k_major: bool,
+    #[comptime] emulated: bool,
+) {
+    let mut first = Array::<E>::new(B_ELEMS);
+    let mut second = Array::<E>::new(B_ELEMS);
+    load_b_pair::<E>(
+        tile,
+        at,
+        lane_at,
+        &mut first,
+        &mut second,
+        stride,
+        k_major,
+        emulated,
+    );
+    mma_at::<E>(a, &first, c, c_at, scratch, emulated);
+    mma_at::<E>(a, &second, c, c_at + C_ELEMS, scratch, emulated);
+}
+
 /// Row stride of the check kernel's tile: not 16, so that a stride mistake
 /// shows.
 pub const CHECK_STRIDE: usize = 24;
@@ -306,6 +318,7 @@ pub fn fragment_loads_check<E: Float>(tile: &[E], out: &mut [E], #[comptime] emu
         a_lane_offset(lane, CHECK_STRIDE),
         &mut a,
         CHECK_STRIDE,
+        false,
         emulated,
     );
     #[unroll]

@@ -52,8 +52,7 @@
 use cubecl::prelude::*;
 
 use crate::fragment_loads::{
-    a_lane_offset, a_lane_offset_trans, b_lane_offset, load_a, load_a_trans, load_b, load_b_pair,
-    store_c_pair,
+    a_lane_offset, a_lane_offset_trans, b_lane_offset, load_a, load_b, mma_pair, store_c_pair,
 };
 use crate::fragments::{
     A_ELEMS, B_ELEMS, C_ELEMS, PLANE, SCRATCH, a_col_offset, c_col, c_col_offset, c_row, c_row_offset, mma_at,
@@ -271,29 +270,20 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for ks in 0..key_steps {
             let mut a = Array::<F>::new(A_ELEMS);
             let at = q_a + ks * 16;
-            load_a::<F>(&q_s, at, at + a_key, &mut a, key_stride, emulated);
+            load_a::<F>(&q_s, at, at + a_key, &mut a, key_stride, false, emulated);
             #[unroll(!emulated)]
             for pair in 0..score_pairs {
-                let mut b = Array::<F>::new(B_ELEMS);
-                let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = k_b + pair * comptime!(16 * key_stride) + ks * 16;
-                load_b_pair::<F>(
+                mma_pair::<F>(
+                    &a,
                     &k_s,
                     at,
                     at + b_key,
-                    &mut b,
-                    &mut b_next,
+                    &mut scores,
+                    2 * pair * C_ELEMS,
+                    &mut scratch,
                     key_stride,
                     false,
-                    emulated,
-                );
-                mma_at::<F>(&a, &b, &mut scores, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(
-                    &a,
-                    &b_next,
-                    &mut scores,
-                    (2 * pair + 1) * C_ELEMS,
-                    &mut scratch,
                     emulated,
                 );
             }
@@ -364,26 +354,17 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             }
             #[unroll(!emulated)]
             for pair in 0..comptime!(chunk_tiles / 2) {
-                let mut b = Array::<F>::new(B_ELEMS);
-                let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = pair * comptime!(16 * key_stride) + ks * 16;
-                load_b_pair::<F>(
+                mma_pair::<F>(
+                    &a,
                     &q_s,
                     at,
                     at + b_key,
-                    &mut b,
-                    &mut b_next,
+                    &mut acc,
+                    2 * pair * C_ELEMS,
+                    &mut scratch,
                     key_stride,
                     false,
-                    emulated,
-                );
-                mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(
-                    &a,
-                    &b_next,
-                    &mut acc,
-                    (2 * pair + 1) * C_ELEMS,
-                    &mut scratch,
                     emulated,
                 );
             }
@@ -409,29 +390,20 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         for js in 0..chunk_steps {
             let mut a = Array::<F>::new(A_ELEMS);
             let at = js * comptime!(16 * value_stride) + plane_e;
-            load_a_trans::<F>(&v_s, at, at + a_value, &mut a, value_stride, emulated);
+            load_a::<F>(&v_s, at, at + a_value, &mut a, value_stride, true, emulated);
             #[unroll(!emulated)]
             for pair in 0..comptime!(chunk_tiles / 2) {
-                let mut b = Array::<F>::new(B_ELEMS);
-                let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = pair * comptime!(16 * chunk_stride) + js * 16;
-                load_b_pair::<F>(
+                mma_pair::<F>(
+                    &a,
                     &p_s,
                     at,
                     at + b_chunk,
-                    &mut b,
-                    &mut b_next,
+                    &mut acc,
+                    2 * pair * C_ELEMS,
+                    &mut scratch,
                     chunk_stride,
                     false,
-                    emulated,
-                );
-                mma_at::<F>(&a, &b, &mut acc, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(
-                    &a,
-                    &b_next,
-                    &mut acc,
-                    (2 * pair + 1) * C_ELEMS,
-                    &mut scratch,
                     emulated,
                 );
             }
@@ -446,26 +418,17 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
             }
             #[unroll(!emulated)]
             for pair in 0..comptime!(key_tiles / 2) {
-                let mut b = Array::<F>::new(B_ELEMS);
-                let mut b_next = Array::<F>::new(B_ELEMS);
                 let at = js * comptime!(16 * key_stride) + pair * 16;
-                load_b_pair::<F>(
+                mma_pair::<F>(
+                    &a_kappa,
                     &k_s,
                     at,
                     at + b_update,
-                    &mut b,
-                    &mut b_next,
+                    &mut st,
+                    2 * pair * C_ELEMS,
+                    &mut scratch,
                     key_stride,
                     true,
-                    emulated,
-                );
-                mma_at::<F>(&a_kappa, &b, &mut st, 2 * pair * C_ELEMS, &mut scratch, emulated);
-                mma_at::<F>(
-                    &a_kappa,
-                    &b_next,
-                    &mut st,
-                    (2 * pair + 1) * C_ELEMS,
-                    &mut scratch,
                     emulated,
                 );
             }

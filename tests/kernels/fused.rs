@@ -46,31 +46,31 @@ fn planned_walk(case: &Case) -> Option<bool> {
         .map(|walk| walk.emulated)
 }
 
-/// Emulated cases small enough for every device's shared memory (lavapipe
-/// has 32 KiB): chunks of 16 and 32, key dims to 64, narrow value tiles.
-fn emulated_case() -> impl Strategy<Value = Case> {
+/// Cases of the fused routine's tensor-core walk taken with `products`:
+/// chunks from `chunks`, up to `max_blocks` of them a block (rounded up to a
+/// power of two), head dims from `dims`, inputs from `dtypes`, value tiles
+/// left to the plan or forced to 16 or 32 (the plan widens a forced tile to
+/// the chunk), `n` from 1 to three blocks and a remainder.
+fn walk_case(
+    chunks: Vec<usize>,
+    max_blocks: usize,
+    dims: Vec<(usize, usize)>,
+    dtypes: Vec<DType>,
+    products: FusedProducts,
+) -> impl Strategy<Value = Case> {
     (
-        prop::sample::select(vec![16usize, 32]),
-        1usize..=4,
-        prop::sample::select(vec![
-            (16, 16),
-            (32, 32),
-            (64, 32),
-            (24, 40),
-            (16, 8),
-            (20, 12),
-            (32, 64),
-            (8, 48),
-        ]),
+        prop::sample::select(chunks),
+        1usize..=max_blocks,
+        prop::sample::select(dims),
         1usize..=2,
         1usize..=3,
         any::<bool>(),
-        prop::sample::select(input_dtypes()),
+        prop::sample::select(dtypes),
         prop::sample::select(vec![None, Some(16), Some(32)]),
         any::<u64>(),
     )
         .prop_flat_map(
-            |(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
+            move |(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
                 let block = sub_block * blocks.next_power_of_two();
                 (1usize..=3 * block + 17).prop_map(move |n| Case {
                     block,
@@ -87,7 +87,7 @@ fn emulated_case() -> impl Strategy<Value = Case> {
                     routines: Routines::Fused,
                     precision: Default::default(),
                     tuning: Tuning {
-                        fused_products: FusedProducts::Emulated,
+                        fused_products: products,
                         fused_value_tile: tile,
                         ..tuning()
                     },
@@ -97,16 +97,54 @@ fn emulated_case() -> impl Strategy<Value = Case> {
         )
 }
 
+/// Emulated cases small enough for every device's shared memory (lavapipe
+/// has 32 KiB): chunks of 16 and 32, key dims to 64, narrow value tiles.
+fn emulated_case() -> impl Strategy<Value = Case> {
+    walk_case(
+        vec![16, 32],
+        4,
+        vec![
+            (16, 16),
+            (32, 32),
+            (64, 32),
+            (24, 40),
+            (16, 8),
+            (20, 12),
+            (32, 64),
+            (8, 48),
+        ],
+        input_dtypes(),
+        FusedProducts::Emulated,
+    )
+}
+
+/// Runs `case` on the walk it must plan (`emulated` or real) and checks
+/// the output and final state against the f64 reference.
+fn walk_matches_reference(case: &Case, emulated: bool) -> Result<(), TestCaseError> {
+    let walk = if emulated { "emulated" } else { "real" };
+    prop_assert_eq!(
+        planned_walk(case),
+        Some(emulated),
+        "the {} walk was not planned for {:?}",
+        walk,
+        case
+    );
+    let (out_err, state_err, _) = run(case);
+    let tol = tolerance_for(case.dtype, case.precision);
+    prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
+    prop_assert!(
+        state_err < tol,
+        "state error {state_err:e} >= {tol:e} for {case:?}"
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(48), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn emulated_fragment_walk_matches_reference(case in emulated_case()) {
-        prop_assert_eq!(planned_walk(&case), Some(true), "the emulated walk was not planned for {:?}", case);
-        let (out_err, state_err, _) = run(&case);
-        let tol = tolerance_for(case.dtype, case.precision);
-        prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
-        prop_assert!(state_err < tol, "state error {state_err:e} >= {tol:e} for {case:?}");
+        walk_matches_reference(&case, true)?;
     }
 }
 
@@ -150,10 +188,10 @@ fn portable_walk_where_asked_or_without_fragments() {
 /// 16 to the default 64, sequences past several chunks.
 #[cfg(feature = "cuda")]
 fn real_case() -> impl Strategy<Value = Case> {
-    (
-        prop::sample::select(vec![16usize, 32, 64]),
-        1usize..=2,
-        prop::sample::select(vec![
+    walk_case(
+        vec![16, 32, 64],
+        2,
+        vec![
             (128, 128),
             (64, 64),
             (16, 16),
@@ -161,41 +199,10 @@ fn real_case() -> impl Strategy<Value = Case> {
             (96, 96),
             (24, 40),
             (128, 64),
-        ]),
-        1usize..=2,
-        1usize..=3,
-        any::<bool>(),
-        prop::sample::select(vec![DType::F16, DType::BF16]),
-        prop::sample::select(vec![None, Some(16), Some(32)]),
-        any::<u64>(),
+        ],
+        vec![DType::F16, DType::BF16],
+        FusedProducts::Auto,
     )
-        .prop_flat_map(
-            |(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
-                let block = sub_block * blocks;
-                (1usize..=3 * block + 17).prop_map(move |n| Case {
-                    block,
-                    sub_block,
-                    dims: Dims {
-                        batch: b,
-                        heads: h,
-                        seq_len: n,
-                        key_dim: d,
-                        value_dim: e,
-                    },
-                    with_state,
-                    dtype,
-                    routines: Routines::Fused,
-                    precision: Default::default(),
-                    tuning: Tuning {
-                        fused_products: FusedProducts::Auto,
-                        // At least the chunk (the plan's rule) where forced.
-                        fused_value_tile: tile.map(|t| t.max(sub_block)),
-                        ..tuning()
-                    },
-                    seed,
-                })
-            },
-        )
 }
 
 #[cfg(feature = "cuda")]
@@ -204,10 +211,6 @@ proptest! {
 
     #[test]
     fn real_fragment_walk_matches_reference_on_cuda(case in real_case()) {
-        prop_assert_eq!(planned_walk(&case), Some(false), "the real walk was not planned for {:?}", case);
-        let (out_err, state_err, _) = run(&case);
-        let tol = tolerance_for(case.dtype, case.precision);
-        prop_assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
-        prop_assert!(state_err < tol, "state error {state_err:e} >= {tol:e} for {case:?}");
+        walk_matches_reference(&case, false)?;
     }
 }
