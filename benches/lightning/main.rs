@@ -69,8 +69,9 @@ struct Options {
     out: std::path::PathBuf,
     /// The measuring knobs every call takes, `--diag-value-tile N` (16 to
     /// 128), `--decode-rows-in-flight N` (1 to 32), `--fused-products
-    /// auto|portable|emulated` and `--fused-value-tile N` (16 to 128, the
-    /// fused routine's walk and tile); unset, the measured defaults (the
+    /// auto|portable|emulated`, `--fused-value-tile N` (16 to 128) and
+    /// `--fused-stages N` (1 or 2: the fused routine's walk, tile and ring);
+    /// unset, the measured defaults (the
     /// library reads no environment variable for them).
     tuning: Tuning,
 }
@@ -166,6 +167,7 @@ fn options() -> Options {
             },
             fused_value_tile: value("--fused-value-tile")
                 .map(|t| t.parse().expect("--fused-value-tile takes a number")),
+            fused_stages: value("--fused-stages").map(|t| t.parse().expect("--fused-stages takes 1 or 2")),
         },
     }
 }

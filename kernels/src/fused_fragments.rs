@@ -49,6 +49,7 @@
 //! The states travel as vectors of one scalar (`N = 1`); q, k, v and out as
 //! vectors of `NV` scalars, which divides `d` and `e`.
 
+use cubecl::frontend::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 
 use crate::fragment_loads::{
@@ -98,6 +99,7 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     #[comptime] reversed: bool,
     #[comptime] segmented: bool,
     #[comptime] emulated: bool,
+    #[comptime] stages: usize,
 ) {
     let key_pad = comptime!(key_dim.div_ceil(16) * 16);
     let key_steps = comptime!(key_pad / 16);
@@ -131,9 +133,16 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let plane_e = plane * 16;
 
     // 16-byte aligned: `ldmatrix` reads 16-byte rows (`fragment_loads`).
-    let mut q_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
-    let mut k_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * key_stride), 16usize);
-    let mut v_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * value_stride), 16usize);
+    // The ring (variant 24): two sets of `Q`, `K`, `V`, the next chunk's
+    // copied in while this chunk's products run; on tensor cores only (WGSL
+    // has no asynchronous copy), and where no key column is padding.
+    let ring = comptime!(!emulated && stages == 2 && key_pad == key_dim);
+    let sets = comptime!(if ring { 2 } else { 1 });
+    let key_set = comptime!(chunk * key_stride);
+    let value_set = comptime!(chunk * value_stride);
+    let mut q_s = Shared::<[F]>::new_aligned_slice(comptime!(sets * key_set), 16usize);
+    let mut k_s = Shared::<[F]>::new_aligned_slice(comptime!(sets * key_set), 16usize);
+    let mut v_s = Shared::<[F]>::new_aligned_slice(comptime!(sets * value_set), 16usize);
     let mut p_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * chunk_stride), 16usize);
     let mut o_s = Shared::<[F]>::new_aligned_slice(comptime!(chunk * value_stride), 16usize);
     // The decays, as tables a lane reads at its base plus a constant, with
@@ -229,244 +238,222 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let score_pairs = comptime!(tiles_per_plane / 2);
 
     let chunks = (end_token - first_token).div_ceil(chunk);
-    for c in 0..chunks {
-        let c0 = first_token + c * chunk;
-        let len = min(chunk, end_token - c0);
-        // Every plane is done with the previous chunk's tiles.
-        sync_cube();
-        stage_chunk::<F, NV>(
+    if comptime!(ring) {
+        let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+        copy_chunk::<F, NV>(
             q,
             k,
             v,
             &mut q_s,
             &mut k_s,
             &mut v_s,
+            0usize,
+            0usize,
             row0,
             n,
             step,
-            c0,
-            len,
+            first_token,
+            min(chunk, end_token - first_token),
             e0,
             key_dim,
             value_dim,
-            key_pad,
             key_stride,
             chunk,
             value_stride,
             value_tile,
             comptime!(planes * PLANE),
             reversed,
-            emulated,
         );
-        sync_cube();
-
-        // P = scale * (Q K^T ⊙ D), this plane's tiles, into shared memory.
-        let mut scores = Array::<f32>::new(comptime!(tiles_per_plane * C_ELEMS));
-        #[unroll(!emulated)]
-        for x in 0..tiles_per_plane * C_ELEMS {
-            scores[x] = 0.0f32;
-        }
-        #[unroll(!emulated)]
-        for ks in 0..key_steps {
-            let mut a = Array::<F>::new(A_ELEMS);
-            let at = q_a + ks * 16;
-            load_a::<F>(&q_s, at, at + a_key, &mut a, key_stride, false, emulated);
-            #[unroll(!emulated)]
-            for pair in 0..score_pairs {
-                let at = k_b + pair * comptime!(16 * key_stride) + ks * 16;
-                mma_pair::<F>(
-                    &a,
-                    &k_s,
-                    at,
-                    at + b_key,
-                    &mut scores,
-                    2 * pair * C_ELEMS,
-                    &mut scratch,
+        bar0.commit_copy_async();
+        for c in 0..chunks {
+            let c0 = first_token + c * chunk;
+            let len = min(chunk, end_token - c0);
+            // Every plane is done with the previous chunk's tiles: its set
+            // takes the next chunk.
+            sync_cube();
+            let next = c + 1;
+            if next < chunks {
+                let next0 = c0 + chunk;
+                copy_chunk::<F, NV>(
+                    q,
+                    k,
+                    v,
+                    &mut q_s,
+                    &mut k_s,
+                    &mut v_s,
+                    (next % 2) * key_set,
+                    (next % 2) * value_set,
+                    row0,
+                    n,
+                    step,
+                    next0,
+                    min(chunk, end_token - next0),
+                    e0,
+                    key_dim,
+                    value_dim,
                     key_stride,
-                    false,
-                    emulated,
+                    chunk,
+                    value_stride,
+                    value_tile,
+                    comptime!(planes * PLANE),
+                    reversed,
                 );
-            }
-            if comptime!(tiles_per_plane % 2 == 1) {
-                let mut b = Array::<F>::new(B_ELEMS);
-                let at = k_b + comptime!(2 * score_pairs * 8 * key_stride) + ks * 16;
-                load_b::<F>(&k_s, at, at + b_key_one, &mut b, key_stride, false, emulated);
-                mma_at::<F>(
-                    &a,
-                    &b,
-                    &mut scores,
-                    comptime!(2 * score_pairs * C_ELEMS),
-                    &mut scratch,
-                    emulated,
-                );
-            }
-        }
-        #[unroll(!emulated)]
-        for m in 0..tiles_per_plane {
-            #[unroll]
-            for nth in 0..C_ELEMS {
-                // `i - j + C` of the element, at least 1 (`j < C`).
-                let x = mask_at + comptime!(c_row_offset(nth)) - comptime!(c_col_offset(nth)) - m * 8;
-                scores[m * C_ELEMS + nth] *= tables[scores_table + x];
-            }
-        }
-        // Planes past the last score tile hold a copy and store none.
-        if first_tile < score_tiles {
-            #[unroll(!emulated)]
-            for pair in 0..score_pairs {
-                let at = p_at + pair * 16;
-                store_c_pair::<F>(
-                    &mut p_s,
-                    at,
-                    at + a_chunk,
-                    &scores,
-                    2 * pair * C_ELEMS,
-                    chunk_stride,
-                    false,
-                    emulated,
-                );
-            }
-            if comptime!(tiles_per_plane % 2 == 1) {
-                #[unroll]
-                for nth in 0..C_ELEMS {
-                    let i = score_row + comptime!(c_row_offset(nth));
-                    let j = score_col + comptime!(2 * score_pairs * 8 + c_col_offset(nth));
-                    p_s[i * chunk_stride + j] =
-                        F::cast_from(scores[comptime!(2 * score_pairs * C_ELEMS) + nth]);
+                if next % 2 == 0 {
+                    bar0.commit_copy_async();
+                } else {
+                    bar1.commit_copy_async();
                 }
             }
-        }
-        sync_cube();
-
-        // O^T = λ (S^T Q^T): the state as the left operand, from registers.
-        let mut acc = Array::<f32>::new(comptime!(chunk_tiles * C_ELEMS));
-        #[unroll(!emulated)]
-        for x in 0..chunk_tiles * C_ELEMS {
-            acc[x] = 0.0f32;
-        }
-        #[unroll(!emulated)]
-        for ks in 0..key_steps {
-            let mut a = Array::<F>::new(A_ELEMS);
-            #[unroll]
-            for nth in 0..C_ELEMS {
-                a[nth] = F::cast_from(st[2 * ks * C_ELEMS + nth]);
-                a[nth + C_ELEMS] = F::cast_from(st[(2 * ks + 1) * C_ELEMS + nth]);
+            if c % 2 == 0 {
+                bar0.arrive_and_wait();
+            } else {
+                bar1.arrive_and_wait();
             }
-            #[unroll(!emulated)]
-            for pair in 0..comptime!(chunk_tiles / 2) {
-                let at = pair * comptime!(16 * key_stride) + ks * 16;
-                mma_pair::<F>(
-                    &a,
-                    &q_s,
-                    at,
-                    at + b_key,
-                    &mut acc,
-                    2 * pair * C_ELEMS,
-                    &mut scratch,
-                    key_stride,
-                    false,
-                    emulated,
-                );
-            }
-        }
-        #[unroll(!emulated)]
-        for tile in 0..chunk_tiles {
-            #[unroll]
-            for nth in 0..C_ELEMS {
-                acc[tile * C_ELEMS + nth] *= tables[lambdas + t2 + tile * 8 + comptime!(c_col_offset(nth))];
-            }
-        }
-
-        // O^T += V^T P^T, and S^T = exp(-s len) S^T + V^T (K ⊙ κ): both take
-        // V^T as the left operand, loaded once per step.
-        let chunk_decay = tables[len + chunk];
-        // κ_j = zeroed[len - 1 - j + C], zero past `len` (j < C).
-        let kappa_at = len + chunk - 1 - t2;
-        #[unroll(!emulated)]
-        for x in 0..key_tiles * C_ELEMS {
-            st[x] *= chunk_decay;
-        }
-        #[unroll(!emulated)]
-        for js in 0..chunk_steps {
-            let mut a = Array::<F>::new(A_ELEMS);
-            let at = js * comptime!(16 * value_stride) + plane_e;
-            load_a::<F>(&v_s, at, at + a_value, &mut a, value_stride, true, emulated);
-            #[unroll(!emulated)]
-            for pair in 0..comptime!(chunk_tiles / 2) {
-                let at = pair * comptime!(16 * chunk_stride) + js * 16;
-                mma_pair::<F>(
-                    &a,
-                    &p_s,
-                    at,
-                    at + b_chunk,
-                    &mut acc,
-                    2 * pair * C_ELEMS,
-                    &mut scratch,
-                    chunk_stride,
-                    false,
-                    emulated,
-                );
-            }
-            // The update's left operand: V^T with κ on its columns (tokens;
-            // zero past `len`), `V^T (K ⊙ κ) = (V^T ⊙ κ) K`: 8 products per
-            // step where κ on `K` took one per element of every `B`.
-            let mut a_kappa = Array::<F>::new(A_ELEMS);
-            #[unroll]
-            for nth in 0..A_ELEMS {
-                let kappa = tables[kappa_at - js * 16 - comptime!(a_col_offset(nth))];
-                a_kappa[nth] = F::cast_from(f32::cast_from(a[nth]) * kappa);
-            }
-            #[unroll(!emulated)]
-            for pair in 0..comptime!(key_tiles / 2) {
-                let at = js * comptime!(16 * key_stride) + pair * 16;
-                mma_pair::<F>(
-                    &a_kappa,
-                    &k_s,
-                    at,
-                    at + b_update,
-                    &mut st,
-                    2 * pair * C_ELEMS,
-                    &mut scratch,
-                    key_stride,
-                    true,
-                    emulated,
-                );
-            }
-        }
-
-        // The outputs: element (value column, query) of each accumulator
-        // into the chunk's output tile, then whole rows of it to `out`.
-        #[unroll(!emulated)]
-        for pair in 0..comptime!(chunk_tiles / 2) {
-            let at = pair * comptime!(16 * value_stride) + plane_e;
-            store_c_pair::<F>(
+            let set_key = (c % 2) * key_set;
+            let set_value = (c % 2) * value_set;
+            chunk_products::<F, NV>(
+                &q_s,
+                &k_s,
+                &v_s,
+                &mut p_s,
                 &mut o_s,
-                at,
-                at + a_value,
-                &acc,
-                2 * pair * C_ELEMS,
+                &tables,
+                &mut scratch,
+                &mut st,
+                out,
+                set_key,
+                set_value,
+                len,
+                c0,
+                row0,
+                n,
+                step,
+                e0,
+                q_a,
+                k_b,
+                a_key,
+                b_key,
+                b_key_one,
+                b_update,
+                a_value,
+                a_chunk,
+                b_chunk,
+                mask_at,
+                p_at,
+                first_tile,
+                score_row,
+                score_col,
+                t2,
+                plane_e,
+                key_steps,
+                key_tiles,
+                key_stride,
+                chunk,
+                chunk_steps,
+                chunk_tiles,
+                chunk_stride,
                 value_stride,
-                true,
+                value_tile,
+                value_dim,
+                planes,
+                tiles_per_plane,
+                score_pairs,
+                score_tiles,
+                scores_table,
+                lambdas,
+                reversed,
                 emulated,
             );
         }
-        sync_cube();
-        store_chunk::<F, NV>(
-            &o_s,
-            out,
-            row0,
-            n,
-            step,
-            c0,
-            len,
-            e0,
-            value_dim,
-            chunk,
-            value_tile,
-            value_stride,
-            comptime!(planes * PLANE),
-            reversed,
-        );
+    } else {
+        for c in 0..chunks {
+            let c0 = first_token + c * chunk;
+            let len = min(chunk, end_token - c0);
+            // Every plane is done with the previous chunk's tiles.
+            sync_cube();
+            stage_chunk::<F, NV>(
+                q,
+                k,
+                v,
+                &mut q_s,
+                &mut k_s,
+                &mut v_s,
+                row0,
+                n,
+                step,
+                c0,
+                len,
+                e0,
+                key_dim,
+                value_dim,
+                key_pad,
+                key_stride,
+                chunk,
+                value_stride,
+                value_tile,
+                comptime!(planes * PLANE),
+                reversed,
+                emulated,
+            );
+            sync_cube();
+
+            let set_key = 0usize;
+            let set_value = 0usize;
+            chunk_products::<F, NV>(
+                &q_s,
+                &k_s,
+                &v_s,
+                &mut p_s,
+                &mut o_s,
+                &tables,
+                &mut scratch,
+                &mut st,
+                out,
+                set_key,
+                set_value,
+                len,
+                c0,
+                row0,
+                n,
+                step,
+                e0,
+                q_a,
+                k_b,
+                a_key,
+                b_key,
+                b_key_one,
+                b_update,
+                a_value,
+                a_chunk,
+                b_chunk,
+                mask_at,
+                p_at,
+                first_tile,
+                score_row,
+                score_col,
+                t2,
+                plane_e,
+                key_steps,
+                key_tiles,
+                key_stride,
+                chunk,
+                chunk_steps,
+                chunk_tiles,
+                chunk_stride,
+                value_stride,
+                value_tile,
+                value_dim,
+                planes,
+                tiles_per_plane,
+                score_pairs,
+                score_tiles,
+                scores_table,
+                lambdas,
+                reversed,
+                emulated,
+            );
+        }
     }
 
     // A segment's state goes nowhere (`walk_slots`).
@@ -483,6 +470,355 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
                     states[base + key * value_dim + col] = Vector::new(st[x * C_ELEMS + nth] * factor);
                 }
             }
+        }
+    }
+}
+
+/// One chunk's products and stores, after its `Q`, `K`, `V` are staged in
+/// the set at `set_key` (`Q` and `K`) and `set_value` (`V`): the scores into
+/// `P`, the output through `O` to `out`, the state update in `st`. The
+/// synchronous walk and the ring (variant 24) both call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_products<F: Float, NV: Size>(
+    q_s: &Shared<[F]>,
+    k_s: &Shared<[F]>,
+    v_s: &Shared<[F]>,
+    p_s: &mut Shared<[F]>,
+    o_s: &mut Shared<[F]>,
+    tables: &Shared<[f32]>,
+    scratch: &mut Shared<[f32]>,
+    st: &mut Array<f32>,
+    out: &mut [Vector<F, NV>],
+    set_key: usize,
+    set_value: usize,
+    len: usize,
+    c0: usize,
+    row0: usize,
+    n: usize,
+    step: usize,
+    e0: usize,
+    q_a: usize,
+    k_b: usize,
+    a_key: usize,
+    b_key: usize,
+    b_key_one: usize,
+    b_update: usize,
+    a_value: usize,
+    a_chunk: usize,
+    b_chunk: usize,
+    mask_at: usize,
+    p_at: usize,
+    first_tile: usize,
+    score_row: usize,
+    score_col: usize,
+    t2: usize,
+    plane_e: usize,
+    #[comptime] key_steps: usize,
+    #[comptime] key_tiles: usize,
+    #[comptime] key_stride: usize,
+    #[comptime] chunk: usize,
+    #[comptime] chunk_steps: usize,
+    #[comptime] chunk_tiles: usize,
+    #[comptime] chunk_stride: usize,
+    #[comptime] value_stride: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] planes: usize,
+    #[comptime] tiles_per_plane: usize,
+    #[comptime] score_pairs: usize,
+    #[comptime] score_tiles: usize,
+    #[comptime] scores_table: usize,
+    #[comptime] lambdas: usize,
+    #[comptime] reversed: bool,
+    #[comptime] emulated: bool,
+) {
+    // P = scale * (Q K^T ⊙ D), this plane's tiles, into shared memory.
+    let mut scores = Array::<f32>::new(comptime!(tiles_per_plane * C_ELEMS));
+    #[unroll(!emulated)]
+    for x in 0..tiles_per_plane * C_ELEMS {
+        scores[x] = 0.0f32;
+    }
+    #[unroll(!emulated)]
+    for ks in 0..key_steps {
+        let mut a = Array::<F>::new(A_ELEMS);
+        let at = set_key + q_a + ks * 16;
+        load_a::<F>(q_s, at, at + a_key, &mut a, key_stride, false, emulated);
+        #[unroll(!emulated)]
+        for pair in 0..score_pairs {
+            let at = set_key + k_b + pair * comptime!(16 * key_stride) + ks * 16;
+            mma_pair::<F>(
+                &a,
+                k_s,
+                at,
+                at + b_key,
+                &mut scores,
+                2 * pair * C_ELEMS,
+                scratch,
+                key_stride,
+                false,
+                emulated,
+            );
+        }
+        if comptime!(tiles_per_plane % 2 == 1) {
+            let mut b = Array::<F>::new(B_ELEMS);
+            let at = set_key + k_b + comptime!(2 * score_pairs * 8 * key_stride) + ks * 16;
+            load_b::<F>(k_s, at, at + b_key_one, &mut b, key_stride, false, emulated);
+            mma_at::<F>(
+                &a,
+                &b,
+                &mut scores,
+                comptime!(2 * score_pairs * C_ELEMS),
+                scratch,
+                emulated,
+            );
+        }
+    }
+    #[unroll(!emulated)]
+    for m in 0..tiles_per_plane {
+        #[unroll]
+        for nth in 0..C_ELEMS {
+            // `i - j + C` of the element, at least 1 (`j < C`).
+            let x = mask_at + comptime!(c_row_offset(nth)) - comptime!(c_col_offset(nth)) - m * 8;
+            scores[m * C_ELEMS + nth] *= tables[scores_table + x];
+        }
+    }
+    // Planes past the last score tile hold a copy and store none.
+    if first_tile < score_tiles {
+        #[unroll(!emulated)]
+        for pair in 0..score_pairs {
+            let at = p_at + pair * 16;
+            store_c_pair::<F>(
+                p_s,
+                at,
+                at + a_chunk,
+                &scores,
+                2 * pair * C_ELEMS,
+                chunk_stride,
+                false,
+                emulated,
+            );
+        }
+        if comptime!(tiles_per_plane % 2 == 1) {
+            #[unroll]
+            for nth in 0..C_ELEMS {
+                let i = score_row + comptime!(c_row_offset(nth));
+                let j = score_col + comptime!(2 * score_pairs * 8 + c_col_offset(nth));
+                p_s[i * chunk_stride + j] = F::cast_from(scores[comptime!(2 * score_pairs * C_ELEMS) + nth]);
+            }
+        }
+    }
+    sync_cube();
+
+    // O^T = λ (S^T Q^T): the state as the left operand, from registers.
+    let mut acc = Array::<f32>::new(comptime!(chunk_tiles * C_ELEMS));
+    #[unroll(!emulated)]
+    for x in 0..chunk_tiles * C_ELEMS {
+        acc[x] = 0.0f32;
+    }
+    #[unroll(!emulated)]
+    for ks in 0..key_steps {
+        let mut a = Array::<F>::new(A_ELEMS);
+        #[unroll]
+        for nth in 0..C_ELEMS {
+            a[nth] = F::cast_from(st[2 * ks * C_ELEMS + nth]);
+            a[nth + C_ELEMS] = F::cast_from(st[(2 * ks + 1) * C_ELEMS + nth]);
+        }
+        #[unroll(!emulated)]
+        for pair in 0..comptime!(chunk_tiles / 2) {
+            let at = set_key + pair * comptime!(16 * key_stride) + ks * 16;
+            mma_pair::<F>(
+                &a,
+                q_s,
+                at,
+                at + b_key,
+                &mut acc,
+                2 * pair * C_ELEMS,
+                scratch,
+                key_stride,
+                false,
+                emulated,
+            );
+        }
+    }
+    #[unroll(!emulated)]
+    for tile in 0..chunk_tiles {
+        #[unroll]
+        for nth in 0..C_ELEMS {
+            acc[tile * C_ELEMS + nth] *= tables[lambdas + t2 + tile * 8 + comptime!(c_col_offset(nth))];
+        }
+    }
+
+    // O^T += V^T P^T, and S^T = exp(-s len) S^T + V^T (K ⊙ κ): both take
+    // V^T as the left operand, loaded once per step.
+    let chunk_decay = tables[len + chunk];
+    // κ_j = zeroed[len - 1 - j + C], zero past `len` (j < C).
+    let kappa_at = len + chunk - 1 - t2;
+    #[unroll(!emulated)]
+    for x in 0..key_tiles * C_ELEMS {
+        st[x] *= chunk_decay;
+    }
+    #[unroll(!emulated)]
+    for js in 0..chunk_steps {
+        let mut a = Array::<F>::new(A_ELEMS);
+        let at = set_value + js * comptime!(16 * value_stride) + plane_e;
+        load_a::<F>(v_s, at, at + a_value, &mut a, value_stride, true, emulated);
+        #[unroll(!emulated)]
+        for pair in 0..comptime!(chunk_tiles / 2) {
+            let at = pair * comptime!(16 * chunk_stride) + js * 16;
+            mma_pair::<F>(
+                &a,
+                &*p_s,
+                at,
+                at + b_chunk,
+                &mut acc,
+                2 * pair * C_ELEMS,
+                scratch,
+                chunk_stride,
+                false,
+                emulated,
+            );
+        }
+        // The update's left operand: V^T with κ on its columns (tokens;
+        // zero past `len`), `V^T (K ⊙ κ) = (V^T ⊙ κ) K`: 8 products per
+        // step where κ on `K` took one per element of every `B`.
+        let mut a_kappa = Array::<F>::new(A_ELEMS);
+        #[unroll]
+        for nth in 0..A_ELEMS {
+            let kappa = tables[kappa_at - js * 16 - comptime!(a_col_offset(nth))];
+            a_kappa[nth] = F::cast_from(f32::cast_from(a[nth]) * kappa);
+        }
+        #[unroll(!emulated)]
+        for pair in 0..comptime!(key_tiles / 2) {
+            let at = set_key + js * comptime!(16 * key_stride) + pair * 16;
+            mma_pair::<F>(
+                &a_kappa,
+                k_s,
+                at,
+                at + b_update,
+                st,
+                2 * pair * C_ELEMS,
+                scratch,
+                key_stride,
+                true,
+                emulated,
+            );
+        }
+    }
+
+    // The outputs: element (value column, query) of each accumulator
+    // into the chunk's output tile, then whole rows of it to `out`.
+    #[unroll(!emulated)]
+    for pair in 0..comptime!(chunk_tiles / 2) {
+        let at = pair * comptime!(16 * value_stride) + plane_e;
+        store_c_pair::<F>(
+            o_s,
+            at,
+            at + a_value,
+            &acc,
+            2 * pair * C_ELEMS,
+            value_stride,
+            true,
+            emulated,
+        );
+    }
+    sync_cube();
+    store_chunk::<F, NV>(
+        &*o_s,
+        out,
+        row0,
+        n,
+        step,
+        c0,
+        len,
+        e0,
+        value_dim,
+        chunk,
+        value_tile,
+        value_stride,
+        comptime!(planes * PLANE),
+        reversed,
+    );
+}
+
+/// Copies the chunk's `len` tokens from `c0` into the set at `set_key`
+/// (`Q` and `K` rows) and `set_value` (`V` rows) with 16-byte asynchronous
+/// copies (`cp.async`), to be waited for on the set's barrier. Rows past
+/// `len` are copies of the last one, not zero: they meet only zero decays
+/// (κ, the masked scores) or outputs that are not stored. Value columns
+/// past `value_dim` are clamped the same way (their outputs and state are
+/// not stored). Requires `key_dim` a multiple of 16 (no padding columns).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_chunk<F: Float, NV: Size>(
+    q: &[Vector<F, NV>],
+    k: &[Vector<F, NV>],
+    v: &[Vector<F, NV>],
+    q_s: &mut Shared<[F]>,
+    k_s: &mut Shared<[F]>,
+    v_s: &mut Shared<[F]>,
+    set_key: usize,
+    set_value: usize,
+    row0: usize,
+    n: usize,
+    step: usize,
+    c0: usize,
+    len: usize,
+    e0: usize,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] key_stride: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_stride: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = NV::value();
+    let key_vectors = comptime!(key_dim / lanes);
+    let value_vectors = comptime!(value_tile / lanes);
+    let key_share = comptime!((chunk * key_vectors).div_ceil(units));
+    let value_share = comptime!((chunk * value_vectors).div_ceil(units));
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    let last = len - 1;
+    let q_view = q_s.as_vectorized_mut().with_vector_size_mut::<NV>();
+    let k_view = k_s.as_vectorized_mut().with_vector_size_mut::<NV>();
+    let v_view = v_s.as_vectorized_mut().with_vector_size_mut::<NV>();
+    #[unroll]
+    for x in 0..key_share {
+        let idx = x * units + unit;
+        if idx < comptime!(chunk * key_vectors) {
+            let r = idx / key_vectors;
+            let c = idx % key_vectors;
+            let from = token_row(row0, c0 + min(r, last), n, step, reversed) * key_vectors + c;
+            let to = (set_key + r * key_stride) / lanes + c;
+            copy_async::<Vector<F, NV>>(
+                &q[from..from + 1],
+                &mut q_view[to..to + 1],
+                comptime!(lanes as u32),
+            );
+            copy_async::<Vector<F, NV>>(
+                &k[from..from + 1],
+                &mut k_view[to..to + 1],
+                comptime!(lanes as u32),
+            );
+        }
+    }
+    #[unroll]
+    for x in 0..value_share {
+        let idx = x * units + unit;
+        if idx < comptime!(chunk * value_vectors) {
+            let r = idx / value_vectors;
+            let c = idx % value_vectors;
+            let col = min(e0 / lanes + c, comptime!(value_width - 1));
+            let from = token_row(row0, c0 + min(r, last), n, step, reversed) * value_width + col;
+            let to = (set_value + r * value_stride) / lanes + c;
+            copy_async::<Vector<F, NV>>(
+                &v[from..from + 1],
+                &mut v_view[to..to + 1],
+                comptime!(lanes as u32),
+            );
         }
     }
 }

@@ -65,6 +65,12 @@ pub struct Tuning {
     /// (faster than 128 at every bench shape on an H100: SPEED_NOTES.md,
     /// variant 21).
     pub fused_value_tile: Option<usize>,
+    /// Sets of `Q`, `K`, `V` tiles the tensor-core walk stages (1 or 2): with
+    /// 2 the next chunk's tiles are copied in asynchronously (`cp.async`)
+    /// while the chunk's products run (CUDA, 16-bit inputs, `d` a multiple
+    /// of 16, where the sets fit; else 1). `None` is 1 until a GPU run has
+    /// measured the ring (SPEED_NOTES.md, variant 24).
+    pub fused_stages: Option<usize>,
 }
 
 /// How the fused routine ([`Routines::Fused`]) takes its products.
@@ -104,6 +110,15 @@ impl Tuning {
                 knob: "fused_value_tile",
                 value: tile,
                 expected: "16 to 128, a power of two",
+            });
+        }
+        if let Some(stages) = self.fused_stages
+            && !(1..=2).contains(&stages)
+        {
+            return Err(LightningError::InvalidTuning {
+                knob: "fused_stages",
+                value: stages,
+                expected: "1 or 2",
             });
         }
         check_rows_in_flight(self.decode_rows_in_flight)

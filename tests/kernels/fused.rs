@@ -50,7 +50,8 @@ fn planned_walk(case: &Case) -> Option<bool> {
 /// chunks from `chunks`, up to `max_blocks` of them a block (rounded up to a
 /// power of two), head dims from `dims`, inputs from `dtypes`, value tiles
 /// left to the plan or forced to 16 or 32 (the plan widens a forced tile to
-/// the chunk), `n` from 1 to three blocks and a remainder.
+/// the chunk), one set of tiles or the two-set ring, `n` from 1 to three
+/// blocks and a remainder.
 fn walk_case(
     chunks: Vec<usize>,
     max_blocks: usize,
@@ -66,11 +67,14 @@ fn walk_case(
         1usize..=3,
         any::<bool>(),
         prop::sample::select(dtypes),
-        prop::sample::select(vec![None, Some(16), Some(32)]),
+        (
+            prop::sample::select(vec![None, Some(16), Some(32)]),
+            prop::sample::select(vec![None, Some(2)]),
+        ),
         any::<u64>(),
     )
         .prop_flat_map(
-            move |(sub_block, blocks, (d, e), b, h, with_state, dtype, tile, seed)| {
+            move |(sub_block, blocks, (d, e), b, h, with_state, dtype, (tile, stages), seed)| {
                 let block = sub_block * blocks.next_power_of_two();
                 (1usize..=3 * block + 17).prop_map(move |n| Case {
                     block,
@@ -89,6 +93,9 @@ fn walk_case(
                     tuning: Tuning {
                         fused_products: products,
                         fused_value_tile: tile,
+                        // The ring (variant 24) where the plan can take it:
+                        // the real walk with 16-byte rows; ignored elsewhere.
+                        fused_stages: stages,
                         ..tuning()
                     },
                     seed,

@@ -88,6 +88,7 @@ pub(crate) fn launch<F: Float + CubeElement>(
                 variant.reversed,
                 segmented,
                 walk.emulated,
+                walk.stages,
             )
         }
         return;

@@ -69,6 +69,9 @@ pub struct FragmentWalk {
     /// Scalars per vector q, k, v and out move in: the widest of 8, 4, 2, 1
     /// that divides `d` and `e` and the device's vectors allow.
     pub vector: usize,
+    /// Sets of `Q`, `K`, `V` tiles: 2 where the next chunk is copied in
+    /// asynchronously during the chunk ([`crate::Tuning::fused_stages`]).
+    pub stages: usize,
 }
 
 /// Plans the fused routine: the tensor-core walk where the config and the
@@ -96,13 +99,17 @@ fn fragment_shared_bytes(
     value_tile: usize,
     element: usize,
     emulated: bool,
+    sets: usize,
 ) -> usize {
     let key_pad = key_dim.div_ceil(16) * 16;
     let planes = value_tile / 16;
     let scratch = if emulated { planes * (16 * 16 + 16 * 8) } else { 1 };
     // Rows padded by 8 scalars on tensor cores (`kernels::staging::ROW_PAD`).
     let pad = if emulated { 0 } else { 8 };
-    element * (2 * chunk * (key_pad + pad) + chunk * (chunk + pad) + 2 * chunk * (value_tile + pad))
+    element
+        * (sets * (2 * chunk * (key_pad + pad) + chunk * (value_tile + pad))
+            + chunk * (chunk + pad)
+            + chunk * (value_tile + pad))
         + 4 * (5 * chunk + 1 + scratch)
 }
 
@@ -134,7 +141,18 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
             .next_power_of_two()
             .clamp(narrowest, FRAGMENT_VALUE_TILE.max(narrowest)),
     };
-    let bytes = |tile: usize| fragment_shared_bytes(chunk, d, tile, element, emulated);
+    let vector = [8, 4, 2]
+        .into_iter()
+        .find(|&lanes| lanes <= limits.max_vector && d % lanes == 0 && e % lanes == 0)
+        .unwrap_or(1);
+    // The ring copies 16 bytes at a time into rows with no padding column.
+    let ring = config.tuning.fused_stages == Some(2) && !emulated && vector * element == 16 && d % 16 == 0;
+    let mut stages = if ring { 2 } else { 1 };
+    let sized = |tile: usize, sets: usize| fragment_shared_bytes(chunk, d, tile, element, emulated, sets);
+    if sized(value_tile, stages) > limits.shared_memory {
+        stages = 1;
+    }
+    let bytes = |tile: usize| sized(tile, stages);
     while bytes(value_tile) > limits.shared_memory && value_tile > narrowest {
         value_tile /= 2;
     }
@@ -161,10 +179,8 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
         fragments: Some(FragmentWalk {
             planes,
             emulated,
-            vector: [8, 4, 2]
-                .into_iter()
-                .find(|&lanes| lanes <= limits.max_vector && d % lanes == 0 && e % lanes == 0)
-                .unwrap_or(1),
+            vector,
+            stages,
         }),
     }))
 }

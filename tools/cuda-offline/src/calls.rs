@@ -8,7 +8,9 @@
 
 use lightning_attention::offline::{OfflineBuild, build_backward, build_decode, build_prefill, build_varlen};
 use lightning_attention::shapes::{DecodeShape, PrefillShape};
-use lightning_attention::{DType, Precision, PrefillConfig, Result, Routines, Snapshots, VarlenBatch};
+use lightning_attention::{
+    DType, Precision, PrefillConfig, Result, Routines, Snapshots, Tuning, VarlenBatch,
+};
 
 /// Records one call's kernels.
 type Build = Box<dyn Fn(&OfflineBuild) -> Result<()>>;
@@ -151,6 +153,23 @@ pub fn calls() -> Vec<Call> {
                     move |build| build_prefill(build, &shape, false, &config),
                 ));
             }
+        }
+    }
+    // The fused walk's ring (two sets of tiles, the next chunk copied in
+    // asynchronously: `Tuning::fused_stages`), at the bench's shapes.
+    for dims in BENCH_SHAPES {
+        for dtype in [DType::BF16, DType::F16] {
+            let config = PrefillConfig::new(64, 64)
+                .with_routines(Routines::Fused)
+                .with_tuning(Tuning {
+                    fused_stages: Some(2),
+                    ..Tuning::default()
+                });
+            let shape = shape(dims, dims[3], dtype);
+            calls.push(Call::new(
+                format!("prefill {} {dims:?} 64/64 fused ring", name(dtype)),
+                move |build| build_prefill(build, &shape, false, &config),
+            ));
         }
     }
     // A mixed packed batch: prefills, two decodes (one-token sequences), snapshots.
