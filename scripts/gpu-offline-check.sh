@@ -8,7 +8,8 @@
 # runs the tests whose names contain it); `fused`: the bench's bf16
 # and f16 prefill with the fused routine beside the default, and its 64-wide
 # value tile; `fused-bf16`: the same for bf16 alone, without accuracy;
-# `ncu`: Nsight Compute on one launch of the tensor-core walk;
+# `ncu`: Nsight Compute on one launch of the tensor-core walk; `ring`: the
+# fused bf16 rows with one set of tiles and with the ring (variant 24);
 # `fla`: FLA's chunk_simple_gla on the six prefill shapes
 # (`../shared/anchors/bench_triton.py` copied into .fla/, the fla-core wheel
 # in .whl/: carry both). Default: `ptx tests`.
@@ -92,6 +93,16 @@ for what in "${whats[@]}"; do
             --configs 64/64 --routines auto,fused --out "$out/bench-fused-one" >"$out/bench-fused-one.log" 2>&1
         echo "== fused bench, bf16: exit $?"
         grep -E "^\|" "$out/bench-fused-one.log" | head -20
+        ;;
+    ring)
+        # bf16 fused, one set of tiles (default) then the ring (variant 24).
+        for stages in 1 2; do
+            timeout "${BENCH_SECONDS:-120}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
+                --configs 64/64 --routines fused --fused-stages "$stages" --out "$out/bench-ring$stages" \
+                >"$out/bench-ring$stages.log" 2>&1
+            echo "== fused bench, bf16, stages $stages: exit $?"
+            grep -E "^\| cuda" "$out/bench-ring$stages.log" | head -8
+        done
         ;;
     fla)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1
