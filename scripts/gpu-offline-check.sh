@@ -98,7 +98,7 @@ for what in "${whats[@]}"; do
         # bf16 fused, one set of tiles (default) then the ring (variant 24).
         for stages in 1 2; do
             timeout "${BENCH_SECONDS:-120}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-                --configs 64/64 --routines fused --fused-stages "$stages" --out "$out/bench-ring$stages" \
+                --configs 64/64 --routines fused --fused-stages "$stages" --accuracy --out "$out/bench-ring$stages" \
                 >"$out/bench-ring$stages.log" 2>&1
             echo "== fused bench, bf16, stages $stages: exit $?"
             grep -E "^\| cuda" "$out/bench-ring$stages.log" | head -8
