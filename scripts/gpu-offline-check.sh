@@ -9,7 +9,8 @@
 # and f16 prefill with the fused routine beside the default, and its 64-wide
 # value tile; `fused-bf16`: the same for bf16 alone, without accuracy;
 # `ncu`: Nsight Compute on one launch of the tensor-core walk; `ring`: the
-# fused bf16 rows with one set of tiles and with the ring (variant 24);
+# fused bf16 rows with one set of tiles and with the ring (variant 24), by
+# the fixed rule; `tuned`: bf16 and f16 fused with the autotuner's choice;
 # `fla`: FLA's chunk_simple_gla on the six prefill shapes
 # (`../shared/anchors/bench_triton.py` copied into .fla/, the fla-core wheel
 # in .whl/: carry both). Default: `ptx tests`.
@@ -54,7 +55,7 @@ for what in "${whats[@]}"; do
         echo "== fused bench: exit $?"
         grep -E "^\|" "$out/bench-fused.log" | head -40
         timeout "${BENCH_SECONDS:-200}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-            --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
+            --configs 64/64 --routines fused --fused-choice rule --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
         echo "== fused bench, value tile 64: exit $?"
         grep -E "^\|" "$out/bench-fused64.log" | head -20
         ;;
@@ -66,7 +67,7 @@ for what in "${whats[@]}"; do
         echo "== fused bench, bf16: exit $?"
         grep -E "^\|" "$out/bench-fused-bf16.log" | head -20
         timeout "${BENCH_SECONDS:-150}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-            --configs 64/64 --routines fused --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
+            --configs 64/64 --routines fused --fused-choice rule --fused-value-tile 64 --out "$out/bench-fused64" >"$out/bench-fused64.log" 2>&1
         echo "== fused bench, value tile 64: exit $?"
         grep -E "^\|" "$out/bench-fused64.log" | head -20
         ;;
@@ -79,7 +80,7 @@ for what in "${whats[@]}"; do
         timeout "${NCU_SECONDS:-300}" ncu --clock-control none --kernel-name regex:fused_fragments \
             --launch-skip "${NCU_SKIP:-22}" --launch-count 1 --set full --import-source no \
             -f -o "$out/fused-walk" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-            --configs 64/64 --routines fused --fused-value-tile "${NCU_TILE:-64}" --reps 3 \
+            --configs 64/64 --routines fused --fused-choice rule --fused-value-tile "${NCU_TILE:-64}" --reps 3 \
             --out "$out/bench-ncu" >"$out/ncu.log" 2>&1
         echo "== ncu: exit $?"
         ncu -i "$out/fused-walk.ncu-rep" --page details >"$out/ncu-details.txt" 2>&1
@@ -98,11 +99,20 @@ for what in "${whats[@]}"; do
         # bf16 fused, one set of tiles (default) then the ring (variant 24).
         for stages in 1 2; do
             timeout "${BENCH_SECONDS:-120}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16 \
-                --configs 64/64 --routines fused --fused-stages "$stages" --accuracy --out "$out/bench-ring$stages" \
+                --configs 64/64 --routines fused --fused-choice rule --fused-stages "$stages" --accuracy --out "$out/bench-ring$stages" \
                 >"$out/bench-ring$stages.log" 2>&1
             echo "== fused bench, bf16, stages $stages: exit $?"
             grep -E "^\| cuda" "$out/bench-ring$stages.log" | head -8
         done
+        ;;
+    tuned)
+        # bf16 and f16 fused with the autotuner's choice (FusedChoice::Tuned:
+        # each shape's first call times every variant that applies; the
+        # row's op names the one kept), and the default routine beside it.
+        timeout "${BENCH_SECONDS:-240}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16,f16 \
+            --configs 64/64 --routines auto,fused --accuracy --out "$out/bench-tuned" >"$out/bench-tuned.log" 2>&1
+        echo "== tuned fused bench: exit $?"
+        grep -E "^\| cuda" "$out/bench-tuned.log" | head -30
         ;;
     fla)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1

@@ -55,12 +55,13 @@ pub use entry::backward::{BackwardInputs, Gradients, backward};
 pub use entry::decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use entry::prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
+    tuned_fused_variant,
 };
 pub use entry::split_cache::{SplitCache, decode_split, decode_split_into};
 pub use entry::varlen::{
     Snapshots, VarlenBatch, VarlenInputs, plan_varlen, prefill_varlen, prefill_varlen_into,
 };
-pub use problem::config::{FusedProducts, Precision, PrefillConfig, Routines, Tuning};
+pub use problem::config::{FusedChoice, FusedProducts, Precision, PrefillConfig, Routines, Tuning};
 pub use problem::dtype::DType;
 pub use problem::error::{LightningError, Result};
 pub use problem::packed::VarlenShape;
@@ -79,6 +80,7 @@ pub mod plan {
     pub use crate::routines::five_kernels::kv_reduce::{KvReducePlan, kv_reduce_vector_size};
     pub use crate::routines::five_kernels::non_diag::NonDiagPlan;
     pub use crate::routines::fused::plan::{FragmentWalk, FusedPlan};
+    pub use crate::routines::fused::variants::FusedVariant;
     pub use crate::routines::prefill::plan::PrefillPlan;
     pub use crate::routines::products::{Products, cmma_vector_size};
     pub use crate::routines::table::PrefillWork;

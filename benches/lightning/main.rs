@@ -29,9 +29,9 @@ use lightning_attention::cubecl::future::block_on;
 use lightning_attention::cubecl::prelude::*;
 use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
-    BackwardInputs, DType, DecodeInputs, DeviceTensor, FusedProducts, Precision, PrefillConfig,
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, FusedChoice, FusedProducts, Precision, PrefillConfig,
     PrefillInputs, Routines, SplitCache, StageTimes, Tuning, backward, decode_into, decode_split_into,
-    prefill_into, profile_prefill_into, runtime,
+    prefill_into, profile_prefill_into, runtime, tuned_fused_variant,
 };
 use report::Row;
 
@@ -70,8 +70,10 @@ struct Options {
     /// The measuring knobs every call takes, `--diag-value-tile N` (16 to
     /// 128), `--decode-rows-in-flight N` (1 to 32), `--fused-products
     /// auto|portable|emulated`, `--fused-value-tile N` (16 to 128) and
-    /// `--fused-stages N` (1 or 2: the fused routine's walk, tile and ring);
-    /// unset, the measured defaults (the
+    /// `--fused-stages N` (1 or 2: the fused routine's walk, tile and ring),
+    /// `--fused-choice tuned|rule` (the autotuner picks what the fused knobs
+    /// leave open, or the plan's fixed rule does); unset, the measured
+    /// defaults (the
     /// library reads no environment variable for them).
     tuning: Tuning,
 }
@@ -168,6 +170,11 @@ fn options() -> Options {
             fused_value_tile: value("--fused-value-tile")
                 .map(|t| t.parse().expect("--fused-value-tile takes a number")),
             fused_stages: value("--fused-stages").map(|t| t.parse().expect("--fused-stages takes 1 or 2")),
+            fused_choice: match value("--fused-choice").as_deref() {
+                None | Some("tuned") => FusedChoice::Tuned,
+                Some("rule") => FusedChoice::Rule,
+                Some(other) => panic!("--fused-choice takes tuned or rule, not {other}"),
+            },
         },
     }
 }
@@ -345,6 +352,11 @@ fn bench_prefill(
     if let Err(err) = prefill_into(client, &inputs, &config, &out, &state) {
         row.note = err.to_string();
         return row;
+    }
+    // The first call above tuned the fused walk where it is tuned: say
+    // which variant runs.
+    if let Some(variant) = tuned_fused_variant(client, &inputs, &config).expect("validated above") {
+        row.op += &format!(" [{variant}]");
     }
     let time = median_time(client, opts.reps, || {
         prefill_into(client, &inputs, &config, &out, &state).expect("validated above");

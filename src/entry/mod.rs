@@ -2,10 +2,12 @@
 //! [`crate::decode`], [`crate::backward`] and the split cache. Each validates
 //! its arguments (layer 1), asks the device what it can hold (layer 2), lets
 //! the routines choose and plan (layer 3), then allocates, launches and
-//! returns.
+//! returns. `fused_tune` runs cubecl's autotuner over the fused routine's
+//! variants for the dense prefill.
 
 pub(crate) mod backward;
 pub(crate) mod decode;
+pub(crate) mod fused_tune;
 pub(crate) mod offline;
 pub(crate) mod prefill;
 pub(crate) mod split_cache;

@@ -1,5 +1,6 @@
 //! The prefill host API: validate, plan, then launch diag, kv-parallel, kv-reduce and non-diag.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cubecl::prelude::*;
@@ -8,16 +9,20 @@ use crate::device::limits::DeviceLimits;
 use crate::device::memory::fits_one_buffer;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
+use crate::entry::fused_tune;
 use crate::problem::shapes::{
     PrefillShape, TensorShape, check_tensor, expect_shape, prefill_args, validate_prefill_shapes,
 };
 use crate::routines::common::{Call, Layout, Stage, Variant};
+use crate::routines::fused::variants::FusedVariant;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
 use crate::routines::table::PrefillWork;
 use crate::routines::table::SequenceTable;
 use crate::routines::widen;
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
+use crate::{
+    DType, DeviceTensor, FusedChoice, LightningError, PrefillConfig, Result, Routines, check_finite,
+};
 
 /// The arguments of a prefill.
 #[derive(Clone, Copy, Debug)]
@@ -106,6 +111,10 @@ pub fn prefill(client: &Client, inputs: &PrefillInputs, config: &PrefillConfig) 
     DeviceMemory::of(client).check(&buffers)?;
     let out = DeviceTensor::empty(client, &shape.out_shape(), shape.dtype);
     let final_state = DeviceTensor::empty(client, &shape.state_shape(), DType::F32);
+    if tuned(client, inputs, config, &out, &final_state)?.is_some() {
+        check_outputs(client, config, &out, &final_state)?;
+        return Ok(PrefillOutput { out, final_state });
+    }
     launch_checked(
         LaunchTarget::Device(client),
         inputs,
@@ -157,9 +166,80 @@ pub fn prefill_into(
     out: &DeviceTensor,
     final_state: &DeviceTensor,
 ) -> Result<()> {
+    if tuned(client, inputs, config, out, final_state)?.is_some() {
+        return check_outputs(client, config, out, final_state);
+    }
     run_stages(client, inputs, config, out, final_state, &mut |_, launch| {
         launch()
     })
+}
+
+/// Where `config` leaves the fused routine's tensor-core walk to the
+/// autotuner ([`FusedChoice::Tuned`]) and more than one variant applies:
+/// validates the call and its outputs, runs the fastest variant into `out`
+/// and `final_state` (timing every one first on a new shape bucket) and
+/// returns it. Else `None`, having launched nothing. The finite check is
+/// left to the caller.
+fn tuned(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+    out: &DeviceTensor,
+    final_state: &DeviceTensor,
+) -> Result<Option<FusedVariant>> {
+    if config.routines != Routines::Fused || config.tuning.fused_choice != FusedChoice::Tuned {
+        return Ok(None);
+    }
+    let (shape, _) = plan_prefill(client, inputs, config)?;
+    check_output_tensors(&shape, out, final_state)?;
+    // What the tuner keeps: owned handles of the call's tensors.
+    let (client_owned, out, final_state) = (client.clone(), out.clone(), final_state.clone());
+    let (q, k, v, slopes) = (
+        inputs.q.clone(),
+        inputs.k.clone(),
+        inputs.v.clone(),
+        inputs.slopes.clone(),
+    );
+    let initial_state = inputs.initial_state.cloned();
+    let launch: fused_tune::Launch = Arc::new(move |config: &PrefillConfig| {
+        let inputs = PrefillInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            slopes: &slopes,
+            initial_state: initial_state.as_ref(),
+        };
+        prefill_into(&client_owned, &inputs, config, &out, &final_state)
+    });
+    let work_for = |config: &PrefillConfig| PrefillWork::dense(&shape, config);
+    Ok(fused_tune::launch_tuned(
+        client,
+        &work_for,
+        config,
+        inputs.initial_state.is_some(),
+        launch,
+    ))
+}
+
+/// The variant of the fused routine's tensor-core walk the autotuner
+/// settled on for calls like this one on `client`'s device (see
+/// [`FusedChoice::Tuned`]): `None` before the first call of its shape
+/// bucket in this process (unless the on-disk cache of the `autotune-cache`
+/// feature holds it and a call has read it back), or where nothing is tuned
+/// (another routine, the fixed rule, or one variant that applies).
+pub fn tuned_fused_variant(
+    client: &Client,
+    inputs: &PrefillInputs,
+    config: &PrefillConfig,
+) -> Result<Option<FusedVariant>> {
+    let (shape, _) = plan_prefill(client, inputs, config)?;
+    let work_for = |config: &PrefillConfig| PrefillWork::dense(&shape, config);
+    Ok(fused_tune::settled(
+        client,
+        &work_for,
+        config,
+        inputs.initial_state.is_some(),
+    ))
 }
 
 /// Device time of each prefill kernel, as measured by [`profile_prefill_into`].
@@ -207,6 +287,11 @@ pub fn profile_prefill_into(
     out: &DeviceTensor,
     final_state: &DeviceTensor,
 ) -> Result<StageTimes> {
+    // The tuned variant (tuning first on a new shape bucket), timed alone.
+    let config = &match tuned(client, inputs, config, out, final_state)? {
+        Some(variant) => variant.apply(config),
+        None => *config,
+    };
     let mut times = StageTimes::default();
     let mut failure = None;
     run_stages(
@@ -271,6 +356,25 @@ fn launch_planned(
     final_state: &DeviceTensor,
     hook: &mut dyn FnMut(Stage, &dyn Fn()),
 ) -> Result<()> {
+    check_output_tensors(&shape, out, final_state)?;
+    let table = dense_table(&shape, inputs, config);
+    DeviceMemory::of(client).check(&launch_buffers(&shape, &plan, &table, inputs))?;
+    launch_checked(
+        LaunchTarget::Device(client),
+        inputs,
+        config,
+        (shape, plan),
+        &table,
+        out,
+        final_state,
+        hook,
+    );
+    check_outputs(client, config, out, final_state)
+}
+
+/// `out` `[b, h, n, e]` in the call's dtype and `final_state` `[b, h, d, e]`
+/// f32, as `shape` says.
+fn check_output_tensors(shape: &PrefillShape, out: &DeviceTensor, final_state: &DeviceTensor) -> Result<()> {
     check_tensor(
         out,
         "out",
@@ -286,20 +390,7 @@ fn launch_planned(
         "[b, h, d, e]",
         Some(DType::F32),
     )?;
-    expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")?;
-    let table = dense_table(&shape, inputs, config);
-    DeviceMemory::of(client).check(&launch_buffers(&shape, &plan, &table, inputs))?;
-    launch_checked(
-        LaunchTarget::Device(client),
-        inputs,
-        config,
-        (shape, plan),
-        &table,
-        out,
-        final_state,
-        hook,
-    );
-    check_outputs(client, config, out, final_state)
+    expect_shape(final_state, "final_state", &shape.state_shape(), "[b, h, d, e]")
 }
 
 /// With [`PrefillConfig::check_finite`], the opt-in check of what the call

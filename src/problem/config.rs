@@ -71,6 +71,32 @@ pub struct Tuning {
     /// of 16, where the sets fit; else 1). `None` is 1 until a GPU run has
     /// measured the ring (SPEED_NOTES.md, variant 24).
     pub fused_stages: Option<usize>,
+    /// How the fused routine's tensor-core walk picks its chunk, value tile
+    /// and stages where the two knobs above leave them open: measured by
+    /// cubecl's autotuner on the first call of each shape bucket (the
+    /// default), or by the plan's fixed rule.
+    pub fused_choice: FusedChoice,
+}
+
+/// How the fused routine's tensor-core walk ([`Routines::Fused`]) picks its
+/// chunk, value tile and stages: the variants differ only in speed (every
+/// one is held to the same bounds by the property tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FusedChoice {
+    /// cubecl's autotuner times every variant that applies (chunks of 32
+    /// and 64 tokens, value tiles of 32, 64 and 128 columns, one set of
+    /// tiles or the two-set ring; the knobs a caller forces are kept) on the
+    /// first call of a shape bucket (dtype, `d`, `e`, and `n`, batch and heads
+    /// rounded up to powers of two) and runs the fastest from then on; with
+    /// the `autotune-cache` feature the choice persists on disk across
+    /// processes. The first call of a bucket takes as long as every variant
+    /// together, a few times over. Where one variant applies (the portable
+    /// walk, or every knob forced), nothing is timed.
+    #[default]
+    Tuned,
+    /// The plan's fixed rule: the config's sub-block as the chunk, value
+    /// tiles of 64 columns, one set of tiles.
+    Rule,
 }
 
 /// How the fused routine ([`Routines::Fused`]) takes its products.

@@ -3,7 +3,9 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lightning_attention::cubecl::prelude::Client;
-use lightning_attention::{DType, DeviceTensor, FusedProducts, Precision, Tuning, reference, runtime};
+use lightning_attention::{
+    DType, DeviceTensor, FusedChoice, FusedProducts, Precision, Tuning, reference, runtime,
+};
 
 pub use lightning_attention::reference::relative_error;
 
@@ -199,10 +201,13 @@ pub fn fused_tuning() -> impl proptest::strategy::Strategy<Value = Tuning> {
         })
 }
 
-/// The measuring knobs the tests run with (see [`decode_rows_in_flight`]).
+/// The measuring knobs the tests run with (see [`decode_rows_in_flight`]):
+/// the fused walk's variant by the plan's rule, so that each case runs the
+/// variant it draws (the autotuner has its own test, `tests/kernels/fused.rs`).
 pub fn tuning() -> Tuning {
     Tuning {
         decode_rows_in_flight: decode_rows_in_flight(),
+        fused_choice: FusedChoice::Rule,
         ..Tuning::default()
     }
 }

@@ -3,17 +3,21 @@
 //! device, against the f64 reference. The plan is asserted to have taken
 //! the walk, so a case cannot pass on the portable walk instead.
 
+use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::plan::FusedVariant;
 use lightning_attention::reference::Dims;
 use lightning_attention::{
-    DType, DeviceTensor, FusedProducts, PrefillConfig, PrefillInputs, Routines, Tuning, plan_prefill,
+    DType, DeviceTensor, FusedChoice, FusedProducts, PrefillConfig, PrefillInputs, Routines, Tuning,
+    plan_prefill, tuned_fused_variant,
 };
 use proptest::prelude::*;
 
 use crate::common::*;
 use crate::prefill::{Case, run};
 
-/// Whether `case`'s plan walks on register fragments, and emulated ones.
-fn planned_walk(case: &Case) -> Option<bool> {
+/// `ask` of `case`'s call on zero inputs (only their shapes and dtypes
+/// count): the client, the inputs and the config.
+fn on_zero_inputs<T>(case: &Case, ask: impl FnOnce(&Client, &PrefillInputs, &PrefillConfig) -> T) -> T {
     let client = client();
     let Dims {
         batch: b,
@@ -29,21 +33,29 @@ fn planned_walk(case: &Case) -> Option<bool> {
         zeros(&[b, h, n, e], case.dtype),
         zeros(&[h], DType::F32),
     );
+    let state = case.with_state.then(|| zeros(&[b, h, d, e], DType::F32));
     let inputs = PrefillInputs {
         q: &q,
         k: &k,
         v: &v,
         slopes: &slopes,
-        initial_state: None,
+        initial_state: state.as_ref(),
     };
     let config = PrefillConfig::new(case.block, case.sub_block)
         .with_routines(case.routines)
         .with_tuning(case.tuning);
-    let (_, plan) = plan_prefill(&client, &inputs, &config).expect("a valid prefill");
-    plan.fused
-        .expect("the fused routine")
-        .fragments
-        .map(|walk| walk.emulated)
+    ask(&client, &inputs, &config)
+}
+
+/// Whether `case`'s plan walks on register fragments, and emulated ones.
+fn planned_walk(case: &Case) -> Option<bool> {
+    on_zero_inputs(case, |client, inputs, config| {
+        let (_, plan) = plan_prefill(client, inputs, config).expect("a valid prefill");
+        plan.fused
+            .expect("the fused routine")
+            .fragments
+            .map(|walk| walk.emulated)
+    })
 }
 
 /// Cases of the fused routine's tensor-core walk taken with `products`:
@@ -187,6 +199,64 @@ fn portable_walk_where_asked_or_without_fragments() {
     case.dtype = DType::BF16;
     let fragments = lightning_attention::plan::TensorCores::fragments_of(&client).supports(DType::BF16);
     assert_eq!(planned_walk(&case), fragments.then_some(false));
+}
+
+/// The autotuner over the emulated walk (`FusedChoice::Tuned`): at
+/// `d = 16`, `e = 64` two variants fit every device's shared memory (lavapipe
+/// has 32 KiB; chunks of 32 with value tiles of 32 and 64 columns, chunk 64
+/// does not fit), so the first call times both, keeps one and runs it, and
+/// the next call of the bucket (another `n` that rounds up alike, fresh
+/// inputs) runs the kept one at once. Both match the f64 reference.
+#[test]
+fn tuned_walk_keeps_a_variant_and_matches_reference() {
+    let mut case = Case {
+        block: 64,
+        sub_block: 32,
+        dims: Dims {
+            batch: 1,
+            heads: 2,
+            seq_len: 150,
+            key_dim: 16,
+            value_dim: 64,
+        },
+        with_state: true,
+        dtype: DType::F16,
+        routines: Routines::Fused,
+        precision: Default::default(),
+        tuning: Tuning {
+            fused_products: FusedProducts::Emulated,
+            fused_choice: FusedChoice::Tuned,
+            ..tuning()
+        },
+        seed: 11,
+    };
+    let settled = |case: &Case| {
+        on_zero_inputs(case, |client, inputs, config| {
+            tuned_fused_variant(client, inputs, config).expect("a valid prefill")
+        })
+    };
+    assert_eq!(settled(&case), None, "nothing is tuned before the first call");
+    let tol = tolerance_for(case.dtype, case.precision);
+    for (seq_len, seed) in [(150, 11), (200, 12)] {
+        case.dims.seq_len = seq_len;
+        case.seed = seed;
+        let (out_err, state_err, _) = run(&case);
+        assert!(out_err < tol, "output error {out_err:e} >= {tol:e} for {case:?}");
+        assert!(
+            state_err < tol,
+            "state error {state_err:e} >= {tol:e} for {case:?}"
+        );
+        let kept = settled(&case).expect("the tuner kept a variant");
+        let candidates = [32, 64].map(|value_tile| FusedVariant {
+            chunk: 32,
+            value_tile,
+            stages: 1,
+        });
+        assert!(candidates.contains(&kept), "{kept} is not one of {candidates:?}");
+    }
+    // The fixed rule tunes nothing.
+    case.tuning.fused_choice = FusedChoice::Rule;
+    assert_eq!(settled(&case), None);
 }
 
 /// On CUDA: the real tensor-core walk (`ldmatrix` loads, `mma.sync`

@@ -7,6 +7,7 @@
 //! built.
 
 use lightning_attention::offline::{OfflineBuild, build_backward, build_decode, build_prefill, build_varlen};
+use lightning_attention::plan::FusedVariant;
 use lightning_attention::shapes::{DecodeShape, PrefillShape};
 use lightning_attention::{
     DType, Precision, PrefillConfig, Result, Routines, Snapshots, Tuning, VarlenBatch,
@@ -168,6 +169,22 @@ pub fn calls() -> Vec<Call> {
             let shape = shape(dims, dims[3], dtype);
             calls.push(Call::new(
                 format!("prefill {} {dims:?} 64/64 fused ring", name(dtype)),
+                move |build| build_prefill(build, &shape, false, &config),
+            ));
+        }
+    }
+    // Every variant the fused walk's autotuner may pick (`FusedVariant::all`,
+    // `FusedChoice::Tuned`), bf16, at d = e = 128 and 64 (tiles past `e` are
+    // never picked).
+    for dims in [[4, 64, 8192, 128], [1, 64, 16384, 64]] {
+        for variant in FusedVariant::all()
+            .into_iter()
+            .filter(|v| v.value_tile <= dims[3])
+        {
+            let config = variant.apply(&PrefillConfig::new(64, 64).with_routines(Routines::Fused));
+            let shape = shape(dims, dims[3], DType::BF16);
+            calls.push(Call::new(
+                format!("prefill bf16 {dims:?} fused tuned {variant}"),
                 move |build| build_prefill(build, &shape, false, &config),
             ));
         }
