@@ -210,12 +210,14 @@ pub enum Routines {
     /// cores run; this forces it everywhere (for tests and comparisons).
     ChunkRecurrent,
     /// The fused routine (opt-in while it is built, issue 28): the whole
-    /// prefill in one pass per sequence, the running state kept on the chip
-    /// and written once as the final state. Today its portable routine
-    /// (products on CUDA cores in f32) on every runtime; 16-bit inputs run on
-    /// f32 copies, as with `Portable`. A packed call with snapshots takes the
-    /// chunk-recurrent routine instead (the fused walk writes no state but the
-    /// final one).
+    /// prefill in one pass per sequence (or segment), the running state kept
+    /// on the chip and written once as the final state. On CUDA with f16 or
+    /// bf16 inputs its tensor-core walk (the state in registers), elsewhere
+    /// its portable walk (products on CUDA cores in f32; see
+    /// [`FusedProducts`]); its variant by the autotuner ([`FusedChoice`]).
+    /// A packed call with snapshots walks one block per segment, so that
+    /// kv-reduce leaves every block's incoming state for kv-snapshot (the
+    /// walk writes no state but the final one).
     Fused,
 }
 

@@ -2,6 +2,7 @@
 //! prefills and decodes mixed in one call, slot-indexed states, new requests
 //! that start from zeros, padding, and speculative snapshots.
 
+use lightning_attention::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use lightning_attention::reference::{VarlenProblem, varlen as reference_varlen};
 use lightning_attention::{
     DType, PrefillConfig, Routines, Snapshots, VarlenBatch, VarlenInputs, prefill_varlen_into,
@@ -302,4 +303,59 @@ fn mixed_engine_step_matches_reference() {
         seed: 7,
     };
     run_case(&case).unwrap();
+}
+
+/// The fused routine takes calls with snapshots too: it walks one block per
+/// segment, so that kv-parallel and kv-reduce leave every block's incoming
+/// state where kv-snapshot reads it. The plan says so, and a mixed step with
+/// snapshots in long and short sequences (a block and a tail, under a
+/// block, several blocks) matches the reference in f32 and bf16.
+#[test]
+fn fused_routine_takes_snapshots_on_single_block_segments() {
+    let client = client();
+    let config = PrefillConfig::new(32, 16).with_routines(Routines::Fused);
+    let work = PrefillWork {
+        dtype: DType::F32,
+        heads: 2,
+        key_dim: 32,
+        value_dim: 32,
+        sub_blocks: 12,
+        blocks: 6,
+        sequences: 3,
+        snapshots: 4,
+    };
+    let plan = PrefillPlan::new(&work, &config, &DeviceLimits::of(&client)).expect("a valid plan");
+    let fused = plan.fused.expect("the fused routine with snapshots");
+    assert_eq!(fused.segment_blocks, Some(1));
+    assert!(plan.chunk_state.is_none());
+    let sequences = [
+        (45, true, true),
+        (20, false, true),
+        (100, true, true),
+        (1, true, false),
+        (70, true, false),
+    ]
+    .map(|(len, has_initial, snapshots)| Sequence {
+        len,
+        has_initial,
+        padding: false,
+        snapshots,
+    })
+    .to_vec();
+    for dtype in [DType::F32, DType::BF16] {
+        let case = Case {
+            block: 32,
+            sub_block: 16,
+            heads: 2,
+            key_dim: 32,
+            value_dim: 32,
+            sequences: sequences.clone(),
+            snapshot_count: 3,
+            spare_slots: 1,
+            dtype,
+            routines: Routines::Fused,
+            seed: 21,
+        };
+        run_case(&case).unwrap();
+    }
 }

@@ -28,11 +28,18 @@ pub(crate) fn plan(work: &PrefillWork, limits: &DeviceLimits) -> Result<LaunchDi
     .check("kv-snapshot", limits)
 }
 
-/// Launches kv-snapshot for inputs of `F`, writing into the call's states.
-pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, dims: &LaunchDims) {
+/// Launches kv-snapshot for inputs of `F`, writing into the call's states:
+/// each block's incoming state from the call's per-block workspace, or from
+/// `block_states` where given (the fused routine's one-block segments).
+pub(crate) fn launch<F: Float + CubeElement>(
+    call: &Call,
+    staging: &Staging,
+    dims: &LaunchDims,
+    block_states: Option<BufferArg>,
+) {
     let (layout, table) = (call.layout, call.table);
     // SAFETY: the grid was planned and every table entry validated; the
-    // kernel reads the per-block states of the call's workspace.
+    // kernel reads one f32 state per block, which both sources hold.
     unsafe {
         launch_kernel!(
             call.target,
@@ -45,7 +52,7 @@ pub(crate) fn launch<F: Float + CubeElement>(call: &Call, staging: &Staging, dim
             table.seq_starts.arg(),
             table.block_offsets.arg(),
             table.snapshot_work.arg(),
-            call.block_states_arg(staging),
+            block_states.unwrap_or_else(|| call.block_states_arg(staging)),
             arg(call.states),
             call.heads as u32,
             layout.head_stride,

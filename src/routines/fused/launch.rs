@@ -2,6 +2,7 @@
 //! or emulated, else `kernels::fused`), planned beside it in `plan.rs`.
 
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 use lightning_attention_kernels as kernels;
 
 use super::plan::FusedPlan;
@@ -22,14 +23,16 @@ const STATE_VECTOR: usize = 1;
 /// With segments, kv-parallel first sums each segment's `K^T V` and kv-reduce
 /// carries the states across segments (and writes the final states), into a
 /// buffer of one state per segment, as for the chunk-recurrent routine; the
-/// walks then start from those and write no final state.
+/// walks then start from those and write no final state. That buffer is
+/// returned (with one-block segments it holds every block's incoming state,
+/// which kv-snapshot reads).
 pub(crate) fn launch<F: Float + CubeElement>(
     call: &Call,
     staging: &Staging,
     plan: &FusedPlan,
     kv_parallel: &KvParallelPlan,
     kv_reduce: &KvReducePlan,
-) {
+) -> Option<Handle> {
     let (table, variant) = (call.table, call.variant);
     let segments = plan.segment_blocks.map(|segment_blocks| {
         segment_states::<F, F>(call, staging, segment_blocks * plan.block, kv_parallel, kv_reduce)
@@ -91,7 +94,7 @@ pub(crate) fn launch<F: Float + CubeElement>(
                 walk.stages,
             )
         }
-        return;
+        return segments;
     }
     // SAFETY: the plan checked the tiles, grid and shared memory against the
     // device; the tables and every buffer's size were validated; the kernel
@@ -136,4 +139,5 @@ pub(crate) fn launch<F: Float + CubeElement>(
             segmented,
         )
     }
+    segments
 }

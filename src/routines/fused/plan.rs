@@ -43,8 +43,9 @@ pub struct FusedPlan {
     pub block: usize,
     /// Blocks per segment where sequences are split into segments walked in
     /// parallel (few, long sequences: kv-parallel and kv-reduce carry the
-    /// state across segments first, as for the chunk-recurrent routine),
-    /// else `None`.
+    /// state across segments first, as for the chunk-recurrent routine; one
+    /// block where the call takes snapshots, whose kv-snapshot reads those
+    /// states), else `None`.
     pub segment_blocks: Option<usize>,
     /// Columns of `d` staged per step.
     pub key_chunk: usize,
@@ -244,8 +245,9 @@ pub(crate) fn portable(
 
 /// The grid of either walk over `tiles` value tiles per head: the sequences
 /// split into segments by the chunk-recurrent rule where the walks would
-/// leave SMs idle (`segments_for`), x over tiles, y over heads, z over walks,
-/// checked against the device; and the blocks per segment.
+/// leave SMs idle (`segments_for`), or into single blocks where the call
+/// takes snapshots, x over tiles, y over heads, z over walks, checked
+/// against the device; and the blocks per segment.
 fn walk_grid(
     work: &PrefillWork,
     tiles: usize,
@@ -254,7 +256,14 @@ fn walk_grid(
     label: &'static str,
     limits: &DeviceLimits,
 ) -> Result<(LaunchDims, Option<usize>)> {
-    let segment_blocks = segments_for(work, tiles, limits);
+    // A call with snapshots walks one block per segment: kv-reduce then
+    // leaves every block's incoming state in the segment states, where
+    // kv-snapshot reads them (the walk itself writes no state but the last).
+    let segment_blocks = if work.snapshots > 0 {
+        Some(1)
+    } else {
+        segments_for(work, tiles, limits)
+    };
     let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
     let dims = LaunchDims {
         cubes: (count(tiles), count(work.heads), count(walks)),

@@ -6,10 +6,12 @@
 //! where states live. Everything passed in was validated and planned against
 //! the device before, which is what makes the `launch_unchecked` calls sound.
 
+use std::cell::OnceCell;
+
 use cubecl::prelude::*;
 
 use super::plan::PrefillPlan;
-use crate::routines::chunk_recurrent::launch as chunk_state;
+use crate::routines::chunk_recurrent::launch::{self as chunk_state, segment_states_arg};
 use crate::routines::common::{BlockRun, Call, Stage};
 use crate::routines::decode::{DecodePlan, launch_decode};
 use crate::routines::five_kernels::{diag, kv_parallel, kv_reduce, kv_snapshot, non_diag};
@@ -84,9 +86,15 @@ impl CallLaunch<'_> {
     ) {
         let (call, plan) = (&self.call, self.plan);
         let staging = plan.staging();
+        // The fused routine's segment states, where kv-snapshot reads them.
+        let segment_states = OnceCell::new();
         if let (Some(fused), true) = (&plan.fused, plan.total_blocks > 0) {
             hook(Stage::Fused, &|| {
-                fused::launch::<F>(call, &staging, fused, &plan.kv_parallel, &plan.kv_reduce)
+                if let Some(states) =
+                    fused::launch::<F>(call, &staging, fused, &plan.kv_parallel, &plan.kv_reduce)
+                {
+                    let _ = segment_states.set(states);
+                }
             });
         } else if plan.total_blocks > 0 {
             let states_in_input_dtype = plan.chunk_state.is_some_and(|chunk| chunk.states_in_input_dtype);
@@ -125,7 +133,14 @@ impl CallLaunch<'_> {
         }
         if plan.kv_snapshot.cubes.2 > 0 {
             hook(Stage::KvSnapshot, &|| {
-                kv_snapshot::launch::<F>(call, &staging, &plan.kv_snapshot)
+                kv_snapshot::launch::<F>(
+                    call,
+                    &staging,
+                    &plan.kv_snapshot,
+                    segment_states
+                        .get()
+                        .map(|states| segment_states_arg(call, states)),
+                )
             });
         }
         if let Some(decode) = self.decode {

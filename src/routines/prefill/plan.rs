@@ -11,8 +11,8 @@
 //!   `Auto` where its tensor-core variant runs, `ChunkRecurrent` always (its
 //!   portable variant elsewhere), `Portable` never;
 //! - the fused routine in place of every other prefill kernel with
-//!   `Routines::Fused` (opt-in), except in a call with snapshots (it writes
-//!   no state but the final one), which takes the chunk-recurrent routine;
+//!   `Routines::Fused` (opt-in); a call with snapshots walks single blocks
+//!   (the segments' incoming states are the blocks', for kv-snapshot);
 //!   its tensor-core walk where the device has register fragments for the
 //!   16-bit dtype ([`crate::FusedProducts`]), else its portable walk.
 //!
@@ -106,9 +106,9 @@ impl PrefillPlan {
             limits.max_buffer,
         )?;
         // The fused routine walks each sequence once and writes no state
-        // but the final one: a call with snapshots takes the chunk-recurrent
-        // routine instead.
-        let fused = (config.routines == Routines::Fused && work.snapshots == 0)
+        // but the final one; with snapshots it walks single blocks, whose
+        // incoming states kv-snapshot reads.
+        let fused = (config.routines == Routines::Fused)
             .then(|| fused::plan(work, config, limits))
             .transpose()?;
         let block_states_len = if fused.is_some() { 0 } else { block_states_len };
