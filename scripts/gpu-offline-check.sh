@@ -109,10 +109,15 @@ for what in "${whats[@]}"; do
         # bf16 and f16 fused with the autotuner's choice (FusedChoice::Tuned:
         # each shape's first call times every variant that applies; the
         # row's op names the one kept), and the default routine beside it.
+        # cubecl's autotune log (every variant's median) into $out: a
+        # cubecl.toml in the working directory, this copy's only.
+        printf '[autotune.logger]\nlevel = "full"\nfile = "%s"\n' "$out/autotune.log" >cubecl.toml
         timeout "${BENCH_SECONDS:-240}" "$bundle/bin/bench" --runtimes cuda --only prefill --dtypes bf16,f16 \
             --configs 64/64 --routines auto,fused --accuracy --out "$out/bench-tuned" >"$out/bench-tuned.log" 2>&1
         echo "== tuned fused bench: exit $?"
         grep -E "^\| cuda" "$out/bench-tuned.log" | head -30
+        rm -f cubecl.toml
+        grep -E "^Autotune|^Fastest" "$out/autotune.log" | cut -c1-150 | head -90
         ;;
     fla)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1
