@@ -68,8 +68,10 @@ pub struct Tuning {
     /// Sets of `Q`, `K`, `V` tiles the tensor-core walk stages (1 or 2): with
     /// 2 the next chunk's tiles are copied in asynchronously (`cp.async`)
     /// while the chunk's products run (CUDA, 16-bit inputs, `d` a multiple
-    /// of 16, where the sets fit; else 1). `None` is 1 until a GPU run has
-    /// measured the ring (SPEED_NOTES.md, variant 24).
+    /// of 16, where the sets fit; else 1). `None` is 2 where the ring
+    /// applies: on an H100 it beat one set at all six bench shapes with
+    /// every chunk and tile the autotuner tried, by 0.4-57% (BENCHMARKS.md,
+    /// 2026-12-05 night; SPEED_NOTES.md, variant 24).
     pub fused_stages: Option<usize>,
     /// How the fused routine's tensor-core walk picks its chunk, value tile
     /// and stages where the two knobs above leave them open: measured by
@@ -95,7 +97,7 @@ pub enum FusedChoice {
     #[default]
     Tuned,
     /// The plan's fixed rule: the config's sub-block as the chunk, value
-    /// tiles of 64 columns, one set of tiles.
+    /// tiles of 64 columns, the ring where it applies.
     Rule,
 }
 

@@ -81,7 +81,7 @@ fn walk_case(
         prop::sample::select(dtypes),
         (
             prop::sample::select(vec![None, Some(16), Some(32)]),
-            prop::sample::select(vec![None, Some(2)]),
+            prop::sample::select(vec![None, Some(1), Some(2)]),
         ),
         any::<u64>(),
     )
@@ -105,8 +105,9 @@ fn walk_case(
                     tuning: Tuning {
                         fused_products: products,
                         fused_value_tile: tile,
-                        // The ring (variant 24) where the plan can take it:
-                        // the real walk with 16-byte rows; ignored elsewhere.
+                        // One set, or the ring (variant 24, also the default)
+                        // where the plan can take it: the real walk with
+                        // 16-byte rows; ignored elsewhere.
                         fused_stages: stages,
                         ..tuning()
                     },

@@ -147,7 +147,9 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
         .find(|&lanes| lanes <= limits.max_vector && d % lanes == 0 && e % lanes == 0)
         .unwrap_or(1);
     // The ring copies 16 bytes at a time into rows with no padding column.
-    let ring = config.tuning.fused_stages == Some(2) && !emulated && vector * element == 16 && d % 16 == 0;
+    // The ring unless one set is asked for: on an H100 it beat one set at
+    // every bench shape, chunk and tile (BENCHMARKS.md, the tuner's run).
+    let ring = config.tuning.fused_stages != Some(1) && !emulated && vector * element == 16 && d % 16 == 0;
     let mut stages = if ring { 2 } else { 1 };
     let sized = |tile: usize, sets: usize| fragment_shared_bytes(chunk, d, tile, element, emulated, sets);
     if sized(value_tile, stages) > limits.shared_memory {
