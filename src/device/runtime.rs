@@ -45,6 +45,14 @@ pub fn best_client() -> Client {
     best_device().unwrap_or_else(|e| panic!("{e}")).client()
 }
 
+/// A name for `client`'s device, the same for every client of it: the key of
+/// what the library keeps per device (the fused walk's autotuner results,
+/// the dense work lists).
+pub(crate) fn device_key(client: &Client) -> String {
+    let device = client.service_id().device;
+    format!("{}-{}-{}", client.name(), device.type_id, device.index_id)
+}
+
 /// A short description of the client's runtime, adapter and limits, for logs: shared
 /// memory, units per cube, plane size, the tensor cores it reports and how it
 /// takes bf16.

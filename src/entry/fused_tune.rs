@@ -18,6 +18,7 @@ use cubecl::prelude::*;
 use cubecl::tune::{LocalTuner, Tunable, TunableSet, local_tuner};
 
 use crate::device::limits::DeviceLimits;
+use crate::device::runtime::device_key;
 use crate::routines::fused::variants::{FusedVariant, applicable};
 use crate::routines::table::PrefillWork;
 use crate::{FusedChoice, PrefillConfig, Result};
@@ -59,12 +60,6 @@ impl TuneCall {
     }
 }
 
-/// The device a tuner's results belong to (and, on disk, its folder name).
-fn device_id(client: &Client) -> String {
-    let device = client.service_id().device;
-    format!("{}-{}-{}", client.name(), device.type_id, device.index_id)
-}
-
 /// The tuned call of `work_for(config)`: where `config` leaves the
 /// tensor-core walk's variant to the tuner and more than one applies, runs
 /// the fastest (tuning first on a new key) through `launch` and returns it;
@@ -84,7 +79,7 @@ pub(crate) fn launch_tuned(
         applies,
         key,
     };
-    let id = device_id(client);
+    let id = device_key(client);
     let set = TUNER.init(&id, variant_set);
     TUNER.execute(&id, client, set.clone(), call.clone());
     TUNER.fastest_identity(&id, &set, &call.key)
@@ -102,7 +97,7 @@ pub(crate) fn settled(
     with_state: bool,
 ) -> Option<FusedVariant> {
     let (key, _) = tuning_key(client, work_for, config, with_state)?;
-    let id = device_id(client);
+    let id = device_key(client);
     let set = TUNER.init(&id, variant_set);
     TUNER.fastest_identity(&id, &set, &key)
 }

@@ -14,6 +14,7 @@ use crate::problem::shapes::{
     PrefillShape, TensorShape, check_tensor, expect_shape, prefill_args, validate_prefill_shapes,
 };
 use crate::routines::common::{Call, Layout, Stage, Variant};
+use crate::routines::dense_tables::{DenseKey, dense_device_table};
 use crate::routines::fused::variants::FusedVariant;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
@@ -409,8 +410,9 @@ fn check_outputs(
 }
 
 /// Launches a call whose tensors were checked and whose buffers fit the
-/// device: allocates the tables and the workspace, then hands each stage's
-/// launch to `hook` in order.
+/// device: binds the dense work lists (`table`, uploaded by the first call
+/// of its shape on the device: `routines::dense_tables`), allocates the
+/// workspace, then hands each stage's launch to `hook` in order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_checked(
     target: LaunchTarget,
@@ -422,7 +424,12 @@ pub(crate) fn launch_checked(
     final_state: &DeviceTensor,
     hook: &mut dyn FnMut(Stage, &dyn Fn()),
 ) {
-    let table = table.upload(target, plan.chunk_walk());
+    let key = DenseKey::new(
+        [shape.batch, shape.seq_len, config.block, config.sub_block],
+        inputs.initial_state.is_some(),
+        plan.chunk_walk(),
+    );
+    let table = dense_device_table(target, table, key);
     let workspace = target.empty(plan.block_states_len.max(1) * 4);
     let unused = crate::device::tensor::unused_binding(target);
     CallLaunch {

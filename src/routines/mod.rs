@@ -13,6 +13,7 @@
 //! - `decode`: one token per sequence against the state cache;
 //! - `widen`: 16-bit inputs on f32 copies;
 //! - `table`: the sequences and work lists the prefill kernels walk;
+//!   `dense_tables`: a dense call's lists, uploaded once per device and shape;
 //! - `prefill`: a call as a whole (the choice, the launches in order, the
 //!   buffers), above the families;
 //! - `common` and `products`: what every launch takes, and how tensor-core
@@ -22,6 +23,7 @@ pub(crate) mod backward;
 pub(crate) mod chunk_recurrent;
 pub(crate) mod common;
 pub(crate) mod decode;
+pub(crate) mod dense_tables;
 pub(crate) mod five_kernels;
 pub(crate) mod fused;
 pub(crate) mod prefill;

@@ -627,3 +627,47 @@ fn chunk_state_splits_few_long_sequences_into_segments() {
     let wide = chunk_plan_for(&client, [64, 16, 20]);
     assert_eq!(wide.chunk_state.map(|chunk| chunk.segment_blocks), Some(None));
 }
+
+/// Dense calls of one `(b, n)` that differ in what their work lists hold
+/// (an initial state or none, the block config, the routine's walk), in
+/// turn and then again: each binds its own lists, uploaded once per shape
+/// (`routines::dense_tables`), and matches the reference every time.
+#[test]
+fn repeated_shapes_bind_their_own_work_lists() {
+    let tol = tolerance_for(DType::F32, Precision::Split);
+    for round in 0..2u64 {
+        for (i, (block, sub_block, with_state, routines)) in [
+            (64, 32, false, Routines::Auto),
+            (64, 32, true, Routines::Auto),
+            (32, 16, true, Routines::Auto),
+            (64, 32, true, Routines::ChunkRecurrent),
+            (64, 32, false, Routines::Fused),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let case = Case {
+                block,
+                sub_block,
+                dims: Dims {
+                    batch: 2,
+                    heads: 2,
+                    seq_len: 150,
+                    key_dim: 32,
+                    value_dim: 32,
+                },
+                with_state,
+                dtype: DType::F32,
+                routines,
+                precision: Precision::Split,
+                tuning: tuning(),
+                seed: 300 + 10 * round + i as u64,
+            };
+            let (out_err, state_err, _) = run(&case);
+            assert!(
+                out_err < tol && state_err < tol,
+                "errors {out_err:e}, {state_err:e} for {case:?} (round {round})"
+            );
+        }
+    }
+}
