@@ -21,54 +21,34 @@ use crate::routines::table::{ChunkWalk, DeviceTable, SequenceTable};
 /// a dense table holds a few entries per block).
 const MAX_TABLES: usize = 256;
 
-/// What a dense table is a function of, and the device it lives on.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct DenseKey {
-    device: String,
-    batch: usize,
-    seq_len: usize,
-    with_initial: bool,
-    block: usize,
-    sub_block: usize,
-    walk: Option<ChunkWalk>,
-}
-
-impl DenseKey {
-    /// The key of a dense call's table: `SequenceTable::dense(batch, seq_len,
-    /// with_initial, config)` with the block and sub-block given here, and
-    /// the plan's walk.
-    pub(crate) fn new(
-        [batch, seq_len, block, sub_block]: [usize; 4],
-        with_initial: bool,
-        walk: Option<ChunkWalk>,
-    ) -> Self {
-        Self {
-            device: String::new(),
-            batch,
-            seq_len,
-            with_initial,
-            block,
-            sub_block,
-            walk,
-        }
-    }
+/// What a dense table is a function of: `SequenceTable::dense(batch,
+/// seq_len, with_initial, config)` with this block and sub-block, and the
+/// plan's walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DenseShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub with_initial: bool,
+    pub block: usize,
+    pub sub_block: usize,
+    pub walk: Option<ChunkWalk>,
 }
 
 /// The tables uploaded so far.
-static TABLES: Mutex<Option<HashMap<DenseKey, DeviceTable>>> = Mutex::new(None);
+static TABLES: Mutex<Option<HashMap<(String, DenseShape), DeviceTable>>> = Mutex::new(None);
 
-/// `table` (the dense table of `key`) on the device with the runs of `walk`:
-/// the one uploaded by an earlier call of the key on this device, else
-/// uploaded now and kept.
+/// `table` (the dense table of `shape`) on the device with the runs of its
+/// walk: the one uploaded by an earlier call of the shape on this device,
+/// else uploaded now and kept.
 pub(crate) fn dense_device_table(
     target: LaunchTarget,
     table: &SequenceTable,
-    mut key: DenseKey,
+    shape: DenseShape,
 ) -> DeviceTable {
     let LaunchTarget::Device(client) = target else {
-        return table.upload(target, key.walk);
+        return table.upload(target, shape.walk);
     };
-    key.device = device_key(client);
+    let key = (device_key(client), shape);
     let mut tables = TABLES.lock().unwrap_or_else(PoisonError::into_inner);
     let tables = tables.get_or_insert_with(HashMap::new);
     if let Some(uploaded) = tables.get(&key) {
@@ -77,7 +57,7 @@ pub(crate) fn dense_device_table(
     if tables.len() >= MAX_TABLES {
         tables.clear();
     }
-    let uploaded = table.upload(target, key.walk);
+    let uploaded = table.upload(target, shape.walk);
     tables.insert(key, uploaded.clone());
     uploaded
 }

@@ -117,7 +117,7 @@ pub(crate) fn applicable(
             let agrees = forced
                 .fused_value_tile
                 .is_none_or(|tile| tile == variant.value_tile)
-                && forced.fused_stages.unwrap_or(variant.stages) == variant.stages
+                && forced.fused_stages.is_none_or(|stages| stages == variant.stages)
                 && (variant.value_tile <= widest || variant.value_tile == variant.chunk);
             if !agrees {
                 return false;
