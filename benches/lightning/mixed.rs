@@ -100,7 +100,8 @@ impl Packed {
     }
 }
 
-/// The two rows: the whole step in one call, and the per-request loop.
+/// The rows: the whole step in one call for each routine the bench names
+/// (`--routines`), then the per-request loop with the first of them.
 pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, bw: f64) -> Vec<Row> {
     let step_shape = Step::new(opts.quick);
     let Step {
@@ -112,18 +113,40 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
     let tokens = prefills.iter().sum::<usize>() + decode_count;
     let sequences = prefills.len() + decode_count;
     let shape = [sequences, heads, tokens, dim];
-    let mut one_call = Row::new(target, "mixed step, 1 call", shape, dtype);
-    one_call.op = format!("mixed step, 1 call, {}/{}", opts.configs[0].0, opts.configs[0].1);
+    let mut one_calls: Vec<Row> = opts
+        .routines
+        .iter()
+        .map(|&routines| {
+            let mut row = Row::new(target, "mixed step, 1 call", shape, dtype);
+            row.op = format!(
+                "mixed step, 1 call, {}/{}{}",
+                opts.configs[0].0,
+                opts.configs[0].1,
+                crate::routines_label(routines)
+            );
+            row
+        })
+        .collect();
     let mut looped = Row::new(target, "mixed step, per-request loop", shape, dtype);
     if !dtype.is_supported(client) {
-        for row in [&mut one_call, &mut looped] {
+        for row in one_calls.iter_mut().chain([&mut looped]) {
             row.note = "dtype unsupported by this runtime".into();
         }
-        return vec![one_call, looped];
+        one_calls.push(looped);
+        return one_calls;
     }
-    // The first of the bench's configs (`--configs`).
+    // The first of the bench's configs (`--configs`), with each routine.
     let (block, sub_block) = opts.configs[0];
-    let config = PrefillConfig::new(block, sub_block).with_tuning(opts.tuning);
+    let configs: Vec<PrefillConfig> = opts
+        .routines
+        .iter()
+        .map(|&routines| {
+            PrefillConfig::new(block, sub_block)
+                .with_tuning(opts.tuning)
+                .with_routines(routines)
+        })
+        .collect();
+    let config = configs[0];
     let s = slopes(client, heads, opts);
     // Small random states: the decodes continue them over many timed steps.
     let cache = upload(client, &[sequences, heads, dim, dim], DType::F32, 20);
@@ -161,7 +184,11 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
         90,
     );
 
-    let time = median_time(client, opts.reps, || step.run(client, &s, &cache, &config));
+    let times: Vec<_> = configs
+        .iter()
+        .map(|config| median_time(client, opts.reps, || step.run(client, &s, &cache, config)))
+        .collect();
+    let time = times[0];
     let loop_time = median_time(client, opts.reps, || {
         for prompt in &prompts {
             prompt.run(client, &s, &cache, &config);
@@ -172,11 +199,14 @@ pub fn bench_mixed(client: &Client, target: &str, dtype: DType, opts: &Options, 
     // the decodes' states read and written.
     let state = heads * dim * dim * 4;
     let bytes = tokens * heads * 4 * dim * dtype.size() + (prefills.len() + 2 * decode_count) * state;
-    one_call.measured(time, tokens, bytes as f64, bw);
+    for (row, &t) in one_calls.iter_mut().zip(&times) {
+        row.measured(t, tokens, bytes as f64, bw);
+    }
     looped.measured(loop_time, tokens, bytes as f64, bw);
     looped.note = format!(
-        "{:.2}x the 1-call time",
+        "{:.2}x the first 1-call time",
         loop_time.as_secs_f64() / time.as_secs_f64()
     );
-    vec![one_call, looped]
+    one_calls.push(looped);
+    one_calls
 }
