@@ -16,7 +16,7 @@
 //!   its tensor-core walk where the device has register fragments for the
 //!   16-bit dtype ([`crate::FusedProducts`]); its portable walk on devices
 //!   without them; on devices with them, calls the tensor-core walk cannot
-//!   take (f32) run the chunk-recurrent routine, as `ChunkRecurrent` does.
+//!   take (f32) are planned as `ChunkRecurrent` plans them.
 //!
 //! Each family plans its own tiles, grids and shared memory beside its launch.
 
@@ -81,6 +81,12 @@ impl PrefillPlan {
     /// (the module doc lists the rules) and plans each.
     pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
+        // The fused routine where it is planned; where the device has the
+        // tensor-core walk but this call cannot take it, the chunk-recurrent
+        // routine exactly as `ChunkRecurrent` plans it (see `fused::plan`).
+        if config.routines == Routines::Fused && fused::plan(work, config, limits)?.is_none() {
+            return Self::new(work, &config.with_routines(Routines::ChunkRecurrent), limits);
+        }
         if widens(work.dtype, config, limits) {
             let copies = PrefillWork {
                 dtype: DType::F32,
