@@ -211,8 +211,8 @@ fn portable_walk_where_asked_or_without_fragments() {
 
 /// The autotuner over the emulated walk (`FusedChoice::Tuned`): at
 /// `d = 16`, `e = 64` two variants fit every device's shared memory (lavapipe
-/// has 32 KiB; chunks of 32 with value tiles of 32 and 64 columns, chunk 64
-/// does not fit), so the first call times both, keeps one and runs it, and
+/// has 32 KiB; chunks of 32 with value tiles of 32 and 64 columns; chunk 64
+/// fits larger ones, as on an H100), so the first call times them, keeps one and runs it, and
 /// the next call of the bucket (another `n` that rounds up alike, fresh
 /// inputs) runs the kept one at once. Both match the f64 reference.
 #[test]
@@ -255,8 +255,11 @@ fn tuned_walk_keeps_a_variant_and_matches_reference() {
             "state error {state_err:e} >= {tol:e} for {case:?}"
         );
         let kept = settled(&case).expect("the tuner kept a variant");
-        let candidates = [32, 64].map(|value_tile| FusedVariant {
-            chunk: 32,
+        // Chunk 32 at both tiles fits every device; chunk 64 at a 64-wide
+        // tile fits one with more than lavapipe's 32 KiB (an H100 kept it).
+        // No ring (the emulation stages synchronously), no tile past `e`.
+        let candidates = [(32, 32), (32, 64), (64, 64)].map(|(chunk, value_tile)| FusedVariant {
+            chunk,
             value_tile,
             stages: 1,
         });
