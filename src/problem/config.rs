@@ -214,9 +214,12 @@ pub enum Routines {
     /// The fused routine (opt-in while it is built, issue 28): the whole
     /// prefill in one pass per sequence (or segment), the running state kept
     /// on the chip and written once as the final state. On CUDA with f16 or
-    /// bf16 inputs its tensor-core walk (the state in registers), elsewhere
-    /// its portable walk (products on CUDA cores in f32; see
-    /// [`FusedProducts`]); its variant by the autotuner ([`FusedChoice`]).
+    /// bf16 inputs its tensor-core walk (the state in registers), its variant
+    /// by the autotuner ([`FusedChoice`]); on devices without that walk its
+    /// portable walk (products on CUDA cores in f32; see [`FusedProducts`]).
+    /// Where the device has the tensor-core walk but the call cannot take it
+    /// (f32 inputs, tiles that do not fit), the chunk-recurrent routine runs
+    /// instead: the portable walk there was 10x slower (H100).
     /// A packed call with snapshots walks one block per segment, so that
     /// kv-reduce leaves every block's incoming state for kv-snapshot (the
     /// walk writes no state but the final one).

@@ -47,15 +47,19 @@ fn on_zero_inputs<T>(case: &Case, ask: impl FnOnce(&Client, &PrefillInputs, &Pre
     ask(&client, &inputs, &config)
 }
 
-/// Whether `case`'s plan walks on register fragments, and emulated ones.
-fn planned_walk(case: &Case) -> Option<bool> {
+/// Whether `case`'s plan takes the fused routine (`None`: the
+/// chunk-recurrent routine in its place), on register fragments, and
+/// emulated ones.
+fn fused_walk(case: &Case) -> Option<Option<bool>> {
     on_zero_inputs(case, |client, inputs, config| {
         let (_, plan) = plan_prefill(client, inputs, config).expect("a valid prefill");
-        plan.fused
-            .expect("the fused routine")
-            .fragments
-            .map(|walk| walk.emulated)
+        plan.fused.map(|fused| fused.fragments.map(|walk| walk.emulated))
     })
+}
+
+/// Whether `case`'s fused plan walks on register fragments, and emulated ones.
+fn planned_walk(case: &Case) -> Option<bool> {
+    fused_walk(case).expect("the fused routine")
 }
 
 /// Cases of the fused routine's tensor-core walk taken with `products`:
@@ -169,7 +173,9 @@ proptest! {
 }
 
 /// The portable walk is what `FusedProducts::Portable` plans, and what
-/// `Auto` plans on a device without register fragments for the dtype.
+/// `Auto` plans on a device without register fragments; on a device with
+/// them, `Auto` runs f32 inputs on the chunk-recurrent routine (the portable
+/// walk there was 10x slower).
 #[test]
 fn portable_walk_where_asked_or_without_fragments() {
     let client = client();
@@ -195,17 +201,18 @@ fn portable_walk_where_asked_or_without_fragments() {
     };
     assert_eq!(planned_walk(&case), None);
     case.tuning.fused_products = FusedProducts::Auto;
-    // f32 inputs never take the tensor-core walk.
-    assert_eq!(planned_walk(&case), None);
-    case.dtype = DType::BF16;
     let fragments = lightning_attention::plan::TensorCores::fragments_of(&client).supports(DType::BF16);
+    // f32 inputs never take the tensor-core walk, nor the portable one
+    // where the device has the tensor-core walk.
+    assert_eq!(fused_walk(&case), (!fragments).then_some(None));
+    case.dtype = DType::BF16;
     assert_eq!(planned_walk(&case), fragments.then_some(false));
 }
 
 /// The autotuner over the emulated walk (`FusedChoice::Tuned`): at
 /// `d = 16`, `e = 64` two variants fit every device's shared memory (lavapipe
-/// has 32 KiB; chunks of 32 with value tiles of 32 and 64 columns, chunk 64
-/// does not fit), so the first call times both, keeps one and runs it, and
+/// has 32 KiB; chunks of 32 with value tiles of 32 and 64 columns; chunk 64
+/// fits larger ones, as on an H100), so the first call times them, keeps one and runs it, and
 /// the next call of the bucket (another `n` that rounds up alike, fresh
 /// inputs) runs the kept one at once. Both match the f64 reference.
 #[test]
@@ -248,8 +255,11 @@ fn tuned_walk_keeps_a_variant_and_matches_reference() {
             "state error {state_err:e} >= {tol:e} for {case:?}"
         );
         let kept = settled(&case).expect("the tuner kept a variant");
-        let candidates = [32, 64].map(|value_tile| FusedVariant {
-            chunk: 32,
+        // Chunk 32 at both tiles fits every device; chunk 64 at a 64-wide
+        // tile fits one with more than lavapipe's 32 KiB (an H100 kept it).
+        // No ring (the emulation stages synchronously), no tile past `e`.
+        let candidates = [(32, 32), (32, 64), (64, 64)].map(|(chunk, value_tile)| FusedVariant {
+            chunk,
             value_tile,
             stages: 1,
         });

@@ -5,7 +5,8 @@
 use lightning_attention::plan::{DeviceLimits, PrefillPlan, PrefillWork};
 use lightning_attention::reference::{VarlenProblem, varlen as reference_varlen};
 use lightning_attention::{
-    DType, PrefillConfig, Routines, Snapshots, VarlenBatch, VarlenInputs, prefill_varlen_into,
+    DType, FusedProducts, PrefillConfig, Routines, Snapshots, Tuning, VarlenBatch, VarlenInputs,
+    prefill_varlen_into,
 };
 use proptest::prelude::*;
 
@@ -313,7 +314,14 @@ fn mixed_engine_step_matches_reference() {
 #[test]
 fn fused_routine_takes_snapshots_on_single_block_segments() {
     let client = client();
-    let config = PrefillConfig::new(32, 16).with_routines(Routines::Fused);
+    // The portable walk forced: with Auto products, a device with the
+    // tensor-core walk runs f32 on the chunk-recurrent routine.
+    let config = PrefillConfig::new(32, 16)
+        .with_routines(Routines::Fused)
+        .with_tuning(Tuning {
+            fused_products: FusedProducts::Portable,
+            ..tuning()
+        });
     let work = PrefillWork {
         dtype: DType::F32,
         heads: 2,

@@ -76,12 +76,26 @@ pub struct FragmentWalk {
 }
 
 /// Plans the fused routine: the tensor-core walk where the config and the
-/// device allow it and its tiles fit ([`fragments`]), else the portable one.
-pub(crate) fn plan(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<FusedPlan> {
-    match fragments(work, config, limits)? {
-        Some(plan) => Ok(plan),
-        None => portable(work, config, limits),
+/// device allow it and its tiles fit ([`fragments`]), else the portable one
+/// on devices without the tensor-core walk, or where the caller asks for it
+/// ([`FusedProducts::Portable`]). `None` where the device has the tensor-core
+/// walk but this call cannot take it (f32 inputs, tiles that do not fit):
+/// there the portable walk, products on CUDA cores in f32, ran 10x slower
+/// than the chunk-recurrent routine on tensor cores (H100, SPEED_NOTES.md
+/// variant 19), so the call takes that routine instead.
+pub(crate) fn plan(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Result<Option<FusedPlan>> {
+    if let Some(plan) = fragments(work, config, limits)? {
+        return Ok(Some(plan));
     }
+    let has_walk = limits.fragments.supports(DType::F16) || limits.fragments.supports(DType::BF16);
+    if config.tuning.fused_products == FusedProducts::Auto && has_walk {
+        return Ok(None);
+    }
+    portable(work, config, limits).map(Some)
 }
 
 /// Whether the tensor-core walk runs 16-bit inputs as they are on this

@@ -103,7 +103,7 @@ pub(crate) fn applicable(
     if config.routines != Routines::Fused || config.tuning.fused_choice != crate::FusedChoice::Tuned {
         return none;
     }
-    let Ok(base) = plan::plan(work, config, limits) else {
+    let Ok(Some(base)) = plan::plan(work, config, limits) else {
         return none;
     };
     let Some(base_walk) = base.fragments else {
@@ -123,7 +123,7 @@ pub(crate) fn applicable(
                 return false;
             }
             let tuned = variant.apply(config);
-            let planned = plan::plan(&work_for(&tuned), &tuned, limits).ok();
+            let planned = plan::plan(&work_for(&tuned), &tuned, limits).ok().flatten();
             planned.is_some_and(|p| {
                 p.fragments
                     .is_some_and(|walk| walk.emulated == base_walk.emulated)

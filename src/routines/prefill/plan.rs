@@ -14,7 +14,9 @@
 //!   `Routines::Fused` (opt-in); a call with snapshots walks single blocks
 //!   (the segments' incoming states are the blocks', for kv-snapshot);
 //!   its tensor-core walk where the device has register fragments for the
-//!   16-bit dtype ([`crate::FusedProducts`]), else its portable walk.
+//!   16-bit dtype ([`crate::FusedProducts`]); its portable walk on devices
+//!   without them; on devices with them, calls the tensor-core walk cannot
+//!   take (f32) are planned as `ChunkRecurrent` plans them.
 //!
 //! Each family plans its own tiles, grids and shared memory beside its launch.
 
@@ -79,6 +81,12 @@ impl PrefillPlan {
     /// (the module doc lists the rules) and plans each.
     pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
+        // The fused routine where it is planned; where the device has the
+        // tensor-core walk but this call cannot take it, the chunk-recurrent
+        // routine exactly as `ChunkRecurrent` plans it (see `fused::plan`).
+        if config.routines == Routines::Fused && fused::plan(work, config, limits)?.is_none() {
+            return Self::new(work, &config.with_routines(Routines::ChunkRecurrent), limits);
+        }
         if widens(work.dtype, config, limits) {
             let copies = PrefillWork {
                 dtype: DType::F32,
@@ -108,9 +116,10 @@ impl PrefillPlan {
         // The fused routine walks each sequence once and writes no state
         // but the final one; with snapshots it walks single blocks, whose
         // incoming states kv-snapshot reads.
-        let fused = (config.routines == Routines::Fused)
-            .then(|| fused::plan(work, config, limits))
-            .transpose()?;
+        let fused = match config.routines {
+            Routines::Fused => fused::plan(work, config, limits)?,
+            _ => None,
+        };
         let block_states_len = if fused.is_some() { 0 } else { block_states_len };
         let products = planned_products(work, config, limits);
         let tensor_cores = products != Products::Portable;
