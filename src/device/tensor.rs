@@ -3,9 +3,9 @@
 use super::target::{LaunchTarget, launch_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use lightning_attention_kernels::fill::fill_words;
+use lightning_attention_kernels::fill::{fill_words, zero_tail, zero_tail_words};
 
-use super::limits::grid_stride;
+use super::limits::{bf16_words, grid_stride};
 use super::memory::{Buffer, DeviceMemory, read_error};
 use crate::problem::shapes::Arg;
 use crate::{DType, LightningError, Result};
@@ -172,4 +172,33 @@ pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
 /// vector.
 pub(crate) fn unused_binding(target: LaunchTarget) -> DeviceTensor {
     target.empty_tensor(&[4], DType::F32)
+}
+
+/// Sets elements `first..` of the validated tensor `t` to zero on the device
+/// (the rows of a packed tensor past its last sequence); no byte outside
+/// those elements is written.
+pub(crate) fn zero_from(target: LaunchTarget, t: &DeviceTensor, first: usize) {
+    let len = t.num_elements();
+    if first >= len {
+        return;
+    }
+    // SAFETY (each launch): the kernels write only elements `first..len` of
+    // a buffer holding `len` (bf16 words: the halves of those elements).
+    unsafe {
+        if bf16_words(t.dtype, target) {
+            let (count, dim) = grid_stride(target, (len - first).div_ceil(2) + 1);
+            launch_kernel!(target, zero_tail_words[], count, dim,
+                BufferArg::from_raw_parts(t.handle.clone(), len.div_ceil(2)),
+                first as u32,
+                len as u32,
+            )
+        } else {
+            let (count, dim) = grid_stride(target, len - first);
+            match t.dtype {
+                DType::F32 => launch_kernel!(target, zero_tail[f32], count, dim, arg(t), first as u32, len as u32),
+                DType::F16 => launch_kernel!(target, zero_tail[half::f16], count, dim, arg(t), first as u32, len as u32),
+                DType::BF16 => launch_kernel!(target, zero_tail[half::bf16], count, dim, arg(t), first as u32, len as u32),
+            }
+        }
+    }
 }

@@ -19,7 +19,9 @@ use cubecl::server::Handle;
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
-use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
+use crate::problem::packed::{
+    SlotRegistry, VarlenShape, check_len, check_offsets, check_offsets_within, check_tensors,
+};
 use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::routines::common::{Call, Layout, Variant};
 use crate::routines::decode::{DecodePlan, plan_decode};
@@ -114,10 +116,41 @@ impl PlannedBatch {
             })
             .collect();
         let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
+        Self::from_table(shape, table, config, &limits)
+    }
+
+    /// A packed training batch (see [`SequenceTable::packed`]) against
+    /// tensors of `shape`: `cu_seqlens` may stop short of the tokens (padding
+    /// rows, which no kernel reads or writes).
+    pub fn packed(
+        target: LaunchTarget,
+        mut shape: VarlenShape,
+        cu_seqlens: &[u32],
+        (has_initial, writes_final): (bool, bool),
+        config: &PrefillConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        shape
+            .dtype
+            .check_supported(target.properties(), target.runtime_name())?;
+        let limits = DeviceLimits::of_target(target);
+        widen::check_copies(&limits, shape.dtype, config, &copies(&shape)[..3])?;
+        shape.sequences = check_offsets_within(cu_seqlens, shape.total_tokens)?;
+        let table = SequenceTable::packed(cu_seqlens, has_initial, writes_final, config);
+        Self::from_table(shape, table, config, &limits)
+    }
+
+    /// Plans the launches of `table` over tensors of `shape`.
+    fn from_table(
+        shape: VarlenShape,
+        table: SequenceTable,
+        config: &PrefillConfig,
+        limits: &DeviceLimits,
+    ) -> Result<Self> {
         let prefill = PrefillPlan::new(
             &table.work(shape.heads, shape.key_dim, shape.value_dim, shape.dtype),
             config,
-            &limits,
+            limits,
         )?;
         let decode = match table.decodes() {
             0 => None,
@@ -130,7 +163,7 @@ impl PlannedBatch {
                     slots: shape.slots,
                     dtype: shape.dtype,
                 },
-                &limits,
+                limits,
                 config.tuning.decode_rows_in_flight,
             )?),
         };
@@ -241,12 +274,15 @@ impl DeviceBatch {
     }
 
     /// Launches the call on q, k, v, slopes and the cache, already checked
-    /// against `planned.shape` (the batch metadata is in the uploaded tables).
+    /// against `planned.shape` (the batch metadata is in the uploaded tables);
+    /// initial states come from the cache's slots, or from `initial`'s rows
+    /// where it is given (a packed training call, whose `cache` then holds
+    /// the final states).
     pub fn launch(
         &self,
         target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
-        cache: &DeviceTensor,
+        (initial, cache): (Option<&DeviceTensor>, &DeviceTensor),
         config: &PrefillConfig,
         out: &DeviceTensor,
     ) {
@@ -265,7 +301,7 @@ impl DeviceBatch {
                 config,
                 layout: Layout::packed(shape.heads),
                 table: &self.table,
-                initial: None,
+                initial,
                 states: cache,
                 workspace: &self.workspace,
                 unused: &self.unused,
@@ -314,7 +350,7 @@ pub fn prefill_varlen(
     DeviceBatch::upload_checked(LaunchTarget::Device(client), planned).launch(
         LaunchTarget::Device(client),
         layer_tensors(inputs),
-        inputs.cache,
+        (None, inputs.cache),
         config,
         &out,
     );
@@ -337,7 +373,7 @@ pub fn prefill_varlen_into(
     DeviceBatch::upload(client, planned)?.launch(
         LaunchTarget::Device(client),
         layer_tensors(inputs),
-        inputs.cache,
+        (None, inputs.cache),
         config,
         out,
     );

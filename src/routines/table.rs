@@ -154,6 +154,20 @@ impl SequenceTable {
         Self::new(&seq_starts, &states, &[], false, config)
     }
 
+    /// A packed training batch: sequence `i` of `cu_seqlens` reads its
+    /// initial state from row `i` (where `has_initial`) and writes its final
+    /// state to row `i` (where `writes_final`; nowhere else); nothing is
+    /// routed to the decode kernel.
+    pub fn packed(cu_seqlens: &[u32], has_initial: bool, writes_final: bool, config: &PrefillConfig) -> Self {
+        let states: Vec<SequenceStates> = (0..cu_seqlens.len() as i32 - 1)
+            .map(|i| SequenceStates {
+                initial: if has_initial { i } else { -1 },
+                last: if writes_final { i } else { -1 },
+            })
+            .collect();
+        Self::new(cu_seqlens, &states, &[], false, config)
+    }
+
     /// The sizes the launches are planned from.
     pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize, dtype: DType) -> PrefillWork {
         PrefillWork {
@@ -245,6 +259,7 @@ impl SequenceTable {
             sub_block_work: upload(target, &self.sub_block_work),
             block_work: upload(target, &self.block_work),
             reduce_work: upload(target, &self.reduce_work),
+            reduces: self.reduce_work.len(),
             snapshot_work: upload(target, &self.snapshot_work),
             decode_tokens: upload(target, &self.decode_tokens),
             decode_slots: upload(target, &self.decode_slots),
@@ -309,6 +324,8 @@ pub(crate) struct DeviceTable {
     pub sub_block_work: IndexBuffer,
     pub block_work: IndexBuffer,
     pub reduce_work: IndexBuffer,
+    /// Entries of `reduce_work` (its buffer binds one where it is empty).
+    pub reduces: usize,
     pub snapshot_work: IndexBuffer,
     pub decode_tokens: IndexBuffer,
     pub decode_slots: IndexBuffer,
