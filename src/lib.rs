@@ -53,6 +53,10 @@ pub use device::memory::MemoryLimit;
 pub use device::tensor::DeviceTensor;
 pub use entry::backward::{BackwardInputs, Gradients, backward};
 pub use entry::decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
+pub use entry::packed::{
+    PackedBackwardInputs, PackedGradients, PackedInputs, PackedOutput, backward_packed, backward_packed_into,
+    plan_packed, prefill_packed, prefill_packed_into,
+};
 pub use entry::prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
     tuned_fused_variant,
@@ -73,6 +77,7 @@ pub use serving::{BackendConfig, LightningBackend};
 pub mod plan {
     pub use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, TensorCores};
     pub use crate::entry::decode::plan_decode_shapes;
+    pub use crate::entry::packed::plan_packed_limits;
     pub use crate::entry::prefill::plan_prefill_shapes;
     pub use crate::routines::decode::{DecodePlan, plan_decode};
     pub use crate::routines::five_kernels::diag::{DiagPlan, DiagRoutine};
