@@ -195,9 +195,33 @@ pub(crate) fn zero_from(target: LaunchTarget, t: &DeviceTensor, first: usize) {
         } else {
             let (count, dim) = grid_stride(target, len - first);
             match t.dtype {
-                DType::F32 => launch_kernel!(target, zero_tail[f32], count, dim, arg(t), first as u32, len as u32),
-                DType::F16 => launch_kernel!(target, zero_tail[half::f16], count, dim, arg(t), first as u32, len as u32),
-                DType::BF16 => launch_kernel!(target, zero_tail[half::bf16], count, dim, arg(t), first as u32, len as u32),
+                DType::F32 => launch_kernel!(
+                    target,
+                    zero_tail[f32],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
+                DType::F16 => launch_kernel!(
+                    target,
+                    zero_tail[half::f16],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
+                DType::BF16 => launch_kernel!(
+                    target,
+                    zero_tail[half::bf16],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
             }
         }
     }

@@ -263,7 +263,8 @@ pub(crate) fn run_passes(
         } else {
             (passes.plans[0], (d, e))
         };
-        let table = (passes.table)(initial.is_some(), states.is_some()).upload(target, pass_plan.chunk_walk());
+        let table =
+            (passes.table)(initial.is_some(), states.is_some()).upload(target, pass_plan.chunk_walk());
         let workspace = target.empty(pass_plan.block_states_len.max(1) * 4);
         let call = CallLaunch {
             call: Call {

@@ -29,13 +29,9 @@ use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
 use crate::device::tensor::{unused_binding, zero_from};
-use crate::entry::backward::{
-    PassInputs, Passes, check_scale, key_value_plan, plan_work, run_passes,
-};
+use crate::entry::backward::{PassInputs, Passes, check_scale, key_value_plan, plan_work, run_passes};
 use crate::entry::varlen::{DeviceBatch, PlannedBatch, check_out};
-use crate::problem::packed::{
-    VarlenShape, check_offsets_within, check_optional, check_packed_tensors,
-};
+use crate::problem::packed::{VarlenShape, check_offsets_within, check_optional, check_packed_tensors};
 use crate::routines::backward::plan::BackwardPlan;
 use crate::routines::common::Layout;
 use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
@@ -407,15 +403,19 @@ fn backward_on(
     let limits = DeviceLimits::of_target(target);
     let cu = inputs.forward.cu_seqlens;
     let table_for = |has_initial, writes_final| SequenceTable::packed(cu, has_initial, writes_final, config);
-    let (plans, key_value) = plan_backward(&shape, &table_for(forward.initial_states.is_some(), true), config, &limits)?;
+    let (plans, key_value) = plan_backward(
+        &shape,
+        &table_for(forward.initial_states.is_some(), true),
+        config,
+        &limits,
+    )?;
     if widens(shape.dtype, config, &limits) {
         return backward_widened(target, inputs, config, grads);
     }
     // One pass's buffers at a time: the larger plan's.
     let table = table_for(false, false);
-    let pass_buffers = |plan: &PrefillPlan, dims| {
-        crate::routines::prefill::buffers::launch_buffers(plan, &table, dims, &[])
-    };
+    let pass_buffers =
+        |plan: &PrefillPlan, dims| crate::routines::prefill::buffers::launch_buffers(plan, &table, dims, &[]);
     let total = |buffers: &[Buffer]| buffers.iter().map(|buffer| buffer.bytes).sum::<u64>();
     let (pass, swapped) = (
         pass_buffers(&plans[0], [shape.heads, d, e]),
@@ -470,12 +470,13 @@ fn backward_widened(
     let narrow = [forward.q, forward.k, forward.v, inputs.d_out];
     let copies: Vec<(&'static str, usize)> = narrow
         .iter()
-        .zip(["f32 copy of q", "f32 copy of k", "f32 copy of v", "f32 copy of d_out"])
-        .chain(
-            narrow[..3]
-                .iter()
-                .zip(["f32 dq", "f32 dk", "f32 dv"]),
-        )
+        .zip([
+            "f32 copy of q",
+            "f32 copy of k",
+            "f32 copy of v",
+            "f32 copy of d_out",
+        ])
+        .chain(narrow[..3].iter().zip(["f32 dq", "f32 dk", "f32 dv"]))
         .map(|(t, name)| (name, t.num_elements()))
         .collect();
     let dtype = forward.q.dtype;

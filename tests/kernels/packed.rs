@@ -8,9 +8,8 @@
 use lightning_attention::plan::{DeviceLimits, TensorCores, plan_packed_limits};
 use lightning_attention::reference::{Dims, backward as reference_backward, recurrence};
 use lightning_attention::{
-    DType, DeviceTensor, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs,
-    PrefillConfig, Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed,
-    prefill_packed_into,
+    DType, DeviceTensor, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs, PrefillConfig,
+    Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed, prefill_packed_into,
 };
 use proptest::prelude::*;
 
@@ -99,7 +98,14 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn close(&self, what: &str, doc: usize, actual: &[f64], expected: &[f64], magnitude: &[f64]) -> Result<(), TestCaseError> {
+    fn close(
+        &self,
+        what: &str,
+        doc: usize,
+        actual: &[f64],
+        expected: &[f64],
+        magnitude: &[f64],
+    ) -> Result<(), TestCaseError> {
         let err = bounded_error(actual, expected, magnitude);
         prop_assert!(
             err < self.tol,
@@ -152,7 +158,11 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     let d_final = rng.values(docs * h * d * e, DType::F32);
 
     let up = |x: &[f32], shape: &[usize], dtype| upload(&client, x, shape, dtype);
-    let (q_t, k_t, v_t) = (up(&q, &[total, h, d], dtype), up(&k, &[total, h, d], dtype), up(&v, &[total, h, e], dtype));
+    let (q_t, k_t, v_t) = (
+        up(&q, &[total, h, d], dtype),
+        up(&k, &[total, h, d], dtype),
+        up(&v, &[total, h, e], dtype),
+    );
     let d_out_t = up(&d_out, &[total, h, e], dtype);
     let s_t = up(&slopes, &[h], DType::F32);
     let states = [docs, h, d, e];
@@ -173,8 +183,14 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     // Every output poisoned: an element no kernel writes fails.
     let out = poisoned(&client, &[total, h, e], dtype);
     let finals = poisoned(&client, &states, DType::F32);
-    prefill_packed_into(&client, &inputs, &config, &out, case.final_states.then_some(&finals))
-        .expect("a valid packed forward");
+    prefill_packed_into(
+        &client,
+        &inputs,
+        &config,
+        &out,
+        case.final_states.then_some(&finals),
+    )
+    .expect("a valid packed forward");
     let grads = PackedGradients {
         dq: poisoned(&client, &[total, h, d], dtype),
         dk: poisoned(&client, &[total, h, d], dtype),
@@ -189,24 +205,49 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     backward_packed_into(&client, &backward_inputs, &config, &grads).expect("a valid packed backward");
 
     let (out_r, finals_r) = (read(&client, &out), read(&client, &finals));
-    let (dq_r, dk_r, dv_r) = (read(&client, &grads.dq), read(&client, &grads.dk), read(&client, &grads.dv));
+    let (dq_r, dk_r, dv_r) = (
+        read(&client, &grads.dq),
+        read(&client, &grads.dk),
+        read(&client, &grads.dv),
+    );
     let d_initial_r = grads.d_initial_states.as_ref().map(|t| read(&client, t));
-    let check = Check { case, tol: tolerance(dtype) };
-    for (what, values, row) in [("out", &out_r, e), ("dq", &dq_r, d), ("dk", &dk_r, d), ("dv", &dv_r, e)] {
+    let check = Check {
+        case,
+        tol: tolerance(dtype),
+    };
+    for (what, values, row) in [
+        ("out", &out_r, e),
+        ("dq", &dq_r, d),
+        ("dk", &dk_r, d),
+        ("dv", &dv_r, e),
+    ] {
         check.zeros(what, values, used * h * row)?;
     }
 
     let scale = case.scale.map_or(1.0, f64::from);
     let abs = |x: &[f32]| x.iter().map(|v| f64::from(v.abs())).collect::<Vec<_>>();
     let inputs_of = |values: &dyn Fn(&[f32]) -> Vec<f64>| {
-        [values(&q), values(&k), values(&v), values(&d_out), values(&initial), values(&d_final)]
+        [
+            values(&q),
+            values(&k),
+            values(&v),
+            values(&d_out),
+            values(&initial),
+            values(&d_final),
+        ]
     };
     let (signed, magnitudes) = (inputs_of(&|x| f64s(x)), inputs_of(&abs));
     let sf = f64s(&slopes);
     let state_len = h * d * e;
     for (doc, &n) in case.lengths.iter().enumerate() {
         let first = cu[doc] as usize;
-        let dims = Dims { batch: 1, heads: h, seq_len: n, key_dim: d, value_dim: e };
+        let dims = Dims {
+            batch: 1,
+            heads: h,
+            seq_len: n,
+            key_dim: d,
+            value_dim: e,
+        };
         let reference = |[q, k, v, d_out, initial, d_final]: &[Vec<f64>; 6]| {
             let (q, k) = (gather(q, h, d, first, n), gather(k, h, d, first, n));
             let (v, d_out) = (gather(v, h, e, first, n), gather(d_out, h, e, first, n));
@@ -228,17 +269,47 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         };
         let ((forward, expected), (forward_mag, magnitude)) = (reference(&signed), reference(&magnitudes));
         let scaled = |x: &[f64]| x.iter().map(|o| o * scale).collect::<Vec<_>>();
-        check.close("out", doc, &gather(&out_r, h, e, first, n), &scaled(&forward.out), &scaled(&forward_mag.out))?;
+        check.close(
+            "out",
+            doc,
+            &gather(&out_r, h, e, first, n),
+            &scaled(&forward.out),
+            &scaled(&forward_mag.out),
+        )?;
         if case.final_states {
             let actual = &finals_r[doc * state_len..(doc + 1) * state_len];
             check.close("final state", doc, actual, &forward.state, &forward_mag.state)?;
         }
-        check.close("dq", doc, &gather(&dq_r, h, d, first, n), &expected.dq, &magnitude.dq)?;
-        check.close("dk", doc, &gather(&dk_r, h, d, first, n), &expected.dk, &magnitude.dk)?;
-        check.close("dv", doc, &gather(&dv_r, h, e, first, n), &expected.dv, &magnitude.dv)?;
+        check.close(
+            "dq",
+            doc,
+            &gather(&dq_r, h, d, first, n),
+            &expected.dq,
+            &magnitude.dq,
+        )?;
+        check.close(
+            "dk",
+            doc,
+            &gather(&dk_r, h, d, first, n),
+            &expected.dk,
+            &magnitude.dk,
+        )?;
+        check.close(
+            "dv",
+            doc,
+            &gather(&dv_r, h, e, first, n),
+            &expected.dv,
+            &magnitude.dv,
+        )?;
         if let Some(d_initial) = &d_initial_r {
             let actual = &d_initial[doc * state_len..(doc + 1) * state_len];
-            check.close("d_initial_state", doc, actual, &expected.d_initial_state, &magnitude.d_initial_state)?;
+            check.close(
+                "d_initial_state",
+                doc,
+                actual,
+                &expected.d_initial_state,
+                &magnitude.d_initial_state,
+            )?;
         }
     }
     Ok(())
@@ -258,13 +329,22 @@ fn many_short_documents_match_the_reference() {
     let used = *cu.last().unwrap() as usize;
     let total = used + padding;
     let mut rng = SeededRng::new(29);
-    let (q, k, v) = (rng.values(total * h * d, DType::F32), rng.values(total * h * d, DType::F32), rng.values(total * h * e, DType::F32));
+    let (q, k, v) = (
+        rng.values(total * h * d, DType::F32),
+        rng.values(total * h * d, DType::F32),
+        rng.values(total * h * e, DType::F32),
+    );
     let d_out = rng.values(total * h * e, DType::F32);
     let slopes = rng.slopes(h);
     let initial = rng.values(docs * h * d * e, DType::F32);
     let d_final = rng.values(docs * h * d * e, DType::F32);
     let up = |x: &[f32], shape: &[usize]| upload(&client, x, shape, DType::F32);
-    let (q_t, k_t, v_t, d_out_t) = (up(&q, &[total, h, d]), up(&k, &[total, h, d]), up(&v, &[total, h, e]), up(&d_out, &[total, h, e]));
+    let (q_t, k_t, v_t, d_out_t) = (
+        up(&q, &[total, h, d]),
+        up(&k, &[total, h, d]),
+        up(&v, &[total, h, e]),
+        up(&d_out, &[total, h, e]),
+    );
     let s_t = up(&slopes, &[h]);
     let (initial_t, d_final_t) = (up(&initial, &[docs, h, d, e]), up(&d_final, &[docs, h, d, e]));
     let inputs = PackedInputs {
@@ -279,16 +359,33 @@ fn many_short_documents_match_the_reference() {
     let forward = prefill_packed(&client, &inputs, &config, true).expect("a valid packed forward");
     let grads = backward_packed(
         &client,
-        &PackedBackwardInputs { forward: inputs, d_out: &d_out_t, d_final_states: Some(&d_final_t) },
+        &PackedBackwardInputs {
+            forward: inputs,
+            d_out: &d_out_t,
+            d_final_states: Some(&d_final_t),
+        },
         &config,
     )
     .expect("a valid packed backward");
     let out = read(&client, &forward.out);
-    let finals = read(&client, forward.final_states.as_ref().expect("final states asked for"));
-    let (dq, dk, dv) = (read(&client, &grads.dq), read(&client, &grads.dk), read(&client, &grads.dv));
-    let d_initial = read(&client, grads.d_initial_states.as_ref().expect("initial states given"));
+    let finals = read(
+        &client,
+        forward.final_states.as_ref().expect("final states asked for"),
+    );
+    let (dq, dk, dv) = (
+        read(&client, &grads.dq),
+        read(&client, &grads.dk),
+        read(&client, &grads.dv),
+    );
+    let d_initial = read(
+        &client,
+        grads.d_initial_states.as_ref().expect("initial states given"),
+    );
     for (what, values, row) in [("out", &out, e), ("dq", &dq, d), ("dk", &dk, d), ("dv", &dv, e)] {
-        assert!(values[used * h * row..].iter().all(|&x| x == 0.0), "{what}: padding not zero");
+        assert!(
+            values[used * h * row..].iter().all(|&x| x == 0.0),
+            "{what}: padding not zero"
+        );
     }
     let (qf, kf, vf, df, sf) = (f64s(&q), f64s(&k), f64s(&v), f64s(&d_out), f64s(&slopes));
     let (initial, d_final) = (f64s(&initial), f64s(&d_final));
@@ -296,7 +393,13 @@ fn many_short_documents_match_the_reference() {
     let (mut actual, mut expected) = (Vec::new(), Vec::new());
     for (doc, &n) in lengths.iter().enumerate() {
         let first = cu[doc] as usize;
-        let dims = Dims { batch: 1, heads: h, seq_len: n, key_dim: d, value_dim: e };
+        let dims = Dims {
+            batch: 1,
+            heads: h,
+            seq_len: n,
+            key_dim: d,
+            value_dim: e,
+        };
         let (dq_in, dk_in) = (gather(&qf, h, d, first, n), gather(&kf, h, d, first, n));
         let (v_in, d_out_in) = (gather(&vf, h, e, first, n), gather(&df, h, e, first, n));
         let states = doc * state_len..(doc + 1) * state_len;
@@ -318,10 +421,16 @@ fn many_short_documents_match_the_reference() {
             (gather(&dq, h, d, first, n), reference_grads.dq),
             (gather(&dk, h, d, first, n), reference_grads.dk),
             (gather(&dv, h, e, first, n), reference_grads.dv),
-            (d_initial[states.clone()].to_vec(), reference_grads.d_initial_state),
+            (
+                d_initial[states.clone()].to_vec(),
+                reference_grads.d_initial_state,
+            ),
         ] {
             let err = relative_error(&got, &want);
-            assert!(err < tolerance(DType::F32), "document {doc} (of {n} tokens): error {err:e}");
+            assert!(
+                err < tolerance(DType::F32),
+                "document {doc} (of {n} tokens): error {err:e}"
+            );
             actual.extend(got);
             expected.extend(want);
         }
@@ -334,7 +443,10 @@ fn many_short_documents_match_the_reference() {
 /// and z, tensor cores for 16-bit inputs (so `Auto` would take the
 /// chunk-recurrent pass, whose walks run along z).
 fn cuda_like_limits() -> DeviceLimits {
-    let tensor_cores = TensorCores { f16: true, bf16: true };
+    let tensor_cores = TensorCores {
+        f16: true,
+        bf16: true,
+    };
     DeviceLimits {
         shared_memory: 227 * 1024,
         max_units: 1024,
@@ -386,7 +498,11 @@ fn a_hundred_thousand_short_documents_plan_on_cuda_limits() {
 fn packed_training_refuses_bad_offsets_and_states() {
     let client = client();
     let t = |shape: &[usize], dtype| poisoned(&client, shape, dtype);
-    let (q, k, v) = (t(&[10, 2, 8], DType::F32), t(&[10, 2, 8], DType::F32), t(&[10, 2, 4], DType::F32));
+    let (q, k, v) = (
+        t(&[10, 2, 8], DType::F32),
+        t(&[10, 2, 8], DType::F32),
+        t(&[10, 2, 4], DType::F32),
+    );
     let slopes = t(&[2], DType::F32);
     let three_states = t(&[3, 2, 8, 4], DType::F32);
     let two_states = t(&[2, 2, 8, 4], DType::F32);
@@ -404,7 +520,11 @@ fn packed_training_refuses_bad_offsets_and_states() {
     let backward_err = |inputs: PackedInputs, d_final: Option<&DeviceTensor>| {
         backward_packed(
             &client,
-            &PackedBackwardInputs { forward: inputs, d_out: &d_out, d_final_states: d_final },
+            &PackedBackwardInputs {
+                forward: inputs,
+                d_out: &d_out,
+                d_final_states: d_final,
+            },
             &config,
         )
         .unwrap_err()
@@ -412,34 +532,86 @@ fn packed_training_refuses_bad_offsets_and_states() {
     // Decreasing offsets, and an empty document.
     for cu in [&[0u32, 6, 4][..], &[0, 4, 4, 9]] {
         for err in [forward_err(inputs(cu)), backward_err(inputs(cu), None)] {
-            assert!(matches!(err, LightningError::OffsetsNotIncreasing { index: 2, .. }), "{err}");
+            assert!(
+                matches!(err, LightningError::OffsetsNotIncreasing { index: 2, .. }),
+                "{err}"
+            );
         }
     }
-    for err in [forward_err(inputs(&[1, 4, 9])), backward_err(inputs(&[1, 4, 9]), None)] {
+    for err in [
+        forward_err(inputs(&[1, 4, 9])),
+        backward_err(inputs(&[1, 4, 9]), None),
+    ] {
         assert!(matches!(err, LightningError::FirstOffset { value: 1 }), "{err}");
     }
-    for err in [forward_err(inputs(&[0, 4, 11])), backward_err(inputs(&[0, 4, 11]), None)] {
-        assert!(matches!(err, LightningError::OffsetPastEnd { index: 2, value: 11, total_tokens: 10 }), "{err}");
+    for err in [
+        forward_err(inputs(&[0, 4, 11])),
+        backward_err(inputs(&[0, 4, 11]), None),
+    ] {
+        assert!(
+            matches!(
+                err,
+                LightningError::OffsetPastEnd {
+                    index: 2,
+                    value: 11,
+                    total_tokens: 10
+                }
+            ),
+            "{err}"
+        );
     }
     for err in [forward_err(inputs(&[0])), backward_err(inputs(&[0]), None)] {
-        assert!(matches!(err, LightningError::LengthMismatch { what: "cu_seqlens", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                LightningError::LengthMismatch {
+                    what: "cu_seqlens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
     // Three states for two documents.
-    let with_three = PackedInputs { initial_states: Some(&three_states), ..inputs(&[0, 4, 9]) };
+    let with_three = PackedInputs {
+        initial_states: Some(&three_states),
+        ..inputs(&[0, 4, 9])
+    };
     for err in [forward_err(with_three), backward_err(with_three, None)] {
-        assert!(matches!(err, LightningError::Shape { tensor: "initial_states", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                LightningError::Shape {
+                    tensor: "initial_states",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
     let err = backward_err(inputs(&[0, 4, 9]), Some(&three_states));
-    assert!(matches!(err, LightningError::Shape { tensor: "d_final_states", .. }), "{err}");
-    let err = prefill_packed_into(
-        &client,
-        &inputs(&[0, 4, 9]),
-        &config,
-        &d_out,
-        Some(&three_states),
-    )
-    .unwrap_err();
-    assert!(matches!(err, LightningError::Shape { tensor: "final_states", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LightningError::Shape {
+                tensor: "d_final_states",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err =
+        prefill_packed_into(&client, &inputs(&[0, 4, 9]), &config, &d_out, Some(&three_states)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LightningError::Shape {
+                tensor: "final_states",
+                ..
+            }
+        ),
+        "{err}"
+    );
     // A gradient of initial states the forward did not have.
     let grads = PackedGradients {
         dq: t(&[10, 2, 8], DType::F32),
@@ -449,10 +621,23 @@ fn packed_training_refuses_bad_offsets_and_states() {
     };
     let err = backward_packed_into(
         &client,
-        &PackedBackwardInputs { forward: inputs(&[0, 4, 9]), d_out: &d_out, d_final_states: None },
+        &PackedBackwardInputs {
+            forward: inputs(&[0, 4, 9]),
+            d_out: &d_out,
+            d_final_states: None,
+        },
         &config,
         &grads,
     )
     .unwrap_err();
-    assert!(matches!(err, LightningError::LengthMismatch { what: "d_initial_states", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LightningError::LengthMismatch {
+                what: "d_initial_states",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
