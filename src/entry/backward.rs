@@ -430,16 +430,27 @@ fn gradient_buffers(
     ];
     // The work lists do not depend on whether a pass has an initial state.
     let table = SequenceTable::dense(b, n, false, config);
+    buffers.extend(larger_pass_buffers([plan, swapped_plan], &table, [h, d, e]));
+    buffers
+}
+
+/// The buffers one pass of a backward over `table` allocates (work lists,
+/// workspace), for the larger of the two plans (`plans[0]` the forward's
+/// `[h, d, e]`, `plans[1]` with `d` and `e` swapped): the passes run one after
+/// another, each freeing its own.
+pub(crate) fn larger_pass_buffers(
+    [plan, swapped_plan]: [&PrefillPlan; 2],
+    table: &SequenceTable,
+    [h, d, e]: [usize; 3],
+) -> Vec<Buffer> {
     let total = |buffers: &[Buffer]| buffers.iter().map(|buffer| buffer.bytes).sum::<u64>();
-    let pass = crate::routines::prefill::buffers::launch_buffers(plan, &table, [h, d, e], &[]);
-    let swapped_pass =
-        crate::routines::prefill::buffers::launch_buffers(swapped_plan, &table, [h, e, d], &[]);
-    buffers.extend(if total(&pass) >= total(&swapped_pass) {
+    let pass = crate::routines::prefill::buffers::launch_buffers(plan, table, [h, d, e], &[]);
+    let swapped_pass = crate::routines::prefill::buffers::launch_buffers(swapped_plan, table, [h, e, d], &[]);
+    if total(&pass) >= total(&swapped_pass) {
         pass
     } else {
         swapped_pass
-    });
-    buffers
+    }
 }
 
 /// 16-bit inputs on f32 copies (see `crate::widen`): the f32 backward on

@@ -19,9 +19,7 @@ use cubecl::server::Handle;
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
-use crate::problem::packed::{
-    SlotRegistry, VarlenShape, check_len, check_offsets, check_offsets_within, check_tensors,
-};
+use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::routines::common::{Call, Layout, Variant};
 use crate::routines::decode::{DecodePlan, plan_decode};
@@ -119,29 +117,9 @@ impl PlannedBatch {
         Self::from_table(shape, table, config, &limits)
     }
 
-    /// A packed training batch (see [`SequenceTable::packed`]) against
-    /// tensors of `shape`: `cu_seqlens` may stop short of the tokens (padding
-    /// rows, which no kernel reads or writes).
-    pub fn packed(
-        target: LaunchTarget,
-        mut shape: VarlenShape,
-        cu_seqlens: &[u32],
-        (has_initial, writes_final): (bool, bool),
-        config: &PrefillConfig,
-    ) -> Result<Self> {
-        config.validate()?;
-        shape
-            .dtype
-            .check_supported(target.properties(), target.runtime_name())?;
-        let limits = DeviceLimits::of_target(target);
-        widen::check_copies(&limits, shape.dtype, config, &copies(&shape)[..3])?;
-        shape.sequences = check_offsets_within(cu_seqlens, shape.total_tokens)?;
-        let table = SequenceTable::packed(cu_seqlens, has_initial, writes_final, config);
-        Self::from_table(shape, table, config, &limits)
-    }
-
-    /// Plans the launches of `table` over tensors of `shape`.
-    fn from_table(
+    /// Plans the launches of `table` over tensors of `shape` (a packed
+    /// training call's launch group: see `entry::packed`).
+    pub fn from_table(
         shape: VarlenShape,
         table: SequenceTable,
         config: &PrefillConfig,
@@ -273,16 +251,17 @@ impl DeviceBatch {
         }
     }
 
-    /// Launches the call on q, k, v, slopes and the cache, already checked
-    /// against `planned.shape` (the batch metadata is in the uploaded tables);
-    /// initial states come from the cache's slots, or from `initial`'s rows
-    /// where it is given (a packed training call, whose `cache` then holds
-    /// the final states).
+    /// Launches the call on q, k, v, slopes and the states, already checked
+    /// against `planned.shape` (the batch metadata is in the uploaded tables).
+    /// `states` is the slot cache of a serving call: initial states are read
+    /// from its slots and final states written back. A packed training call
+    /// gives its initial states' tensor as `initial` (rows read instead of
+    /// slots) and its final states' tensor as `states`.
     pub fn launch(
         &self,
         target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
-        (initial, cache): (Option<&DeviceTensor>, &DeviceTensor),
+        (initial, states): (Option<&DeviceTensor>, &DeviceTensor),
         config: &PrefillConfig,
         out: &DeviceTensor,
     ) {
@@ -302,7 +281,7 @@ impl DeviceBatch {
                 layout: Layout::packed(shape.heads),
                 table: &self.table,
                 initial,
-                states: cache,
+                states,
                 workspace: &self.workspace,
                 unused: &self.unused,
                 variant: Variant::FORWARD,

@@ -154,18 +154,33 @@ impl SequenceTable {
         Self::new(&seq_starts, &states, &[], false, config)
     }
 
-    /// A packed training batch: sequence `i` of `cu_seqlens` reads its
-    /// initial state from row `i` (where `has_initial`) and writes its final
-    /// state to row `i` (where `writes_final`; nowhere else); nothing is
-    /// routed to the decode kernel.
-    pub fn packed(cu_seqlens: &[u32], has_initial: bool, writes_final: bool, config: &PrefillConfig) -> Self {
-        let states: Vec<SequenceStates> = (0..cu_seqlens.len() as i32 - 1)
-            .map(|i| SequenceStates {
-                initial: if has_initial { i } else { -1 },
-                last: if writes_final { i } else { -1 },
-            })
-            .collect();
-        Self::new(cu_seqlens, &states, &[], false, config)
+    /// Documents `docs` of a packed training batch: document `i` of
+    /// `cu_seqlens` reads its initial state from row `i` (where
+    /// `has_initial`) and writes its final state to row `i` (where
+    /// `writes_final`; nowhere else). Empty documents are left out (their
+    /// neighbours' tokens stay contiguous, and no kernel walks zero tokens);
+    /// nothing is routed to the decode kernel.
+    pub fn packed(
+        cu_seqlens: &[u32],
+        docs: std::ops::Range<usize>,
+        has_initial: bool,
+        writes_final: bool,
+        config: &PrefillConfig,
+    ) -> Self {
+        let mut seq_starts = vec![cu_seqlens[docs.start]];
+        let mut states = Vec::new();
+        for doc in docs {
+            if cu_seqlens[doc + 1] == cu_seqlens[doc] {
+                continue;
+            }
+            seq_starts.push(cu_seqlens[doc + 1]);
+            let row = doc as i32;
+            states.push(SequenceStates {
+                initial: if has_initial { row } else { -1 },
+                last: if writes_final { row } else { -1 },
+            });
+        }
+        Self::new(&seq_starts, &states, &[], false, config)
     }
 
     /// The sizes the launches are planned from.

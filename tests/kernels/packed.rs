@@ -7,6 +7,7 @@
 
 use lightning_attention::plan::{DeviceLimits, TensorCores, plan_packed_limits};
 use lightning_attention::reference::{Dims, backward as reference_backward, recurrence};
+use lightning_attention::testing::{PackedKnobs, backward_packed_into_with, prefill_packed_into_with};
 use lightning_attention::{
     DType, DeviceTensor, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs, PrefillConfig,
     Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed, prefill_packed_into,
@@ -30,7 +31,19 @@ struct Case {
     scale: Option<f32>,
     dtype: DType,
     routines: Routines,
+    /// Narrower limits: small launch groups, few cubes along z.
+    knobs: PackedKnobs,
     seed: u64,
+}
+
+/// Knobs of the property test: none, launch groups of a few blocks' workspace
+/// (`heads * d * e` elements a block), or two cubes along z (kv-reduce loops).
+fn knobs() -> impl Strategy<Value = (Option<u64>, Option<u32>)> {
+    prop_oneof![
+        2 => Just((None, None)),
+        1 => (1u64..=4).prop_map(|blocks| (Some(blocks), None)),
+        1 => Just((None, Some(2u32))),
+    ]
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -43,7 +56,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![None, Some(0.125f32)]),
         prop::sample::select(input_dtypes()),
         prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Fused]),
-        any::<u64>(),
+        (knobs(), any::<u64>()),
     )
         .prop_flat_map(
             |(
@@ -55,7 +68,7 @@ fn case() -> impl Strategy<Value = Case> {
                 scale,
                 dtype,
                 routines,
-                seed,
+                ((group_blocks, max_z), seed),
             )| {
                 // One token, exactly a block, or up to three blocks and a tail.
                 let length = prop_oneof![Just(1usize), Just(block), 1..=3 * block + 5];
@@ -73,6 +86,15 @@ fn case() -> impl Strategy<Value = Case> {
                     scale,
                     dtype,
                     routines,
+                    knobs: PackedKnobs {
+                        // The chunk-recurrent and fused walks run along z and
+                        // need it; `Auto` takes kv-reduce instead, which loops.
+                        max_cube_count: max_z
+                            .filter(|_| routines == Routines::Auto)
+                            .map(|z| (u32::MAX, u32::MAX, z)),
+                        group_workspace: group_blocks
+                            .map(|blocks| blocks * (heads * key_dim * value_dim) as u64),
+                    },
                     seed,
                 })
             },
@@ -183,12 +205,12 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     // Every output poisoned: an element no kernel writes fails.
     let out = poisoned(&client, &[total, h, e], dtype);
     let finals = poisoned(&client, &states, DType::F32);
-    prefill_packed_into(
+    prefill_packed_into_with(
         &client,
         &inputs,
         &config,
-        &out,
-        case.final_states.then_some(&finals),
+        (&out, case.final_states.then_some(&finals)),
+        &case.knobs,
     )
     .expect("a valid packed forward");
     let grads = PackedGradients {
@@ -202,7 +224,8 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         d_out: &d_out_t,
         d_final_states: case.d_final.then_some(&d_final_t),
     };
-    backward_packed_into(&client, &backward_inputs, &config, &grads).expect("a valid packed backward");
+    backward_packed_into_with(&client, &backward_inputs, &config, &grads, &case.knobs)
+        .expect("a valid packed backward");
 
     let (out_r, finals_r) = (read(&client, &out), read(&client, &finals));
     let (dq_r, dk_r, dv_r) = (
@@ -464,7 +487,10 @@ fn cuda_like_limits() -> DeviceLimits {
 
 /// FLA's varlen kernels failed to launch past 65535 documents x heads
 /// (fla-org/flash-linear-attention#1239): 100 000 documents of 1 to 3 tokens
-/// at h = 64 plan forward and backward on CUDA's limits, in every dtype.
+/// at h = 64, d = e = 128 plan forward and backward on CUDA's limits, in
+/// every dtype and routine. Each document's block takes `h * d * e = 2^20`
+/// f32 of workspace, so the call runs in launch groups of at most 4095
+/// blocks (32-bit indices): at least 25 of them.
 #[test]
 fn a_hundred_thousand_short_documents_plan_on_cuda_limits() {
     let docs = 100_000usize;
@@ -474,13 +500,18 @@ fn a_hundred_thousand_short_documents_plan_on_cuda_limits() {
     }
     let total = *cu.last().unwrap() as usize;
     for dtype in input_dtypes() {
-        for routines in [Routines::Auto, Routines::Portable] {
+        for routines in [
+            Routines::Auto,
+            Routines::Portable,
+            Routines::ChunkRecurrent,
+            Routines::Fused,
+        ] {
             let shape = VarlenShape {
                 total_tokens: total,
                 sequences: 0,
                 heads: 64,
-                key_dim: 16,
-                value_dim: 16,
+                key_dim: 128,
+                value_dim: 128,
                 slots: 0,
                 dtype,
             };
@@ -488,9 +519,78 @@ fn a_hundred_thousand_short_documents_plan_on_cuda_limits() {
             for with_initial in [false, true] {
                 let planned = plan_packed_limits(&cuda_like_limits(), &shape, &cu, with_initial, &config)
                     .unwrap_or_else(|err| panic!("{dtype:?} {routines:?}: {err}"));
-                assert_eq!(planned.sequences, docs);
+                assert_eq!(planned.shape.sequences, docs);
+                for groups in [planned.forward_groups, planned.backward_groups] {
+                    assert!(
+                        (25..=100).contains(&groups),
+                        "{dtype:?} {routines:?}: {groups} groups"
+                    );
+                }
             }
         }
+    }
+}
+
+/// A base case for the targeted tests below: f32, 2 heads, d = 16, e = 8,
+/// blocks of 16, everything asked for.
+fn base_case(lengths: Vec<usize>, routines: Routines, knobs: PackedKnobs, seed: u64) -> Case {
+    Case {
+        block: 16,
+        sub_block: 16,
+        heads: 2,
+        key_dim: 16,
+        value_dim: 8,
+        lengths,
+        padding: 3,
+        initial: true,
+        final_states: true,
+        d_final: true,
+        scale: Some(0.125),
+        dtype: DType::F32,
+        routines,
+        knobs,
+        seed,
+    }
+}
+
+/// The launch groups run for real: a group workspace of three blocks splits
+/// 23 documents of 1 to 40 tokens (1 to 3 blocks) into many groups, in f32
+/// and in bf16 (on f32 copies made once for all the groups), every document
+/// against the reference.
+#[test]
+fn launch_groups_match_the_reference() {
+    let lengths: Vec<usize> = (0..23).map(|i| [1, 16, 40, 7, 33, 2, 17][i % 7]).collect();
+    let knobs = PackedKnobs {
+        group_workspace: Some(3 * 2 * 16 * 8),
+        ..PackedKnobs::default()
+    };
+    for (dtype, routines) in [
+        (DType::F32, Routines::Auto),
+        (DType::F32, Routines::Portable),
+        (DType::BF16, Routines::Auto),
+        (DType::F16, Routines::ChunkRecurrent),
+        (DType::F32, Routines::Fused),
+    ] {
+        let case = Case {
+            dtype,
+            ..base_case(lengths.clone(), routines, knobs, 290)
+        };
+        run_case(&case).unwrap_or_else(|err| panic!("{err}"));
+    }
+}
+
+/// kv-reduce's loop over sequences past the grid's z limit: three cubes
+/// along z for ten documents of 1 to 5 blocks, through the five kernels
+/// (forward, and the backward's reverse sweeps), against the reference.
+#[test]
+fn kv_reduce_loops_over_sequences_past_the_grid() {
+    let lengths = vec![5, 80, 17, 33, 1, 64, 49, 16, 70, 2];
+    let knobs = PackedKnobs {
+        max_cube_count: Some((u32::MAX, u32::MAX, 3)),
+        ..PackedKnobs::default()
+    };
+    for routines in [Routines::Portable, Routines::Auto] {
+        run_case(&base_case(lengths.clone(), routines, knobs, 291)).unwrap_or_else(|err| panic!("{err}"));
     }
 }
 
