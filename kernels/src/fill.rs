@@ -59,3 +59,16 @@ pub fn zero_tail_words(out: &mut [u32], first: u32, len: u32) {
         w += units;
     }
 }
+
+/// `dst[i] = src[i]` for `first <= i < end`: rows of a per-document state
+/// tensor passed through unchanged (an empty document's final state is its
+/// initial state). Geometry as [`fill_words`], over `end - first` elements.
+#[cube(launch_unchecked, create_dummy_kernel)]
+pub fn copy_span(src: &[f32], dst: &mut [f32], first: u32, end: u32) {
+    let units = CUBE_COUNT * CUBE_DIM as usize;
+    let mut i = first as usize + ABSOLUTE_POS;
+    while i < end as usize {
+        dst[i] = src[i];
+        i += units;
+    }
+}

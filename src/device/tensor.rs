@@ -3,7 +3,7 @@
 use super::target::{LaunchTarget, launch_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use lightning_attention_kernels::fill::{fill_words, zero_tail, zero_tail_words};
+use lightning_attention_kernels::fill::{copy_span, fill_words, zero_tail, zero_tail_words};
 
 use super::limits::{bf16_words, grid_stride};
 use super::memory::{Buffer, DeviceMemory, read_error};
@@ -223,6 +223,39 @@ pub(crate) fn zero_from(target: LaunchTarget, t: &DeviceTensor, first: usize) {
                     len as u32
                 ),
             }
+        }
+    }
+}
+
+/// Sets elements `first..end` of the validated f32 tensor `dst` to those of
+/// `src` (an f32 tensor of as many elements), or to zeros without `src`; no
+/// other element is written.
+pub(crate) fn copy_or_zero(
+    target: LaunchTarget,
+    src: Option<&DeviceTensor>,
+    dst: &DeviceTensor,
+    (first, end): (usize, usize),
+) {
+    if first >= end {
+        return;
+    }
+    let (count, dim) = grid_stride(target, end - first);
+    // SAFETY (each launch): both buffers hold at least `end` f32 elements
+    // (validated by the caller), and the kernels touch only `first..end`.
+    unsafe {
+        match src {
+            Some(src) => {
+                launch_kernel!(target, copy_span[], count, dim, arg(src), arg(dst), first as u32, end as u32)
+            }
+            None => launch_kernel!(
+                target,
+                zero_tail[f32],
+                count,
+                dim,
+                arg(dst),
+                first as u32,
+                end as u32
+            ),
         }
     }
 }

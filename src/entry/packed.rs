@@ -2,8 +2,10 @@
 //! lengths concatenated into one batch, FLA's varlen layout.
 //!
 //! q, k `[T, h, d]` and v `[T, h, e]` hold the documents back to back;
-//! `cu_seqlens` (`N + 1` offsets, from 0, strictly increasing) says where each
-//! starts. Each document runs from its own initial state (row `i` of an
+//! `cu_seqlens` (`N + 1` offsets, from 0, non-decreasing) says where each
+//! starts; a document may be empty (its output has no rows, its final state
+//! is its initial state, and its initial state's gradient its final
+//! state's: no kernel walks it). Each document runs from its own initial state (row `i` of an
 //! optional `[N, h, d, e]` f32 tensor, else zeros) and nothing crosses a
 //! boundary: a document's outputs, final state and gradients are those of a
 //! dense call on that document alone. The last offset may stop short of `T`:
@@ -39,7 +41,7 @@ use cubecl::prelude::*;
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::Buffer;
 use crate::device::target::LaunchTarget;
-use crate::device::tensor::{unused_binding, zero_from};
+use crate::device::tensor::{copy_or_zero, unused_binding, zero_from};
 use crate::entry::backward::{
     PassInputs, Passes, check_scale, key_value_plan, larger_pass_buffers, plan_work, run_passes,
 };
@@ -68,7 +70,8 @@ pub struct PackedInputs<'a> {
     /// One slope per head, `[h]` f32 (see [`crate::slopes`]).
     pub slopes: &'a DeviceTensor,
     /// `N + 1` offsets: document `i` is tokens `cu_seqlens[i]..cu_seqlens[i + 1]`;
-    /// starts at 0, increases strictly, ends at most at `T` (rows past it are padding).
+    /// starts at 0, does not decrease (a document may be empty), ends at most
+    /// at `T` (rows past it are padding).
     pub cu_seqlens: &'a [u32],
     /// Each document's state before its first token, `[N, h, d, e]` f32;
     /// `None` for zeros.
@@ -197,7 +200,36 @@ impl Planning {
             (blocks, sub_blocks, sequences) = (blocks + b, sub_blocks + s, sequences + q);
         }
         groups.push(first..documents);
+        // A group of empty documents launches nothing (see `fill_empty`).
+        groups.retain(|docs| cu_seqlens[docs.start] != cu_seqlens[docs.end]);
         groups
+    }
+}
+
+/// The states of empty documents, which no kernel walks: rows of `dst`
+/// `[N, h, d, e]` copied from `src` (same shape) for each run of empty
+/// documents, or zeroed without `src`. A document of no tokens leaves its
+/// state as it was (its decay is the identity): its final state is its
+/// initial state, and its initial state's gradient its final state's.
+fn fill_empty(
+    target: LaunchTarget,
+    shape: &VarlenShape,
+    cu_seqlens: &[u32],
+    src: Option<&DeviceTensor>,
+    dst: &DeviceTensor,
+) {
+    let state = shape.heads * shape.key_dim * shape.value_dim;
+    let mut doc = 0;
+    while doc < shape.sequences {
+        if cu_seqlens[doc + 1] != cu_seqlens[doc] {
+            doc += 1;
+            continue;
+        }
+        let first = doc;
+        while doc < shape.sequences && cu_seqlens[doc + 1] == cu_seqlens[doc] {
+            doc += 1;
+        }
+        copy_or_zero(target, src, dst, (first * state, doc * state));
     }
 }
 
@@ -541,6 +573,9 @@ fn launch_forward(
     } else {
         run([inputs.q, inputs.k, inputs.v], out);
     }
+    if let Some(finals) = final_states {
+        fill_empty(target, &shape, inputs.cu_seqlens, inputs.initial_states, finals);
+    }
     zero_from(
         target,
         out,
@@ -839,6 +874,15 @@ fn launch_backward(
         );
     }
     let shape = &planned.shape;
+    if let Some(d_initial) = d_initial {
+        fill_empty(
+            target,
+            shape,
+            forward.cu_seqlens,
+            inputs.d_final_states,
+            d_initial,
+        );
+    }
     for (grad, row) in narrow
         .into_iter()
         .zip([shape.key_dim, shape.key_dim, shape.value_dim])

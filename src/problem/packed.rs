@@ -93,7 +93,7 @@ pub(crate) fn check_optional<T: Arg>(
 /// `cu_seqlens` starts at 0, increases strictly and ends at `total_tokens`.
 /// Returns the number of sequences.
 pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<usize> {
-    let last = check_offsets_within(cu_seqlens, total_tokens)?;
+    let last = check_offset_list(cu_seqlens, total_tokens, false)?;
     if cu_seqlens[last] as usize != total_tokens {
         return Err(LightningError::OffsetPastEnd {
             index: last,
@@ -104,10 +104,17 @@ pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<u
     Ok(last)
 }
 
-/// `cu_seqlens` starts at 0, increases strictly and ends at most at
-/// `total_tokens` (a packed training buffer may hold padding rows past the
-/// last sequence). Returns the number of sequences.
+/// Packed training's `cu_seqlens`: starts at 0, does not decrease (a
+/// document may be empty) and ends at most at `total_tokens` (a packed
+/// training buffer may hold padding rows past the last document). Returns
+/// the number of documents.
 pub(crate) fn check_offsets_within(cu_seqlens: &[u32], total_tokens: usize) -> Result<usize> {
+    check_offset_list(cu_seqlens, total_tokens, true)
+}
+
+/// `cu_seqlens` starts at 0, increases (strictly, unless `allow_empty`)
+/// and ends at most at `total_tokens`. Returns the number of sequences.
+fn check_offset_list(cu_seqlens: &[u32], total_tokens: usize, allow_empty: bool) -> Result<usize> {
     if cu_seqlens.len() < 2 {
         return Err(LightningError::LengthMismatch {
             what: "cu_seqlens",
@@ -130,7 +137,14 @@ pub(crate) fn check_offsets_within(cu_seqlens: &[u32], total_tokens: usize) -> R
                 total_tokens,
             });
         }
-        if value <= previous {
+        if value < previous && allow_empty {
+            return Err(LightningError::OffsetsDecreasing {
+                index,
+                previous: previous as u64,
+                value: value as u64,
+            });
+        }
+        if value <= previous && !allow_empty {
             return Err(LightningError::OffsetsNotIncreasing {
                 index,
                 previous: previous as u64,

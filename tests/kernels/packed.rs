@@ -70,8 +70,13 @@ fn case() -> impl Strategy<Value = Case> {
                 routines,
                 ((group_blocks, max_z), seed),
             )| {
-                // One token, exactly a block, or up to three blocks and a tail.
-                let length = prop_oneof![Just(1usize), Just(block), 1..=3 * block + 5];
+                // Empty, one token, exactly a block, or up to three blocks and a tail.
+                let length = prop_oneof![
+                    1 => Just(0usize),
+                    2 => Just(1usize),
+                    2 => Just(block),
+                    4 => 1..=3 * block + 5,
+                ];
                 prop::collection::vec(length, 1..=40).prop_map(move |lengths| Case {
                     block,
                     sub_block,
@@ -579,6 +584,41 @@ fn launch_groups_match_the_reference() {
     }
 }
 
+/// Empty documents (equal offsets) first, in the middle, in a run, and last:
+/// no rows of out, final state = initial state (or zeros), initial state's
+/// gradient = final state's (or zeros), under each routine, with and without
+/// initial states and final-state gradients, in launch groups too.
+#[test]
+fn empty_documents_pass_their_states_through() {
+    let lengths = vec![0, 5, 0, 0, 17, 1, 0, 33, 0];
+    for routines in [Routines::Auto, Routines::ChunkRecurrent, Routines::Fused] {
+        for (initial, d_final) in [(true, true), (false, false), (true, false)] {
+            for knobs in [
+                PackedKnobs::default(),
+                PackedKnobs {
+                    group_workspace: Some(2 * 2 * 16 * 8),
+                    ..PackedKnobs::default()
+                },
+            ] {
+                let case = Case {
+                    initial,
+                    d_final,
+                    ..base_case(lengths.clone(), routines, knobs, 292)
+                };
+                run_case(&case).unwrap_or_else(|err| panic!("{err}"));
+            }
+        }
+    }
+    // Every document empty: nothing launches but the states.
+    run_case(&base_case(
+        vec![0, 0],
+        Routines::Auto,
+        PackedKnobs::default(),
+        293,
+    ))
+    .unwrap_or_else(|err| panic!("{err}"));
+}
+
 /// kv-reduce's loop over sequences past the grid's z limit: three cubes
 /// along z for ten documents of 1 to 5 blocks, through the five kernels
 /// (forward, and the backward's reverse sweeps), against the reference.
@@ -629,14 +669,15 @@ fn packed_training_refuses_bad_offsets_and_states() {
         )
         .unwrap_err()
     };
-    // Decreasing offsets, and an empty document.
-    for cu in [&[0u32, 6, 4][..], &[0, 4, 4, 9]] {
-        for err in [forward_err(inputs(cu)), backward_err(inputs(cu), None)] {
-            assert!(
-                matches!(err, LightningError::OffsetsNotIncreasing { index: 2, .. }),
-                "{err}"
-            );
-        }
+    // Decreasing offsets (equal ones are an empty document: valid).
+    for err in [
+        forward_err(inputs(&[0, 6, 4])),
+        backward_err(inputs(&[0, 6, 4]), None),
+    ] {
+        assert!(
+            matches!(err, LightningError::OffsetsDecreasing { index: 2, .. }),
+            "{err}"
+        );
     }
     for err in [
         forward_err(inputs(&[1, 4, 9])),
