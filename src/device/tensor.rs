@@ -259,3 +259,20 @@ pub(crate) fn copy_or_zero(
         }
     }
 }
+
+/// `read` and `written`, where both are given, are different buffers: a
+/// call that reads one while it writes the other refuses them aliased.
+pub(crate) fn check_distinct(
+    (read_name, read): (&'static str, Option<&DeviceTensor>),
+    (written_name, written): (&'static str, Option<&DeviceTensor>),
+) -> Result<()> {
+    if let (Some(read), Some(written)) = (read, written)
+        && read.handle.memory.descriptor().id == written.handle.memory.descriptor().id
+    {
+        return Err(LightningError::AliasedBuffers {
+            first: read_name,
+            second: written_name,
+        });
+    }
+    Ok(())
+}

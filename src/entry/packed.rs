@@ -41,7 +41,7 @@ use cubecl::prelude::*;
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::Buffer;
 use crate::device::target::LaunchTarget;
-use crate::device::tensor::{copy_or_zero, unused_binding, zero_from};
+use crate::device::tensor::{check_distinct, copy_or_zero, unused_binding, zero_from};
 use crate::entry::backward::{
     PassInputs, Passes, check_scale, key_value_plan, larger_pass_buffers, plan_work, run_passes,
 };
@@ -522,6 +522,10 @@ fn forward_into_on(
         &state_shape(&shape),
         DType::F32,
     )?;
+    check_distinct(
+        ("initial_states", inputs.initial_states),
+        ("final_states", final_states),
+    )?;
     let planning = Planning::of(target, knobs);
     let planned = plan_forward(
         &planning,
@@ -824,6 +828,10 @@ fn backward_into_on(
     let target = LaunchTarget::Device(client);
     let shape = check_backward_call(target, inputs, config)?;
     check_gradients(&shape, inputs, grads)?;
+    check_distinct(
+        ("d_final_states", inputs.d_final_states),
+        ("d_initial_states", grads.d_initial_states.as_ref()),
+    )?;
     let forward = &inputs.forward;
     let planned = plan_backward_groups(
         &Planning::of(target, knobs),

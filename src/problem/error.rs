@@ -128,6 +128,15 @@ pub enum LightningError {
         /// The offset given.
         value: u64,
     },
+    /// Two arguments share a buffer where one is read while the other is
+    /// written (the kernels would read states already overwritten).
+    #[error("{first} and {second} share one buffer; give them separate tensors")]
+    AliasedBuffers {
+        /// The argument read.
+        first: &'static str,
+        /// The argument written.
+        second: &'static str,
+    },
     /// An offset is less than the one before it (packed training, whose
     /// documents may be empty: offsets must not decrease).
     #[error(

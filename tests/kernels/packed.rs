@@ -644,6 +644,64 @@ fn kv_reduce_loops_over_sequences_past_the_grid() {
     }
 }
 
+/// The same tensor as initial and final states, or as the final states'
+/// gradient and the initial states': refused, nothing launched.
+#[test]
+fn packed_training_refuses_aliased_states() {
+    let client = client();
+    let t = |shape: &[usize]| poisoned(&client, shape, DType::F32);
+    let (q, k, v, d_out) = (t(&[9, 2, 8]), t(&[9, 2, 8]), t(&[9, 2, 4]), t(&[9, 2, 4]));
+    let (slopes, states) = (t(&[2]), t(&[2, 2, 8, 4]));
+    let config = PrefillConfig::new(16, 16);
+    let inputs = PackedInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        slopes: &slopes,
+        cu_seqlens: &[0, 4, 9],
+        initial_states: Some(&states),
+    };
+    let err = prefill_packed_into(&client, &inputs, &config, &d_out, Some(&states.clone())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LightningError::AliasedBuffers {
+                first: "initial_states",
+                second: "final_states"
+            }
+        ),
+        "{err}"
+    );
+    let d_final = t(&[2, 2, 8, 4]);
+    let grads = PackedGradients {
+        dq: t(&[9, 2, 8]),
+        dk: t(&[9, 2, 8]),
+        dv: t(&[9, 2, 4]),
+        d_initial_states: Some(d_final.clone()),
+    };
+    let err = backward_packed_into(
+        &client,
+        &PackedBackwardInputs {
+            forward: inputs,
+            d_out: &d_out,
+            d_final_states: Some(&d_final),
+        },
+        &config,
+        &grads,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LightningError::AliasedBuffers {
+                first: "d_final_states",
+                second: "d_initial_states"
+            }
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn packed_training_refuses_bad_offsets_and_states() {
     let client = client();
