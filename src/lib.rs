@@ -53,6 +53,10 @@ pub use device::memory::MemoryLimit;
 pub use device::tensor::DeviceTensor;
 pub use entry::backward::{BackwardInputs, Gradients, backward};
 pub use entry::decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
+pub use entry::packed::{
+    PackedBackwardInputs, PackedGradients, PackedInputs, PackedOutput, backward_packed, backward_packed_into,
+    plan_packed, prefill_packed, prefill_packed_into,
+};
 pub use entry::prefill::{
     PrefillInputs, PrefillOutput, StageTimes, plan_prefill, prefill, prefill_into, profile_prefill_into,
     tuned_fused_variant,
@@ -73,6 +77,7 @@ pub use serving::{BackendConfig, LightningBackend};
 pub mod plan {
     pub use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, TensorCores};
     pub use crate::entry::decode::plan_decode_shapes;
+    pub use crate::entry::packed::{PackedPlan, plan_packed_limits};
     pub use crate::entry::prefill::plan_prefill_shapes;
     pub use crate::routines::decode::{DecodePlan, plan_decode};
     pub use crate::routines::five_kernels::diag::{DiagPlan, DiagRoutine};
@@ -112,6 +117,12 @@ pub mod shapes {
 pub mod offline {
     pub use crate::device::target::{OfflineBuild, OfflineKernel};
     pub use crate::entry::offline::{build_backward, build_decode, build_prefill, build_varlen};
+}
+/// Narrower limits than the device's for the packed training calls, so
+/// that tests run their launch groups and kv-reduce's loop over sequences
+/// at sizes a CPU device holds.
+pub mod testing {
+    pub use crate::entry::packed::{PackedKnobs, backward_packed_into_with, prefill_packed_into_with};
 }
 pub use device::runtime;
 pub use problem::slopes;

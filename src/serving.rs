@@ -313,7 +313,7 @@ impl LightningBackend {
         batch.launch(
             LaunchTarget::Device(&self.client),
             [q, k, v, &self.slopes[layer]],
-            &self.caches[layer],
+            (None, &self.caches[layer]),
             &self.config.prefill,
             out,
         );

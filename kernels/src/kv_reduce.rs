@@ -23,7 +23,10 @@
 //! `exp(-s)`. The forward uses none of these (scales 1).
 //!
 //! Geometry: cube x runs over `ceil(d * e / (N * units))` chunks of the state,
-//! y over the `h` heads, z over the sequences to reduce, `work[z]` naming each;
+//! y over the `h` heads, z over the `sequences` to reduce, `work[i]` naming
+//! each: cube z takes entries `z, z + cubes along z, ...`, so that a call of
+//! more sequences than a grid holds along z (65535 on CUDA and wgpu: a packed
+//! batch of many short documents) runs in one launch;
 //! one unit per vector of `N` elements (the host picks `N` dividing `d * e`;
 //! wide loads for a kernel that only streams states), which loads the states
 //! of 8 blocks at a time before it stores theirs. `block_offsets[seq]` is the sequence's first block in
@@ -158,6 +161,58 @@ pub fn kv_reduce<N: Size>(
     initial_slots: &[i32],
     final_slots: &[i32],
     work: &[u32],
+    sequences: u32,
+    initial: &[Vector<f32, N>],
+    block_states: &mut [Vector<f32, N>],
+    states: &mut [Vector<f32, N>],
+    heads: u32,
+    initial_scale: f32,
+    final_scale: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] block: usize,
+    #[comptime] initial_in_states: bool,
+    #[comptime] transpose_initial: bool,
+    #[comptime] advance_initial: bool,
+    #[comptime] retreat_final: bool,
+) {
+    let mut entry = CUBE_POS_Z as usize;
+    while entry < sequences as usize {
+        reduce_sequence::<N>(
+            slopes,
+            seq_starts,
+            block_offsets,
+            initial_slots,
+            final_slots,
+            work[entry] as usize,
+            initial,
+            block_states,
+            states,
+            heads,
+            initial_scale,
+            final_scale,
+            key_dim,
+            value_dim,
+            block,
+            initial_in_states,
+            transpose_initial,
+            advance_initial,
+            retreat_final,
+        );
+        entry += CUBE_COUNT_Z as usize;
+    }
+}
+
+/// kv-reduce of one sequence, `seq`, for this cube's head and chunk of the state.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn reduce_sequence<N: Size>(
+    slopes: &[f32],
+    seq_starts: &[u32],
+    block_offsets: &[u32],
+    initial_slots: &[i32],
+    final_slots: &[i32],
+    seq: usize,
     initial: &[Vector<f32, N>],
     block_states: &mut [Vector<f32, N>],
     states: &mut [Vector<f32, N>],
@@ -174,7 +229,6 @@ pub fn kv_reduce<N: Size>(
 ) {
     let h = heads as usize;
     let head = CUBE_POS_Y as usize;
-    let seq = work[CUBE_POS_Z as usize] as usize;
     let n = (seq_starts[seq + 1] - seq_starts[seq]) as usize;
     let first_block = block_offsets[seq] as usize;
     let neg_slope = -slopes[head];

@@ -64,6 +64,15 @@ impl<'a> LaunchTarget<'a> {
         }
     }
 
+    /// Bytes the device can still allocate ([`DeviceMemory::available`]);
+    /// `None` offline or where the runtime reports no capacity.
+    pub fn available_memory(&self) -> Option<u64> {
+        match self {
+            Self::Device(client) => DeviceMemory::of(client).available,
+            Self::Offline(_) => None,
+        }
+    }
+
     /// Checks `buffers` against the device's memory (see
     /// [`DeviceMemory::check`]); an offline build allocates nothing.
     pub fn check_memory(&self, buffers: &[Buffer]) -> crate::Result<()> {

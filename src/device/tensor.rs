@@ -3,9 +3,9 @@
 use super::target::{LaunchTarget, launch_kernel};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use lightning_attention_kernels::fill::fill_words;
+use lightning_attention_kernels::fill::{copy_span, fill_words, zero_tail, zero_tail_words};
 
-use super::limits::grid_stride;
+use super::limits::{bf16_words, grid_stride};
 use super::memory::{Buffer, DeviceMemory, read_error};
 use crate::problem::shapes::Arg;
 use crate::{DType, LightningError, Result};
@@ -172,4 +172,107 @@ pub(crate) fn arg(t: &DeviceTensor) -> BufferArg {
 /// vector.
 pub(crate) fn unused_binding(target: LaunchTarget) -> DeviceTensor {
     target.empty_tensor(&[4], DType::F32)
+}
+
+/// Sets elements `first..` of the validated tensor `t` to zero on the device
+/// (the rows of a packed tensor past its last sequence); no byte outside
+/// those elements is written.
+pub(crate) fn zero_from(target: LaunchTarget, t: &DeviceTensor, first: usize) {
+    let len = t.num_elements();
+    if first >= len {
+        return;
+    }
+    // SAFETY (each launch): the kernels write only elements `first..len` of
+    // a buffer holding `len` (bf16 words: the halves of those elements).
+    unsafe {
+        if bf16_words(t.dtype, target) {
+            let (count, dim) = grid_stride(target, (len - first).div_ceil(2) + 1);
+            launch_kernel!(target, zero_tail_words[], count, dim,
+                BufferArg::from_raw_parts(t.handle.clone(), len.div_ceil(2)),
+                first as u32,
+                len as u32,
+            )
+        } else {
+            let (count, dim) = grid_stride(target, len - first);
+            match t.dtype {
+                DType::F32 => launch_kernel!(
+                    target,
+                    zero_tail[f32],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
+                DType::F16 => launch_kernel!(
+                    target,
+                    zero_tail[half::f16],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
+                DType::BF16 => launch_kernel!(
+                    target,
+                    zero_tail[half::bf16],
+                    count,
+                    dim,
+                    arg(t),
+                    first as u32,
+                    len as u32
+                ),
+            }
+        }
+    }
+}
+
+/// Sets elements `first..end` of the validated f32 tensor `dst` to those of
+/// `src` (an f32 tensor of as many elements), or to zeros without `src`; no
+/// other element is written.
+pub(crate) fn copy_or_zero(
+    target: LaunchTarget,
+    src: Option<&DeviceTensor>,
+    dst: &DeviceTensor,
+    (first, end): (usize, usize),
+) {
+    if first >= end {
+        return;
+    }
+    let (count, dim) = grid_stride(target, end - first);
+    // SAFETY (each launch): both buffers hold at least `end` f32 elements
+    // (validated by the caller), and the kernels touch only `first..end`.
+    unsafe {
+        match src {
+            Some(src) => {
+                launch_kernel!(target, copy_span[], count, dim, arg(src), arg(dst), first as u32, end as u32)
+            }
+            None => launch_kernel!(
+                target,
+                zero_tail[f32],
+                count,
+                dim,
+                arg(dst),
+                first as u32,
+                end as u32
+            ),
+        }
+    }
+}
+
+/// `read` and `written`, where both are given, are different buffers: a
+/// call that reads one while it writes the other refuses them aliased.
+pub(crate) fn check_distinct(
+    (read_name, read): (&'static str, Option<&DeviceTensor>),
+    (written_name, written): (&'static str, Option<&DeviceTensor>),
+) -> Result<()> {
+    if let (Some(read), Some(written)) = (read, written)
+        && read.handle.memory.descriptor().id == written.handle.memory.descriptor().id
+    {
+        return Err(LightningError::AliasedBuffers {
+            first: read_name,
+            second: written_name,
+        });
+    }
+    Ok(())
 }

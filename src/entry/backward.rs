@@ -103,6 +103,19 @@ pub(crate) fn check_upstream(inputs: &BackwardInputs, shape: &PrefillShape) -> R
     Ok(())
 }
 
+/// The backward passes divide the final state's gradient by the scale: it
+/// must not be zero.
+pub(crate) fn check_scale(config: &PrefillConfig) -> Result<()> {
+    let scale = config.scale.unwrap_or(1.0);
+    if scale == 0.0 {
+        return Err(LightningError::UnsupportedScale {
+            scale: scale.to_string(),
+            reason: "the backward pass divides the final-state gradient by the scale; use a nonzero scale",
+        });
+    }
+    Ok(())
+}
+
 /// Runs the backward pass of a prefill run with `config` (its blocks and
 /// scale). Returns [`LightningError::OutOfMemory`], having allocated
 /// nothing, where the device cannot hold the gradients and the passes'
@@ -123,26 +136,13 @@ pub(crate) fn backward_on(
     shape
         .dtype
         .check_supported(target.properties(), target.runtime_name())?;
-    let scale = config.scale.unwrap_or(1.0);
-    if scale == 0.0 {
-        return Err(LightningError::UnsupportedScale {
-            scale: scale.to_string(),
-            reason: "the backward pass divides the final-state gradient by the scale; use a nonzero scale",
-        });
-    }
+    check_scale(config)?;
     let limits = DeviceLimits::of_target(target);
     if widens(shape.dtype, config, &limits) {
         return backward_widened(target, inputs, &shape, config, &limits);
     }
-    let (d, e) = (shape.key_dim, shape.value_dim);
     let (swapped, plan, swapped_plan) = plan_passes(&shape, config, &limits)?;
-    // dk and dv from one reverse sweep need the five kernels' stages (the
-    // backward kernels take diag's and non-diag's place); the fused routine
-    // has none, so its passes run as forward passes, three of them.
-    let fused_key_value = match plan.diag.routine {
-        DiagRoutine::Portable if plan.fused.is_none() => Some(BackwardPlan::new(&plan, d, e, &limits)?),
-        DiagRoutine::Portable | DiagRoutine::TensorCores { .. } => None,
-    };
+    let key_value = key_value_plan(&plan, shape.key_dim, shape.value_dim, &limits)?;
     target.check_memory(&gradient_buffers(&shape, config, &plan, &swapped_plan))?;
 
     let grads = Gradients {
@@ -153,22 +153,119 @@ pub(crate) fn backward_on(
     };
     // The transposed final states of the dq and dk passes are not wanted.
     let scratch = target.empty_tensor(&swapped.state_shape(), DType::F32);
+    let (b, n) = (shape.batch, shape.seq_len);
+    run_passes(
+        &Passes {
+            target,
+            config,
+            heads: shape.heads,
+            key_dim: shape.key_dim,
+            value_dim: shape.value_dim,
+            layout: Layout::dense(n),
+            // Every row of a dense batch is written, wanted or not.
+            table: &|has_initial, _| SequenceTable::dense(b, n, has_initial, config),
+            plans: [&plan, &swapped_plan],
+            key_value: key_value.as_ref(),
+        },
+        &PassInputs {
+            q: inputs.q,
+            k: inputs.k,
+            v: inputs.v,
+            slopes: inputs.slopes,
+            d_out: inputs.d_out,
+            initial: inputs.initial_state,
+            d_final: inputs.d_final_state,
+        },
+        [&grads.dq, &grads.dk, &grads.dv],
+        (Some(&grads.d_initial_state), &scratch),
+    );
+    Ok(grads)
+}
+
+/// The backward kernels of dk and dv where diag runs its portable routine
+/// (one reverse sweep gives both): they need the five kernels' stages (the
+/// backward kernels take diag's and non-diag's place); the fused routine has
+/// none, and tensor-core diag has its own, so those passes run as forward
+/// passes, three of them (`None`).
+pub(crate) fn key_value_plan(
+    plan: &PrefillPlan,
+    key_dim: usize,
+    value_dim: usize,
+    limits: &DeviceLimits,
+) -> Result<Option<BackwardPlan>> {
+    match plan.diag.routine {
+        DiagRoutine::Portable if plan.fused.is_none() => {
+            Ok(Some(BackwardPlan::new(plan, key_dim, value_dim, limits)?))
+        }
+        DiagRoutine::Portable | DiagRoutine::TensorCores { .. } => Ok(None),
+    }
+}
+
+/// What the passes of a backward share, dense or packed: the sizes, how rows
+/// step, the sequence tables and the plans.
+pub(crate) struct Passes<'a> {
+    pub target: LaunchTarget<'a>,
+    pub config: &'a PrefillConfig,
+    pub heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub layout: Layout,
+    /// The table of a pass that reads initial states (first flag) and
+    /// writes its final states (second flag; a table may write them anyway).
+    pub table: &'a dyn Fn(bool, bool) -> SequenceTable,
+    /// The plan of the forward's shape and of the shape with `d` and `e` swapped.
+    pub plans: [&'a PrefillPlan; 2],
+    /// The backward kernels of dk and dv, where they run ([`key_value_plan`]).
+    pub key_value: Option<&'a BackwardPlan>,
+}
+
+/// The tensors the passes read, validated against [`Passes`].
+pub(crate) struct PassInputs<'a> {
+    pub q: &'a DeviceTensor,
+    pub k: &'a DeviceTensor,
+    pub v: &'a DeviceTensor,
+    pub slopes: &'a DeviceTensor,
+    pub d_out: &'a DeviceTensor,
+    /// The forward's initial states (rows of its table).
+    pub initial: Option<&'a DeviceTensor>,
+    /// The gradients of its final states.
+    pub d_final: Option<&'a DeviceTensor>,
+}
+
+/// Runs the passes of a backward (see the module doc) into dq, dk and dv,
+/// and the initial states' gradient into `d_initial` where it is wanted;
+/// `scratch` receives the dq and dk passes' final states where their table
+/// writes them (else it may be any binding).
+pub(crate) fn run_passes(
+    passes: &Passes,
+    inputs: &PassInputs,
+    [dq, dk, dv]: [&DeviceTensor; 3],
+    (d_initial, scratch): (Option<&DeviceTensor>, &DeviceTensor),
+) {
+    let Passes {
+        target,
+        config,
+        heads,
+        key_dim: d,
+        value_dim: e,
+        layout,
+        ..
+    } = *passes;
+    let scale = config.scale.unwrap_or(1.0);
     let unused = crate::device::tensor::unused_binding(target);
     let pass = |[q, k, v, out]: [&DeviceTensor; 4],
                 swap: bool,
-                initial: Option<&DeviceTensor>,
-                states: &DeviceTensor,
+                (initial, states): (Option<&DeviceTensor>, Option<&DeviceTensor>),
                 variant: Variant,
                 key_value_kernels: Option<&BackwardPlan>| {
-        let (pass_shape, pass_plan) = if swap {
-            (&swapped, &swapped_plan)
+        let (pass_plan, (key_dim, value_dim)) = if swap {
+            (passes.plans[1], (e, d))
         } else {
-            (&shape, &plan)
+            (passes.plans[0], (d, e))
         };
-        let table = SequenceTable::dense(shape.batch, shape.seq_len, initial.is_some(), config)
-            .upload(target, pass_plan.chunk_walk());
+        let table =
+            (passes.table)(initial.is_some(), states.is_some()).upload(target, pass_plan.chunk_walk());
         let workspace = target.empty(pass_plan.block_states_len.max(1) * 4);
-        let layout = Layout::dense(shape.seq_len);
         let call = CallLaunch {
             call: Call {
                 target,
@@ -177,14 +274,14 @@ pub(crate) fn backward_on(
                 v,
                 slopes: inputs.slopes,
                 out,
-                heads: shape.heads,
-                key_dim: pass_shape.key_dim,
-                value_dim: pass_shape.value_dim,
+                heads,
+                key_dim,
+                value_dim,
                 config,
                 layout,
                 table: &table,
                 initial,
-                states,
+                states: states.unwrap_or(scratch),
                 workspace: &workspace,
                 unused: &unused,
                 variant,
@@ -206,10 +303,10 @@ pub(crate) fn backward_on(
             v: inputs.v,
             d_out: inputs.d_out,
             slopes: inputs.slopes,
-            dk: &grads.dk,
-            dv: &grads.dv,
+            dk,
+            dv,
             block_states: &workspace,
-            heads: shape.heads,
+            heads,
             key_dim: d,
             value_dim: e,
             strides: (layout.head_stride, layout.token_stride),
@@ -225,10 +322,9 @@ pub(crate) fn backward_on(
     };
     // dq = c do S^T: forward in time, state S^T from the initial state transposed.
     pass(
-        [inputs.d_out, inputs.v, inputs.k, &grads.dq],
+        [inputs.d_out, inputs.v, inputs.k, dq],
         true,
-        inputs.initial_state,
-        &scratch,
+        (inputs.initial, None),
         Variant {
             transpose_initial: true,
             ..Variant::FORWARD
@@ -247,40 +343,30 @@ pub(crate) fn backward_on(
         retreat_final: true,
         ..reverse
     };
-    let dv_operands = [inputs.k, inputs.q, inputs.d_out, &grads.dv];
-    if let Some(key_value_plan) = &fused_key_value {
+    let dv_operands = [inputs.k, inputs.q, inputs.d_out, dv];
+    if let Some(key_value_plan) = passes.key_value {
         // dv and dk together from the one reverse sweep.
         pass(
             dv_operands,
             false,
-            inputs.d_final_state,
-            &grads.d_initial_state,
+            (inputs.d_final, d_initial),
             dv_variant,
             Some(key_value_plan),
         );
-        return Ok(grads);
+        return;
     }
-    pass(
-        dv_operands,
-        false,
-        inputs.d_final_state,
-        &grads.d_initial_state,
-        dv_variant,
-        None,
-    );
+    pass(dv_operands, false, (inputs.d_final, d_initial), dv_variant, None);
     // dk = v G^T, backwards in time, from dF transposed.
     pass(
-        [inputs.v, inputs.d_out, inputs.q, &grads.dk],
+        [inputs.v, inputs.d_out, inputs.q, dk],
         true,
-        inputs.d_final_state,
-        &scratch,
+        (inputs.d_final, None),
         Variant {
             transpose_initial: true,
             ..reverse
         },
         None,
     );
-    Ok(grads)
 }
 
 /// The plans of a backward pass's forward passes: the shape with `d` and
@@ -296,9 +382,26 @@ fn plan_passes(
         value_dim: shape.key_dim,
         ..*shape
     };
-    let plan = PrefillPlan::new(&PrefillWork::dense(shape, config), config, limits)?;
-    let swapped_plan = PrefillPlan::new(&PrefillWork::dense(&swapped, config), config, limits)?;
+    let [plan, swapped_plan] = plan_work(&PrefillWork::dense(shape, config), config, limits)?;
     Ok((swapped, plan, swapped_plan))
+}
+
+/// The plans of the passes of a backward of `work`: as it is (the dv pass)
+/// and with `d` and `e` swapped (the dq and dk passes).
+pub(crate) fn plan_work(
+    work: &PrefillWork,
+    config: &PrefillConfig,
+    limits: &DeviceLimits,
+) -> Result<[PrefillPlan; 2]> {
+    let swapped = PrefillWork {
+        key_dim: work.value_dim,
+        value_dim: work.key_dim,
+        ..*work
+    };
+    Ok([
+        PrefillPlan::new(work, config, limits)?,
+        PrefillPlan::new(&swapped, config, limits)?,
+    ])
 }
 
 /// What a backward pass on inputs of `shape` allocates, in order: the four
@@ -327,16 +430,27 @@ fn gradient_buffers(
     ];
     // The work lists do not depend on whether a pass has an initial state.
     let table = SequenceTable::dense(b, n, false, config);
+    buffers.extend(larger_pass_buffers([plan, swapped_plan], &table, [h, d, e]));
+    buffers
+}
+
+/// The buffers one pass of a backward over `table` allocates (work lists,
+/// workspace), for the larger of the two plans (`plans[0]` the forward's
+/// `[h, d, e]`, `plans[1]` with `d` and `e` swapped): the passes run one after
+/// another, each freeing its own.
+pub(crate) fn larger_pass_buffers(
+    [plan, swapped_plan]: [&PrefillPlan; 2],
+    table: &SequenceTable,
+    [h, d, e]: [usize; 3],
+) -> Vec<Buffer> {
     let total = |buffers: &[Buffer]| buffers.iter().map(|buffer| buffer.bytes).sum::<u64>();
-    let pass = crate::routines::prefill::buffers::launch_buffers(plan, &table, [h, d, e], &[]);
-    let swapped_pass =
-        crate::routines::prefill::buffers::launch_buffers(swapped_plan, &table, [h, e, d], &[]);
-    buffers.extend(if total(&pass) >= total(&swapped_pass) {
+    let pass = crate::routines::prefill::buffers::launch_buffers(plan, table, [h, d, e], &[]);
+    let swapped_pass = crate::routines::prefill::buffers::launch_buffers(swapped_plan, table, [h, e, d], &[]);
+    if total(&pass) >= total(&swapped_pass) {
         pass
     } else {
         swapped_pass
-    });
-    buffers
+    }
 }
 
 /// 16-bit inputs on f32 copies (see `crate::widen`): the f32 backward on

@@ -110,7 +110,13 @@ pub fn build_varlen(
     let shape = check_tensors(&q, &k, &v, &slopes, &cache)?;
     let planned = PlannedBatch::new(target, shape, batch, config)?;
     build.set_stage("varlen");
-    DeviceBatch::upload_checked(target, planned).launch(target, [&q, &k, &v, &slopes], &cache, config, &out);
+    DeviceBatch::upload_checked(target, planned).launch(
+        target,
+        [&q, &k, &v, &slopes],
+        (None, &cache),
+        config,
+        &out,
+    );
     Ok(())
 }
 

@@ -114,10 +114,21 @@ impl PlannedBatch {
             })
             .collect();
         let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
+        Self::from_table(shape, table, config, &limits)
+    }
+
+    /// Plans the launches of `table` over tensors of `shape` (a packed
+    /// training call's launch group: see `entry::packed`).
+    pub fn from_table(
+        shape: VarlenShape,
+        table: SequenceTable,
+        config: &PrefillConfig,
+        limits: &DeviceLimits,
+    ) -> Result<Self> {
         let prefill = PrefillPlan::new(
             &table.work(shape.heads, shape.key_dim, shape.value_dim, shape.dtype),
             config,
-            &limits,
+            limits,
         )?;
         let decode = match table.decodes() {
             0 => None,
@@ -130,7 +141,7 @@ impl PlannedBatch {
                     slots: shape.slots,
                     dtype: shape.dtype,
                 },
-                &limits,
+                limits,
                 config.tuning.decode_rows_in_flight,
             )?),
         };
@@ -240,13 +251,17 @@ impl DeviceBatch {
         }
     }
 
-    /// Launches the call on q, k, v, slopes and the cache, already checked
+    /// Launches the call on q, k, v, slopes and the states, already checked
     /// against `planned.shape` (the batch metadata is in the uploaded tables).
+    /// `states` is the slot cache of a serving call: initial states are read
+    /// from its slots and final states written back. A packed training call
+    /// gives its initial states' tensor as `initial` (rows read instead of
+    /// slots) and its final states' tensor as `states`.
     pub fn launch(
         &self,
         target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
-        cache: &DeviceTensor,
+        (initial, states): (Option<&DeviceTensor>, &DeviceTensor),
         config: &PrefillConfig,
         out: &DeviceTensor,
     ) {
@@ -265,8 +280,8 @@ impl DeviceBatch {
                 config,
                 layout: Layout::packed(shape.heads),
                 table: &self.table,
-                initial: None,
-                states: cache,
+                initial,
+                states,
                 workspace: &self.workspace,
                 unused: &self.unused,
                 variant: Variant::FORWARD,
@@ -314,7 +329,7 @@ pub fn prefill_varlen(
     DeviceBatch::upload_checked(LaunchTarget::Device(client), planned).launch(
         LaunchTarget::Device(client),
         layer_tensors(inputs),
-        inputs.cache,
+        (None, inputs.cache),
         config,
         &out,
     );
@@ -337,7 +352,7 @@ pub fn prefill_varlen_into(
     DeviceBatch::upload(client, planned)?.launch(
         LaunchTarget::Device(client),
         layer_tensors(inputs),
-        inputs.cache,
+        (None, inputs.cache),
         config,
         out,
     );

@@ -128,6 +128,29 @@ pub enum LightningError {
         /// The offset given.
         value: u64,
     },
+    /// Two arguments share a buffer where one is read while the other is
+    /// written (the kernels would read states already overwritten).
+    #[error("{first} and {second} share one buffer; give them separate tensors")]
+    AliasedBuffers {
+        /// The argument read.
+        first: &'static str,
+        /// The argument written.
+        second: &'static str,
+    },
+    /// An offset is less than the one before it (packed training, whose
+    /// documents may be empty: offsets must not decrease).
+    #[error(
+        "cu_seqlens[{index}] = {value} is less than cu_seqlens[{}] = {previous}; offsets must not decrease",
+        index - 1
+    )]
+    OffsetsDecreasing {
+        /// Position of the offending offset.
+        index: usize,
+        /// The offset before it.
+        previous: u64,
+        /// The offset given.
+        value: u64,
+    },
     /// An offset runs past the tokens of q, k and v, or stops short of them.
     #[error(
         "cu_seqlens[{index}] = {value}: q, k and v hold {total_tokens} tokens, which the last offset must equal"

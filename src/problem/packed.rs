@@ -35,10 +35,25 @@ impl VarlenShape {
 /// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype, slopes `[h]` f32 and
 /// the cache `[slots, h, d, e]` f32.
 pub(crate) fn check_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, cache: &T) -> Result<VarlenShape> {
+    const CACHE: &str = "[slots, h, d, e]";
+    let shape = check_packed_tensors(q, k, v, slopes)?;
+    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
+    let slots = cache.dims()[0];
+    expect_shape(
+        cache,
+        "cache",
+        &[slots, shape.heads, shape.key_dim, shape.value_dim],
+        CACHE,
+    )?;
+    Ok(VarlenShape { slots, ..shape })
+}
+
+/// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype and slopes `[h]` f32
+/// (a call with no slot cache: `slots` is 0).
+pub(crate) fn check_packed_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T) -> Result<VarlenShape> {
     // The layouts and dimension names of `VarlenInputs`' docs.
     const QK: &str = "[T, h, d]";
     const V: &str = "[T, h, e]";
-    const CACHE: &str = "[slots, h, d, e]";
     check_tensor(q, "q", &["T", "h", "d"], QK, None)?;
     let (total_tokens, heads, key_dim) = (q.dims()[0], q.dims()[1], q.dims()[2]);
     check_tensor(k, "k", &["T", "h", "d"], QK, Some(q.elem()))?;
@@ -48,23 +63,58 @@ pub(crate) fn check_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, cache: &T) 
     expect_shape(v, "v", &[total_tokens, heads, value_dim], V)?;
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
-    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
-    let slots = cache.dims()[0];
-    expect_shape(cache, "cache", &[slots, heads, key_dim, value_dim], CACHE)?;
     Ok(VarlenShape {
         total_tokens,
         sequences: 0,
         heads,
         key_dim,
         value_dim,
-        slots,
+        slots: 0,
         dtype: q.elem(),
     })
+}
+
+/// Checks `tensor` (if given): dimensions named `names`, shape `expected`
+/// (`layout` as the caller's docs write it), dtype `dtype`.
+pub(crate) fn check_optional<T: Arg>(
+    tensor: Option<&T>,
+    name: &'static str,
+    (names, layout): (&[&'static str], &'static str),
+    expected: &[usize],
+    dtype: DType,
+) -> Result<()> {
+    let Some(tensor) = tensor else {
+        return Ok(());
+    };
+    check_tensor(tensor, name, names, layout, Some(dtype))?;
+    expect_shape(tensor, name, expected, layout)
 }
 
 /// `cu_seqlens` starts at 0, increases strictly and ends at `total_tokens`.
 /// Returns the number of sequences.
 pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<usize> {
+    let last = check_offset_list(cu_seqlens, total_tokens, false)?;
+    if cu_seqlens[last] as usize != total_tokens {
+        return Err(LightningError::OffsetPastEnd {
+            index: last,
+            value: cu_seqlens[last] as u64,
+            total_tokens,
+        });
+    }
+    Ok(last)
+}
+
+/// Packed training's `cu_seqlens`: starts at 0, does not decrease (a
+/// document may be empty) and ends at most at `total_tokens` (a packed
+/// training buffer may hold padding rows past the last document). Returns
+/// the number of documents.
+pub(crate) fn check_offsets_within(cu_seqlens: &[u32], total_tokens: usize) -> Result<usize> {
+    check_offset_list(cu_seqlens, total_tokens, true)
+}
+
+/// `cu_seqlens` starts at 0, increases (strictly, unless `allow_empty`)
+/// and ends at most at `total_tokens`. Returns the number of sequences.
+fn check_offset_list(cu_seqlens: &[u32], total_tokens: usize, allow_empty: bool) -> Result<usize> {
     if cu_seqlens.len() < 2 {
         return Err(LightningError::LengthMismatch {
             what: "cu_seqlens",
@@ -87,7 +137,14 @@ pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<u
                 total_tokens,
             });
         }
-        if value <= previous {
+        if value < previous && allow_empty {
+            return Err(LightningError::OffsetsDecreasing {
+                index,
+                previous: previous as u64,
+                value: value as u64,
+            });
+        }
+        if value <= previous && !allow_empty {
             return Err(LightningError::OffsetsNotIncreasing {
                 index,
                 previous: previous as u64,
@@ -95,15 +152,7 @@ pub(crate) fn check_offsets(cu_seqlens: &[u32], total_tokens: usize) -> Result<u
             });
         }
     }
-    let last = cu_seqlens.len() - 1;
-    if cu_seqlens[last] as usize != total_tokens {
-        return Err(LightningError::OffsetPastEnd {
-            index: last,
-            value: cu_seqlens[last] as u64,
-            total_tokens,
-        });
-    }
-    Ok(last)
+    Ok(cu_seqlens.len() - 1)
 }
 
 /// A per-sequence list holds one entry per sequence.

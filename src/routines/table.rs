@@ -154,6 +154,35 @@ impl SequenceTable {
         Self::new(&seq_starts, &states, &[], false, config)
     }
 
+    /// Documents `docs` of a packed training batch: document `i` of
+    /// `cu_seqlens` reads its initial state from row `i` (where
+    /// `has_initial`) and writes its final state to row `i` (where
+    /// `writes_final`; nowhere else). Empty documents are left out (their
+    /// neighbours' tokens stay contiguous, and no kernel walks zero tokens);
+    /// nothing is routed to the decode kernel.
+    pub fn packed(
+        cu_seqlens: &[u32],
+        docs: std::ops::Range<usize>,
+        has_initial: bool,
+        writes_final: bool,
+        config: &PrefillConfig,
+    ) -> Self {
+        let mut seq_starts = vec![cu_seqlens[docs.start]];
+        let mut states = Vec::new();
+        for doc in docs {
+            if cu_seqlens[doc + 1] == cu_seqlens[doc] {
+                continue;
+            }
+            seq_starts.push(cu_seqlens[doc + 1]);
+            let row = doc as i32;
+            states.push(SequenceStates {
+                initial: if has_initial { row } else { -1 },
+                last: if writes_final { row } else { -1 },
+            });
+        }
+        Self::new(&seq_starts, &states, &[], false, config)
+    }
+
     /// The sizes the launches are planned from.
     pub fn work(&self, heads: usize, key_dim: usize, value_dim: usize, dtype: DType) -> PrefillWork {
         PrefillWork {
@@ -245,6 +274,7 @@ impl SequenceTable {
             sub_block_work: upload(target, &self.sub_block_work),
             block_work: upload(target, &self.block_work),
             reduce_work: upload(target, &self.reduce_work),
+            reduces: self.reduce_work.len(),
             snapshot_work: upload(target, &self.snapshot_work),
             decode_tokens: upload(target, &self.decode_tokens),
             decode_slots: upload(target, &self.decode_slots),
@@ -309,6 +339,8 @@ pub(crate) struct DeviceTable {
     pub sub_block_work: IndexBuffer,
     pub block_work: IndexBuffer,
     pub reduce_work: IndexBuffer,
+    /// Entries of `reduce_work` (its buffer binds one where it is empty).
+    pub reduces: usize,
     pub snapshot_work: IndexBuffer,
     pub decode_tokens: IndexBuffer,
     pub decode_slots: IndexBuffer,

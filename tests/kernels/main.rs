@@ -17,6 +17,7 @@ mod fused;
 mod layout_errors;
 mod memory;
 mod offline;
+mod packed;
 mod prefill;
 mod sequence_parallel;
 mod serving;

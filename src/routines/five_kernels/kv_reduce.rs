@@ -40,7 +40,8 @@ pub(crate) fn plan(work: &PrefillWork, limits: &DeviceLimits) -> Result<KvReduce
         cubes: (
             count((work.key_dim * work.value_dim / vector_size).div_ceil(units as usize)),
             count(work.heads),
-            count(work.sequences),
+            // Cubes along z loop over the sequences past the grid's limit.
+            count(work.sequences).clamp(1, limits.max_cube_count.2),
         ),
         units,
         shared_bytes: 0,
@@ -65,6 +66,7 @@ pub(crate) fn launch(call: &Call, plan: &KvReducePlan, run: &BlockRun) {
             table.initial_slots.arg(),
             table.final_slots.arg(),
             table.reduce_work.arg(),
+            table.reduces as u32,
             call.initial_arg(),
             call.run_states(run),
             arg(call.states),

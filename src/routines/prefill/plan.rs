@@ -8,8 +8,8 @@
 //! - diag and kv-parallel on tensor cores where they may run and fit, else
 //!   portable;
 //! - the chunk-recurrent state pass in place of kv-parallel and kv-reduce:
-//!   `Auto` where its tensor-core variant runs, `ChunkRecurrent` always (its
-//!   portable variant elsewhere), `Portable` never;
+//!   `Auto` where its tensor-core variant runs and its walks fit the grid,
+//!   `ChunkRecurrent` always (its portable variant elsewhere), `Portable` never;
 //! - the fused routine in place of every other prefill kernel with
 //!   `Routines::Fused` (opt-in); a call with snapshots walks single blocks
 //!   (the segments' incoming states are the blocks', for kv-snapshot);
@@ -35,7 +35,7 @@ use crate::routines::five_kernels::{
 use crate::routines::fused::plan::{self as fused, FusedPlan};
 use crate::routines::products::{Products, cmma_vector_size};
 use crate::routines::table::{ChunkWalk, PrefillWork};
-use crate::{DType, Precision, PrefillConfig, Result, Routines};
+use crate::{DType, LightningError, Precision, PrefillConfig, Result, Routines};
 
 /// The prefill launches and their tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,9 +162,16 @@ impl PrefillPlan {
         };
         // kv-snapshot reads the per-block states in f32: then they stay f32.
         let fused_diag = diag.routine.fuses_non_diag() && work.snapshots == 0;
-        let chunk_state = chunk_state
+        // Its walks run along z, one cube per sequence: `Auto` takes
+        // kv-parallel and kv-reduce instead where they pass the grid's limit
+        // (a packed batch of many short documents; kv-reduce loops over them).
+        let chunk_state = match chunk_state
             .map(|plan| chunk::with_segments(plan, work, limits, fused_diag))
-            .transpose()?;
+            .transpose()
+        {
+            Err(LightningError::DoesNotFit { .. }) if config.routines == Routines::Auto => None,
+            planned => planned?,
+        };
         Ok(Self {
             total_blocks: work.blocks,
             block_states_len,
