@@ -6,10 +6,11 @@
 #            property test (PROPTEST_CASES, default 8; SUITE_SECONDS 280),
 #            then the PTX the runtime loads for the bf16 prefill rows
 #            (CUBECL_CUDA_DUMP_PTX; PTX_SECONDS 120), to hold beside the
-#            offline report here.
+#            offline report here (PTX_SECONDS=0: none).
 #   prefill  bf16 and f16 at the six shapes, default beside the fused routine
 #            with the autotuner's choice (its log: every variant's median) and
-#            accuracy, then f32 Precision::Split the same way (PREFILL_SECONDS 300).
+#            accuracy, then f32 Precision::Split the same way (PREFILL_SECONDS 300;
+#            PREFILL_DTYPES, default bf16,f16,f32).
 #   train    forward+backward, bf16 and f32 split (TRAIN_SECONDS 240).
 #   mixed    the mixed serving step, bf16, default beside fused (MIXED_SECONDS 90).
 #   ncu      Nsight Compute on one warm launch of the fused walk, the second
@@ -41,6 +42,7 @@ for part in "$@"; do
             "$bundle/bin/kernels-tests" ${TEST_FILTER:-} >"$out/suite-cuda.log" 2>&1
         echo "== cuda suite: exit $?"
         grep -E "^test result|FAILED|panicked|^failures" "$out/suite-cuda.log" | head -20
+        [ "${PTX_SECONDS:-120}" = 0 ] && continue
         mkdir -p "$out/ptx"
         CUBECL_CUDA_DUMP_PTX="$out/ptx" timeout "${PTX_SECONDS:-120}" "$bench" --runtimes cuda --only prefill \
             --dtypes bf16 --configs 64/64 --routines fused --fused-choice rule --reps 2 --out "$out/bench-ptx" \
@@ -49,7 +51,7 @@ for part in "$@"; do
         ;;
     prefill)
         autotune_log "$out/autotune-prefill.log"
-        timeout "${PREFILL_SECONDS:-300}" "$bench" --runtimes cuda --only prefill --dtypes bf16,f16,f32 \
+        timeout "${PREFILL_SECONDS:-300}" "$bench" --runtimes cuda --only prefill --dtypes "${PREFILL_DTYPES:-bf16,f16,f32}" \
             --precisions split --configs 64/64 --routines auto,fused --accuracy --out "$out/bench-prefill" \
             >"$out/bench-prefill.log" 2>&1
         echo "== prefill: exit $?"
