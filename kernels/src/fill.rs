@@ -26,7 +26,7 @@ pub fn fill_words(out: &mut [u32], pattern: u32, words: u32) {
 
 /// `out[i] = 0` for `first <= i < len`: the rows of a packed tensor past its
 /// last sequence (elements of any float type the runtime stores as they are).
-/// Geometry as [`fill_words`], over `len - first` elements.
+/// Geometry as [`fill_words()`], over `len - first` elements.
 #[cube(launch_unchecked, create_dummy_kernel)]
 pub fn zero_tail<F: Float>(out: &mut [F], first: u32, len: u32) {
     let units = CUBE_COUNT * CUBE_DIM as usize;
@@ -37,7 +37,7 @@ pub fn zero_tail<F: Float>(out: &mut [F], first: u32, len: u32) {
     }
 }
 
-/// [`zero_tail`] for a 16-bit tensor bound as the 32-bit words that hold
+/// [`zero_tail()`] for a 16-bit tensor bound as the 32-bit words that hold
 /// its elements in pairs (element `2w` in the low half of word `w`): a word
 /// that holds an element before `first` keeps it, and with `len` odd the high
 /// half of the last word (outside the tensor) is kept.
@@ -62,7 +62,7 @@ pub fn zero_tail_words(out: &mut [u32], first: u32, len: u32) {
 
 /// `dst[i] = src[i]` for `first <= i < end`: rows of a per-document state
 /// tensor passed through unchanged (an empty document's final state is its
-/// initial state). Geometry as [`fill_words`], over `end - first` elements.
+/// initial state). Geometry as [`fill_words()`], over `end - first` elements.
 #[cube(launch_unchecked, create_dummy_kernel)]
 pub fn copy_span(src: &[f32], dst: &mut [f32], first: u32, end: u32) {
     let units = CUBE_COUNT * CUBE_DIM as usize;
