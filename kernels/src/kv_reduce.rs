@@ -24,9 +24,11 @@
 //!
 //! Geometry: cube x runs over `ceil(d * e / (N * units))` chunks of the state,
 //! y over the `h` heads, z over the `sequences` to reduce, `work[i]` naming
-//! each: cube z takes entries `z, z + cubes along z, ...`, so that a call of
-//! more sequences than a grid holds along z (65535 on CUDA and wgpu: a packed
-//! batch of many short documents) runs in one launch;
+//! each: with `strided`, cube z takes entries `z, z + cubes along z, ...`, so
+//! that a call of more sequences than a grid holds along z (65535 on CUDA and
+//! wgpu: a packed batch of many short documents) runs in one launch; without
+//! it, cube z takes entry z alone (the loop, compiled in, made ptxas park
+//! 16 bytes of every variant in local memory);
 //! one unit per vector of `N` elements (the host picks `N` dividing `d * e`;
 //! wide loads for a kernel that only streams states), which loads the states
 //! of 8 blocks at a time before it stores theirs. `block_offsets[seq]` is the sequence's first block in
@@ -175,16 +177,42 @@ pub fn kv_reduce<N: Size>(
     #[comptime] transpose_initial: bool,
     #[comptime] advance_initial: bool,
     #[comptime] retreat_final: bool,
+    #[comptime] strided: bool,
 ) {
-    let mut entry = CUBE_POS_Z as usize;
-    while entry < sequences as usize {
+    if comptime!(strided) {
+        let mut entry = CUBE_POS_Z as usize;
+        while entry < sequences as usize {
+            reduce_sequence::<N>(
+                slopes,
+                seq_starts,
+                block_offsets,
+                initial_slots,
+                final_slots,
+                work[entry] as usize,
+                initial,
+                block_states,
+                states,
+                heads,
+                initial_scale,
+                final_scale,
+                key_dim,
+                value_dim,
+                block,
+                initial_in_states,
+                transpose_initial,
+                advance_initial,
+                retreat_final,
+            );
+            entry += CUBE_COUNT_Z as usize;
+        }
+    } else {
         reduce_sequence::<N>(
             slopes,
             seq_starts,
             block_offsets,
             initial_slots,
             final_slots,
-            work[entry] as usize,
+            work[CUBE_POS_Z as usize] as usize,
             initial,
             block_states,
             states,
@@ -199,7 +227,6 @@ pub fn kv_reduce<N: Size>(
             advance_initial,
             retreat_final,
         );
-        entry += CUBE_COUNT_Z as usize;
     }
 }
 

@@ -80,6 +80,8 @@ pub(crate) fn launch(call: &Call, plan: &KvReducePlan, run: &BlockRun) {
             variant.transpose_initial,
             variant.advance_initial,
             variant.retreat_final,
+            // The loop over sequences past the grid, only where there are any.
+            table.reduces > plan.dims.cubes.2 as usize,
         )
     }
 }
