@@ -170,6 +170,7 @@ fn options() -> Options {
             fused_value_tile: value("--fused-value-tile")
                 .map(|t| t.parse().expect("--fused-value-tile takes a number")),
             fused_stages: value("--fused-stages").map(|t| t.parse().expect("--fused-stages takes 1 or 2")),
+            fused_split: value("--fused-split").map(|t| t.parse().expect("--fused-split takes 1, 2 or 4")),
             fused_choice: match value("--fused-choice").as_deref() {
                 None | Some("tuned") => FusedChoice::Tuned,
                 Some("rule") => FusedChoice::Rule,

@@ -119,7 +119,7 @@ fn tuning_key(
     let sequences = work.sequences.max(1);
     let tokens = work.blocks * config.block / sequences;
     let key = format!(
-        "{:?}-d{}-e{}-tokens{}-sequences{}-h{}-block{}-tile{:?}-stages{:?}-{:?}-state{}-variants{bits}",
+        "{:?}-d{}-e{}-tokens{}-sequences{}-h{}-block{}-tile{:?}-stages{:?}-split{:?}-{:?}-state{}-variants{bits}",
         work.dtype,
         work.key_dim,
         work.value_dim,
@@ -129,6 +129,7 @@ fn tuning_key(
         config.block,
         config.tuning.fused_value_tile,
         config.tuning.fused_stages,
+        config.tuning.fused_split,
         config.tuning.fused_products,
         with_state,
     );

@@ -73,8 +73,15 @@ pub struct Tuning {
     /// every chunk and tile the autotuner tried, by 0.4-57% (BENCHMARKS.md,
     /// 2026-12-05 night; SPEED_NOTES.md, variant 24).
     pub fused_stages: Option<usize>,
-    /// How the fused routine's tensor-core walk picks its chunk, value tile
-    /// and stages where the two knobs above leave them open: measured by
+    /// Segments per sequence the tensor-core walk takes at least (1, 2 or
+    /// 4; a power of two number of blocks each, kv-parallel and kv-reduce
+    /// carrying the state across them): more walks where a call's walks
+    /// leave the SMs' cube slots empty. `None` is 1: segments only where the
+    /// walks leave SMs idle (an H100 ran (1,64,16384,128) at 0.48 waves of
+    /// its slots that way: BENCHMARKS.md, 2026-12-06).
+    pub fused_split: Option<usize>,
+    /// How the fused routine's tensor-core walk picks its chunk, value tile,
+    /// stages and split where the knobs above leave them open: measured by
     /// cubecl's autotuner on the first call of each shape bucket (the
     /// default), or by the plan's fixed rule.
     pub fused_choice: FusedChoice,
@@ -147,6 +154,15 @@ impl Tuning {
                 knob: "fused_stages",
                 value: stages,
                 expected: "1 or 2",
+            });
+        }
+        if let Some(split) = self.fused_split
+            && ![1, 2, 4].contains(&split)
+        {
+            return Err(LightningError::InvalidTuning {
+                knob: "fused_split",
+                value: split,
+                expected: "1, 2 or 4",
             });
         }
         check_rows_in_flight(self.decode_rows_in_flight)

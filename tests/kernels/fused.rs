@@ -86,11 +86,12 @@ fn walk_case(
         (
             prop::sample::select(vec![None, Some(16), Some(32)]),
             prop::sample::select(vec![None, Some(1), Some(2)]),
+            prop::sample::select(vec![None, Some(2), Some(4)]),
         ),
         any::<u64>(),
     )
         .prop_flat_map(
-            move |(sub_block, blocks, (d, e), b, h, with_state, dtype, (tile, stages), seed)| {
+            move |(sub_block, blocks, (d, e), b, h, with_state, dtype, (tile, stages, split), seed)| {
                 let block = sub_block * blocks.next_power_of_two();
                 (1usize..=3 * block + 17).prop_map(move |n| Case {
                     block,
@@ -113,6 +114,10 @@ fn walk_case(
                         // where the plan can take it: the real walk with
                         // 16-byte rows; ignored elsewhere.
                         fused_stages: stages,
+                        // The rule's segments, or at least 2 or 4 per
+                        // sequence (segments of whole blocks, their states
+                        // carried by kv-parallel and kv-reduce).
+                        fused_split: split,
                         ..tuning()
                     },
                     seed,
@@ -257,12 +262,20 @@ fn tuned_walk_keeps_a_variant_and_matches_reference() {
         let kept = settled(&case).expect("the tuner kept a variant");
         // Chunk 32 at both tiles fits every device; chunk 64 at a 64-wide
         // tile fits one with more than lavapipe's 32 KiB (an H100 kept it).
-        // No ring (the emulation stages synchronously), no tile past `e`.
-        let candidates = [(32, 32), (32, 64), (64, 64)].map(|(chunk, value_tile)| FusedVariant {
-            chunk,
-            value_tile,
-            stages: 1,
-        });
+        // No ring (the emulation stages synchronously), no tile past `e`;
+        // the rule's segments or two per sequence (three or four blocks of
+        // 64 tokens: segments of one block).
+        let candidates: Vec<FusedVariant> = [(32, 32), (32, 64), (64, 64)]
+            .into_iter()
+            .flat_map(|(chunk, value_tile)| {
+                [1, 2].map(|split| FusedVariant {
+                    chunk,
+                    value_tile,
+                    stages: 1,
+                    split,
+                })
+            })
+            .collect();
         assert!(candidates.contains(&kept), "{kept} is not one of {candidates:?}");
     }
     // The fixed rule tunes nothing.

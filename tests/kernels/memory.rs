@@ -9,12 +9,12 @@
 //! (larger than any page) without touching the host.
 
 use lightning_attention::memory::{Buffer, DeviceMemory};
-use lightning_attention::plan::plan_prefill_shapes;
+use lightning_attention::plan::{DeviceLimits, PrefillPlan, PrefillWork, TensorCores, plan_prefill_shapes};
 use lightning_attention::reference::{Dims, recurrence};
 use lightning_attention::shapes::TensorShape;
 use lightning_attention::{
-    DType, DecodeInputs, DeviceTensor, LightningError, MemoryLimit, PrefillConfig, PrefillInputs, decode,
-    prefill,
+    DType, DecodeInputs, DeviceTensor, LightningError, MemoryLimit, PrefillConfig, PrefillInputs, Routines,
+    decode, prefill,
 };
 
 use crate::common::*;
@@ -134,6 +134,49 @@ fn a_prefill_whose_workspace_is_past_the_largest_buffer_returns_the_typed_error(
             limit: MemoryLimit::Buffer,
         }
     );
+}
+
+/// The fused routine allocates no per-block state workspace, so a workspace
+/// past the largest buffer refuses the other routines but not the fused
+/// walk (wgpu on an H100 refused it at (4,64,8192,128) for 2 GiB it would
+/// never allocate). On a device with the tensor-core walk, f32 fused calls
+/// are planned as the chunk-recurrent routine and refused as it is.
+#[test]
+fn a_workspace_past_the_largest_buffer_does_not_refuse_the_fused_walk() {
+    let client = client();
+    let limits = DeviceLimits::of(&client);
+    let (h, d) = (1, 128);
+    let per_block = (h * d * d * 4) as u64;
+    let blocks = (limits.max_buffer / per_block + 1) as usize;
+    let work = PrefillWork {
+        dtype: DType::F32,
+        heads: h,
+        key_dim: d,
+        value_dim: d,
+        sub_blocks: blocks,
+        blocks,
+        sequences: 1,
+        snapshots: 0,
+    };
+    let config = PrefillConfig::new(16, 16);
+    let refused = PrefillPlan::new(&work, &config, &limits).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            LightningError::OutOfMemory { .. } | LightningError::TooLarge { .. }
+        ),
+        "{refused}"
+    );
+    let fused = PrefillPlan::new(&work, &config.with_routines(Routines::Fused), &limits);
+    let has_walk = TensorCores::fragments_of(&client).supports(DType::BF16)
+        || TensorCores::fragments_of(&client).supports(DType::F16);
+    if has_walk {
+        assert!(fused.is_err(), "planned as the chunk-recurrent routine");
+    } else {
+        let plan = fused.expect("the fused walk needs no per-block workspace");
+        assert!(plan.fused.is_some());
+        assert_eq!(plan.block_states_len, 0);
+    }
 }
 
 /// 16-bit inputs whose f32 copies (twice their bytes) are past the largest

@@ -47,6 +47,10 @@ pub struct FusedPlan {
     /// block where the call takes snapshots, whose kv-snapshot reads those
     /// states), else `None`.
     pub segment_blocks: Option<usize>,
+    /// Segments per sequence the tensor-core walk was asked for
+    /// ([`crate::Tuning::fused_split`]) where they changed its segments; 1
+    /// where the rule's segments (or none) stand.
+    pub split: usize,
     /// Columns of `d` staged per step.
     pub key_chunk: usize,
     /// Query rows of a chunk each unit holds.
@@ -177,11 +181,12 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
         return Ok(None);
     }
     let planes = value_tile / 16;
-    let (dims, segment_blocks) = walk_grid(
+    let (dims, segment_blocks, split) = walk_grid(
         work,
         e.div_ceil(value_tile),
         planes * PLANE,
         bytes(value_tile),
+        config.tuning.fused_split.unwrap_or(1),
         "fused (tensor cores)",
         limits,
     )?;
@@ -190,6 +195,7 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
         chunk,
         block: config.block,
         segment_blocks,
+        split,
         key_chunk: 0,
         rows_per_unit: 0,
         cols_per_unit: 0,
@@ -239,11 +245,12 @@ pub(crate) fn portable(
         }
     }
     // Then segments, where even that leaves SMs idle.
-    let (dims, segment_blocks) = walk_grid(
+    let (dims, segment_blocks, split) = walk_grid(
         work,
         e.div_ceil(GRID_SIDE * cols_per_unit),
         GRID_SIDE * GRID_SIDE,
         bytes(key_chunk, cols_per_unit),
+        1,
         "fused",
         limits,
     )?;
@@ -252,6 +259,7 @@ pub(crate) fn portable(
         chunk,
         block: config.block,
         segment_blocks,
+        split,
         key_chunk,
         rows_per_unit,
         cols_per_unit,
@@ -261,24 +269,31 @@ pub(crate) fn portable(
 
 /// The grid of either walk over `tiles` value tiles per head: the sequences
 /// split into segments by the chunk-recurrent rule where the walks would
-/// leave SMs idle (`segments_for`), or into single blocks where the call
-/// takes snapshots, x over tiles, y over heads, z over walks, checked
-/// against the device; and the blocks per segment.
+/// leave SMs idle (`segments_for`), into shorter ones where `split` asks for
+/// at least that many per sequence ([`split_segments`]), or into single
+/// blocks where the call takes snapshots, x over tiles, y over heads, z over
+/// walks, checked against the device; and the blocks per segment, and the
+/// split where it changed them (else 1).
 fn walk_grid(
     work: &PrefillWork,
     tiles: usize,
     units: usize,
     shared_bytes: usize,
+    split: usize,
     label: &'static str,
     limits: &DeviceLimits,
-) -> Result<(LaunchDims, Option<usize>)> {
+) -> Result<(LaunchDims, Option<usize>, usize)> {
     // A call with snapshots walks one block per segment: kv-reduce then
     // leaves every block's incoming state in the segment states, where
     // kv-snapshot reads them (the walk itself writes no state but the last).
-    let segment_blocks = if work.snapshots > 0 {
-        Some(1)
+    let (segment_blocks, split) = if work.snapshots > 0 {
+        (Some(1), 1)
     } else {
-        segments_for(work, tiles, limits)
+        let rule = segments_for(work, tiles, limits);
+        match split_segments(work, split) {
+            Some(segment) if rule.is_none_or(|rule| segment < rule) => (Some(segment), split),
+            _ => (rule, 1),
+        }
     };
     let walks = work.sequences + segment_blocks.map_or(0, |segment| work.blocks / segment);
     let dims = LaunchDims {
@@ -287,5 +302,22 @@ fn walk_grid(
         shared_bytes,
     }
     .check(label, limits)?;
-    Ok((dims, segment_blocks))
+    Ok((dims, segment_blocks, split))
+}
+
+/// Blocks per segment where each sequence (of the work's mean length) is to
+/// be walked in at least `split` segments: the largest power of two not
+/// above `blocks / split` (few distinct segment lengths, each a comptime
+/// block of kv-parallel and kv-reduce), where that is shorter than a
+/// sequence. The rule (`segments_for`) segments only where the walks leave
+/// SMs idle; an H100 ran (1,64,16384,128)'s 256 walks at 0.48 waves of the
+/// cubes its SMs hold (BENCHMARKS.md, 2026-12-06), which this fills.
+fn split_segments(work: &PrefillWork, split: usize) -> Option<usize> {
+    if split <= 1 {
+        return None;
+    }
+    let per_sequence = work.blocks / work.sequences.max(1);
+    let segment = (per_sequence / split).max(1);
+    let segment = 1 << segment.ilog2();
+    (segment < per_sequence).then_some(segment)
 }

@@ -1,8 +1,9 @@
 //! The variants of the fused routine's tensor-core walk the autotuner
-//! chooses among ([`crate::FusedChoice::Tuned`]): chunk, value tile and
-//! stages, and which of them apply to a call. A variant applies where the
+//! chooses among ([`crate::FusedChoice::Tuned`]): chunk, value tile,
+//! stages and split, and which of them apply to a call. A variant applies where the
 //! plan takes it as it is (the tensor-core walk of the call's kind, with the
-//! variant's chunk, tile and stages, none narrowed or dropped to fit) and the
+//! variant's chunk, tile, stages and split, none narrowed, dropped or without
+//! effect) and the
 //! caller's forced knobs agree with it. The autotuner's key carries the set
 //! (`entry::fused_tune`), so a variant cached as the fastest for a key
 //! applies to every call with that key.
@@ -23,6 +24,9 @@ pub struct FusedVariant {
     pub value_tile: usize,
     /// Sets of `Q`, `K`, `V` tiles: 2 is the ring (asynchronous copies).
     pub stages: usize,
+    /// Segments per sequence at least ([`crate::Tuning::fused_split`]); 1
+    /// is the plan's rule.
+    pub split: usize,
 }
 
 impl fmt::Display for FusedVariant {
@@ -31,7 +35,11 @@ impl fmt::Display for FusedVariant {
             f,
             "chunk{}-tile{}-stages{}",
             self.chunk, self.value_tile, self.stages
-        )
+        )?;
+        if self.split > 1 {
+            write!(f, "-split{}", self.split)?;
+        }
+        Ok(())
     }
 }
 
@@ -44,20 +52,26 @@ const CHUNKS: [usize; 2] = [32, 64];
 const VALUE_TILES: [usize; 3] = [32, 64, 128];
 /// Sets of tiles: one, or the ring.
 const STAGES: [usize; 2] = [1, 2];
+/// Segments per sequence at least: the rule's, or two (where the rule's
+/// walks fill half the SMs' cube slots, as at (1,64,16384,128) on an H100).
+const SPLITS: [usize; 2] = [1, 2];
 
 impl FusedVariant {
     /// Every variant the autotuner may try, in a fixed order (the tuner's
     /// results are indices into it).
     pub fn all() -> Vec<Self> {
         let mut all = Vec::new();
-        for chunk in CHUNKS {
-            for value_tile in VALUE_TILES {
-                for stages in STAGES {
-                    all.push(Self {
-                        chunk,
-                        value_tile,
-                        stages,
-                    });
+        for split in SPLITS {
+            for chunk in CHUNKS {
+                for value_tile in VALUE_TILES {
+                    for stages in STAGES {
+                        all.push(Self {
+                            chunk,
+                            value_tile,
+                            stages,
+                            split,
+                        });
+                    }
                 }
             }
         }
@@ -73,6 +87,7 @@ impl FusedVariant {
         tuned.block = config.block.max(self.chunk);
         tuned.tuning.fused_value_tile = Some(self.value_tile);
         tuned.tuning.fused_stages = Some(self.stages);
+        tuned.tuning.fused_split = Some(self.split);
         tuned.tuning.fused_choice = crate::FusedChoice::Rule;
         tuned
     }
@@ -84,6 +99,7 @@ impl FusedVariant {
             chunk: plan.chunk,
             value_tile: walk.planes * 16,
             stages: walk.stages,
+            split: plan.split,
         })
     }
 }
@@ -118,6 +134,7 @@ pub(crate) fn applicable(
                 .fused_value_tile
                 .is_none_or(|tile| tile == variant.value_tile)
                 && forced.fused_stages.is_none_or(|stages| stages == variant.stages)
+                && forced.fused_split.is_none_or(|split| split == variant.split)
                 && (variant.value_tile <= widest || variant.value_tile == variant.chunk);
             if !agrees {
                 return false;

@@ -100,7 +100,22 @@ impl PrefillPlan {
             });
         }
         let (d, e) = (work.key_dim, work.value_dim);
-        let block_states_len = work.blocks * work.heads * d * e;
+        // The fused routine walks each sequence once and writes no state
+        // but the final one; with snapshots it walks single blocks, whose
+        // incoming states kv-snapshot reads (its segment states, checked
+        // with the call's other buffers before any allocation).
+        let fused = match config.routines {
+            Routines::Fused => fused::plan(work, config, limits)?,
+            _ => None,
+        };
+        // The per-block state workspace of the other routines; the fused
+        // routine allocates none, so a workspace past one buffer does not
+        // refuse it (wgpu refused (4,64,8192,128) for its 2 GiB).
+        let block_states_len = if fused.is_some() {
+            0
+        } else {
+            work.blocks * work.heads * d * e
+        };
         expect_addressable(
             "per-block state workspace [blocks, h, d, e]",
             block_states_len as u64,
@@ -113,14 +128,6 @@ impl PrefillPlan {
             ),
             limits.max_buffer,
         )?;
-        // The fused routine walks each sequence once and writes no state
-        // but the final one; with snapshots it walks single blocks, whose
-        // incoming states kv-snapshot reads.
-        let fused = match config.routines {
-            Routines::Fused => fused::plan(work, config, limits)?,
-            _ => None,
-        };
-        let block_states_len = if fused.is_some() { 0 } else { block_states_len };
         let products = planned_products(work, config, limits);
         let tensor_cores = products != Products::Portable;
         let max_value_tile = config.tuning.diag_value_tile.unwrap_or(MAX_CMMA_VALUE_TILE);
