@@ -77,7 +77,7 @@ pub use serving::{BackendConfig, LightningBackend};
 pub mod plan {
     pub use crate::device::limits::{CMMA_VECTOR, DeviceLimits, LaunchDims, TensorCores};
     pub use crate::entry::decode::plan_decode_shapes;
-    pub use crate::entry::packed::{PackedPlan, plan_packed_limits};
+    pub use crate::entry::packed::{PackedPlan, plan_packed_limits, plan_packed_shapes};
     pub use crate::entry::prefill::plan_prefill_shapes;
     pub use crate::routines::decode::{DecodePlan, plan_decode};
     pub use crate::routines::five_kernels::diag::{DiagPlan, DiagRoutine};

@@ -1,9 +1,10 @@
-//! [`LightningAttentionBackend`] for `Autodiff<B>`: the forward runs on `B`
-//! and registers one backward step per output (the output and the final
-//! state), each calling `B`'s backward with its upstream gradient (the other
-//! one zero). Gradients add up linearly, and a step runs only if its output
-//! reaches the loss. Slopes are constants; the checks and decode run on `B`
-//! untracked.
+//! [`LightningAttentionBackend`] for `Autodiff<B>`: the forward (dense or
+//! packed) runs on `B` and registers one backward step per output (the
+//! output and the final state or states, where returned), each calling `B`'s
+//! backward of that forward with its upstream gradient (the other one
+//! zero). Gradients add up linearly, and a step runs only if its output
+//! reaches the loss. Slopes and `cu_seqlens` are constants; the checks and
+//! decode run on `B` untracked.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -25,10 +26,21 @@ enum Output {
     FinalState,
 }
 
+/// Which forward a backward step differentiates.
+#[derive(Clone, Debug)]
+enum Call {
+    /// [`LightningAttentionBackend::lightning_prefill`]: `[b, h, n, *]`.
+    Dense,
+    /// [`LightningAttentionBackend::lightning_prefill_packed`] over these
+    /// offsets: `[T, h, *]`, states `[N, h, d, e]`.
+    Packed(Vec<u32>),
+}
+
 /// The backward step of one prefill output.
 #[derive(Debug)]
 struct PrefillBackward {
     output: Output,
+    call: Call,
     config: PrefillConfig,
 }
 
@@ -56,18 +68,43 @@ impl PrefillBackward {
             Output::Out => (Some(grad), None),
             Output::FinalState => (None, Some(grad)),
         };
-        let (dq, dk, dv, d_initial) = B::lightning_prefill_backward(
-            q,
-            k,
-            v,
-            slopes,
+        let (initial_state, d_out, d_final_state) = (
             OptionalTensor::new(initial_state),
             OptionalTensor::new(d_out),
             OptionalTensor::new(d_final_state),
-            self.config,
         );
-        for (node, grad) in parents.into_iter().zip([dq, dk, dv, d_initial]) {
-            if let Some(node) = node {
+        let (dq, dk, dv, d_initial) = match self.call {
+            Call::Dense => {
+                let (dq, dk, dv, d_initial) = B::lightning_prefill_backward(
+                    q,
+                    k,
+                    v,
+                    slopes,
+                    initial_state,
+                    d_out,
+                    d_final_state,
+                    self.config,
+                );
+                (dq, dk, dv, Some(d_initial))
+            }
+            Call::Packed(cu_seqlens) => {
+                let (dq, dk, dv, d_initial) = B::lightning_packed_backward(
+                    q,
+                    k,
+                    v,
+                    slopes,
+                    cu_seqlens,
+                    initial_state,
+                    d_out,
+                    d_final_state,
+                    self.config,
+                );
+                (dq, dk, dv, d_initial.into_option())
+            }
+        };
+        let computed = [Some(dq), Some(dk), Some(dv), d_initial];
+        for (node, grad) in parents.into_iter().zip(computed) {
+            if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node, grad);
             }
         }
@@ -114,6 +151,58 @@ where
     }
 }
 
+/// An autodiff tensor over `B`.
+type Tracked<B, C> = FloatTensor<Autodiff<B, C>>;
+
+/// Runs `forward` on the inner backend's q, k, v, slopes and initial
+/// state, and tracks its output and, where it returns one, its final state:
+/// each a backward step of `call` with q, k, v and the initial state (if
+/// given) as parents.
+fn forward_tracked<B, C>(
+    call: Call,
+    config: PrefillConfig,
+    [q, k, v]: [Tracked<B, C>; 3],
+    slopes: Tracked<B, C>,
+    initial_state: Option<Tracked<B, C>>,
+    forward: impl FnOnce(&Saved<B>) -> (FloatTensor<B>, Option<FloatTensor<B>>),
+) -> (Tracked<B, C>, Option<Tracked<B, C>>)
+where
+    B: LightningAttentionBackend,
+    C: CheckpointStrategy,
+{
+    // Node guards are taken before the primitives are consumed: they keep the inputs in the graph.
+    let nodes = || [q.node(), k.node(), v.node()];
+    let state_nodes = initial_state.as_ref().map(|state| (state.node(), state.node()));
+    let saved: Saved<B> = (
+        q.primitive().clone(),
+        k.primitive().clone(),
+        v.primitive().clone(),
+        slopes.into_primitive(),
+        initial_state.map(|t| t.into_primitive()),
+    );
+    let (out, final_state) = forward(&saved);
+    let step = |output| PrefillBackward {
+        output,
+        call: call.clone(),
+        config,
+    };
+    match state_nodes {
+        Some((first, second)) => {
+            let [q, k, v] = nodes();
+            let out = track::<B, C, 4>(step(Output::Out), [q, k, v, first], &saved, out);
+            let final_state = final_state.map(|state| {
+                let [q, k, v] = nodes();
+                track::<B, C, 4>(step(Output::FinalState), [q, k, v, second], &saved, state)
+            });
+            (out, final_state)
+        }
+        None => (
+            track::<B, C, 3>(step(Output::Out), nodes(), &saved, out),
+            final_state.map(|state| track::<B, C, 3>(step(Output::FinalState), nodes(), &saved, state)),
+        ),
+    }
+}
+
 /// An untracked autodiff tensor holding `tensor`.
 fn constant<B: LightningAttentionBackend, C: CheckpointStrategy>(
     tensor: FloatTensor<B>,
@@ -155,47 +244,28 @@ impl<B: LightningAttentionBackend, C: CheckpointStrategy> LightningAttentionBack
         initial_state: OptionalTensor<Self>,
         config: PrefillConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let initial_state = initial_state.into_option();
-        // Node guards are taken before the primitives are consumed: they keep the inputs in the graph.
-        let nodes = || [q.node(), k.node(), v.node()];
-        let state_nodes = initial_state.as_ref().map(|state| (state.node(), state.node()));
-        let saved: Saved<B> = (
-            q.primitive().clone(),
-            k.primitive().clone(),
-            v.primitive().clone(),
-            slopes.into_primitive(),
-            initial_state.map(|t| t.into_primitive()),
+        let (out, final_state) = forward_tracked::<B, C>(
+            Call::Dense,
+            config,
+            [q, k, v],
+            slopes,
+            initial_state.into_option(),
+            |(q, k, v, slopes, initial_state)| {
+                let (out, state) = B::lightning_prefill(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    slopes.clone(),
+                    OptionalTensor::new(initial_state.clone()),
+                    config,
+                );
+                (out, Some(state))
+            },
         );
-        let (out, final_state) = B::lightning_prefill(
-            saved.0.clone(),
-            saved.1.clone(),
-            saved.2.clone(),
-            saved.3.clone(),
-            OptionalTensor::new(saved.4.clone()),
-            config,
-        );
-        let out_step = PrefillBackward {
-            output: Output::Out,
-            config,
-        };
-        let state_step = PrefillBackward {
-            output: Output::FinalState,
-            config,
-        };
-        let (out, final_state) = match state_nodes {
-            Some((first, second)) => {
-                let [q, k, v] = nodes();
-                let out = track::<B, C, 4>(out_step, [q, k, v, first], &saved, out);
-                let [q, k, v] = nodes();
-                let state = track::<B, C, 4>(state_step, [q, k, v, second], &saved, final_state);
-                (out, state)
-            }
-            None => (
-                track::<B, C, 3>(out_step, nodes(), &saved, out),
-                track::<B, C, 3>(state_step, nodes(), &saved, final_state),
-            ),
-        };
-        (out, final_state)
+        (
+            out,
+            final_state.expect("the dense forward returns its final state"),
+        )
     }
 
     fn lightning_prefill_backward(
@@ -229,6 +299,95 @@ impl<B: LightningAttentionBackend, C: CheckpointStrategy> LightningAttentionBack
             constant::<B, C>(dk),
             constant::<B, C>(dv),
             constant::<B, C>(d_initial),
+        )
+    }
+
+    fn lightning_check_packed(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        initial_states: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> Result<()> {
+        B::lightning_check_packed(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            slopes.into_primitive(),
+            cu_seqlens,
+            inner(initial_states),
+            config,
+        )
+    }
+
+    fn lightning_prefill_packed(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        initial_states: OptionalTensor<Self>,
+        final_states: bool,
+        config: PrefillConfig,
+    ) -> (FloatTensor<Self>, OptionalTensor<Self>) {
+        let (out, final_states) = forward_tracked::<B, C>(
+            Call::Packed(cu_seqlens.clone()),
+            config,
+            [q, k, v],
+            slopes,
+            initial_states.into_option(),
+            |(q, k, v, slopes, initial_states)| {
+                let (out, finals) = B::lightning_prefill_packed(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    slopes.clone(),
+                    cu_seqlens,
+                    OptionalTensor::new(initial_states.clone()),
+                    final_states,
+                    config,
+                );
+                (out, finals.into_option())
+            },
+        );
+        (out, OptionalTensor::new(final_states))
+    }
+
+    fn lightning_packed_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        initial_states: OptionalTensor<Self>,
+        d_out: OptionalTensor<Self>,
+        d_final_states: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        OptionalTensor<Self>,
+    ) {
+        // Gradients of gradients are not supported: the results are constants.
+        let (dq, dk, dv, d_initial) = B::lightning_packed_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            slopes.into_primitive(),
+            cu_seqlens,
+            inner(initial_states),
+            inner(d_out),
+            inner(d_final_states),
+            config,
+        );
+        (
+            constant::<B, C>(dq),
+            constant::<B, C>(dk),
+            constant::<B, C>(dv),
+            OptionalTensor::new(d_initial.into_option().map(constant::<B, C>)),
         )
     }
 

@@ -1,7 +1,8 @@
 //! Errors of a call made on reordered tensors, told in the caller's layout.
 //!
-//! A wrapper that permutes its arguments before calling the library (the FLA
-//! convention's `[B, T, H, *]` permuted to `[B, H, T, *]`) or passes them on
+//! A wrapper that permutes or reshapes its arguments before calling the
+//! library (the FLA convention's `[B, T, H, *]` permuted to `[B, H, T, *]`,
+//! its packed `[1, T, H, *]` reshaped to `[T, H, *]`) or passes them on
 //! under other names (the MiniMax layer's `state`) gets errors about the
 //! tensors the library saw. [`in_caller_layout`] maps such an error back:
 //! shapes in the caller's axis order, the caller's layout string, dimension
@@ -18,7 +19,8 @@ pub(crate) struct CallerArg {
     pub name: &'static str,
     /// The caller's layout, e.g. `[B, T, H, D]`.
     pub layout: &'static str,
-    /// The caller's axis `i` is the inner call's axis `axes[i]`.
+    /// The caller's axis `i` is the inner call's axis `axes[i]`, or an axis
+    /// of size 1 that the inner call does not have ([`UNIT`]).
     pub axes: &'static [usize],
     /// The inner call's dimension names, each with the caller's name for it.
     pub dims: &'static [(&'static str, &'static str)],
@@ -26,13 +28,17 @@ pub(crate) struct CallerArg {
 
 impl CallerArg {
     /// `shape` (the inner call's order) in the caller's axis order; a shape
-    /// of another rank than the layout's is the caller's already (nothing
-    /// was permuted).
+    /// of another rank than the inner call's layout is the caller's already
+    /// (nothing was permuted or reshaped).
     fn shape(&self, shape: Vec<usize>) -> Vec<usize> {
-        if shape.len() != self.axes.len() {
+        let inner_rank = self.axes.iter().filter(|&&axis| axis != UNIT).count();
+        if shape.len() != inner_rank {
             return shape;
         }
-        self.axes.iter().map(|&axis| shape[axis]).collect()
+        self.axes
+            .iter()
+            .map(|&axis| if axis == UNIT { 1 } else { shape[axis] })
+            .collect()
     }
 
     /// The caller's name of the inner dimension `dim`.
@@ -134,6 +140,10 @@ pub(crate) fn in_caller_layout(err: LightningError, args: &[CallerArg]) -> Light
     }
 }
 
+/// In [`CallerArg::axes`]: a caller's axis of size 1 that the inner call
+/// does not have (the batch row of FLA's packed `[1, T, H, *]`).
+pub(crate) const UNIT: usize = usize::MAX;
+
 /// `[B, T, H, *]` is `[b, h, n, *]` with the middle axes swapped (its own inverse).
 const SWAP: &[usize] = &[0, 2, 1, 3];
 
@@ -171,5 +181,44 @@ pub(crate) const FLA: [CallerArg; 5] = [
         layout: "[B, H, D, E]",
         axes: &[0, 1, 2, 3],
         dims: FLA_DIMS,
+    },
+];
+
+/// The packed library's names of `[T, h, *]` and `[N, h, d, e]` dimensions
+/// and the FLA convention's.
+const FLA_PACKED_DIMS: &[(&str, &str)] = &[("h", "H"), ("d", "D"), ("e", "E")];
+
+/// One of q, k, v of FLA's packed layout: `[1, T, H, *]`, its batch row
+/// dropped for the library's `[T, h, *]`.
+const fn fla_packed_token_arg(name: &'static str, layout: &'static str) -> CallerArg {
+    CallerArg {
+        inner: name,
+        name,
+        layout,
+        axes: &[UNIT, 0, 1, 2],
+        dims: FLA_PACKED_DIMS,
+    }
+}
+
+/// The arguments of [`super::fla_lightning_attention_packed`]: q, k, v
+/// `[1, T, H, *]` reshaped to the library's `[T, h, *]`, slopes as they
+/// are, and the initial states (FLA's `initial_state`) `[N, H, D, E]`.
+pub(crate) const FLA_PACKED: [CallerArg; 5] = [
+    fla_packed_token_arg("q", "[1, T, H, D]"),
+    fla_packed_token_arg("k", "[1, T, H, D]"),
+    fla_packed_token_arg("v", "[1, T, H, E]"),
+    CallerArg {
+        inner: "slopes",
+        name: "slopes",
+        layout: "[H]",
+        axes: &[0],
+        dims: FLA_PACKED_DIMS,
+    },
+    CallerArg {
+        inner: "initial_states",
+        name: "initial_state",
+        layout: "[N, H, D, E]",
+        axes: &[0, 1, 2, 3],
+        dims: FLA_PACKED_DIMS,
     },
 ];

@@ -12,7 +12,10 @@ use burn_cubecl::{CubeBackend, CubeDevice};
 use cubecl::prelude::Client;
 
 use super::{LightningAttentionBackend, OptionalTensor, dtype_of};
-use crate::{BackwardInputs, DType, DecodeInputs, DeviceTensor, PrefillConfig, PrefillInputs, Result};
+use crate::{
+    BackwardInputs, DType, DecodeInputs, DeviceTensor, PackedBackwardInputs, PackedInputs, PrefillConfig,
+    PrefillInputs, Result,
+};
 
 /// Burn's dtype of a library dtype.
 fn burn_dtype(dtype: DType) -> BurnDType {
@@ -89,6 +92,32 @@ impl Prefill {
             v: &self.v,
             slopes: &self.slopes,
             initial_state: self.initial_state.as_ref(),
+        }
+    }
+
+    /// The arguments of a packed call over `cu_seqlens` (the initial state
+    /// is the per-document `[N, h, d, e]`).
+    fn packed<'a>(&'a self, cu_seqlens: &'a [u32]) -> PackedInputs<'a> {
+        PackedInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            slopes: &self.slopes,
+            cu_seqlens,
+            initial_states: self.initial_state.as_ref(),
+        }
+    }
+
+    /// `d_out` as the library takes it: zeros like v (dtype of q) where absent.
+    fn d_out(&self, d_out: OptionalTensor<CubeBackend>) -> DeviceTensor {
+        match d_out.into_option() {
+            Some(d_out) => checked(to_device(d_out, "d_out")),
+            None => checked(DeviceTensor::filled(
+                &self.client,
+                &self.v.shape,
+                self.q.dtype,
+                0.0,
+            )),
         }
     }
 
@@ -173,13 +202,7 @@ impl LightningAttentionBackend for CubeBackend {
         config: PrefillConfig,
     ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
         let args = checked(Prefill::new(q, k, v, slopes, initial_state.into_option()));
-        let d_out = match d_out.into_option() {
-            Some(d_out) => checked(to_device(d_out, "d_out")),
-            None => {
-                let shape = args.v.shape.clone();
-                checked(DeviceTensor::filled(&args.client, &shape, args.q.dtype, 0.0))
-            }
-        };
+        let d_out = args.d_out(d_out);
         let d_final_state = d_final_state
             .into_option()
             .map(|d| checked(to_device(d, "d_final_state")));
@@ -198,6 +221,58 @@ impl LightningAttentionBackend for CubeBackend {
             args.wrap(grads.dk),
             args.wrap(grads.dv),
             args.wrap(grads.d_initial_state),
+        )
+    }
+
+    fn lightning_prefill_packed(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        cu_seqlens: Vec<u32>,
+        initial_states: OptionalTensor<Self>,
+        final_states: bool,
+        config: PrefillConfig,
+    ) -> (CubeTensor, OptionalTensor<Self>) {
+        let args = checked(Prefill::new(q, k, v, slopes, initial_states.into_option()));
+        let result = checked(crate::prefill_packed(
+            &args.client,
+            &args.packed(&cu_seqlens),
+            &config,
+            final_states,
+        ));
+        let finals = result.final_states.map(|states| args.wrap(states));
+        (args.wrap(result.out), OptionalTensor::new(finals))
+    }
+
+    fn lightning_packed_backward(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        slopes: CubeTensor,
+        cu_seqlens: Vec<u32>,
+        initial_states: OptionalTensor<Self>,
+        d_out: OptionalTensor<Self>,
+        d_final_states: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, OptionalTensor<Self>) {
+        let args = checked(Prefill::new(q, k, v, slopes, initial_states.into_option()));
+        let d_out = args.d_out(d_out);
+        let d_final_states = d_final_states
+            .into_option()
+            .map(|d| checked(to_device(d, "d_final_states")));
+        let inputs = PackedBackwardInputs {
+            forward: args.packed(&cu_seqlens),
+            d_out: &d_out,
+            d_final_states: d_final_states.as_ref(),
+        };
+        let grads = checked(crate::backward_packed(&args.client, &inputs, &config));
+        let d_initial = grads.d_initial_states.map(|d| args.wrap(d));
+        (
+            args.wrap(grads.dq),
+            args.wrap(grads.dk),
+            args.wrap(grads.dv),
+            OptionalTensor::new(d_initial),
         )
     }
 

@@ -28,7 +28,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 // Not `lightning_attention::Result`: Burn's `Config` derive expands to code
 // that names the prelude's `Result`.
 use super::caller_layout::{CallerArg, in_caller_layout};
-use super::fla_lightning_attention;
+use super::{fla_lightning_attention, fla_lightning_attention_packed};
 use crate::{LightningError, PrefillConfig, slopes};
 
 /// The layer's `state` is [`fla_lightning_attention`]'s initial state: its
@@ -39,6 +39,16 @@ const STATE: CallerArg = CallerArg {
     layout: "[batch, h, d, d]",
     axes: &[0, 1, 2, 3],
     dims: &[("B", "batch"), ("H", "h"), ("D", "d"), ("E", "d")],
+};
+
+/// The packed forward's `states` are [`fla_lightning_attention_packed`]'s
+/// initial states, named as the layer's caller does.
+const STATES: CallerArg = CallerArg {
+    inner: "initial_state",
+    name: "states",
+    layout: "[N, h, d, d]",
+    axes: &[0, 1, 2, 3],
+    dims: &[("H", "h"), ("D", "d"), ("E", "d")],
 };
 
 /// The shape of a [`MiniMaxLinearAttention`] layer and its kernels' block configuration.
@@ -166,6 +176,91 @@ impl MiniMaxLinearAttention {
         x: Tensor<3>,
         state: Option<Tensor<4>>,
     ) -> Result<(Tensor<3>, Tensor<4>), LightningError> {
+        let [batch, seq, _] = x.dims();
+        let (q, k, v) = self.qkv(&x)?;
+        let (attn, state) =
+            fla_lightning_attention(q, k, v, self.slopes.clone(), state, true, self.attention)
+                .map_err(|err| in_caller_layout(err, &[STATE]))?;
+        let state = state.expect("output_final_state was asked for");
+        Ok((
+            self.output(x, attn.reshape([batch, seq, self.heads * self.head_dim])),
+            state,
+        ))
+    }
+
+    /// The layer over a packed batch of documents from zero states: `x [1, T,
+    /// hidden]` holds them back to back, `cu_seqlens` (`N + 1` offsets, from
+    /// 0, non-decreasing, at most `T`) says where each starts, as
+    /// [`fla_lightning_attention_packed`] takes them. Returns `[1, T, hidden]`:
+    /// each document's rows are what [`forward`](Self::forward) gives on that
+    /// document alone (the projections, norm and gate are per token; only
+    /// the attention sees the boundaries). Rows past `cu_seqlens[N]` are
+    /// padding: their attention output is zeros.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_packed_with_states`](Self::forward_packed_with_states).
+    pub fn forward_packed(&self, x: Tensor<3>, cu_seqlens: &[u32]) -> Result<Tensor<3>, LightningError> {
+        self.packed(x, cu_seqlens, None, false).map(|(y, _)| y)
+    }
+
+    /// [`forward_packed`](Self::forward_packed) from given states, one per
+    /// document (`[N, h, d, d]` f32; `None` is zeros), returning each
+    /// document's state after its last token `[N, h, d, d]` with the output;
+    /// gradients flow through both.
+    ///
+    /// # Errors
+    ///
+    /// As [`forward_with_state`](Self::forward_with_state) (a batch other
+    /// than 1 is a [`LightningError::Shape`] of `x`, layout `[1, T, hidden]`),
+    /// and [`fla_lightning_attention_packed`]'s errors for `cu_seqlens`.
+    /// Errors about the states name them `states`, layout `[N, h, d, d]`.
+    pub fn forward_packed_with_states(
+        &self,
+        x: Tensor<3>,
+        cu_seqlens: &[u32],
+        states: Option<Tensor<4>>,
+    ) -> Result<(Tensor<3>, Tensor<4>), LightningError> {
+        self.packed(x, cu_seqlens, states, true)
+            .map(|(y, states)| (y, states.expect("output_final_state was asked for")))
+    }
+
+    /// The packed forward, with the final states where `final_states`.
+    fn packed(
+        &self,
+        x: Tensor<3>,
+        cu_seqlens: &[u32],
+        states: Option<Tensor<4>>,
+        final_states: bool,
+    ) -> Result<(Tensor<3>, Option<Tensor<4>>), LightningError> {
+        let [batch, tokens, hidden] = x.dims();
+        if batch != 1 {
+            return Err(LightningError::Shape {
+                tensor: "x",
+                expected: vec![1, tokens, hidden],
+                layout: "[1, T, hidden]",
+                actual: vec![batch, tokens, hidden],
+            });
+        }
+        let (q, k, v) = self.qkv(&x)?;
+        let (attn, states) = fla_lightning_attention_packed(
+            q,
+            k,
+            v,
+            self.slopes.clone(),
+            cu_seqlens,
+            states,
+            final_states,
+            self.attention,
+        )
+        .map_err(|err| in_caller_layout(err, &[STATES]))?;
+        let attn = attn.reshape([1, tokens, self.heads * self.head_dim]);
+        Ok((self.output(x, attn), states))
+    }
+
+    /// q, k, v `[batch, seq, h, d]` (FLA's layout) of `x [batch, seq,
+    /// hidden]`, after checking `x`'s hidden size and that it is not empty.
+    fn qkv(&self, x: &Tensor<3>) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>), LightningError> {
         let [batch, seq, hidden] = x.dims();
         if hidden != self.hidden_size {
             return Err(LightningError::Shape {
@@ -193,15 +288,16 @@ impl MiniMaxLinearAttention {
         // layout [B, T, H, D] is exactly this view: no transposes here.
         let qkv = silu(self.qkv.forward(x.clone())).reshape([batch, seq, h, 3 * d]);
         let [q, k, v] = <[Tensor<4>; 3]>::try_from(qkv.split(d, 3)).expect("3d columns split into 3 of d");
-        let (attn, state) =
-            fla_lightning_attention(q, k, v, self.slopes.clone(), state, true, self.attention)
-                .map_err(|err| in_caller_layout(err, &[STATE]))?;
-        let state = state.expect("output_final_state was asked for");
+        Ok((q, k, v))
+    }
 
+    /// The layer's output `[batch, seq, hidden]` from its input `x` and the
+    /// attention output `attn [batch, seq, h d]`.
+    fn output(&self, x: Tensor<3>, attn: Tensor<3>) -> Tensor<3> {
         // Norm over all heads together (MiniMax normalizes the h*d vector), then
         // the gate, computed from the layer's input, scales each channel.
-        let attn = self.norm.forward(attn.reshape([batch, seq, h * d]));
+        let attn = self.norm.forward(attn);
         let gated = sigmoid(self.gate.forward(x)) * attn;
-        Ok((self.out.forward(gated), state))
+        self.out.forward(gated)
     }
 }

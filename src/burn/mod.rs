@@ -5,7 +5,8 @@
 //! registers a backward pass that calls [`crate::backward`] (gradients of q, k,
 //! v and the initial state; slopes are not differentiated). The functions
 //! [`lightning_attention`], [`lightning_attention_with_config`],
-//! [`fla_lightning_attention`] and [`lightning_decode`] take Burn [`Tensor`]s,
+//! [`fla_lightning_attention`], [`fla_lightning_attention_packed`] (packed
+//! documents with `cu_seqlens`, for training) and [`lightning_decode`] take Burn [`Tensor`]s,
 //! validate the whole problem through the library first and return a typed
 //! [`LightningError`] instead of panicking.
 //!
@@ -19,7 +20,8 @@
 //! (Burn's default features turn it on): without it the extension has no
 //! implementation for Fusion and the build fails.
 //!
-//! The checks ([`LightningAttentionBackend::lightning_check_prefill`] and
+//! The checks ([`LightningAttentionBackend::lightning_check_prefill`],
+//! [`LightningAttentionBackend::lightning_check_packed`] and
 //! [`LightningAttentionBackend::lightning_check_decode`]) read only the
 //! tensors' shapes, dtypes and device (the device's limits through its CubeCL
 //! client): they launch nothing, read nothing back and run the same on the
@@ -124,6 +126,58 @@ mod fusion_meta {
         _config: &PrefillConfig,
     ) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
         (q.clone(), k.clone(), v.clone(), state(q, v))
+    }
+
+    /// `[N, h, d, e]` f32 from `cu_seqlens` (`N + 1` offsets), q `[T, h, d]` and v `[T, h, e]`.
+    fn packed_states(cu_seqlens: &[u32], q: &TensorSpec, v: &TensorSpec) -> TensorSpec {
+        TensorSpec::new(
+            [cu_seqlens.len() - 1, q.shape[1], q.shape[2], v.shape[2]].into(),
+            DType::F32,
+        )
+    }
+
+    /// The output `[T, h, e]` (q's dtype) and, where asked for, the final states.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prefill_packed(
+        q: &TensorSpec,
+        _k: &TensorSpec,
+        v: &TensorSpec,
+        _slopes: &TensorSpec,
+        cu_seqlens: &[u32],
+        _initial_states: &OptionalTensorMetadata,
+        final_states: &bool,
+        _config: &PrefillConfig,
+    ) -> (TensorSpec, OptionalTensorMetadata) {
+        let out = TensorSpec::new([q.shape[0], q.shape[1], v.shape[2]].into(), q.dtype);
+        let finals = if *final_states {
+            OptionalTensorMetadata::Present(packed_states(cu_seqlens, q, v))
+        } else {
+            OptionalTensorMetadata::Absent
+        };
+        (out, finals)
+    }
+
+    /// dq, dk, dv like q, k, v, and the initial states' gradient where the
+    /// forward had initial states.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn packed_backward(
+        q: &TensorSpec,
+        k: &TensorSpec,
+        v: &TensorSpec,
+        _slopes: &TensorSpec,
+        cu_seqlens: &[u32],
+        initial_states: &OptionalTensorMetadata,
+        _d_out: &OptionalTensorMetadata,
+        _d_final_states: &OptionalTensorMetadata,
+        _config: &PrefillConfig,
+    ) -> (TensorSpec, TensorSpec, TensorSpec, OptionalTensorMetadata) {
+        let d_initial = match initial_states {
+            OptionalTensorMetadata::Present(_) => {
+                OptionalTensorMetadata::Present(packed_states(cu_seqlens, q, v))
+            }
+            OptionalTensorMetadata::Absent => OptionalTensorMetadata::Absent,
+        };
+        (q.clone(), k.clone(), v.clone(), d_initial)
     }
 
     /// The output `[b, h, 1, e]` (q's dtype) and the cache, like the input's.
@@ -244,6 +298,84 @@ pub trait LightningAttentionBackend: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
+    );
+
+    /// Validates a packed training call (forward and backward) without
+    /// launching it, from the tensors' shapes, dtypes and device alone: q, k
+    /// `[T, h, d]`, v `[T, h, e]`, slopes `[h]` f32, `cu_seqlens` (`N + 1`
+    /// offsets), optional initial states `[N, h, d, e]` f32 (see
+    /// [`crate::PackedInputs`]).
+    #[fusion(default)]
+    fn lightning_check_packed(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        #[extension_type] initial_states: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> crate::Result<()> {
+        let client = client_of(&q)?;
+        let (q, k, v, slopes) = (
+            arg(&q, "q")?,
+            arg(&k, "k")?,
+            arg(&v, "v")?,
+            arg(&slopes, "slopes")?,
+        );
+        let initial_states = initial_states
+            .into_option()
+            .map(|states| arg(&states, "initial_states"))
+            .transpose()?;
+        crate::plan::plan_packed_shapes(
+            &client,
+            &q,
+            &k,
+            &v,
+            &slopes,
+            &cu_seqlens,
+            initial_states.as_ref(),
+            &config,
+        )
+        .map(|_| ())
+    }
+
+    /// Runs a packed training forward ([`crate::prefill_packed`]): returns
+    /// the output `[T, h, e]` and, with `final_states`, each document's
+    /// final state `[N, h, d, e]` f32.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = fusion_meta::prefill_packed)]
+    fn lightning_prefill_packed(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        #[extension_type] initial_states: OptionalTensor<Self>,
+        final_states: bool,
+        config: PrefillConfig,
+    ) -> (FloatTensor<Self>, OptionalTensor<Self>);
+
+    /// The backward pass of [`lightning_prefill_packed`](Self::lightning_prefill_packed)
+    /// ([`crate::backward_packed`]): returns `(dq, dk, dv, d_initial_states)`,
+    /// the last present where the forward had initial states. A `None`
+    /// upstream gradient is zero.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = fusion_meta::packed_backward)]
+    fn lightning_packed_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        slopes: FloatTensor<Self>,
+        cu_seqlens: Vec<u32>,
+        #[extension_type] initial_states: OptionalTensor<Self>,
+        #[extension_type] d_out: OptionalTensor<Self>,
+        #[extension_type] d_final_states: OptionalTensor<Self>,
+        config: PrefillConfig,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        OptionalTensor<Self>,
     );
 
     /// Validates a decode step without launching it, from the tensors' shapes,
@@ -373,6 +505,92 @@ pub fn fla_lightning_attention(
     // the tensors as the caller gave them.
     .map_err(|err| caller_layout::in_caller_layout(err, &caller_layout::FLA))?;
     Ok((out.permute(swap), output_final_state.then_some(state)))
+}
+
+/// Lightning attention over packed documents in the flash-linear-attention
+/// (FLA) convention, as FLA's `chunk_simple_gla(..., cu_seqlens=...)` takes
+/// them: q, k `[1, T, H, D]` and v `[1, T, H, E]` hold `N` documents back
+/// to back, `cu_seqlens` (`N + 1` offsets, from 0, non-decreasing, at most
+/// `T`) says where each starts, slopes `[H]` f32, an optional initial state
+/// per document `[N, H, D, E]` f32. Returns the output `[1, T, H, E]` and,
+/// when `output_final_state` is set, each document's final state
+/// `[N, H, D, E]` f32.
+///
+/// No state crosses a boundary: each document's output, final state and
+/// gradients are those of [`fla_lightning_attention`] on that document
+/// alone. Rows past `cu_seqlens[N]` are padding: zeros in the output and in
+/// every gradient. On an autodiff device both results are differentiable
+/// with respect to q, k, v and the initial states (not the slopes); the
+/// forward is [`crate::prefill_packed`], the backward
+/// [`crate::backward_packed`], one launch for all documents (no loop over
+/// them). `cu_seqlens` is read on the host, as the kernels' table of
+/// documents is built there.
+///
+/// # Errors
+///
+/// As [`fla_lightning_attention`], told in this function's layout (`[1, T,
+/// H, D]`, `[1, T, H, E]`, `[H]`, `[N, H, D, E]`): a batch other than 1 is a
+/// [`LightningError::Shape`] of the tensor, and `cu_seqlens` that does not
+/// start at 0 ([`LightningError::FirstOffset`]), decreases
+/// ([`LightningError::OffsetsDecreasing`]), passes `T`
+/// ([`LightningError::OffsetPastEnd`]) or has fewer than 2 entries
+/// ([`LightningError::LengthMismatch`]) is reported before anything runs,
+/// as is an initial state of another count than `N`.
+#[allow(clippy::too_many_arguments)]
+pub fn fla_lightning_attention_packed(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    slopes: Tensor<1>,
+    cu_seqlens: &[u32],
+    initial_state: Option<Tensor<4>>,
+    output_final_state: bool,
+    config: PrefillConfig,
+) -> crate::Result<(Tensor<4>, Option<Tensor<4>>)> {
+    // FLA takes packed documents as one batch row: refused otherwise, as FLA does.
+    let mut packed = Vec::with_capacity(3);
+    let named = [
+        ("q", "[1, T, H, D]", q),
+        ("k", "[1, T, H, D]", k),
+        ("v", "[1, T, H, E]", v),
+    ];
+    for (name, layout, tensor) in named {
+        let [batch, tokens, heads, dim] = tensor.dims();
+        if batch != 1 {
+            return Err(LightningError::Shape {
+                tensor: name,
+                expected: vec![1, tokens, heads, dim],
+                layout,
+                actual: vec![batch, tokens, heads, dim],
+            });
+        }
+        packed.push(tensor.reshape([tokens, heads, dim]));
+    }
+    let [q, k, v]: [Tensor<3>; 3] = packed.try_into().expect("three tensors");
+    let in_caller = |err| caller_layout::in_caller_layout(err, &caller_layout::FLA_PACKED);
+    <Dispatch as LightningAttentionBackend>::lightning_check_packed(
+        q.clone().into_dispatch(),
+        k.clone().into_dispatch(),
+        v.clone().into_dispatch(),
+        slopes.clone().into_dispatch(),
+        cu_seqlens.to_vec(),
+        OptionalTensor::new(initial_state.clone().map(Tensor::into_dispatch)),
+        config,
+    )
+    .map_err(in_caller)?;
+    let (out, final_states) = <Dispatch as LightningAttentionBackend>::lightning_prefill_packed(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        slopes.into_dispatch(),
+        cu_seqlens.to_vec(),
+        OptionalTensor::new(initial_state.map(Tensor::into_dispatch)),
+        output_final_state,
+        config,
+    );
+    let out: Tensor<3> = Tensor::from_dispatch(out);
+    let final_states = final_states.into_option().map(Tensor::from_dispatch);
+    Ok((out.unsqueeze_dim(0), final_states))
 }
 
 /// One decode step on Burn tensors: q, k `[b, h, 1, d]`, v `[b, h, 1, e]`, the

@@ -189,3 +189,165 @@ fn layer_record_round_trips_through_a_file() {
     assert_ne!(before, expected, "a fresh layer differs before loading");
     assert_eq!(read(loaded.slopes.clone()), read(trained.slopes.clone()));
 }
+
+/// The layer on a packed batch (`forward_packed`, issue 29) equals the layer
+/// on each document alone, concatenated: outputs, final states from given
+/// states, and the gradients of every parameter. Padding rows are zeros
+/// (the norm of a zero attention output is zero, and no layer has a bias).
+#[test]
+fn layer_on_packed_batch_equals_layer_per_document() {
+    let _rng = rng_lock();
+    let device = device().autodiff();
+    let layer = config(1, 3).init(&device).expect("a valid config");
+    // BLOCK 16: a document within a block, one of exactly a block, one token, several blocks.
+    let lengths = [7usize, 16, 1, 21];
+    let padding = 2;
+    let mut cu = vec![0u32];
+    for len in lengths {
+        cu.push(cu.last().unwrap() + len as u32);
+    }
+    let tokens = *cu.last().unwrap() as usize + padding;
+    let (x_values, x) = input(1, tokens, 14, &device);
+    let docs = lengths.len();
+    let states_shape = [docs, HEADS, HEAD_DIM, HEAD_DIM];
+    let state_len = HEADS * HEAD_DIM * HEAD_DIM;
+    let state_values: Vec<f32> = SeededRng::new(15)
+        .values(docs * state_len)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let states = Tensor::<4>::from_data(TensorData::new(state_values.clone(), states_shape), &device);
+    let weights: Vec<f32> = SeededRng::new(16)
+        .values(tokens * HIDDEN)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let weight = |rows: std::ops::Range<usize>| {
+        let data = weights[rows.start * HIDDEN..rows.end * HIDDEN].to_vec();
+        Tensor::<3>::from_data(TensorData::new(data, [1, rows.len(), HIDDEN]), &device)
+    };
+    let parameters = |layer: &MiniMaxLinearAttention| {
+        [
+            layer.qkv.weight.val(),
+            layer.gate.weight.val(),
+            layer.out.weight.val(),
+        ]
+    };
+
+    // Packed, from zero states and from given ones.
+    let y = layer
+        .forward_packed(x.clone(), &cu)
+        .expect("a valid packed batch");
+    assert_eq!(y.dims(), [1, tokens, HIDDEN]);
+    let (y_states, finals) = layer
+        .forward_packed_with_states(x.clone(), &cu, Some(states.clone()))
+        .expect("a valid packed batch");
+    assert_eq!(finals.dims(), states_shape);
+    let loss = (y_states.clone() * weight(0..tokens)).sum() + finals.clone().sum();
+    let grads = loss.backward();
+    let packed_grads: Vec<Vec<f64>> = parameters(&layer)
+        .iter()
+        .map(|w| read(w.grad(&grads).expect("a gradient")))
+        .collect();
+    let (y, y_states, finals) = (read(y), read(y_states), read(finals));
+
+    // Each document alone, its gradients summed over the documents.
+    let mut expected_y = Vec::new();
+    let mut expected_y_states = Vec::new();
+    let mut expected_finals = Vec::new();
+    let mut summed: Vec<Vec<f64>> = packed_grads.iter().map(|g| vec![0.0; g.len()]).collect();
+    for doc in 0..docs {
+        let rows = cu[doc] as usize..cu[doc + 1] as usize;
+        let data: Vec<f32> = x_values[rows.start * HIDDEN..rows.end * HIDDEN]
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let x_doc = Tensor::<3>::from_data(TensorData::new(data, [1, rows.len(), HIDDEN]), &device);
+        expected_y.extend(read(layer.forward(x_doc.clone()).expect("a valid document")));
+        let state = state_values[doc * state_len..(doc + 1) * state_len].to_vec();
+        let state = Tensor::<4>::from_data(TensorData::new(state, [1, HEADS, HEAD_DIM, HEAD_DIM]), &device);
+        let (y_doc, final_doc) = layer
+            .forward_with_state(x_doc, Some(state))
+            .expect("a valid document");
+        let loss = (y_doc.clone() * weight(rows)).sum() + final_doc.clone().sum();
+        let grads = loss.backward();
+        for (sum, w) in summed.iter_mut().zip(parameters(&layer)) {
+            for (s, g) in sum.iter_mut().zip(read(w.grad(&grads).expect("a gradient"))) {
+                *s += g;
+            }
+        }
+        expected_y_states.extend(read(y_doc));
+        expected_finals.extend(read(final_doc));
+    }
+    let pad = padding * HIDDEN;
+    for (what, got, expected) in [
+        ("y", &y, &expected_y),
+        ("y from states", &y_states, &expected_y_states),
+    ] {
+        let (rows, tail) = got.split_at(got.len() - pad);
+        let err = relative_error(rows, expected);
+        assert!(
+            err < TOLERANCE,
+            "{what}: packed vs per document, relative error {err:e}"
+        );
+        assert!(tail.iter().all(|&v| v == 0.0), "{what}: padding rows not zero");
+    }
+    let err = relative_error(&finals, &expected_finals);
+    assert!(err < TOLERANCE, "final states: relative error {err:e}");
+    for (name, (got, expected)) in ["qkv", "gate", "out"]
+        .iter()
+        .zip(packed_grads.iter().zip(&summed))
+    {
+        let err = relative_error(got, expected);
+        assert!(
+            err < TOLERANCE,
+            "{name} gradient: packed vs per document, relative error {err:e}"
+        );
+    }
+}
+
+/// The packed forward's typed errors, in the layer's terms.
+#[test]
+fn layer_packed_errors_are_typed() {
+    let _rng = rng_lock();
+    let device = device();
+    let layer = config(0, 2).init(&device).expect("a valid config");
+    let (_, x) = input(1, 12, 17, &device);
+    let err = layer
+        .forward_packed(x.clone(), &[0, 8, 5, 12])
+        .expect_err("decreasing");
+    assert!(
+        matches!(
+            err,
+            lightning_attention::LightningError::OffsetsDecreasing { index: 2, .. }
+        ),
+        "{err}"
+    );
+    let err = layer.forward_packed(x.clone(), &[0, 13]).expect_err("past T");
+    assert!(
+        matches!(err, lightning_attention::LightningError::OffsetPastEnd { .. }),
+        "{err}"
+    );
+    let states = Tensor::<4>::zeros([3, HEADS, HEAD_DIM, HEAD_DIM], &device);
+    let err = layer
+        .forward_packed_with_states(x.clone(), &[0, 5, 12], Some(states))
+        .expect_err("states of 3 documents");
+    assert_eq!(
+        err,
+        lightning_attention::LightningError::Shape {
+            tensor: "states",
+            expected: vec![2, HEADS, HEAD_DIM, HEAD_DIM],
+            layout: "[N, h, d, d]",
+            actual: vec![3, HEADS, HEAD_DIM, HEAD_DIM],
+        }
+    );
+    let (_, two_rows) = input(2, 6, 18, &device);
+    let err = layer.forward_packed(two_rows, &[0, 6]).expect_err("two rows");
+    assert!(
+        matches!(
+            err,
+            lightning_attention::LightningError::Shape { tensor: "x", .. }
+        ),
+        "{err}"
+    );
+}

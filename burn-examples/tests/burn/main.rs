@@ -1,10 +1,11 @@
 //! The Burn backend extension through Burn's public API on the wgpu backend:
 //! forward against the f64 reference recurrence, gradients through autodiff
 //! against the f64 reference backward, the FLA layout, decode, and a typed
-//! error on bad input.
+//! error on bad input. Packed documents (`cu_seqlens`) are in `packed.rs`.
 
 mod layer;
 mod layout_errors;
+mod packed;
 mod training;
 
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};

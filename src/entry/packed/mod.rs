@@ -36,14 +36,16 @@
 
 use std::ops::Range;
 
+use cubecl::prelude::Client;
+
 use crate::device::limits::DeviceLimits;
-use crate::device::memory::Buffer;
+use crate::device::memory::{Buffer, fits_one_buffer};
 use crate::device::target::LaunchTarget;
 use crate::device::tensor::copy_or_zero;
 use crate::entry::backward::check_scale;
 use crate::entry::varlen::PlannedBatch;
 use crate::problem::packed::{VarlenShape, check_offsets_within, check_optional, check_packed_tensors};
-use crate::problem::shapes::MAX_ELEMENTS;
+use crate::problem::shapes::{MAX_ELEMENTS, TensorShape};
 use crate::routines::prefill::plan::{copies_precision, widens};
 use crate::routines::table::SequenceTable;
 use crate::{DType, DeviceTensor, PrefillConfig, Result, Routines};
@@ -334,4 +336,46 @@ pub fn plan_packed_limits(
         forward_groups: forward_groups.len(),
         backward_groups: backward.groups.len(),
     })
+}
+
+/// Validates and plans a packed training call, forward and backward, on
+/// `client`'s device from its tensors' shapes and dtypes alone, for a
+/// caller whose buffers do not exist yet (Burn's lazy Fusion backend): q,
+/// k `[T, h, d]`, v `[T, h, e]`, slopes `[h]` f32, `cu_seqlens` as
+/// [`PackedInputs`] takes it, optional initial states `[N, h, d, e]` f32.
+/// Every check of [`plan_packed_limits`] on the device's limits, the dtype
+/// supported on the device, and the outputs and gradients each fitting one
+/// buffer; the device's free memory is checked when the call runs.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_packed_shapes(
+    client: &Client,
+    q: &TensorShape,
+    k: &TensorShape,
+    v: &TensorShape,
+    slopes: &TensorShape,
+    cu_seqlens: &[u32],
+    initial_states: Option<&TensorShape>,
+    config: &PrefillConfig,
+) -> Result<PackedPlan> {
+    config.validate()?;
+    let mut shape = check_packed_tensors(q, k, v, slopes)?;
+    shape.sequences = check_offsets_within(cu_seqlens, shape.total_tokens)?;
+    check_optional(
+        initial_states,
+        "initial_states",
+        STATES,
+        &state_shape(&shape),
+        DType::F32,
+    )?;
+    shape.dtype.check_supported(client.properties(), client.name())?;
+    let limits = DeviceLimits::of(client);
+    let plan = plan_packed_limits(&limits, &shape, cu_seqlens, initial_states.is_some(), config)?;
+    for output in [
+        Buffer::tensor("out [T, h, e]", &shape.out_shape(), shape.dtype),
+        Buffer::tensor("dq [T, h, d]", &q.shape, shape.dtype),
+        Buffer::tensor("final_states [N, h, d, e] f32", &state_shape(&shape), DType::F32),
+    ] {
+        fits_one_buffer(output, limits.max_buffer)?;
+    }
+    Ok(plan)
 }
