@@ -13,6 +13,10 @@
 #            PREFILL_DTYPES, default bf16,f16,f32).
 #   train    forward+backward, bf16 and f32 split (TRAIN_SECONDS 240).
 #   mixed    the mixed serving step, bf16, default beside fused (MIXED_SECONDS 90).
+#   packed   training on a packed batch (8 documents of 100-8000 tokens, h = 64,
+#            d = 128), forward+backward, bf16, default beside fused, then FLA's
+#            chunk_simple_gla with cu_seqlens on the same batch
+#            (scripts/fla_packed.py; PACKED_SECONDS 150; carry .whl).
 #   ncu      Nsight Compute on one warm launch of the fused walk, the second
 #            shape (1,64,16384,128) bf16, by the rule at the variant the tuner
 #            kept there on the H100: chunk 32 (NCU_CONFIG 64/32), 32-wide
@@ -70,6 +74,17 @@ for part in "$@"; do
             --routines auto,fused --out "$out/bench-mixed" >"$out/bench-mixed.log" 2>&1
         echo "== mixed: exit $?"
         rows "$out/bench-mixed.log" 10
+        ;;
+    packed)
+        timeout "${PACKED_SECONDS:-150}" "$bench" --runtimes cuda --only packed --dtypes bf16 --configs 64/64 \
+            --routines auto,fused --out "$out/bench-packed" >"$out/bench-packed.log" 2>&1
+        echo "== packed: exit $?"
+        rows "$out/bench-packed.log" 10
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1
+        PYTHONPATH=/tmp/site timeout 120 python3 scripts/fla_packed.py --out "$out/fla-packed.json" \
+            >"$out/fla-packed.log" 2>&1
+        echo "== fla packed: exit $?"
+        tail -n 3 "$out/fla-packed.log"
         ;;
     ncu)
         # --reps 3: each shape launches the walk 10 times (1 check, 3 warm-up,

@@ -20,6 +20,7 @@ mod chart;
 mod decode_step;
 mod finite;
 mod mixed;
+mod packed;
 mod report;
 mod speculative;
 
@@ -44,10 +45,11 @@ struct Options {
     /// Prefill routines, `--routines auto,portable,chunk,fused` (auto: tensor cores and
     /// the chunk-recurrent routine where the device has them; chunk: that routine everywhere).
     routines: Vec<Routines>,
-    /// Which groups of rows run, `--only prefill,decode,training,mixed,step,verify,finite`
-    /// (default: all but `step`, the whole decode step of many layers,
-    /// `verify`, speculative decoding's verify step against plain steps, and
-    /// `finite`, the opt-in finite check beside the prefill and decode it follows).
+    /// Which groups of rows run, `--only prefill,decode,training,mixed,packed,step,verify,finite`
+    /// (default: all but `packed`, training on a packed batch of 8 documents,
+    /// `step`, the whole decode step of many layers, `verify`, speculative
+    /// decoding's verify step against plain steps, and `finite`, the opt-in
+    /// finite check beside the prefill and decode it follows).
     only: Vec<String>,
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
@@ -607,6 +609,12 @@ fn main() {
         }
         for &batch in decode_batches.iter().filter(|_| runs("finite")) {
             for row in finite::bench_decode_check(&client, &target, batch, &opts, bw) {
+                eprintln!("{}", row.line());
+                rows.push(row);
+            }
+        }
+        for &dtype in opts.dtypes.iter().filter(|_| runs("packed")) {
+            for row in packed::bench_packed(&client, &target, dtype, &opts, bw) {
                 eprintln!("{}", row.line());
                 rows.push(row);
             }
