@@ -235,7 +235,7 @@ pub enum Routines {
     /// portable walk (products on CUDA cores in f32; see [`FusedProducts`]).
     /// Where the device has the tensor-core walk but the call cannot take it
     /// (f32 inputs, tiles that do not fit), the chunk-recurrent routine runs
-    /// instead: the portable walk there was 10x slower (H100).
+    /// instead: the portable walk there was 5.5x slower (H100).
     /// A packed call with snapshots walks one block per segment, so that
     /// kv-reduce leaves every block's incoming state for kv-snapshot (the
     /// walk writes no state but the final one).

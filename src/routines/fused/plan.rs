@@ -84,9 +84,10 @@ pub struct FragmentWalk {
 /// on devices without the tensor-core walk, or where the caller asks for it
 /// ([`FusedProducts::Portable`]). `None` where the device has the tensor-core
 /// walk but this call cannot take it (f32 inputs, tiles that do not fit):
-/// there the portable walk, products on CUDA cores in f32, ran 10x slower
-/// than the chunk-recurrent routine on tensor cores (H100, SPEED_NOTES.md
-/// variant 19), so the call takes that routine instead.
+/// there the portable walk, products on CUDA cores in f32, ran 5.5x slower
+/// than the chunk-recurrent routine on tensor cores (26.4 against 4.8 ms at
+/// (1,64,16384,128) on an H100: SPEED_NOTES.md variant 19, BENCHMARKS.md),
+/// so the call takes that routine instead.
 pub(crate) fn plan(
     work: &PrefillWork,
     config: &PrefillConfig,
