@@ -11,7 +11,9 @@
 #            with the autotuner's choice (its log: every variant's median) and
 #            accuracy, then f32 Precision::Split the same way (PREFILL_SECONDS 300;
 #            PREFILL_DTYPES, default bf16,f16,f32).
-#   train    forward+backward, bf16 and f32 split (TRAIN_SECONDS 240).
+#   train    forward+backward, bf16 and f32 split (TRAIN_DTYPES), the default
+#            routines beside the fused ones (TRAIN_ROUTINES; TRAIN_SECONDS 240).
+#   SHAPES   (any part of ours) which of the bench's six shapes run, e.g. 0,1.
 #   mixed    the mixed serving step, bf16, default beside fused (MIXED_SECONDS 90).
 #   packed   training on a packed batch (8 documents of 100-8000 tokens, h = 64,
 #            d = 128), forward+backward, bf16, default beside fused, then FLA's
@@ -56,7 +58,7 @@ for part in "$@"; do
     prefill)
         autotune_log "$out/autotune-prefill.log"
         timeout "${PREFILL_SECONDS:-300}" "$bench" --runtimes cuda --only prefill --dtypes "${PREFILL_DTYPES:-bf16,f16,f32}" \
-            --precisions split --configs 64/64 --routines auto,fused --accuracy --out "$out/bench-prefill" \
+            --precisions split --configs 64/64 --routines auto,fused --accuracy ${SHAPES:+--shapes "$SHAPES"} --out "$out/bench-prefill" \
             >"$out/bench-prefill.log" 2>&1
         echo "== prefill: exit $?"
         rm -f cubecl.toml
@@ -64,8 +66,9 @@ for part in "$@"; do
         grep -E "^Fastest" "$out/autotune-prefill.log" | cut -c1-160 | head -30
         ;;
     train)
-        timeout "${TRAIN_SECONDS:-240}" "$bench" --runtimes cuda --only training --dtypes bf16,f32 \
-            --precisions split --configs 64/64 --out "$out/bench-train" >"$out/bench-train.log" 2>&1
+        timeout "${TRAIN_SECONDS:-240}" "$bench" --runtimes cuda --only training --dtypes "${TRAIN_DTYPES:-bf16,f32}" \
+            --precisions split --configs 64/64 --routines "${TRAIN_ROUTINES:-auto,fused}" ${SHAPES:+--shapes "$SHAPES"} \
+            --out "$out/bench-train" >"$out/bench-train.log" 2>&1
         echo "== training: exit $?"
         rows "$out/bench-train.log" 20
         ;;

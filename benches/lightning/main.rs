@@ -67,6 +67,9 @@ struct Options {
     step_layers: Vec<usize>,
     step_heads: Vec<usize>,
     step_batches: Vec<usize>,
+    /// Which of the six prefill shapes run, `--shapes 0,2,5` (indices into
+    /// the list; default all), so that one device command can take a few.
+    shapes: Option<Vec<usize>>,
     reps: usize,
     out: std::path::PathBuf,
     /// The measuring knobs every call takes, `--diag-value-tile N` (16 to
@@ -154,6 +157,11 @@ fn options() -> Options {
         step_layers: numbers(value("--step-layers"), "--step-layers", "70,4"),
         step_heads: numbers(value("--step-heads"), "--step-heads", "8,64"),
         step_batches: numbers(value("--step-batches"), "--step-batches", "1,16,64,256"),
+        shapes: value("--shapes").map(|list| {
+            list.split(',')
+                .map(|i| i.parse().expect("--shapes takes indices 0 to 5"))
+                .collect()
+        }),
         reps: value("--reps")
             .map(|r| r.parse().expect("--reps takes a number"))
             .unwrap_or(20),
@@ -522,6 +530,10 @@ fn main() {
             [16, 8, 4096, 128],
             [1, 64, 16384, 64],
         ]
+    };
+    let prefill_shapes: Vec<[usize; 4]> = match &opts.shapes {
+        Some(picked) => picked.iter().filter_map(|&i| prefill_shapes.get(i).copied()).collect(),
+        None => prefill_shapes,
     };
     let decode_batches: Vec<usize> = if opts.quick {
         vec![1, 16]
