@@ -126,7 +126,6 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let neg_slope = -slopes[head];
     let e0 = CUBE_POS_X as usize * value_tile;
     let unit = UNIT_POS as usize;
-    let units = CUBE_DIM as usize;
     let lane = unit % PLANE;
     let plane = unit / PLANE;
     // The value columns of this plane's state rows and output rows.
@@ -154,57 +153,28 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
     let mut tables = Shared::<[f32]>::new_slice(comptime!(5 * chunk + 1));
     let mut scratch = Shared::<[f32]>::new_slice(comptime!(if emulated { planes * SCRATCH } else { 1 }));
 
-    for m in range_stepped(unit, comptime!(5 * chunk + 1), units) {
-        let mut value = 0.0f32;
-        if m < comptime!(4 * chunk + 1) {
-            // `zeroed` then `scores_table`: the same shape, from `2C + 1`.
-            let mut x = m;
-            let mut factor = 1.0f32;
-            if m > comptime!(2 * chunk) {
-                x = m - comptime!(2 * chunk + 1);
-                factor = scale;
-            }
-            if x >= chunk {
-                value = factor * f32::exp(neg_slope * f32::cast_from((x - chunk) as u32));
-            }
-        } else {
-            let i = m - comptime!(4 * chunk + 1);
-            value = scale * f32::exp(neg_slope * f32::cast_from((i + 1) as u32));
-        }
-        tables[m] = value;
-    }
+    decay_tables(&mut tables, neg_slope, scale, chunk);
     let scores_table = comptime!(2 * chunk + 1);
     let lambdas = comptime!(4 * chunk + 1);
 
     // The state tile `S^T`, this plane's 16 rows: accumulator tile `x` holds
     // key columns `8 x .. 8 x + 8`.
-    let factor = initial_factor(initial_scale, neg_slope, advance_initial);
     let mut st = Array::<f32>::new(comptime!(key_tiles * C_ELEMS));
-    #[unroll(!emulated)]
-    for x in 0..key_tiles {
-        #[unroll]
-        for nth in 0..C_ELEMS {
-            let col = e0 + plane_e + c_row(lane, nth);
-            let key = x * 8 + c_col(lane, nth);
-            let mut value = 0.0f32;
-            if initial_slot >= 0 && key < key_dim && col < value_dim {
-                value = initial_element::<N>(
-                    initial,
-                    &states[0..],
-                    initial_slot as usize,
-                    head,
-                    h,
-                    key * value_dim + col,
-                    factor,
-                    key_dim,
-                    value_dim,
-                    initial_in_states,
-                    transpose_initial,
-                );
-            }
-            st[x * C_ELEMS + nth] = value;
-        }
-    }
+    load_state::<N>(
+        initial,
+        &states[0..],
+        &mut st,
+        initial_slot,
+        head,
+        h,
+        e0 + plane_e,
+        initial_factor(initial_scale, neg_slope, advance_initial),
+        key_dim,
+        value_dim,
+        initial_in_states,
+        transpose_initial,
+        emulated,
+    );
 
     // This plane's share of the chunk's scores: `tiles_per_plane` 16 x 8
     // tiles of one row block (planes past the last tile compute a copy of
@@ -456,21 +426,127 @@ pub fn fused_fragments<F: Float, N: Size, NV: Size>(
         }
     }
 
-    // A segment's state goes nowhere (`walk_slots`).
-    if final_slot >= 0 {
-        let factor = final_factor(final_scale, neg_slope, retreat_final);
-        let base = (final_slot as usize * h + head) * comptime!(key_dim * value_dim);
+    store_state::<N>(
+        states,
+        &st,
+        final_slot,
+        head,
+        h,
+        e0 + plane_e,
+        final_factor(final_scale, neg_slope, retreat_final),
+        key_dim,
+        value_dim,
+        emulated,
+    );
+}
+
+/// This plane's 16 rows of the state tile `S^T` (value columns from
+/// `col0`; accumulator tile `x` holds key columns `8 x .. 8 x + 8`) from the
+/// initial state in `slot` times `factor` (`kv_reduce::initial_element`),
+/// zero where `slot` is negative and past `d` and `e`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_state<N: Size>(
+    initial: &[Vector<f32, N>],
+    states: &[Vector<f32, N>],
+    st: &mut Array<f32>,
+    slot: i32,
+    head: usize,
+    heads: usize,
+    col0: usize,
+    factor: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] in_states: bool,
+    #[comptime] transposed: bool,
+    #[comptime] emulated: bool,
+) {
+    let lane = UNIT_POS as usize % PLANE;
+    let key_tiles = comptime!(key_dim.div_ceil(16) * 2);
+    #[unroll(!emulated)]
+    for x in 0..key_tiles {
+        #[unroll]
+        for nth in 0..C_ELEMS {
+            let col = col0 + c_row(lane, nth);
+            let key = x * 8 + c_col(lane, nth);
+            let mut value = 0.0f32;
+            if slot >= 0 && key < key_dim && col < value_dim {
+                value = initial_element::<N>(
+                    initial,
+                    states,
+                    slot as usize,
+                    head,
+                    heads,
+                    key * value_dim + col,
+                    factor,
+                    key_dim,
+                    value_dim,
+                    in_states,
+                    transposed,
+                );
+            }
+            st[x * C_ELEMS + nth] = value;
+        }
+    }
+}
+
+/// This plane's rows of `st` (as [`load_state`] holds them) times `factor`
+/// into slot `slot` of `states`, where `slot` is not negative (a segment's
+/// state goes nowhere: `walk_slots`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_state<N: Size>(
+    states: &mut [Vector<f32, N>],
+    st: &Array<f32>,
+    slot: i32,
+    head: usize,
+    heads: usize,
+    col0: usize,
+    factor: f32,
+    #[comptime] key_dim: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] emulated: bool,
+) {
+    let lane = UNIT_POS as usize % PLANE;
+    let key_tiles = comptime!(key_dim.div_ceil(16) * 2);
+    if slot >= 0 {
+        let base = (slot as usize * heads + head) * comptime!(key_dim * value_dim);
         #[unroll(!emulated)]
         for x in 0..key_tiles {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let col = e0 + plane_e + c_row(lane, nth);
+                let col = col0 + c_row(lane, nth);
                 let key = x * 8 + c_col(lane, nth);
                 if key < key_dim && col < value_dim {
                     states[base + key * value_dim + col] = Vector::new(st[x * C_ELEMS + nth] * factor);
                 }
             }
         }
+    }
+}
+
+/// Fills the decay tables (the layout above: `zeroed`, `scores_table`,
+/// `lambdas`, `5 chunk + 1` f32), every unit of the cube a share.
+#[cube]
+pub(crate) fn decay_tables(tables: &mut Shared<[f32]>, neg_slope: f32, scale: f32, #[comptime] chunk: usize) {
+    for m in range_stepped(UNIT_POS as usize, comptime!(5 * chunk + 1), CUBE_DIM as usize) {
+        let mut value = 0.0f32;
+        if m < comptime!(4 * chunk + 1) {
+            // `zeroed` then `scores_table`: the same shape, from `2C + 1`.
+            let mut x = m;
+            let mut factor = 1.0f32;
+            if m > comptime!(2 * chunk) {
+                x = m - comptime!(2 * chunk + 1);
+                factor = scale;
+            }
+            if x >= chunk {
+                value = factor * f32::exp(neg_slope * f32::cast_from((x - chunk) as u32));
+            }
+        } else {
+            let i = m - comptime!(4 * chunk + 1);
+            value = scale * f32::exp(neg_slope * f32::cast_from((i + 1) as u32));
+        }
+        tables[m] = value;
     }
 }
 
@@ -533,7 +609,136 @@ fn chunk_products<F: Float, NV: Size>(
     #[comptime] reversed: bool,
     #[comptime] emulated: bool,
 ) {
-    // P = scale * (Q K^T ⊙ D), this plane's tiles, into shared memory.
+    scores_into::<F>(
+        q_s,
+        k_s,
+        p_s,
+        tables,
+        scratch,
+        set_key,
+        q_a,
+        k_b,
+        a_key,
+        b_key,
+        b_key_one,
+        a_chunk,
+        mask_at,
+        p_at,
+        first_tile,
+        score_row,
+        score_col,
+        key_steps,
+        key_stride,
+        chunk_stride,
+        tiles_per_plane,
+        score_pairs,
+        score_tiles,
+        scores_table,
+        emulated,
+    );
+    sync_cube();
+    let mut acc = Array::<f32>::new(comptime!(chunk_tiles * C_ELEMS));
+    outputs_and_update::<F>(
+        q_s,
+        k_s,
+        v_s,
+        p_s,
+        tables,
+        scratch,
+        st,
+        &mut acc,
+        set_key,
+        set_value,
+        len,
+        b_key,
+        b_update,
+        a_value,
+        b_chunk,
+        t2,
+        plane_e,
+        key_steps,
+        key_tiles,
+        key_stride,
+        chunk,
+        chunk_steps,
+        chunk_tiles,
+        chunk_stride,
+        value_stride,
+        lambdas,
+        emulated,
+    );
+
+    // The outputs: element (value column, query) of each accumulator
+    // into the chunk's output tile, then whole rows of it to `out`.
+    #[unroll(!emulated)]
+    for pair in 0..comptime!(chunk_tiles / 2) {
+        let at = pair * comptime!(16 * value_stride) + plane_e;
+        store_c_pair::<F>(
+            o_s,
+            at,
+            at + a_value,
+            &acc,
+            2 * pair * C_ELEMS,
+            value_stride,
+            true,
+            emulated,
+        );
+    }
+    sync_cube();
+    store_chunk::<F, NV>(
+        &*o_s,
+        out,
+        row0,
+        n,
+        step,
+        c0,
+        len,
+        e0,
+        value_dim,
+        chunk,
+        value_tile,
+        value_stride,
+        comptime!(planes * PLANE),
+        reversed,
+    );
+}
+
+/// This plane's share of one chunk's scores `P = scale * (A B^T ⊙ D)` into
+/// `p_s` (row-major, `chunk_stride` apart), in the operand type: `A` and `B`
+/// the staged rows of `a_s` and `b_s` in the set at `set_key` (`key_steps` steps
+/// of 16 columns, `key_stride` apart), `D` the decay from the tables with the
+/// mask and the scale in it. The forward's `Q K^T`; the backward's dk and dv
+/// walk also takes `V DO^T` through it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores_into<F: Float>(
+    a_s: &Shared<[F]>,
+    b_s: &Shared<[F]>,
+    p_s: &mut Shared<[F]>,
+    tables: &Shared<[f32]>,
+    scratch: &mut Shared<[f32]>,
+    set_key: usize,
+    q_a: usize,
+    k_b: usize,
+    a_key: usize,
+    b_key: usize,
+    b_key_one: usize,
+    a_chunk: usize,
+    mask_at: usize,
+    p_at: usize,
+    first_tile: usize,
+    score_row: usize,
+    score_col: usize,
+    #[comptime] key_steps: usize,
+    #[comptime] key_stride: usize,
+    #[comptime] chunk_stride: usize,
+    #[comptime] tiles_per_plane: usize,
+    #[comptime] score_pairs: usize,
+    #[comptime] score_tiles: usize,
+    #[comptime] scores_table: usize,
+    #[comptime] emulated: bool,
+) {
+    // P = scale * (A B^T ⊙ D), this plane's tiles, into shared memory.
     let mut scores = Array::<f32>::new(comptime!(tiles_per_plane * C_ELEMS));
     #[unroll(!emulated)]
     for x in 0..tiles_per_plane * C_ELEMS {
@@ -543,13 +748,13 @@ fn chunk_products<F: Float, NV: Size>(
     for ks in 0..key_steps {
         let mut a = Array::<F>::new(A_ELEMS);
         let at = set_key + q_a + ks * 16;
-        load_a::<F>(q_s, at, at + a_key, &mut a, key_stride, false, emulated);
+        load_a::<F>(a_s, at, at + a_key, &mut a, key_stride, false, emulated);
         #[unroll(!emulated)]
         for pair in 0..score_pairs {
             let at = set_key + k_b + pair * comptime!(16 * key_stride) + ks * 16;
             mma_pair::<F>(
                 &a,
-                k_s,
+                b_s,
                 at,
                 at + b_key,
                 &mut scores,
@@ -563,7 +768,7 @@ fn chunk_products<F: Float, NV: Size>(
         if comptime!(tiles_per_plane % 2 == 1) {
             let mut b = Array::<F>::new(B_ELEMS);
             let at = set_key + k_b + comptime!(2 * score_pairs * 8 * key_stride) + ks * 16;
-            load_b::<F>(k_s, at, at + b_key_one, &mut b, key_stride, false, emulated);
+            load_b::<F>(b_s, at, at + b_key_one, &mut b, key_stride, false, emulated);
             mma_at::<F>(
                 &a,
                 &b,
@@ -602,16 +807,53 @@ fn chunk_products<F: Float, NV: Size>(
         if comptime!(tiles_per_plane % 2 == 1) {
             #[unroll]
             for nth in 0..C_ELEMS {
-                let i = score_row + comptime!(c_row_offset(nth));
-                let j = score_col + comptime!(2 * score_pairs * 8 + c_col_offset(nth));
-                p_s[i * chunk_stride + j] = F::cast_from(scores[comptime!(2 * score_pairs * C_ELEMS) + nth]);
+                // From this plane's first tile at `p_at` (`score_row % 16`
+                // and `score_col % 8` are the lane's row and column in it).
+                let i = score_row % 16 + comptime!(c_row_offset(nth));
+                let j = score_col % 8 + comptime!(2 * score_pairs * 8 + c_col_offset(nth));
+                p_s[p_at + i * chunk_stride + j] =
+                    F::cast_from(scores[comptime!(2 * score_pairs * C_ELEMS) + nth]);
             }
         }
     }
-    sync_cube();
+}
 
+/// One chunk's outputs and state update, after its scores are in `p_s`:
+/// `acc` (`chunk_tiles` accumulator tiles, `O^T`, rows this plane's value
+/// columns) `= λ (S^T Q^T) + V^T P^T`, and `S^T = exp(-s len) S^T + V^T (K ⊙ κ)`
+/// in `st`. `Q`, `K` in the set at `set_key`, `V` at `set_value`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn outputs_and_update<F: Float>(
+    q_s: &Shared<[F]>,
+    k_s: &Shared<[F]>,
+    v_s: &Shared<[F]>,
+    p_s: &mut Shared<[F]>,
+    tables: &Shared<[f32]>,
+    scratch: &mut Shared<[f32]>,
+    st: &mut Array<f32>,
+    acc: &mut Array<f32>,
+    set_key: usize,
+    set_value: usize,
+    len: usize,
+    b_key: usize,
+    b_update: usize,
+    a_value: usize,
+    b_chunk: usize,
+    t2: usize,
+    plane_e: usize,
+    #[comptime] key_steps: usize,
+    #[comptime] key_tiles: usize,
+    #[comptime] key_stride: usize,
+    #[comptime] chunk: usize,
+    #[comptime] chunk_steps: usize,
+    #[comptime] chunk_tiles: usize,
+    #[comptime] chunk_stride: usize,
+    #[comptime] value_stride: usize,
+    #[comptime] lambdas: usize,
+    #[comptime] emulated: bool,
+) {
     // O^T = λ (S^T Q^T): the state as the left operand, from registers.
-    let mut acc = Array::<f32>::new(comptime!(chunk_tiles * C_ELEMS));
     #[unroll(!emulated)]
     for x in 0..chunk_tiles * C_ELEMS {
         acc[x] = 0.0f32;
@@ -632,7 +874,7 @@ fn chunk_products<F: Float, NV: Size>(
                 q_s,
                 at,
                 at + b_key,
-                &mut acc,
+                acc,
                 2 * pair * C_ELEMS,
                 scratch,
                 key_stride,
@@ -671,7 +913,7 @@ fn chunk_products<F: Float, NV: Size>(
                 &*p_s,
                 at,
                 at + b_chunk,
-                &mut acc,
+                acc,
                 2 * pair * C_ELEMS,
                 scratch,
                 chunk_stride,
@@ -705,40 +947,6 @@ fn chunk_products<F: Float, NV: Size>(
             );
         }
     }
-
-    // The outputs: element (value column, query) of each accumulator
-    // into the chunk's output tile, then whole rows of it to `out`.
-    #[unroll(!emulated)]
-    for pair in 0..comptime!(chunk_tiles / 2) {
-        let at = pair * comptime!(16 * value_stride) + plane_e;
-        store_c_pair::<F>(
-            o_s,
-            at,
-            at + a_value,
-            &acc,
-            2 * pair * C_ELEMS,
-            value_stride,
-            true,
-            emulated,
-        );
-    }
-    sync_cube();
-    store_chunk::<F, NV>(
-        &*o_s,
-        out,
-        row0,
-        n,
-        step,
-        c0,
-        len,
-        e0,
-        value_dim,
-        chunk,
-        value_tile,
-        value_stride,
-        comptime!(planes * PLANE),
-        reversed,
-    );
 }
 
 /// Copies the chunk's `len` tokens from `c0` into the set at `set_key`
@@ -750,7 +958,7 @@ fn chunk_products<F: Float, NV: Size>(
 /// not stored). Requires `key_dim` a multiple of 16 (no padding columns).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn copy_chunk<F: Float, NV: Size>(
+pub(crate) fn copy_chunk<F: Float, NV: Size>(
     q: &[Vector<F, NV>],
     k: &[Vector<F, NV>],
     v: &[Vector<F, NV>],
@@ -776,15 +984,11 @@ fn copy_chunk<F: Float, NV: Size>(
 ) {
     let lanes = NV::value();
     let key_vectors = comptime!(key_dim / lanes);
-    let value_vectors = comptime!(value_tile / lanes);
     let key_share = comptime!((chunk * key_vectors).div_ceil(units));
-    let value_share = comptime!((chunk * value_vectors).div_ceil(units));
-    let value_width = comptime!(value_dim / lanes);
     let unit = UNIT_POS as usize;
     let last = len - 1;
     let q_view = q_s.as_vectorized_mut().with_vector_size_mut::<NV>();
     let k_view = k_s.as_vectorized_mut().with_vector_size_mut::<NV>();
-    let v_view = v_s.as_vectorized_mut().with_vector_size_mut::<NV>();
     #[unroll]
     for x in 0..key_share {
         let idx = x * units + unit;
@@ -805,6 +1009,56 @@ fn copy_chunk<F: Float, NV: Size>(
             );
         }
     }
+    copy_value_rows::<F, NV>(
+        v,
+        v_s,
+        set_value,
+        row0,
+        n,
+        step,
+        c0,
+        len,
+        e0,
+        value_dim,
+        chunk,
+        value_stride,
+        value_tile,
+        units,
+        reversed,
+    );
+}
+
+/// The `V` part of [`copy_chunk`]: the chunk's rows of `v` (the tile's
+/// `value_tile` columns from `e0`) into the set at `set_value` of `v_s`,
+/// with 16-byte asynchronous copies, rows past `len` and columns past
+/// `value_dim` clamped. The backward's dk and dv walk copies its fourth
+/// tensor through it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_value_rows<F: Float, NV: Size>(
+    v: &[Vector<F, NV>],
+    v_s: &mut Shared<[F]>,
+    set_value: usize,
+    row0: usize,
+    n: usize,
+    step: usize,
+    c0: usize,
+    len: usize,
+    e0: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_stride: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = NV::value();
+    let value_vectors = comptime!(value_tile / lanes);
+    let value_share = comptime!((chunk * value_vectors).div_ceil(units));
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    let last = len - 1;
+    let v_view = v_s.as_vectorized_mut().with_vector_size_mut::<NV>();
     #[unroll]
     for x in 0..value_share {
         let idx = x * units + unit;
@@ -830,7 +1084,7 @@ fn copy_chunk<F: Float, NV: Size>(
 /// it stores any, so that the loads are in flight together.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_chunk<F: Float, NV: Size>(
+pub(crate) fn stage_chunk<F: Float, NV: Size>(
     q: &[Vector<F, NV>],
     k: &[Vector<F, NV>],
     v: &[Vector<F, NV>],
@@ -856,11 +1110,8 @@ fn stage_chunk<F: Float, NV: Size>(
 ) {
     let lanes = NV::value();
     let key_vectors = comptime!(key_pad / lanes);
-    let value_vectors = comptime!(value_tile / lanes);
     let key_share = comptime!((chunk * key_vectors).div_ceil(units));
-    let value_share = comptime!((chunk * value_vectors).div_ceil(units));
     let key_width = comptime!(key_dim / lanes);
-    let value_width = comptime!(value_dim / lanes);
     let unit = UNIT_POS as usize;
     let zero = Vector::<F, NV>::new(F::cast_from(0.0f32));
     // Every load reads a valid vector (rows past `len` and columns past the
@@ -870,7 +1121,7 @@ fn stage_chunk<F: Float, NV: Size>(
     let last = len - 1;
     let mut q_regs = Array::<Vector<F, NV>>::new(key_share);
     let mut k_regs = Array::<Vector<F, NV>>::new(key_share);
-    let mut v_regs = Array::<Vector<F, NV>>::new(value_share);
+    let mut v_regs = Array::<Vector<F, NV>>::new(comptime!(value_share(chunk, value_tile, lanes, units)));
     #[unroll]
     for x in 0..key_share {
         let idx = x * units + unit;
@@ -880,13 +1131,21 @@ fn stage_chunk<F: Float, NV: Size>(
         q_regs[x] = q[at];
         k_regs[x] = k[at];
     }
-    #[unroll]
-    for x in 0..value_share {
-        let idx = x * units + unit;
-        let r = min(idx / value_vectors, last);
-        let c = min(e0 / lanes + idx % value_vectors, comptime!(value_width - 1));
-        v_regs[x] = v[token_row(row0, c0 + r, n, step, reversed) * value_width + c];
-    }
+    load_value_rows::<F, NV>(
+        v,
+        &mut v_regs,
+        row0,
+        n,
+        step,
+        c0,
+        len,
+        e0,
+        value_dim,
+        chunk,
+        value_tile,
+        units,
+        reversed,
+    );
     #[unroll]
     for x in 0..key_share {
         let idx = x * units + unit;
@@ -901,19 +1160,93 @@ fn stage_chunk<F: Float, NV: Size>(
             }
         }
     }
+    store_value_rows::<F, NV>(
+        v_s,
+        &v_regs,
+        len,
+        e0,
+        value_dim,
+        chunk,
+        value_stride,
+        value_tile,
+        units,
+        emulated,
+    );
+}
+
+/// The `V` loads of [`stage_chunk`] into `regs` (`value_share` vectors per
+/// unit, [`value_share()`]): the chunk's rows of `v`, the tile's columns
+/// from `e0`, rows past `len` and columns past `value_dim` clamped.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_value_rows<F: Float, NV: Size>(
+    v: &[Vector<F, NV>],
+    regs: &mut Array<Vector<F, NV>>,
+    row0: usize,
+    n: usize,
+    step: usize,
+    c0: usize,
+    len: usize,
+    e0: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] reversed: bool,
+) {
+    let lanes = NV::value();
+    let value_vectors = comptime!(value_tile / lanes);
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    let last = len - 1;
     #[unroll]
-    for x in 0..value_share {
+    for x in 0..comptime!(value_share(chunk, value_tile, lanes, units)) {
+        let idx = x * units + unit;
+        let r = min(idx / value_vectors, last);
+        let c = min(e0 / lanes + idx % value_vectors, comptime!(value_width - 1));
+        regs[x] = v[token_row(row0, c0 + r, n, step, reversed) * value_width + c];
+    }
+}
+
+/// The `V` stores of [`stage_chunk`]: `regs` from [`load_value_rows`] into
+/// `v_s` (rows `value_stride` apart), zero past `len` and `value_dim`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_value_rows<F: Float, NV: Size>(
+    v_s: &mut Shared<[F]>,
+    regs: &Array<Vector<F, NV>>,
+    len: usize,
+    e0: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] chunk: usize,
+    #[comptime] value_stride: usize,
+    #[comptime] value_tile: usize,
+    #[comptime] units: usize,
+    #[comptime] emulated: bool,
+) {
+    let lanes = NV::value();
+    let value_vectors = comptime!(value_tile / lanes);
+    let value_width = comptime!(value_dim / lanes);
+    let unit = UNIT_POS as usize;
+    let zero = Vector::<F, NV>::new(F::cast_from(0.0f32));
+    #[unroll]
+    for x in 0..comptime!(value_share(chunk, value_tile, lanes, units)) {
         let idx = x * units + unit;
         if idx < comptime!(chunk * value_vectors) {
             let r = idx / value_vectors;
             let at = r * value_stride + (idx % value_vectors) * lanes;
             if r < len && e0 / lanes + idx % value_vectors < value_width {
-                store_vector::<F, NV>(v_s, at, v_regs[x], emulated);
+                store_vector::<F, NV>(v_s, at, regs[x], emulated);
             } else {
                 store_vector::<F, NV>(v_s, at, zero, emulated);
             }
         }
     }
+}
+
+/// Vectors of a chunk's value tile each unit stages.
+pub(crate) const fn value_share(chunk: usize, value_tile: usize, lanes: usize, units: usize) -> usize {
+    (chunk * (value_tile / lanes)).div_ceil(units)
 }
 
 /// Stores `value` at `tile[at .. at + NV]`: one 16-byte store on tensor
@@ -944,7 +1277,7 @@ fn store_vector<F: Float, NV: Size>(
 /// of `NV`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store_chunk<F: Float, NV: Size>(
+pub(crate) fn store_chunk<F: Float, NV: Size>(
     o_s: &Shared<[F]>,
     out: &mut [Vector<F, NV>],
     row0: usize,

@@ -62,6 +62,7 @@ pub mod fragment_loads;
 pub mod fragments;
 pub mod fused;
 pub mod fused_fragments;
+pub mod fused_key_value;
 pub mod kv_parallel;
 pub mod kv_parallel_cmma;
 pub mod kv_reduce;

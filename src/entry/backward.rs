@@ -22,8 +22,11 @@
 //! as one pass: `kernels::backward_diag` writes the intra-block parts of both,
 //! the dv pass's kv-parallel and kv-reduce carry `G`, and
 //! `kernels::backward_non_diag` adds both gradients' parts from it (see
-//! `routines::backward`). Where diag runs on tensor cores, the two
-//! forward passes run instead, each on the tensor-core routines.
+//! `routines::backward`). With the fused routine's tensor-core walk they run
+//! as one reverse walk, `kernels::fused_key_value`, which carries `G` on the
+//! chip and writes both (`PrefillPlan::for_key_value`; the dq pass is the
+//! fused forward walk). Where diag runs on tensor cores, the two forward
+//! passes run instead, each on the tensor-core routines.
 //! Slopes are not differentiated: they are fixed per layer.
 
 use cubecl::prelude::*;
@@ -37,6 +40,7 @@ use crate::routines::backward::launch::BackwardLaunch;
 use crate::routines::backward::plan::BackwardPlan;
 use crate::routines::common::{Call, Layout, Stage, Variant};
 use crate::routines::five_kernels::diag::DiagRoutine;
+use crate::routines::fused::launch as fused_launch;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
 use crate::routines::table::PrefillWork;
@@ -122,6 +126,32 @@ pub(crate) fn check_scale(config: &PrefillConfig) -> Result<()> {
 /// buffers (see [`crate::memory`]).
 pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
     backward_on(LaunchTarget::Device(client), inputs, config)
+}
+
+/// The plans of the passes a [`backward`] of `inputs` with `config` runs on
+/// `client`'s device, validated as it validates them (of the f32 copies
+/// where 16-bit inputs run widened): the dv pass's, whose fused walk is the
+/// dk and dv walk where one reverse walk gives both gradients
+/// ([`crate::plan::FragmentWalk::key_value`]), and the dq and dk passes'
+/// (`d` and `e` swapped). For callers that check which routines run.
+pub fn plan_backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<[PrefillPlan; 2]> {
+    config.validate()?;
+    let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
+    check_upstream(inputs, &shape)?;
+    shape.dtype.check_supported(client.properties(), client.name())?;
+    check_scale(config)?;
+    let limits = DeviceLimits::of(client);
+    let (shape, config) = if widens(shape.dtype, config, &limits) {
+        let wide = PrefillShape {
+            dtype: DType::F32,
+            ..shape
+        };
+        (wide, config.with_precision(copies_precision(shape.dtype)))
+    } else {
+        (shape, *config)
+    };
+    let (_, plan, swapped_plan) = plan_passes(&shape, &config, &limits)?;
+    Ok([plan, swapped_plan])
 }
 
 /// [`backward`] on `target`'s device.
@@ -257,7 +287,7 @@ pub(crate) fn run_passes(
                 swap: bool,
                 (initial, states): (Option<&DeviceTensor>, Option<&DeviceTensor>),
                 variant: Variant,
-                key_value_kernels: Option<&BackwardPlan>| {
+                key_value: KeyValue| {
         let (pass_plan, (key_dim, value_dim)) = if swap {
             (passes.plans[1], (e, d))
         } else {
@@ -289,9 +319,28 @@ pub(crate) fn run_passes(
             plan: pass_plan,
             decode: None,
         };
-        let Some(key_value_plan) = key_value_kernels else {
-            call.run(&mut |_, launch| launch());
-            return;
+        let key_value_plan = match key_value {
+            KeyValue::Separate => {
+                call.run(&mut |_, launch| launch());
+                return;
+            }
+            KeyValue::Walk => {
+                // The dv pass's walk gives way to the dk and dv walk.
+                let fused = pass_plan.fused.as_ref().expect("the dk and dv walk is planned");
+                call.run(&mut |stage, launch| match stage {
+                    Stage::Fused => fused_launch::launch_key_value(
+                        &call.call,
+                        &pass_plan.staging(),
+                        fused,
+                        &pass_plan.kv_parallel,
+                        &pass_plan.kv_reduce,
+                        [inputs.v, dk],
+                    ),
+                    _ => launch(),
+                });
+                return;
+            }
+            KeyValue::Kernels(plan) => plan,
         };
         let kernels = BackwardLaunch {
             target,
@@ -329,7 +378,7 @@ pub(crate) fn run_passes(
             transpose_initial: true,
             ..Variant::FORWARD
         },
-        None,
+        KeyValue::Separate,
     );
     // dv = k G, backwards in time; its final state gives d_initial = a G_1.
     let reverse = Variant {
@@ -344,18 +393,24 @@ pub(crate) fn run_passes(
         ..reverse
     };
     let dv_operands = [inputs.k, inputs.q, inputs.d_out, dv];
-    if let Some(key_value_plan) = passes.key_value {
+    let together = match passes.key_value {
         // dv and dk together from the one reverse sweep.
-        pass(
-            dv_operands,
-            false,
-            (inputs.d_final, d_initial),
-            dv_variant,
-            Some(key_value_plan),
-        );
+        Some(plan) => Some(KeyValue::Kernels(plan)),
+        // dv and dk together from the one reverse walk.
+        None if passes.plans[0].walks_key_value() => Some(KeyValue::Walk),
+        None => None,
+    };
+    if let Some(key_value) = together {
+        pass(dv_operands, false, (inputs.d_final, d_initial), dv_variant, key_value);
         return;
     }
-    pass(dv_operands, false, (inputs.d_final, d_initial), dv_variant, None);
+    pass(
+        dv_operands,
+        false,
+        (inputs.d_final, d_initial),
+        dv_variant,
+        KeyValue::Separate,
+    );
     // dk = v G^T, backwards in time, from dF transposed.
     pass(
         [inputs.v, inputs.d_out, inputs.q, dk],
@@ -365,8 +420,21 @@ pub(crate) fn run_passes(
             transpose_initial: true,
             ..reverse
         },
-        None,
+        KeyValue::Separate,
     );
+}
+
+/// How a pass of [`run_passes`] gives dk beside its own gradient.
+#[derive(Clone, Copy)]
+enum KeyValue<'a> {
+    /// It does not: the pass runs as a forward pass.
+    Separate,
+    /// The dv pass's diag and non-diag give way to the backward kernels of dk
+    /// and dv ([`key_value_plan`]).
+    Kernels(&'a BackwardPlan),
+    /// The dv pass's fused walk gives way to the dk and dv walk
+    /// (`PrefillPlan::for_key_value`).
+    Walk,
 }
 
 /// The plans of a backward pass's forward passes: the shape with `d` and
@@ -386,8 +454,9 @@ fn plan_passes(
     Ok((swapped, plan, swapped_plan))
 }
 
-/// The plans of the passes of a backward of `work`: as it is (the dv pass)
-/// and with `d` and `e` swapped (the dq and dk passes).
+/// The plans of the passes of a backward of `work`: as it is (the dv pass,
+/// the dk and dv walk where it applies: `PrefillPlan::for_key_value`) and
+/// with `d` and `e` swapped (the dq and dk passes).
 pub(crate) fn plan_work(
     work: &PrefillWork,
     config: &PrefillConfig,
@@ -399,7 +468,7 @@ pub(crate) fn plan_work(
         ..*work
     };
     Ok([
-        PrefillPlan::new(work, config, limits)?,
+        PrefillPlan::new(work, config, limits)?.for_key_value(work, config, limits),
         PrefillPlan::new(&swapped, config, limits)?,
     ])
 }

@@ -85,6 +85,12 @@ pub struct Tuning {
     /// cubecl's autotuner on the first call of each shape bucket (the
     /// default), or by the plan's fixed rule.
     pub fused_choice: FusedChoice,
+    /// The fused backward's gradients of k and v: one reverse walk that
+    /// carries the gradient state once and writes both (`false`: the default,
+    /// where the tensor-core walk runs and all of `e` fits one cube), or, with
+    /// `true`, two reverse forward walks, one per gradient (as the other
+    /// routines run them).
+    pub fused_separate_key_value: bool,
 }
 
 /// How the fused routine's tensor-core walk ([`Routines::Fused`]) picks its

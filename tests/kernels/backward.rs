@@ -3,31 +3,33 @@
 
 use lightning_attention::reference::{Dims, backward as reference_backward};
 use lightning_attention::{
-    BackwardInputs, DType, LightningError, Precision, PrefillConfig, Routines, backward,
+    BackwardInputs, DType, LightningError, Precision, PrefillConfig, Routines, Tuning, backward,
 };
 use proptest::prelude::*;
 
 use crate::common::*;
 
 #[derive(Clone, Debug)]
-struct Case {
-    block: usize,
-    sub_block: usize,
-    batch: usize,
-    heads: usize,
-    seq_len: usize,
-    key_dim: usize,
-    value_dim: usize,
-    initial: bool,
-    d_final: bool,
-    scale: Option<f32>,
-    dtype: DType,
+pub struct Case {
+    pub block: usize,
+    pub sub_block: usize,
+    pub batch: usize,
+    pub heads: usize,
+    pub seq_len: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub initial: bool,
+    pub d_final: bool,
+    pub scale: Option<f32>,
+    pub dtype: DType,
     /// ChunkRecurrent runs the reverse sweep (and the dq pass) through the
     /// chunk-recurrent state pass, portable where tensor cores are absent.
-    routines: Routines,
+    pub routines: Routines,
     /// How f32 products are taken (16-bit inputs ignore it).
-    precision: Precision,
-    seed: u64,
+    pub precision: Precision,
+    /// The measuring knobs (the fused backward's tests force its walks).
+    pub tuning: Tuning,
+    pub seed: u64,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -82,6 +84,7 @@ fn case() -> impl Strategy<Value = Case> {
                     dtype,
                     routines,
                     precision,
+                    tuning: tuning(),
                     seed,
                 })
             },
@@ -93,8 +96,15 @@ proptest! {
 
     #[test]
     fn backward_matches_reference(case in case()) {
+        gradients_match_reference(&case)?;
+    }
+}
+
+/// Runs `case`'s backward on fresh random inputs and checks each gradient
+/// against the f64 reference backward.
+pub fn gradients_match_reference(case: &Case) -> Result<(), TestCaseError> {
         let client = client();
-        let Case { batch: b, heads: h, seq_len: n, key_dim: d, value_dim: e, dtype, .. } = case;
+        let Case { batch: b, heads: h, seq_len: n, key_dim: d, value_dim: e, dtype, .. } = *case;
         let mut rng = SeededRng::new(case.seed);
         let q = rng.values(b * h * n * d, dtype);
         let k = rng.values(b * h * n * d, dtype);
@@ -121,7 +131,8 @@ proptest! {
         };
         let mut config = PrefillConfig::new(case.block, case.sub_block)
             .with_routines(case.routines)
-            .with_precision(case.precision);
+            .with_precision(case.precision)
+            .with_tuning(case.tuning);
         config.scale = case.scale;
         let grads = backward(&client, &inputs, &config).expect("a valid backward pass");
 
@@ -155,7 +166,7 @@ proptest! {
             let err = bounded_error(&read(&client, actual), expected, magnitude);
             prop_assert!(err < tol, "{name}: error {err:e} of its magnitude for {case:?}");
         }
-    }
+        Ok(())
 }
 
 #[test]

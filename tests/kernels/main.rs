@@ -14,6 +14,7 @@ mod fill;
 mod finite;
 mod fragments;
 mod fused;
+mod fused_backward;
 mod layout_errors;
 mod memory;
 mod offline;

@@ -10,17 +10,17 @@ use crate::{DType, FusedProducts, PrefillConfig, Result};
 
 /// Largest key dim of the tensor-core walk: its state tile takes `d / 2`
 /// registers per unit (64 at d = 128).
-const MAX_FRAGMENT_KEY_DIM: usize = 128;
+pub(super) const MAX_FRAGMENT_KEY_DIM: usize = 128;
 /// Chunks of the tensor-core walk: a multiple of 16 (the product's rows),
 /// at most 64 (the scores' tiles per plane).
-const FRAGMENT_CHUNKS: [usize; 3] = [16, 32, 64];
+pub(super) const FRAGMENT_CHUNKS: [usize; 3] = [16, 32, 64];
 /// Value tile of the tensor-core walk unless tuned: 64 columns (4 planes).
 /// On an H100 it ran the six bf16 bench shapes 1.05-1.37x faster than 128
 /// (two cubes per SM where one ran, at twice the score work: SPEED_NOTES.md,
 /// variant 21); [`crate::Tuning::fused_value_tile`] takes 128.
 const FRAGMENT_VALUE_TILE: usize = 64;
 /// Units per plane of the tensor-core walk (`mma.sync` is a plane's).
-const PLANE: usize = 32;
+pub(super) const PLANE: usize = 32;
 
 /// Most columns of `d` the portable routine stages per step.
 const MAX_KEY_CHUNK: usize = 32;
@@ -77,6 +77,10 @@ pub struct FragmentWalk {
     /// Sets of `Q`, `K`, `V` tiles: 2 where the next chunk is copied in
     /// asynchronously during the chunk ([`crate::Tuning::fused_stages`]).
     pub stages: usize,
+    /// The backward's dk and dv walk (`kernels::fused_key_value`, planned
+    /// by `key_value::plan`) in place of the dv pass's forward walk: one
+    /// cube holds all of `e`.
+    pub key_value: bool,
 }
 
 /// Plans the fused routine: the tensor-core walk where the config and the
@@ -205,6 +209,7 @@ fn fragments(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) 
             emulated,
             vector,
             stages,
+            key_value: false,
         }),
     }))
 }
@@ -275,7 +280,7 @@ pub(crate) fn portable(
 /// blocks where the call takes snapshots, x over tiles, y over heads, z over
 /// walks, checked against the device; and the blocks per segment, and the
 /// split where it changed them (else 1).
-fn walk_grid(
+pub(super) fn walk_grid(
     work: &PrefillWork,
     tiles: usize,
     units: usize,

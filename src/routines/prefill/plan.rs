@@ -32,6 +32,7 @@ use crate::routines::five_kernels::{
     kv_snapshot,
     non_diag::{self, NonDiagPlan},
 };
+use crate::routines::fused::key_value;
 use crate::routines::fused::plan::{self as fused, FusedPlan};
 use crate::routines::products::{Products, cmma_vector_size};
 use crate::routines::table::{ChunkWalk, PrefillWork};
@@ -193,6 +194,34 @@ impl PrefillPlan {
             products,
             widened: false,
         })
+    }
+
+    /// The plan of a backward's dv pass (over `work`, the forward's shape):
+    /// this plan, with its fused walk replaced by the backward's dk and dv
+    /// walk where that applies (`fused::key_value::plan`: the tensor-core
+    /// walk, all of `e` in one cube), so that one reverse walk carries the
+    /// gradient state and writes both gradients; else as it is (the dk pass
+    /// then runs on its own).
+    pub(crate) fn for_key_value(self, work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Self {
+        let walk = match self.fused {
+            Some(walk) if !self.widened => walk,
+            _ => return self,
+        };
+        match key_value::plan(work, config, limits, &walk) {
+            Some(merged) => Self {
+                fused: Some(merged),
+                ..self
+            },
+            None => self,
+        }
+    }
+
+    /// Whether the dv pass this plan runs is the dk and dv walk
+    /// ([`Self::for_key_value`]).
+    pub(crate) fn walks_key_value(&self) -> bool {
+        self.fused
+            .and_then(|walk| walk.fragments)
+            .is_some_and(|walk| walk.key_value)
     }
 
     /// How the call's kernels stage operands and where the per-block states

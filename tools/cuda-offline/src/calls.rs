@@ -10,7 +10,7 @@ use lightning_attention::offline::{OfflineBuild, build_backward, build_decode, b
 use lightning_attention::plan::FusedVariant;
 use lightning_attention::shapes::{DecodeShape, PrefillShape};
 use lightning_attention::{
-    DType, Precision, PrefillConfig, Result, Routines, Snapshots, Tuning, VarlenBatch,
+    DType, FusedChoice, Precision, PrefillConfig, Result, Routines, Snapshots, Tuning, VarlenBatch,
 };
 
 /// Records one call's kernels.
@@ -249,6 +249,35 @@ pub fn calls() -> Vec<Call> {
                             "backward {} {dims:?} {block}/{sub_block} {}",
                             name(dtype),
                             routine_name(routines)
+                        ),
+                        move |build| build_backward(build, &shape, true, &config),
+                    ));
+                }
+            }
+        }
+    }
+    // The fused backward (issue 31): dq on the fused forward walk, dk and dv
+    // on the one reverse walk (`kernels::fused_key_value`) with the ring and
+    // with one set, chunks of 64 and 32, and the separate walks; bf16 and
+    // f16 at the bench's head dims.
+    for dims in [[1, 64, 16384, 128], [1, 64, 16384, 64]] {
+        for dtype in [DType::BF16, DType::F16] {
+            for sub_block in [64, 32] {
+                for (stages, separate) in [(None, false), (Some(1), false), (None, true)] {
+                    let config = PrefillConfig::new(64, sub_block)
+                        .with_routines(Routines::Fused)
+                        .with_tuning(Tuning {
+                            fused_stages: stages,
+                            fused_separate_key_value: separate,
+                            fused_choice: FusedChoice::Rule,
+                            ..Tuning::default()
+                        });
+                    let shape = shape(dims, dims[3], dtype);
+                    calls.push(Call::new(
+                        format!(
+                            "backward {} {dims:?} 64/{sub_block} fused stages {stages:?}{}",
+                            name(dtype),
+                            if separate { " separate" } else { "" }
                         ),
                         move |build| build_backward(build, &shape, true, &config),
                     ));
