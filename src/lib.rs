@@ -51,7 +51,7 @@ mod serving;
 pub use device::finite::{FiniteScan, check_finite};
 pub use device::memory::MemoryLimit;
 pub use device::tensor::DeviceTensor;
-pub use entry::backward::{BackwardInputs, Gradients, backward, plan_backward};
+pub use entry::backward::{BackwardInputs, Gradients, backward, plan_backward, tuned_backward_variant};
 pub use entry::decode::{DecodeInputs, PADDING_SLOT, decode, decode_into, plan_decode_step};
 pub use entry::packed::{
     PackedBackwardInputs, PackedGradients, PackedInputs, PackedOutput, backward_packed, backward_packed_into,

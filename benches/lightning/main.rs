@@ -32,7 +32,7 @@ use lightning_attention::reference::random::uniform_f32;
 use lightning_attention::{
     BackwardInputs, DType, DecodeInputs, DeviceTensor, FusedChoice, FusedProducts, Precision, PrefillConfig,
     PrefillInputs, Routines, SplitCache, StageTimes, Tuning, backward, decode_into, decode_split_into,
-    prefill_into, profile_prefill_into, runtime, tuned_fused_variant,
+    prefill_into, profile_prefill_into, runtime, tuned_backward_variant, tuned_fused_variant,
 };
 use report::Row;
 
@@ -77,7 +77,8 @@ struct Options {
     /// auto|portable|emulated`, `--fused-value-tile N` (16 to 128) and
     /// `--fused-stages N` (1 or 2: the fused routine's walk, tile and ring),
     /// `--fused-choice tuned|rule` (the autotuner picks what the fused knobs
-    /// leave open, or the plan's fixed rule does); unset, the measured
+    /// leave open, or the plan's fixed rule does), `--fused-separate-key-value`
+    /// (the fused backward's dk and dv as two walks); unset, the measured
     /// defaults (the
     /// library reads no environment variable for them).
     tuning: Tuning,
@@ -186,6 +187,7 @@ fn options() -> Options {
                 Some("rule") => FusedChoice::Rule,
                 Some(other) => panic!("--fused-choice takes tuned or rule, not {other}"),
             },
+            fused_separate_key_value: args.iter().any(|a| a == "--fused-separate-key-value"),
         },
     }
 }
@@ -446,6 +448,14 @@ fn bench_training(
         row.note = err.to_string();
         return row;
     }
+    // The first calls tune the fused walks where they are tuned: say which
+    // variants run, the forward's then the backward's.
+    prefill_into(client, &inputs, &config, &out, &state).expect("validated above");
+    let forward = tuned_fused_variant(client, &inputs, &config).expect("validated above");
+    let backward_variant = tuned_backward_variant(client, &grads, &config).expect("validated above");
+    if let (Some(forward), Some(backward)) = (forward, backward_variant) {
+        row.op += &format!(" [{forward} / {backward}]");
+    }
     let time = median_time(client, opts.reps, || {
         prefill_into(client, &inputs, &config, &out, &state).expect("validated above");
         backward(client, &grads, &config).expect("validated above");
@@ -532,7 +542,10 @@ fn main() {
         ]
     };
     let prefill_shapes: Vec<[usize; 4]> = match &opts.shapes {
-        Some(picked) => picked.iter().filter_map(|&i| prefill_shapes.get(i).copied()).collect(),
+        Some(picked) => picked
+            .iter()
+            .filter_map(|&i| prefill_shapes.get(i).copied())
+            .collect(),
         None => prefill_shapes,
     };
     let decode_batches: Vec<usize> = if opts.quick {

@@ -43,12 +43,14 @@
 use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::fragment_loads::{a_lane_offset, a_lane_offset_trans, b_lane_offset, load_a, mma_pair, store_c_pair};
+use crate::fragment_loads::{
+    a_lane_offset, a_lane_offset_trans, b_lane_offset, load_a, mma_pair, store_c_pair,
+};
 use crate::fragments::{A_ELEMS, C_ELEMS, PLANE, SCRATCH, c_col_offset};
 use crate::fused::{walk_slots, walk_tokens};
 use crate::fused_fragments::{
-    copy_chunk, copy_value_rows, decay_tables, load_state, load_value_rows, outputs_and_update, scores_into, stage_chunk,
-    store_chunk, store_state, store_value_rows, value_share,
+    copy_chunk, copy_value_rows, decay_tables, load_state, load_value_rows, outputs_and_update, scores_into,
+    stage_chunk, store_chunk, store_state, store_value_rows, value_share,
 };
 use crate::kv_reduce::{final_factor, initial_factor};
 use crate::layout::first_row;
@@ -269,7 +271,8 @@ pub fn fused_key_value<F: Float, N: Size, NV: Size>(
                 emulated,
             );
             let lanes = NV::value();
-            let mut v_regs = Array::<Vector<F, NV>>::new(comptime!(value_share(chunk, value_tile, lanes, units)));
+            let mut v_regs =
+                Array::<Vector<F, NV>>::new(comptime!(value_share(chunk, value_tile, lanes, units)));
             load_value_rows::<F, NV>(
                 v,
                 &mut v_regs,
@@ -707,19 +710,6 @@ fn key_value_chunk<F: Float, NV: Size>(
         true,
     );
     store_chunk::<F, NV>(
-        &*dk_s,
-        dk,
-        row0,
-        n,
-        step,
-        c0,
-        len,
-        0usize,
-        key_dim,
-        chunk,
-        key_pad,
-        key_stride,
-        units,
-        true,
+        &*dk_s, dk, row0, n, step, c0, len, 0usize, key_dim, chunk, key_pad, key_stride, units, true,
     );
 }

@@ -29,11 +29,14 @@
 //! passes run instead, each on the tensor-core routines.
 //! Slopes are not differentiated: they are fixed per layer.
 
+use std::sync::Arc;
+
 use cubecl::prelude::*;
 
 use crate::device::limits::DeviceLimits;
 use crate::device::memory::Buffer;
 use crate::device::target::LaunchTarget;
+use crate::entry::fused_tune::{self, TunedCall};
 use crate::entry::prefill::validate_prefill;
 use crate::problem::shapes::{PrefillShape, check_tensor, expect_shape};
 use crate::routines::backward::launch::BackwardLaunch;
@@ -41,12 +44,13 @@ use crate::routines::backward::plan::BackwardPlan;
 use crate::routines::common::{Call, Layout, Stage, Variant};
 use crate::routines::five_kernels::diag::DiagRoutine;
 use crate::routines::fused::launch as fused_launch;
+use crate::routines::fused::variants::FusedVariant;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
 use crate::routines::table::PrefillWork;
 use crate::routines::table::SequenceTable;
 use crate::routines::widen;
-use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result};
+use crate::{DType, DeviceTensor, FusedChoice, LightningError, PrefillConfig, Result, Routines};
 
 /// The arguments of a backward pass: the forward's inputs and the upstream gradients.
 #[derive(Clone, Copy, Debug)]
@@ -124,8 +128,85 @@ pub(crate) fn check_scale(config: &PrefillConfig) -> Result<()> {
 /// scale). Returns [`LightningError::OutOfMemory`], having allocated
 /// nothing, where the device cannot hold the gradients and the passes'
 /// buffers (see [`crate::memory`]).
+///
+/// With the fused routine and [`FusedChoice::Tuned`] (its default), the
+/// variant of its walks (chunk, stages, segments; the dq walk's value tile)
+/// is the autotuner's: on the first call of a shape bucket it times every
+/// variant that applies, as the fused prefill does, in buckets of its own.
 pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<Gradients> {
-    backward_on(LaunchTarget::Device(client), inputs, config)
+    let config = match tuned_variant(client, inputs, config, true)? {
+        Some(variant) => variant.apply(config),
+        None => *config,
+    };
+    backward_on(LaunchTarget::Device(client), inputs, &config)
+}
+
+/// The variant of the fused routine's walks the autotuner settled on for
+/// backward passes like this one on `client`'s device (see [`backward`]):
+/// `None` before the first call of its shape bucket in this process, or
+/// where nothing is tuned (another routine, the fixed rule, or one variant
+/// that applies).
+pub fn tuned_backward_variant(
+    client: &Client,
+    inputs: &BackwardInputs,
+    config: &PrefillConfig,
+) -> Result<Option<FusedVariant>> {
+    tuned_variant(client, inputs, config, false)
+}
+
+/// The tuned variant of a validated backward of `inputs` where `config`
+/// leaves the fused walks to the autotuner and more than one variant
+/// applies: the one settled for its bucket, or, with `tune`, on a new
+/// bucket the fastest after timing each (every variant runs the whole
+/// backward; their gradients are dropped, the caller runs the winner).
+fn tuned_variant(
+    client: &Client,
+    inputs: &BackwardInputs,
+    config: &PrefillConfig,
+    tune: bool,
+) -> Result<Option<FusedVariant>> {
+    if config.routines != Routines::Fused || config.tuning.fused_choice != FusedChoice::Tuned {
+        return Ok(None);
+    }
+    plan_backward(client, inputs, config)?;
+    let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
+    let work_for = |config: &PrefillConfig| PrefillWork::dense(&shape, config);
+    let with_state = inputs.initial_state.is_some();
+    let settled = fused_tune::settled(client, TunedCall::Backward, &work_for, config, with_state);
+    if settled.is_some() || !tune {
+        return Ok(settled);
+    }
+    // What the tuner keeps: owned handles of the call's tensors.
+    let owned = |t: &DeviceTensor| t.clone();
+    let (client_owned, q, k, v, slopes, d_out) = (
+        client.clone(),
+        owned(inputs.q),
+        owned(inputs.k),
+        owned(inputs.v),
+        owned(inputs.slopes),
+        owned(inputs.d_out),
+    );
+    let (initial, d_final) = (inputs.initial_state.cloned(), inputs.d_final_state.cloned());
+    let launch: fused_tune::Launch = Arc::new(move |config: &PrefillConfig| {
+        let inputs = BackwardInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            slopes: &slopes,
+            initial_state: initial.as_ref(),
+            d_out: &d_out,
+            d_final_state: d_final.as_ref(),
+        };
+        backward_on(LaunchTarget::Device(&client_owned), &inputs, config).map(|_| ())
+    });
+    Ok(fused_tune::launch_tuned(
+        client,
+        TunedCall::Backward,
+        &work_for,
+        config,
+        with_state,
+        launch,
+    ))
 }
 
 /// The plans of the passes a [`backward`] of `inputs` with `config` runs on
@@ -134,7 +215,11 @@ pub fn backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig
 /// dk and dv walk where one reverse walk gives both gradients
 /// ([`crate::plan::FragmentWalk::key_value`]), and the dq and dk passes'
 /// (`d` and `e` swapped). For callers that check which routines run.
-pub fn plan_backward(client: &Client, inputs: &BackwardInputs, config: &PrefillConfig) -> Result<[PrefillPlan; 2]> {
+pub fn plan_backward(
+    client: &Client,
+    inputs: &BackwardInputs,
+    config: &PrefillConfig,
+) -> Result<[PrefillPlan; 2]> {
     config.validate()?;
     let shape = validate_prefill(inputs.q, inputs.k, inputs.v, inputs.slopes, inputs.initial_state)?;
     check_upstream(inputs, &shape)?;
@@ -401,7 +486,13 @@ pub(crate) fn run_passes(
         None => None,
     };
     if let Some(key_value) = together {
-        pass(dv_operands, false, (inputs.d_final, d_initial), dv_variant, key_value);
+        pass(
+            dv_operands,
+            false,
+            (inputs.d_final, d_initial),
+            dv_variant,
+            key_value,
+        );
         return;
     }
     pass(

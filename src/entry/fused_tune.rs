@@ -5,7 +5,7 @@
 //! too, with the `autotune-cache` feature); later calls of the bucket run it
 //! at once.
 //!
-//! The key is the dtype, `d`, `e`, the tokens per sequence, the sequences
+//! The key is the call (a prefill or a backward), the dtype, `d`, `e`, the tokens per sequence, the sequences
 //! and the heads rounded up to powers of two, the block, the forced knobs,
 //! the products, whether an initial state is read, and which variants apply
 //! (so that a cached winner always applies to a call with its key). Each variant writes every element
@@ -33,6 +33,17 @@ pub(crate) type Launch = Arc<dyn Fn(&PrefillConfig) -> Result<()> + Send + Sync>
 
 /// The work of the call under a config (its blocks follow the config's).
 pub(crate) type WorkFor<'a> = &'a dyn Fn(&PrefillConfig) -> PrefillWork;
+
+/// Which call a tuned variant serves: its own buckets, since one variant
+/// may be the fastest forward and another the fastest backward of a shape.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TunedCall {
+    /// A dense prefill.
+    Prefill,
+    /// A dense backward pass (its walks take the variant's chunk, stages
+    /// and split; the dq walk its value tile).
+    Backward,
+}
 
 /// What every variant of a call runs on: the call's config and launch, and
 /// its key.
@@ -66,12 +77,13 @@ impl TuneCall {
 /// else `None`, having launched nothing.
 pub(crate) fn launch_tuned(
     client: &Client,
+    call: TunedCall,
     work_for: WorkFor,
     config: &PrefillConfig,
     with_state: bool,
     launch: Launch,
 ) -> Option<FusedVariant> {
-    let (key, applies) = tuning_key(client, work_for, config, with_state)?;
+    let (key, applies) = tuning_key(client, call, work_for, config, with_state)?;
     let call = TuneCall {
         // The tuner's runs check nothing: the caller checks the winner's.
         config: config.with_check_finite(false),
@@ -92,11 +104,12 @@ pub(crate) fn launch_tuned(
 /// [`crate::FusedChoice`]).
 pub(crate) fn settled(
     client: &Client,
+    call: TunedCall,
     work_for: WorkFor,
     config: &PrefillConfig,
     with_state: bool,
 ) -> Option<FusedVariant> {
-    let (key, _) = tuning_key(client, work_for, config, with_state)?;
+    let (key, _) = tuning_key(client, call, work_for, config, with_state)?;
     let id = device_key(client);
     let set = TUNER.init(&id, variant_set);
     TUNER.fastest_identity(&id, &set, &key)
@@ -106,6 +119,7 @@ pub(crate) fn settled(
 /// two apply (nothing to choose).
 fn tuning_key(
     client: &Client,
+    call: TunedCall,
     work_for: WorkFor,
     config: &PrefillConfig,
     with_state: bool,
@@ -119,7 +133,7 @@ fn tuning_key(
     let sequences = work.sequences.max(1);
     let tokens = work.blocks * config.block / sequences;
     let key = format!(
-        "{:?}-d{}-e{}-tokens{}-sequences{}-h{}-block{}-tile{:?}-stages{:?}-split{:?}-{:?}-state{}-variants{bits}",
+        "{call:?}-{:?}-d{}-e{}-tokens{}-sequences{}-h{}-block{}-tile{:?}-stages{:?}-split{:?}-{:?}-state{}-variants{bits}",
         work.dtype,
         work.key_dim,
         work.value_dim,

@@ -215,6 +215,7 @@ fn tuned(
     let work_for = |config: &PrefillConfig| PrefillWork::dense(&shape, config);
     Ok(fused_tune::launch_tuned(
         client,
+        fused_tune::TunedCall::Prefill,
         &work_for,
         config,
         inputs.initial_state.is_some(),
@@ -237,6 +238,7 @@ pub fn tuned_fused_variant(
     let work_for = |config: &PrefillConfig| PrefillWork::dense(&shape, config);
     Ok(fused_tune::settled(
         client,
+        fused_tune::TunedCall::Prefill,
         &work_for,
         config,
         inputs.initial_state.is_some(),

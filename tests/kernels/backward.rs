@@ -103,70 +103,107 @@ proptest! {
 /// Runs `case`'s backward on fresh random inputs and checks each gradient
 /// against the f64 reference backward.
 pub fn gradients_match_reference(case: &Case) -> Result<(), TestCaseError> {
-        let client = client();
-        let Case { batch: b, heads: h, seq_len: n, key_dim: d, value_dim: e, dtype, .. } = *case;
-        let mut rng = SeededRng::new(case.seed);
-        let q = rng.values(b * h * n * d, dtype);
-        let k = rng.values(b * h * n * d, dtype);
-        let v = rng.values(b * h * n * e, dtype);
-        let d_out = rng.values(b * h * n * e, dtype);
-        let slopes = rng.slopes(h);
-        let initial = rng.values(b * h * d * e, DType::F32);
-        let d_final = rng.values(b * h * d * e, DType::F32);
+    let client = client();
+    let Case {
+        batch: b,
+        heads: h,
+        seq_len: n,
+        key_dim: d,
+        value_dim: e,
+        dtype,
+        ..
+    } = *case;
+    let mut rng = SeededRng::new(case.seed);
+    let q = rng.values(b * h * n * d, dtype);
+    let k = rng.values(b * h * n * d, dtype);
+    let v = rng.values(b * h * n * e, dtype);
+    let d_out = rng.values(b * h * n * e, dtype);
+    let slopes = rng.slopes(h);
+    let initial = rng.values(b * h * d * e, DType::F32);
+    let d_final = rng.values(b * h * d * e, DType::F32);
 
-        let up = |x: &[f32], shape: &[usize], dtype| upload(&client, x, shape, dtype);
-        let (q_t, k_t, v_t) = (up(&q, &[b, h, n, d], dtype), up(&k, &[b, h, n, d], dtype), up(&v, &[b, h, n, e], dtype));
-        let d_out_t = up(&d_out, &[b, h, n, e], dtype);
-        let s_t = up(&slopes, &[h], DType::F32);
-        let initial_t = up(&initial, &[b, h, d, e], DType::F32);
-        let d_final_t = up(&d_final, &[b, h, d, e], DType::F32);
-        let inputs = BackwardInputs {
-            q: &q_t,
-            k: &k_t,
-            v: &v_t,
-            slopes: &s_t,
-            initial_state: case.initial.then_some(&initial_t),
-            d_out: &d_out_t,
-            d_final_state: case.d_final.then_some(&d_final_t),
-        };
-        let mut config = PrefillConfig::new(case.block, case.sub_block)
-            .with_routines(case.routines)
-            .with_precision(case.precision)
-            .with_tuning(case.tuning);
-        config.scale = case.scale;
-        let grads = backward(&client, &inputs, &config).expect("a valid backward pass");
+    let up = |x: &[f32], shape: &[usize], dtype| upload(&client, x, shape, dtype);
+    let (q_t, k_t, v_t) = (
+        up(&q, &[b, h, n, d], dtype),
+        up(&k, &[b, h, n, d], dtype),
+        up(&v, &[b, h, n, e], dtype),
+    );
+    let d_out_t = up(&d_out, &[b, h, n, e], dtype);
+    let s_t = up(&slopes, &[h], DType::F32);
+    let initial_t = up(&initial, &[b, h, d, e], DType::F32);
+    let d_final_t = up(&d_final, &[b, h, d, e], DType::F32);
+    let inputs = BackwardInputs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        slopes: &s_t,
+        initial_state: case.initial.then_some(&initial_t),
+        d_out: &d_out_t,
+        d_final_state: case.d_final.then_some(&d_final_t),
+    };
+    let mut config = PrefillConfig::new(case.block, case.sub_block)
+        .with_routines(case.routines)
+        .with_precision(case.precision)
+        .with_tuning(case.tuning);
+    config.scale = case.scale;
+    let grads = backward(&client, &inputs, &config).expect("a valid backward pass");
 
-        let dims = Dims { batch: b, heads: h, seq_len: n, key_dim: d, value_dim: e };
-        let reference = |q: &[f64], k: &[f64], v: &[f64], d_out: &[f64], initial: &[f64], d_final: &[f64]| {
-            reference_backward(
-                dims,
-                q,
-                k,
-                v,
-                &f64s(&slopes),
-                case.initial.then_some(initial),
-                case.scale.map(f64::from),
-                d_out,
-                case.d_final.then_some(d_final),
-            )
-        };
-        let expected = reference(&f64s(&q), &f64s(&k), &f64s(&v), &f64s(&d_out), &f64s(&initial), &f64s(&d_final));
-        // The same on magnitudes: what each gradient sums before cancellation,
-        // the scale its rounding errors are relative to (a short sequence's
-        // gradient can cancel to almost nothing).
-        let abs = |x: &[f32]| x.iter().map(|v| f64::from(v.abs())).collect::<Vec<_>>();
-        let magnitude = reference(&abs(&q), &abs(&k), &abs(&v), &abs(&d_out), &abs(&initial), &abs(&d_final));
-        let tol = tolerance_for(dtype, case.precision);
-        for (name, actual, expected, magnitude) in [
-            ("dq", &grads.dq, &expected.dq, &magnitude.dq),
-            ("dk", &grads.dk, &expected.dk, &magnitude.dk),
-            ("dv", &grads.dv, &expected.dv, &magnitude.dv),
-            ("d_initial_state", &grads.d_initial_state, &expected.d_initial_state, &magnitude.d_initial_state),
-        ] {
-            let err = bounded_error(&read(&client, actual), expected, magnitude);
-            prop_assert!(err < tol, "{name}: error {err:e} of its magnitude for {case:?}");
-        }
-        Ok(())
+    let dims = Dims {
+        batch: b,
+        heads: h,
+        seq_len: n,
+        key_dim: d,
+        value_dim: e,
+    };
+    let reference = |q: &[f64], k: &[f64], v: &[f64], d_out: &[f64], initial: &[f64], d_final: &[f64]| {
+        reference_backward(
+            dims,
+            q,
+            k,
+            v,
+            &f64s(&slopes),
+            case.initial.then_some(initial),
+            case.scale.map(f64::from),
+            d_out,
+            case.d_final.then_some(d_final),
+        )
+    };
+    let expected = reference(
+        &f64s(&q),
+        &f64s(&k),
+        &f64s(&v),
+        &f64s(&d_out),
+        &f64s(&initial),
+        &f64s(&d_final),
+    );
+    // The same on magnitudes: what each gradient sums before cancellation,
+    // the scale its rounding errors are relative to (a short sequence's
+    // gradient can cancel to almost nothing).
+    let abs = |x: &[f32]| x.iter().map(|v| f64::from(v.abs())).collect::<Vec<_>>();
+    let magnitude = reference(
+        &abs(&q),
+        &abs(&k),
+        &abs(&v),
+        &abs(&d_out),
+        &abs(&initial),
+        &abs(&d_final),
+    );
+    let tol = tolerance_for(dtype, case.precision);
+    for (name, actual, expected, magnitude) in [
+        ("dq", &grads.dq, &expected.dq, &magnitude.dq),
+        ("dk", &grads.dk, &expected.dk, &magnitude.dk),
+        ("dv", &grads.dv, &expected.dv, &magnitude.dv),
+        (
+            "d_initial_state",
+            &grads.d_initial_state,
+            &expected.d_initial_state,
+            &magnitude.d_initial_state,
+        ),
+    ] {
+        let err = bounded_error(&read(&client, actual), expected, magnitude);
+        prop_assert!(err < tol, "{name}: error {err:e} of its magnitude for {case:?}");
+    }
+    Ok(())
 }
 
 #[test]

@@ -9,16 +9,21 @@
 use lightning_attention::cubecl::prelude::Client;
 use lightning_attention::plan::PrefillPlan;
 use lightning_attention::{
-    BackwardInputs, DType, DeviceTensor, FusedProducts, Precision, PrefillConfig, Routines, Tuning, plan_backward,
+    BackwardInputs, DType, DeviceTensor, FusedChoice, FusedProducts, Precision, PrefillConfig, Routines,
+    Tuning, plan_backward, tuned_backward_variant,
 };
 use proptest::prelude::*;
 
 use crate::backward::{Case, gradients_match_reference};
 use crate::common::*;
 
-/// The plans `case`'s backward runs on the test device (zero inputs: only
-/// their shapes and dtypes count).
-fn planned(client: &Client, case: &Case) -> [PrefillPlan; 2] {
+/// `ask` of `case`'s backward on zero inputs (only their shapes and dtypes
+/// count): the client, the inputs and the config.
+fn on_zero_inputs<T>(
+    client: &Client,
+    case: &Case,
+    ask: impl FnOnce(&BackwardInputs, &PrefillConfig) -> T,
+) -> T {
     let (b, h, n, d, e) = (case.batch, case.heads, case.seq_len, case.key_dim, case.value_dim);
     let zeros = |shape: &[usize], dtype| DeviceTensor::filled(client, shape, dtype, 0.0).expect("zeros");
     let (q, k, v, d_out) = (
@@ -42,7 +47,14 @@ fn planned(client: &Client, case: &Case) -> [PrefillPlan; 2] {
         .with_routines(case.routines)
         .with_tuning(case.tuning);
     config.scale = case.scale;
-    plan_backward(client, &inputs, &config).expect("a valid backward")
+    ask(&inputs, &config)
+}
+
+/// The plans `case`'s backward runs on the test device.
+fn planned(client: &Client, case: &Case) -> [PrefillPlan; 2] {
+    on_zero_inputs(client, case, |inputs, config| {
+        plan_backward(client, inputs, config).expect("a valid backward")
+    })
 }
 
 /// Whether the dv pass of `plan` is the dk and dv walk; `None` where it is
@@ -164,6 +176,45 @@ proptest! {
     fn emulated_fused_backward_matches_reference(case in emulated_case()) {
         fused_backward_matches_reference(&case, true)?;
     }
+}
+
+/// With the autotuner's choice (the default of `Routines::Fused`): the
+/// first backward of a bucket times the variants that apply, keeps one,
+/// and its gradients match the reference.
+#[test]
+fn tuned_backward_keeps_a_variant_and_matches_reference() {
+    let case = Case {
+        block: 64,
+        sub_block: 16,
+        batch: 1,
+        heads: 2,
+        seq_len: 150,
+        key_dim: 16,
+        value_dim: 16,
+        initial: true,
+        d_final: true,
+        scale: None,
+        dtype: DType::F32,
+        routines: Routines::Fused,
+        precision: Precision::Split,
+        tuning: Tuning {
+            fused_products: FusedProducts::Emulated,
+            fused_choice: FusedChoice::Tuned,
+            ..tuning()
+        },
+        seed: 31,
+    };
+    let client = client();
+    let before = on_zero_inputs(&client, &case, |inputs, config| {
+        tuned_backward_variant(&client, inputs, config).expect("a valid backward")
+    });
+    assert_eq!(before, None, "nothing is settled before the bucket's first call");
+    gradients_match_reference(&case).expect("the tuned backward matches the reference");
+    let kept = on_zero_inputs(&client, &case, |inputs, config| {
+        tuned_backward_variant(&client, inputs, config).expect("a valid backward")
+    });
+    let variant = kept.expect("the tuner kept a variant for the bucket");
+    assert!([32, 64].contains(&variant.chunk), "a tuned chunk: {variant}");
 }
 
 /// On CUDA: the real walks (`ldmatrix`, `mma.sync`, the ring where it

@@ -3,16 +3,23 @@
 //! (walk, head) holding all of `e`.
 
 use super::plan::{FRAGMENT_CHUNKS, FragmentWalk, FusedPlan, MAX_FRAGMENT_KEY_DIM, PLANE, walk_grid};
+use crate::PrefillConfig;
 use crate::device::limits::DeviceLimits;
 use crate::routines::table::PrefillWork;
-use crate::PrefillConfig;
 
 /// Shared memory of the walk, bytes (the kernel's module doc): per set `K`,
 /// `Q` (`C x d16`) and `DO`, `V` (`C x 16 planes`); the two score tiles; the
 /// state's copy (`16 planes x d16`); the chunk's dv and dk tiles; all in the
 /// staged type (rows padded by 8 on tensor cores); the decay tables and the
 /// emulation's scratch in f32.
-fn shared_bytes(chunk: usize, key_dim: usize, planes: usize, element: usize, emulated: bool, sets: usize) -> usize {
+fn shared_bytes(
+    chunk: usize,
+    key_dim: usize,
+    planes: usize,
+    element: usize,
+    emulated: bool,
+    sets: usize,
+) -> usize {
     let pad = if emulated { 0 } else { 8 };
     let key_stride = key_dim.div_ceil(16) * 16 + pad;
     let value_tile = 16 * planes;
@@ -62,7 +69,11 @@ pub(crate) fn plan(
         && d % 16 == 0
         && e % 16 == 0;
     let bytes = |sets: usize| shared_bytes(chunk, d, planes, element, emulated, sets);
-    let stages = if ring && bytes(2) <= limits.shared_memory { 2 } else { 1 };
+    let stages = if ring && bytes(2) <= limits.shared_memory {
+        2
+    } else {
+        1
+    };
     if bytes(stages) > limits.shared_memory {
         return None;
     }

@@ -202,7 +202,12 @@ impl PrefillPlan {
     /// walk, all of `e` in one cube), so that one reverse walk carries the
     /// gradient state and writes both gradients; else as it is (the dk pass
     /// then runs on its own).
-    pub(crate) fn for_key_value(self, work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Self {
+    pub(crate) fn for_key_value(
+        self,
+        work: &PrefillWork,
+        config: &PrefillConfig,
+        limits: &DeviceLimits,
+    ) -> Self {
         let walk = match self.fused {
             Some(walk) if !self.widened => walk,
             _ => return self,
