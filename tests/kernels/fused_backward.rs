@@ -170,7 +170,7 @@ fn emulated_case() -> impl Strategy<Value = Case> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(16), failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(8), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn emulated_fused_backward_matches_reference(case in emulated_case()) {
@@ -186,11 +186,14 @@ fn tuned_backward_keeps_a_variant_and_matches_reference() {
     let case = Case {
         block: 64,
         sub_block: 16,
-        batch: 1,
-        heads: 2,
+        // Enough cubes (8, lavapipe's assumed multiprocessors) that the rule
+        // leaves the sequences whole, so that two segments per sequence are a
+        // variant of their own.
+        batch: 2,
+        heads: 4,
         seq_len: 150,
         key_dim: 16,
-        value_dim: 16,
+        value_dim: 32,
         initial: true,
         d_final: true,
         scale: None,
