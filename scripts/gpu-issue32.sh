@@ -13,7 +13,8 @@
 #            PREFILL_DTYPES, default bf16,f16,f32).
 #   train    forward+backward, bf16 and f32 split (TRAIN_DTYPES), the default
 #            routines beside the fused ones (TRAIN_ROUTINES; TRAIN_SECONDS 240;
-#            TRAIN_ARGS more bench flags, e.g. --fused-separate-key-value).
+#            TRAIN_CONFIGS, default 64/64; TRAIN_ARGS more bench flags, e.g.
+#            --fused-choice rule or --fused-separate-key-value).
 #   SHAPES   (any part of ours) which of the bench's six shapes run, e.g. 0,1.
 #   mixed    the mixed serving step, bf16, default beside fused (MIXED_SECONDS 90).
 #   packed   training on a packed batch (8 documents of 100-8000 tokens, h = 64,
@@ -68,7 +69,7 @@ for part in "$@"; do
         ;;
     train)
         timeout "${TRAIN_SECONDS:-240}" "$bench" --runtimes cuda --only training --dtypes "${TRAIN_DTYPES:-bf16,f32}" \
-            --precisions split --configs 64/64 --routines "${TRAIN_ROUTINES:-auto,fused}" ${SHAPES:+--shapes "$SHAPES"} \
+            --precisions split --configs "${TRAIN_CONFIGS:-64/64}" --routines "${TRAIN_ROUTINES:-auto,fused}" ${SHAPES:+--shapes "$SHAPES"} \
             ${TRAIN_ARGS:-} --out "$out/bench-train" >"$out/bench-train.log" 2>&1
         echo "== training: exit $?"
         rows "$out/bench-train.log" 20
