@@ -9,7 +9,8 @@ use lightning_attention::plan::{DeviceLimits, TensorCores, plan_packed_limits};
 use lightning_attention::reference::{Dims, backward as reference_backward, recurrence};
 use lightning_attention::testing::{PackedKnobs, backward_packed_into_with, prefill_packed_into_with};
 use lightning_attention::{
-    DType, DeviceTensor, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs, PrefillConfig,
+    DType, DeviceTensor, FusedProducts, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs,
+    PrefillConfig,
     Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed, prefill_packed_into,
 };
 use proptest::prelude::*;
@@ -31,6 +32,9 @@ struct Case {
     scale: Option<f32>,
     dtype: DType,
     routines: Routines,
+    /// The fused routine's tensor-core walks with emulated products (the
+    /// forward walk, and the backward's dk and dv walk where it fits).
+    emulated: bool,
     /// Narrower limits: small launch groups, few cubes along z.
     knobs: PackedKnobs,
     seed: u64,
@@ -56,7 +60,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![None, Some(0.125f32)]),
         prop::sample::select(input_dtypes()),
         prop::sample::select(vec![Routines::Auto, Routines::ChunkRecurrent, Routines::Fused]),
-        (knobs(), any::<u64>()),
+        (knobs(), any::<u64>(), any::<bool>()),
     )
         .prop_flat_map(
             |(
@@ -68,7 +72,7 @@ fn case() -> impl Strategy<Value = Case> {
                 scale,
                 dtype,
                 routines,
-                ((group_blocks, max_z), seed),
+                ((group_blocks, max_z), seed, emulated),
             )| {
                 // Empty, one token, exactly a block, or up to three blocks and a tail.
                 let length = prop_oneof![
@@ -91,6 +95,7 @@ fn case() -> impl Strategy<Value = Case> {
                     scale,
                     dtype,
                     routines,
+                    emulated: emulated && routines == Routines::Fused,
                     knobs: PackedKnobs {
                         // The chunk-recurrent and fused walks run along z and
                         // need it; `Auto` takes kv-reduce instead, which loops.
@@ -210,6 +215,9 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
     };
     let mut config = PrefillConfig::new(case.block, case.sub_block).with_routines(case.routines);
     config.tuning = tuning();
+    if case.emulated {
+        config.tuning.fused_products = FusedProducts::Emulated;
+    }
     config.scale = case.scale;
 
     // Every output poisoned: an element no kernel writes fails.
@@ -563,6 +571,7 @@ fn base_case(lengths: Vec<usize>, routines: Routines, knobs: PackedKnobs, seed: 
         scale: Some(0.125),
         dtype: DType::F32,
         routines,
+        emulated: false,
         knobs,
         seed,
     }
@@ -592,6 +601,13 @@ fn launch_groups_match_the_reference() {
         };
         run_case(&case).unwrap_or_else(|err| panic!("{err}"));
     }
+    // The fused routine's tensor-core walks, emulated: the forward walk, and
+    // the backward's dq walk and dk and dv walk, over the groups.
+    let case = Case {
+        emulated: true,
+        ..base_case(lengths, Routines::Fused, knobs, 291)
+    };
+    run_case(&case).unwrap_or_else(|err| panic!("{err}"));
 }
 
 /// Empty documents (equal offsets) first, in the middle, in a run, and last:
