@@ -211,3 +211,21 @@ pub fn tuning() -> Tuning {
         ..Tuning::default()
     }
 }
+
+/// `x` rounded to the nearest bf16 (ties to even), as a kernel writes a bf16 state.
+pub fn round_bf16(x: f64) -> f64 {
+    half::bf16::from_f64(x).to_f64()
+}
+
+/// The first element of `actual` more than one bf16 step (of the larger of
+/// the two magnitudes) from `rounded`, as `(index, actual, rounded)`: a
+/// kernel that computes in f32 and rounds once may land on the neighbour of
+/// the f64 result's rounding, never further. NaN fails.
+pub fn beyond_one_bf16_step(actual: &[f64], rounded: &[f64]) -> Option<(usize, f64, f64)> {
+    actual.iter().zip(rounded).enumerate().find_map(|(i, (&a, &r))| {
+        // bf16 keeps 8 significant bits: one step is at most 2^-7 of the value.
+        let step = a.abs().max(r.abs()) * 2f64.powi(-7);
+        let within = a == r || (a - r).abs() <= step;
+        (!within).then_some((i, a, r))
+    })
+}
