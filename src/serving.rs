@@ -246,7 +246,11 @@ impl LightningBackend {
     fn own_buffers(config: &BackendConfig, local_heads: usize) -> Vec<Buffer> {
         let mut buffers = vec![Buffer::new("decode slot buffer", config.max_batch as u64 * 4)];
         for _ in 0..config.layers {
-            buffers.push(Buffer::elements("slopes [h] f32 of one layer", local_heads, DType::F32));
+            buffers.push(Buffer::elements(
+                "slopes [h] f32 of one layer",
+                local_heads,
+                DType::F32,
+            ));
         }
         buffers
     }

@@ -477,7 +477,14 @@ fn cache_op(op: &str, state_dtype: DType) -> String {
     }
 }
 
-fn bench_decode(client: &Client, target: &str, batch: usize, state_dtype: DType, opts: &Options, bw: f64) -> Row {
+fn bench_decode(
+    client: &Client,
+    target: &str,
+    batch: usize,
+    state_dtype: DType,
+    opts: &Options,
+    bw: f64,
+) -> Row {
     let (h, d, e) = (64, 128, 128);
     let mut row = Row::new(target, "decode", [batch, h, 1, d], DType::F32);
     row.op = cache_op("decode", state_dtype);
@@ -553,7 +560,10 @@ fn main() {
         ]
     };
     let prefill_shapes: Vec<[usize; 4]> = match &opts.shapes {
-        Some(picked) => picked.iter().filter_map(|&i| prefill_shapes.get(i).copied()).collect(),
+        Some(picked) => picked
+            .iter()
+            .filter_map(|&i| prefill_shapes.get(i).copied())
+            .collect(),
         None => prefill_shapes,
     };
     let decode_batches: Vec<usize> = if opts.quick {
@@ -591,7 +601,8 @@ fn main() {
                 let row = bench_decode(&client, &target, batch, state_dtype, &opts, bw);
                 eprintln!("{}", row.line());
                 rows.push(row);
-                let row = backend_decode::bench_backend_decode(&client, &target, batch, state_dtype, &opts, bw);
+                let row =
+                    backend_decode::bench_backend_decode(&client, &target, batch, state_dtype, &opts, bw);
                 eprintln!("{}", row.line());
                 rows.push(row);
             }
@@ -618,7 +629,9 @@ fn main() {
                 for &batch in step_batches {
                     for &state_dtype in &opts.cache_dtypes {
                         let shape = (layers, heads, batch);
-                        for row in decode_step::bench_decode_step(&client, &target, shape, state_dtype, &opts, bw) {
+                        for row in
+                            decode_step::bench_decode_step(&client, &target, shape, state_dtype, &opts, bw)
+                        {
                             eprintln!("{}", row.line());
                             rows.push(row);
                         }

@@ -46,7 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // NaN is no pass: only a finite error under the bound is. A bf16 cache is
     // judged against a reference rounded as it is (see the simulation's doc),
     // to the bound the test suite holds it to.
-    let bound = if config.state_dtype == DType::BF16 { simulation::BF16_CACHE_BOUND } else { 1e-4 };
+    let bound = if config.state_dtype == DType::BF16 {
+        simulation::BF16_CACHE_BOUND
+    } else {
+        1e-4
+    };
     if worst.is_nan() || worst >= bound {
         return Err(format!("outputs or states differ from the reference: {worst:e}").into());
     }

@@ -14,8 +14,8 @@ use lightning_attention::cubecl::prelude::Client;
 use lightning_attention::reference::random::SeededRng;
 use lightning_attention::reference::{decode as reference_decode, relative_error};
 use lightning_attention::{
-    DType, DecodeInputs, DeviceTensor, PrefillConfig, Result, VarlenBatch, VarlenInputs, decode, prefill_varlen,
-    slopes,
+    DType, DecodeInputs, DeviceTensor, PrefillConfig, Result, VarlenBatch, VarlenInputs, decode,
+    prefill_varlen, slopes,
 };
 
 /// The two heads measured, in slope order.
@@ -80,9 +80,24 @@ impl<'a> Sequence<'a> {
         let row = 2 * self.dim;
         let mut out = Vec::new();
         for t in 0..tokens {
-            let part = |x: &[f32]| x[t * row..(t + 1) * row].iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            let part = |x: &[f32]| {
+                x[t * row..(t + 1) * row]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect::<Vec<_>>()
+            };
             let (d, slopes) = (self.dim, &self.slopes64);
-            out = reference_decode(2, d, d, &part(q), &part(k), &part(v), &mut self.reference, slopes, &[0]);
+            out = reference_decode(
+                2,
+                d,
+                d,
+                &part(q),
+                &part(k),
+                &part(v),
+                &mut self.reference,
+                slopes,
+                &[0],
+            );
         }
         out
     }
@@ -135,9 +150,19 @@ impl<'a> Sequence<'a> {
 
     /// The state's error per head.
     fn state_error(&self) -> Result<[f64; 2]> {
-        let state: Vec<f64> = self.cache.to_f32_vec(self.client)?.iter().map(|&x| f64::from(x)).collect();
+        let state: Vec<f64> = self
+            .cache
+            .to_f32_vec(self.client)?
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
         let len = self.dim * self.dim;
-        Ok([0, 1].map(|h| relative_error(&state[h * len..(h + 1) * len], &self.reference[h * len..(h + 1) * len])))
+        Ok([0, 1].map(|h| {
+            relative_error(
+                &state[h * len..(h + 1) * len],
+                &self.reference[h * len..(h + 1) * len],
+            )
+        }))
     }
 }
 

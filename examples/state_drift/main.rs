@@ -27,11 +27,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     let schedule = (4, 512, 256);
-    println!("2 heads, d = e = {dim}; slopes (strongest, weakest): {:?}", drift::extreme_slopes()?);
+    println!(
+        "2 heads, d = e = {dim}; slopes (strongest, weakest): {:?}",
+        drift::extreme_slopes()?
+    );
     println!("relative error against the f64 recurrence: state (out of the last step)");
     println!(
         "| cache | after | {} state | {} out | {} state | {} out |",
-        drift::HEADS[0], drift::HEADS[0], drift::HEADS[1], drift::HEADS[1]
+        drift::HEADS[0],
+        drift::HEADS[0],
+        drift::HEADS[1],
+        drift::HEADS[1]
     );
     println!("|---|---|---|---|---|---|");
     let print = |row: &drift::Drift, label: String| {

@@ -140,14 +140,20 @@ pub fn decode<F: Float, S: Numeric, N: Size, W: Size>(
 
 /// A state vector loaded from the cache, in f32: as is, or widened from its words.
 #[cube]
-fn load_state<S: Numeric, N: Size, W: Size>(loaded: Vector<S, W>, #[comptime] state_words: bool) -> Vector<f32, N> {
+fn load_state<S: Numeric, N: Size, W: Size>(
+    loaded: Vector<S, W>,
+    #[comptime] state_words: bool,
+) -> Vector<f32, N> {
     if comptime!(state_words) {
         // The identity cast: `S` is u32 whenever the cache holds words.
         let words = Vector::<u32, W>::cast_from(loaded);
         let mut state = Vector::<f32, N>::empty();
         #[unroll]
         for lane in 0..state.vector_size() {
-            state.insert(lane, bf16_half(words.extract(comptime!(lane / 2)), comptime!(lane % 2 == 1)));
+            state.insert(
+                lane,
+                bf16_half(words.extract(comptime!(lane / 2)), comptime!(lane % 2 == 1)),
+            );
         }
         state
     } else {

@@ -288,6 +288,7 @@ pub(crate) fn run_passes(
             },
             plan: pass_plan,
             decode: None,
+            decode_cache: None,
         };
         let Some(key_value_plan) = key_value_kernels else {
             call.run(&mut |_, launch| launch());

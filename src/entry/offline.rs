@@ -133,7 +133,10 @@ pub fn build_decode(build: &OfflineBuild, shape: &DecodeShape, rows_in_flight: O
             (&[b, h, 1, shape.key_dim], shape.dtype),
             (&[b, h, 1, shape.key_dim], shape.dtype),
             (&[b, h, 1, shape.value_dim], shape.dtype),
-            (&[shape.slots, h, shape.key_dim, shape.value_dim], shape.state_dtype),
+            (
+                &[shape.slots, h, shape.key_dim, shape.value_dim],
+                shape.state_dtype,
+            ),
             (&[h], DType::F32),
             (&[b, h, 1, shape.value_dim], shape.dtype),
         ],

@@ -3,7 +3,7 @@
 //!
 //! q, k `[T, h, d]` and v `[T, h, e]` hold the tokens of `N` sequences back to
 //! back; `cu_seqlens` (`N + 1` offsets) says where each starts. Each sequence
-//! names its slot of the f32 state cache `[slots, h, d, e]` and whether it
+//! names its slot of the state cache `[slots, h, d, e]` and whether it
 //! continues the state stored there or starts from zeros (a new request, with
 //! no need to clear its slot first); its final state is written back to the
 //! slot. A one-token sequence that continues its state is served by the decode
@@ -15,8 +15,8 @@
 //!
 //! The cache is f32 or bf16. Against a bf16 cache the prefill kernels run on
 //! an f32 scratch of the call's states, gathered before and rounded back
-//! after (`routines::state_scratch`, which says why), and the decode rows on
-//! the bf16 cache itself.
+//! after (two launches more; `routines::state_scratch` says why), and the
+//! decode rows on the bf16 cache itself.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -27,7 +27,7 @@ use crate::device::target::LaunchTarget;
 use crate::problem::packed::{SlotRegistry, VarlenShape, check_len, check_offsets, check_tensors};
 use crate::problem::shapes::{DecodeShape, check_tensor, expect_shape};
 use crate::routines::common::{Call, Layout, Variant};
-use crate::routines::decode::{DecodePlan, launch_decode, plan_decode};
+use crate::routines::decode::{DecodePlan, plan_decode};
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
 use crate::routines::state_scratch::{DeviceScratch, StateScratch};
@@ -318,48 +318,42 @@ impl DeviceBatch {
         config: &PrefillConfig,
         out: &DeviceTensor,
     ) {
-        if self.planned.scratch.is_none() {
-            self.launch_on(target, tensors, (initial, states), config, out, self.planned.decode.as_ref());
-            return;
-        }
-        match &self.scratch {
-            Some(scratch) => {
+        match (&self.planned.scratch, &self.scratch) {
+            (None, _) => self.launch_on(target, tensors, (initial, states), None, config, out),
+            (Some(_), Some(scratch)) => {
                 scratch.widen_from(target, states);
-                self.launch_on(target, tensors, (initial, &scratch.states), config, out, None);
+                self.launch_on(
+                    target,
+                    tensors,
+                    (initial, &scratch.states),
+                    Some(states),
+                    config,
+                    out,
+                );
                 scratch.narrow_into(target, states);
             }
             // Every sequence is a decode row: no prefill kernel runs.
-            None => self.launch_on(target, tensors, (initial, &self.unused), config, out, None),
-        }
-        if let Some(decode) = &self.planned.decode {
-            let shape = &self.planned.shape;
-            let [q, k, v, slopes] = tensors;
-            launch_decode(
+            (Some(_), None) => self.launch_on(
                 target,
-                decode,
-                [q, k, v, slopes],
-                &[(states, &self.table.decode_slots)],
-                &self.table.decode_tokens,
-                true,
+                tensors,
+                (initial, &self.unused),
+                Some(states),
+                config,
                 out,
-                shape.heads,
-                config.scale.unwrap_or(1.0),
-                shape.key_dim,
-                shape.value_dim,
-            );
+            ),
         }
     }
 
-    /// The call's launches with `states` as the slot cache, the decode rows
-    /// launched after the prefill where `decode` is given.
+    /// The call's launches with `states` as the prefill's slot cache and
+    /// `decode_cache` (where given) as the decode rows'.
     fn launch_on(
         &self,
         target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
         (initial, states): (Option<&DeviceTensor>, &DeviceTensor),
+        decode_cache: Option<&DeviceTensor>,
         config: &PrefillConfig,
         out: &DeviceTensor,
-        decode: Option<&DecodePlan>,
     ) {
         let shape = &self.planned.shape;
         CallLaunch {
@@ -383,7 +377,8 @@ impl DeviceBatch {
                 variant: Variant::FORWARD,
             },
             plan: &self.planned.prefill,
-            decode,
+            decode: self.planned.decode.as_ref(),
+            decode_cache,
         }
         .run(&mut |_, launch| launch());
     }

@@ -70,7 +70,9 @@ pub enum LightningError {
     },
     /// A bf16 state cache with an odd `e`: its elements travel in pairs as
     /// 32-bit words, and an odd `e` would put one word across two states.
-    #[error("{tensor}: a bf16 state cache needs an even e (its elements travel in pairs as 32-bit words), got e = {value_dim}")]
+    #[error(
+        "{tensor}: a bf16 state cache needs an even e (its elements travel in pairs as 32-bit words), got e = {value_dim}"
+    )]
     OddStateWidth {
         /// Which argument.
         tensor: &'static str,

@@ -78,7 +78,14 @@ proptest! {
 /// held to the f32 cache's bound.
 pub fn run_case(case: &Case, state_dtype: DType) -> Result<(), TestCaseError> {
     let client = client();
-    let Case { batch: b, heads: h, key_dim: d, value_dim: e, dtype, .. } = *case;
+    let Case {
+        batch: b,
+        heads: h,
+        key_dim: d,
+        value_dim: e,
+        dtype,
+        ..
+    } = *case;
     let num_slots = b + case.spare_slots;
     let mut rng = SeededRng::new(case.seed);
     let q = rng.values(b * h * d, dtype);
@@ -95,27 +102,55 @@ pub fn run_case(case: &Case, state_dtype: DType) -> Result<(), TestCaseError> {
     let cache_t = upload(&client, &cache, &[num_slots, h, d, e], state_dtype);
     let before = cache_t.to_bytes(&client).unwrap();
     let out = poisoned(&client, &[b, h, 1, e], dtype);
-    let inputs = DecodeInputs { q: &q_t, k: &k_t, v: &v_t, cache: &cache_t, slopes: &s_t, slots: &slots, scale: None, rows_in_flight: decode_rows_in_flight() };
+    let inputs = DecodeInputs {
+        q: &q_t,
+        k: &k_t,
+        v: &v_t,
+        cache: &cache_t,
+        slopes: &s_t,
+        slots: &slots,
+        scale: None,
+        rows_in_flight: decode_rows_in_flight(),
+    };
     decode_into(&client, &inputs, &out).expect("a valid decode");
 
     let mut expected_cache = f64s(&cache);
     let slots64: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-    let expected = reference_decode(h, d, e, &f64s(&q), &f64s(&k), &f64s(&v), &mut expected_cache, &f64s(&slopes), &slots64);
+    let expected = reference_decode(
+        h,
+        d,
+        e,
+        &f64s(&q),
+        &f64s(&k),
+        &f64s(&v),
+        &mut expected_cache,
+        &f64s(&slopes),
+        &slots64,
+    );
     let actual = read(&client, &out);
     let tol = tolerance(dtype);
     let out_err = relative_error(&actual, &expected);
-    prop_assert!(out_err < tol || expected.iter().all(|&x| x == 0.0), "output error {out_err:e} for {case:?}");
+    prop_assert!(
+        out_err < tol || expected.iter().all(|&x| x == 0.0),
+        "output error {out_err:e} for {case:?}"
+    );
     for (row, &slot) in slots.iter().enumerate() {
         if slot == PADDING_SLOT {
             let zeros = &actual[row * h * e..(row + 1) * h * e];
-            prop_assert!(zeros.iter().all(|&x| x == 0.0), "padding row {row} not zero: {case:?}");
+            prop_assert!(
+                zeros.iter().all(|&x| x == 0.0),
+                "padding row {row} not zero: {case:?}"
+            );
         }
     }
     let actual_cache = read(&client, &cache_t);
     if state_dtype == DType::BF16 {
         let rounded: Vec<f64> = expected_cache.iter().map(|&x| round_bf16(x)).collect();
         if let Some((i, a, r)) = beyond_one_bf16_step(&actual_cache, &rounded) {
-            prop_assert!(false, "cache element {i}: {a:e} against the rounded reference {r:e}, for {case:?}");
+            prop_assert!(
+                false,
+                "cache element {i}: {a:e} against the rounded reference {r:e}, for {case:?}"
+            );
         }
     } else {
         let cache_err = relative_error(&actual_cache, &expected_cache);
@@ -127,7 +162,10 @@ pub fn run_case(case: &Case, state_dtype: DType) -> Result<(), TestCaseError> {
     for slot in 0..num_slots {
         if !slots.contains(&(slot as i32)) {
             let range = slot * slot_bytes..(slot + 1) * slot_bytes;
-            prop_assert!(before[range.clone()] == after[range], "slot {slot} changed: {case:?}");
+            prop_assert!(
+                before[range.clone()] == after[range],
+                "slot {slot} changed: {case:?}"
+            );
         }
     }
     Ok(())

@@ -46,7 +46,10 @@ fn engine_workload(state_dtype: DType, bound: f64) {
         reused += r.reused_slots;
     })
     .expect("a valid engine run");
-    assert!(worst < bound, "worst relative error {worst:e} ({state_dtype:?} cache)");
+    assert!(
+        worst < bound,
+        "worst relative error {worst:e} ({state_dtype:?} cache)"
+    );
     // The workload must have exercised what it claims to.
     assert!(
         kinds.contains(&"decode") && kinds.contains(&"extend"),

@@ -4,8 +4,8 @@
 
 use lightning_attention::memory::DeviceMemory;
 use lightning_attention::{
-    BackendConfig, DType, DecodeInputs, DeviceTensor, LightningBackend, LightningError, MemoryLimit, PrefillConfig,
-    SplitCache, VarlenBatch, VarlenInputs, decode_into, decode_split_into, prefill_varlen,
+    BackendConfig, DType, DecodeInputs, DeviceTensor, LightningBackend, LightningError, MemoryLimit,
+    PrefillConfig, SplitCache, VarlenBatch, VarlenInputs, decode_into, decode_split_into, prefill_varlen,
 };
 
 use crate::common::*;
@@ -44,17 +44,51 @@ fn split_bf16_cache_matches_one_buffer_byte_for_byte() {
     let s = upload(&client, &rng.slopes(h), &[h], DType::F32);
     let slot_ids = [4, -1, 1];
     for _ in 0..2 {
-        let q = upload(&client, &rng.values(b * h * d, DType::F32), &[b, h, 1, d], DType::F32);
-        let k = upload(&client, &rng.values(b * h * d, DType::F32), &[b, h, 1, d], DType::F32);
-        let v = upload(&client, &rng.values(b * h * e, DType::F32), &[b, h, 1, e], DType::F32);
-        let (out_one, out_split) = (poisoned(&client, &[b, h, 1, e], DType::F32), poisoned(&client, &[b, h, 1, e], DType::F32));
-        let mut inputs = DecodeInputs { q: &q, k: &k, v: &v, cache: &one, slopes: &s, slots: &slot_ids, scale: None, rows_in_flight: decode_rows_in_flight() };
+        let q = upload(
+            &client,
+            &rng.values(b * h * d, DType::F32),
+            &[b, h, 1, d],
+            DType::F32,
+        );
+        let k = upload(
+            &client,
+            &rng.values(b * h * d, DType::F32),
+            &[b, h, 1, d],
+            DType::F32,
+        );
+        let v = upload(
+            &client,
+            &rng.values(b * h * e, DType::F32),
+            &[b, h, 1, e],
+            DType::F32,
+        );
+        let (out_one, out_split) = (
+            poisoned(&client, &[b, h, 1, e], DType::F32),
+            poisoned(&client, &[b, h, 1, e], DType::F32),
+        );
+        let mut inputs = DecodeInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            cache: &one,
+            slopes: &s,
+            slots: &slot_ids,
+            scale: None,
+            rows_in_flight: decode_rows_in_flight(),
+        };
         decode_into(&client, &inputs, &out_one).expect("one buffer");
         inputs.cache = &s;
         decode_split_into(&client, &inputs, &split, &out_split).expect("split");
-        assert_eq!(out_one.to_bytes(&client).unwrap(), out_split.to_bytes(&client).unwrap());
+        assert_eq!(
+            out_one.to_bytes(&client).unwrap(),
+            out_split.to_bytes(&client).unwrap()
+        );
     }
-    let parts: Vec<u8> = split.parts().iter().flat_map(|p| p.to_bytes(&client).unwrap()).collect();
+    let parts: Vec<u8> = split
+        .parts()
+        .iter()
+        .flat_map(|p| p.to_bytes(&client).unwrap())
+        .collect();
     assert_eq!(one.to_bytes(&client).unwrap(), parts, "the states");
 }
 
@@ -67,7 +101,10 @@ fn backend_counts_its_cache_in_its_dtype() {
     let bf16_config = config(24, 6, DType::BF16);
     assert_eq!(f32_config.cache_bytes(), 2 * 6 * 4 * 16 * 24 * 4);
     assert_eq!(bf16_config.cache_bytes() * 2, f32_config.cache_bytes());
-    assert_eq!(bf16_config.state_bytes_per_sequence() * 2, f32_config.state_bytes_per_sequence());
+    assert_eq!(
+        bf16_config.state_bytes_per_sequence() * 2,
+        f32_config.state_bytes_per_sequence()
+    );
     let backend = LightningBackend::new(&client, bf16_config).expect("a bf16 backend");
     assert_eq!(backend.cache(1).unwrap().dtype, DType::BF16);
     assert!(read(&client, backend.cache(0).unwrap()).iter().all(|&x| x == 0.0));
@@ -89,26 +126,70 @@ fn backend_counts_its_cache_in_its_dtype() {
 fn a_cache_of_the_wrong_dtype_is_a_typed_error() {
     let client = client();
     let (h, d, e) = (4, 16, 24);
-    let caches = |dtype| (0..2).map(|_| DeviceTensor::filled(&client, &[6, h, d, e], dtype, 0.0).unwrap()).collect::<Vec<_>>();
-    let err = LightningBackend::from_caches(&client, config(e, 6, DType::BF16), caches(DType::F32)).unwrap_err();
+    let caches = |dtype| {
+        (0..2)
+            .map(|_| DeviceTensor::filled(&client, &[6, h, d, e], dtype, 0.0).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let err =
+        LightningBackend::from_caches(&client, config(e, 6, DType::BF16), caches(DType::F32)).unwrap_err();
     assert!(
-        matches!(err, LightningError::StateDType { tensor: "cache", expected: DType::BF16, actual: DType::F32 }),
+        matches!(
+            err,
+            LightningError::StateDType {
+                tensor: "cache",
+                expected: DType::BF16,
+                actual: DType::F32
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("expected a state cache of"), "{err}");
-    let err = LightningBackend::from_caches(&client, config(e, 6, DType::F32), caches(DType::BF16)).unwrap_err();
-    assert!(matches!(err, LightningError::StateDType { expected: DType::F32, actual: DType::BF16, .. }), "{err}");
+    let err =
+        LightningBackend::from_caches(&client, config(e, 6, DType::F32), caches(DType::BF16)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LightningError::StateDType {
+                expected: DType::F32,
+                actual: DType::BF16,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // The right dtype: the engine's states are kept.
     let kept = caches(DType::BF16);
-    let backend = LightningBackend::from_caches(&client, config(e, 6, DType::BF16), kept).expect("bf16 caches");
+    let backend =
+        LightningBackend::from_caches(&client, config(e, 6, DType::BF16), kept).expect("bf16 caches");
     assert_eq!(backend.cache(0).unwrap().shape, [6, h, d, e]);
-    let err = LightningBackend::from_caches(&client, config(e, 6, DType::BF16), caches(DType::BF16)[..1].to_vec())
-        .unwrap_err();
-    assert!(matches!(err, LightningError::LengthMismatch { what: "caches", .. }), "{err}");
+    let err = LightningBackend::from_caches(
+        &client,
+        config(e, 6, DType::BF16),
+        caches(DType::BF16)[..1].to_vec(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, LightningError::LengthMismatch { what: "caches", .. }),
+        "{err}"
+    );
     let err = LightningBackend::new(&client, config(7, 6, DType::BF16)).unwrap_err();
-    assert!(matches!(err, LightningError::OddStateWidth { value_dim: 7, .. }), "{err}");
+    assert!(
+        matches!(err, LightningError::OddStateWidth { value_dim: 7, .. }),
+        "{err}"
+    );
     let err = LightningBackend::new(&client, config(e, 6, DType::F16)).unwrap_err();
-    assert!(matches!(err, LightningError::DType { expected: DType::F32, actual: DType::F16, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LightningError::DType {
+                expected: DType::F32,
+                actual: DType::F16,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // A split cache's parts share one dtype.
     let parts = vec![
@@ -117,7 +198,14 @@ fn a_cache_of_the_wrong_dtype_is_a_typed_error() {
     ];
     let err = SplitCache::from_parts(parts).unwrap_err();
     assert!(
-        matches!(err, LightningError::StateDType { tensor: "cache part", expected: DType::BF16, actual: DType::F32 }),
+        matches!(
+            err,
+            LightningError::StateDType {
+                tensor: "cache part",
+                expected: DType::BF16,
+                actual: DType::F32
+            }
+        ),
         "{err}"
     );
 
@@ -126,18 +214,53 @@ fn a_cache_of_the_wrong_dtype_is_a_typed_error() {
     let q = upload(&client, &[0.5; 4], &[1, 1, 1, 4], DType::F32);
     let v = upload(&client, &[0.5; 3], &[1, 1, 1, 3], DType::F32);
     let s = upload(&client, &[0.1], &[1], DType::F32);
-    let inputs = DecodeInputs { q: &q, k: &q, v: &v, cache: &cache, slopes: &s, slots: &[0], scale: None, rows_in_flight: None };
+    let inputs = DecodeInputs {
+        q: &q,
+        k: &q,
+        v: &v,
+        cache: &cache,
+        slopes: &s,
+        slots: &[0],
+        scale: None,
+        rows_in_flight: None,
+    };
     let err = decode_into(&client, &inputs, &poisoned(&client, &[1, 1, 1, 3], DType::F32)).unwrap_err();
-    assert!(matches!(err, LightningError::OddStateWidth { tensor: "cache", value_dim: 3 }), "{err}");
-    let (q, v) = (upload(&client, &[0.5; 4], &[1, 1, 4], DType::F32), upload(&client, &[0.5; 3], &[1, 1, 3], DType::F32));
+    assert!(
+        matches!(
+            err,
+            LightningError::OddStateWidth {
+                tensor: "cache",
+                value_dim: 3
+            }
+        ),
+        "{err}"
+    );
+    let (q, v) = (
+        upload(&client, &[0.5; 4], &[1, 1, 4], DType::F32),
+        upload(&client, &[0.5; 3], &[1, 1, 3], DType::F32),
+    );
     let inputs = VarlenInputs {
         q: &q,
         k: &q,
         v: &v,
         slopes: &s,
         cache: &cache,
-        batch: VarlenBatch { cu_seqlens: &[0, 1], slots: &[0], has_initial_state: &[true], snapshots: None },
+        batch: VarlenBatch {
+            cu_seqlens: &[0, 1],
+            slots: &[0],
+            has_initial_state: &[true],
+            snapshots: None,
+        },
     };
     let err = prefill_varlen(&client, &inputs, &PrefillConfig::new(16, 16)).unwrap_err();
-    assert!(matches!(err, LightningError::OddStateWidth { tensor: "cache", value_dim: 3 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LightningError::OddStateWidth {
+                tensor: "cache",
+                value_dim: 3
+            }
+        ),
+        "{err}"
+    );
 }

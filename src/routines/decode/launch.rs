@@ -57,7 +57,9 @@ pub(crate) fn launch_decode(
     }
     // The cache's element and vector size: f32 vectors as v's, or (bf16) the
     // words holding a vector's elements in pairs.
-    let state_words = caches.first().is_some_and(|(cache, _)| cache.dtype == DType::BF16);
+    let state_words = caches
+        .first()
+        .is_some_and(|(cache, _)| cache.dtype == DType::BF16);
     let state_vector = if state_words {
         plan.vector_size / 2
     } else {

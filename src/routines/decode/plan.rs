@@ -1,11 +1,11 @@
 //! The decode kernel's plan (`kernels::decode`): cube size, grid, tiles and
 //! the rows of the cache a unit loads before it stores any.
 
-use crate::{DType, Result};
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::problem::config::check_rows_in_flight;
 use crate::problem::shapes::DecodeShape;
 use crate::routines::common::TARGET_UNITS;
+use crate::{DType, Result};
 
 /// How a decode step is split: cube size and grid, and the kernel's tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

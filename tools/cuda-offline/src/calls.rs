@@ -222,7 +222,10 @@ pub fn calls() -> Vec<Call> {
     for dtype in DTYPES {
         let config = PrefillConfig::new(256, 32);
         calls.push(Call::new(
-            format!("varlen {} h32 d128 e128 256/32 mixed + snapshots, bf16 cache", name(dtype)),
+            format!(
+                "varlen {} h32 d128 e128 256/32 mixed + snapshots, bf16 cache",
+                name(dtype)
+            ),
             move |build| {
                 let cu_seqlens = [0, 300, 301, 1301, 1302, 1366];
                 let slots = [0, 1, 2, 3, 4];
@@ -261,7 +264,11 @@ pub fn calls() -> Vec<Call> {
                     dtype,
                     state_dtype,
                 };
-                let cache = if state_dtype == DType::BF16 { ", bf16 cache" } else { "" };
+                let cache = if state_dtype == DType::BF16 {
+                    ", bf16 cache"
+                } else {
+                    ""
+                };
                 calls.push(Call::new(
                     format!("decode {} b{batch} h64 d{dim} rows {rows:?}{cache}", name(dtype)),
                     move |build| build_decode(build, &shape, rows),
