@@ -21,8 +21,9 @@ use lightning_attention::{
 
 /// The worst relative error a run with a bf16 cache may show against the
 /// rounded reference: the kernels' f32 results land on a neighbouring bf16 of
-/// the reference's now and then (see `tests/kernels/serving.rs`).
-pub const BF16_CACHE_BOUND: f64 = 1e-3;
+/// the reference's now and then. Measured on lavapipe: 1.7e-4 (the test
+/// suite's workload), 1.6e-4 (the example's defaults); about twice that.
+pub const BF16_CACHE_BOUND: f64 = 4e-4;
 
 /// The engine's model and workload.
 #[derive(Clone, Copy, Debug)]

@@ -26,7 +26,7 @@
 //! holding its elements in pairs (`S = u32`, `W = N / 2` words per vector of
 //! `N` elements, so a vector's index is the same in either layout), widened
 //! exactly by a shift and rounded once per write to the nearest bf16, ties to
-//! even, NaN kept ([`crate::widen::bf16_bits`]). Words on every runtime, CUDA
+//! even, NaN kept ([`bf16_bits`](fn@crate::widen::bf16_bits)). Words on every runtime, CUDA
 //! included, rather than a bf16 type where one exists: one code path whose
 //! rounding is the same bits everywhere (the lavapipe tests judge the CUDA
 //! arithmetic), for a few integer operations per element in a kernel bound by

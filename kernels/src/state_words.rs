@@ -3,8 +3,8 @@
 //!
 //! The prefill kernels read and write f32 states. A call against a bf16 cache
 //! gathers the states it reads into a scratch `[entries, h, d, e]` f32
-//! ([`widen_states`]), runs on the scratch, and scatters the states it wrote
-//! back ([`narrow_states`]), rounding each element once to the nearest bf16,
+//! ([`widen_states`](fn@widen_states)), runs on the scratch, and scatters the states it wrote
+//! back ([`narrow_states`](fn@narrow_states)), rounding each element once to the nearest bf16,
 //! ties to even, NaN kept (as [`crate::widen`]). The cache is bound as the
 //! 32-bit words holding its elements in pairs; a state holds an even number of
 //! elements (the host requires an even `e` of a bf16 cache), so no word
