@@ -225,10 +225,15 @@ pub fn round_bf16(x: f64) -> f64 {
 /// far above the result), its f32 error of a few 2^-24 of `magnitude` may
 /// exceed a bf16 step of the small result. NaN fails.
 pub fn beyond_one_bf16_step(actual: &[f64], rounded: &[f64], magnitude: &[f64]) -> Option<(usize, f64, f64)> {
-    actual.iter().zip(rounded).zip(magnitude).enumerate().find_map(|(i, ((&a, &r), &m))| {
-        // bf16 keeps 8 significant bits: one step is at most 2^-7 of the value.
-        let allowed = a.abs().max(r.abs()) * 2f64.powi(-7) + m * 2f64.powi(-21);
-        let within = a == r || (a - r).abs() <= allowed;
-        (!within).then_some((i, a, r))
-    })
+    actual
+        .iter()
+        .zip(rounded)
+        .zip(magnitude)
+        .enumerate()
+        .find_map(|(i, ((&a, &r), &m))| {
+            // bf16 keeps 8 significant bits: one step is at most 2^-7 of the value.
+            let allowed = a.abs().max(r.abs()) * 2f64.powi(-7) + m * 2f64.powi(-21);
+            let within = a == r || (a - r).abs() <= allowed;
+            (!within).then_some((i, a, r))
+        })
 }

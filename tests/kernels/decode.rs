@@ -149,7 +149,17 @@ pub fn run_case(case: &Case, state_dtype: DType) -> Result<(), TestCaseError> {
         // The same step on absolute values: the size of what each update sums.
         let abs = |x: &[f32]| x.iter().map(|v| f64::from(v.abs())).collect::<Vec<_>>();
         let mut magnitude = abs(&cache);
-        reference_decode(h, d, e, &abs(&q), &abs(&k), &abs(&v), &mut magnitude, &f64s(&slopes), &slots64);
+        reference_decode(
+            h,
+            d,
+            e,
+            &abs(&q),
+            &abs(&k),
+            &abs(&v),
+            &mut magnitude,
+            &f64s(&slopes),
+            &slots64,
+        );
         if let Some((i, a, r)) = beyond_one_bf16_step(&actual_cache, &rounded, &magnitude) {
             prop_assert!(
                 false,

@@ -41,19 +41,18 @@ fn bounds(state_dtype: DType) -> ([[f64; 2]; 3], [f64; 2]) {
 fn state_drift_stays_within_its_measured_bounds() {
     let client = client();
     // Everything measured and printed first, so that a failure shows the whole table.
-    let measured: [_; 2] = [DType::F32, DType::BF16]
-        .map(|state_dtype| {
-            let rows = drift::decode_drift(&client, state_dtype, 32, 64, &STEPS, 7).expect("decode drift");
-            let schedule =
-                drift::schedule_drift(&client, state_dtype, 32, (3, 64, 32), 7).expect("schedule drift");
-            for row in rows.iter().chain([&schedule]) {
-                println!(
-                    "{state_dtype:?} after {:>5} steps: state {:.2e} {:.2e}, out {:.2e} {:.2e}",
-                    row.steps, row.state_error[0], row.state_error[1], row.out_error[0], row.out_error[1]
-                );
-            }
-            (state_dtype, rows, schedule)
-        });
+    let measured: [_; 2] = [DType::F32, DType::BF16].map(|state_dtype| {
+        let rows = drift::decode_drift(&client, state_dtype, 32, 64, &STEPS, 7).expect("decode drift");
+        let schedule =
+            drift::schedule_drift(&client, state_dtype, 32, (3, 64, 32), 7).expect("schedule drift");
+        for row in rows.iter().chain([&schedule]) {
+            println!(
+                "{state_dtype:?} after {:>5} steps: state {:.2e} {:.2e}, out {:.2e} {:.2e}",
+                row.steps, row.state_error[0], row.state_error[1], row.out_error[0], row.out_error[1]
+            );
+        }
+        (state_dtype, rows, schedule)
+    });
     for (state_dtype, rows, schedule) in measured {
         let (step_bounds, schedule_bound) = bounds(state_dtype);
         for (row, bound) in rows.iter().zip(step_bounds).chain([(&schedule, schedule_bound)]) {
