@@ -114,9 +114,10 @@ proptest! {
 
 /// The bound on a written bf16 state's error against the rounded reference,
 /// relative to its magnitude: the kernels' f32 error moves an element to the
-/// neighbouring bf16 (2^-8 to 2^-7 of it) now and then, and the few
-/// neighbours add up to far less than the 1e-3 allowed here.
-const BF16_STATE_TOLERANCE: f64 = 1e-3;
+/// neighbouring bf16 (2^-8 to 2^-7 of it) now and then. The worst of 200
+/// cases measured on lavapipe was 2.2e-4 (1.7e-4 with f32 inputs); about twice
+/// that. (16-bit inputs keep their own, looser bound.)
+const BF16_STATE_TOLERANCE: f64 = 5e-4;
 
 /// `case` against a cache of `state_dtype` (every `e` of the cases is even).
 /// A bf16 cache is judged against the f64 reference run from the same (bf16)
