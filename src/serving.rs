@@ -3,8 +3,9 @@
 //!
 //! Built once with the model's heads, head dims, layer count, block sizes, slot
 //! count and tensor-parallel rank, it owns each layer's slopes (MiniMax's
-//! per-layer ladder, sliced to the rank's heads) and each layer's f32 state
-//! cache `[slots, h_rank, d, e]`. Per engine step the batch metadata is given
+//! per-layer ladder, sliced to the rank's heads) and each layer's state
+//! cache `[slots, h_rank, d, e]`, f32 or bf16 ([`BackendConfig::state_dtype`]).
+//! Per engine step the batch metadata is given
 //! once ([`LightningBackend::prepare_decode`] or
 //! [`LightningBackend::prepare_extend`], SGLang's `init_forward_metadata`),
 //! then every layer calls [`LightningBackend::forward_decode`] or
@@ -26,7 +27,9 @@ use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
 use crate::entry::varlen::{DeviceBatch, PlannedBatch};
 use crate::problem::packed::VarlenShape;
-use crate::problem::shapes::{DecodeShape, check_slots, check_tensor, expect_shape};
+use crate::problem::shapes::{
+    DecodeShape, TensorShape, check_slots, check_state_dtype, check_tensor, expect_shape,
+};
 use crate::problem::slopes::{layer_slopes, rank_slice};
 use crate::routines::decode::launch_decode;
 use crate::routines::decode::{DecodePlan, plan_decode};
@@ -54,6 +57,33 @@ pub struct BackendConfig {
     pub dtype: DType,
     /// BLOCK, CBLOCK and the output scale of prefills.
     pub prefill: PrefillConfig,
+    /// dtype of every layer's state cache: [`DType::F32`] (exact f32 states,
+    /// as the math says) or [`DType::BF16`] (half the memory and half the
+    /// bytes a decode step streams; every kernel still computes in f32 and
+    /// rounds each state once, to nearest even, when it writes it back, at a
+    /// price in accuracy measured in the README's "bf16 state cache").
+    /// [`DType::F16`] is refused: its range is too short for a state.
+    pub state_dtype: DType,
+}
+
+impl BackendConfig {
+    /// Heads on `tensor_parallel`'s rank (they split evenly: see [`rank_slice`]).
+    fn local_heads(&self) -> usize {
+        self.heads / self.tensor_parallel.1.max(1)
+    }
+
+    /// Bytes of one sequence's states over all layers on this rank, in
+    /// [`BackendConfig::state_dtype`]: `layers h_rank d e` elements
+    /// (MiniMax-Text-01's 70 lightning layers of 64 heads on one rank, d = e
+    /// = 128: 280 MiB in f32, 140 MiB in bf16).
+    pub fn state_bytes_per_sequence(&self) -> u64 {
+        (self.layers * self.local_heads() * self.key_dim * self.value_dim * self.state_dtype.size()) as u64
+    }
+
+    /// Bytes of every layer's cache (all slots) on this rank.
+    pub fn cache_bytes(&self) -> u64 {
+        self.state_bytes_per_sequence() * self.slots as u64
+    }
 }
 
 /// The layouts a step's layer calls document: `tokens` is the step's token
@@ -108,8 +138,11 @@ impl std::fmt::Debug for LightningBackend {
     }
 }
 
-/// What one layer's cache `[slots, h, d, e]` f32 is called in errors.
-const CACHE: &str = "state cache [slots, h, d, e] f32 of one layer";
+/// What one layer's cache `[slots, h, d, e]` is called in errors.
+const CACHE: &str = "state cache [slots, h, d, e] of one layer";
+
+/// The layout [`LightningBackend::from_caches`] documents.
+const CACHE_LAYOUT: &str = "[slots, h_rank, d, e]";
 
 /// A layer's cache must be addressable with 32-bit indices: refused here
 /// with a typed error (its bytes are checked with every other buffer of the
@@ -120,10 +153,60 @@ fn check_cache_indexing(shape: &[usize; 4]) -> Result<()> {
 
 impl LightningBackend {
     /// Validates `config`, builds each layer's slopes and allocates each
-    /// layer's cache (zeros: no slot holds a state until a request writes it).
-    /// Returns [`LightningError::OutOfMemory`], having allocated nothing,
-    /// where the device cannot hold every layer's cache (see [`crate::memory`]).
+    /// layer's cache in [`BackendConfig::state_dtype`] (zeros: no slot holds
+    /// a state until a request writes it). Returns
+    /// [`LightningError::OutOfMemory`], having allocated nothing, where the
+    /// device cannot hold every layer's cache (see [`crate::memory`]).
     pub fn new(client: &Client, config: BackendConfig) -> Result<Self> {
+        let (local_slopes, cache_shape) = Self::validate(client, &config)?;
+        // Every buffer of the backend, checked together before the first is
+        // allocated: one layer's cache may fit where seventy do not.
+        let mut buffers = Self::own_buffers(&config, cache_shape[1]);
+        for _ in 0..config.layers {
+            buffers.push(Buffer::tensor(CACHE, &cache_shape, config.state_dtype));
+        }
+        DeviceMemory::of(client).check(&buffers)?;
+        let caches = (0..config.layers)
+            .map(|_| DeviceTensor::filled(client, &cache_shape, config.state_dtype, 0.0))
+            .collect::<Result<Vec<_>>>()?;
+        Self::build(client, config, local_slopes, caches)
+    }
+
+    /// [`LightningBackend::new`] on caches the engine allocated itself (a
+    /// memory pool of its own), one per layer, each `[slots, h_rank, d, e]` in
+    /// [`BackendConfig::state_dtype`]; their contents are kept (states a
+    /// previous backend left are continued). A cache of another dtype is
+    /// [`LightningError::StateDType`], of another shape
+    /// [`LightningError::Shape`], a count other than `layers`
+    /// [`LightningError::LengthMismatch`].
+    pub fn from_caches(client: &Client, config: BackendConfig, caches: Vec<DeviceTensor>) -> Result<Self> {
+        let (local_slopes, cache_shape) = Self::validate(client, &config)?;
+        if caches.len() != config.layers {
+            return Err(LightningError::LengthMismatch {
+                what: "caches",
+                expected: config.layers,
+                rule: "one state cache per layer",
+                actual: caches.len(),
+            });
+        }
+        for cache in &caches {
+            check_tensor(cache, "cache", &["slots", "h_rank", "d", "e"], CACHE_LAYOUT, None)?;
+            if cache.dtype != config.state_dtype {
+                return Err(LightningError::StateDType {
+                    tensor: "cache",
+                    expected: config.state_dtype,
+                    actual: cache.dtype,
+                });
+            }
+            expect_shape(cache, "cache", &cache_shape, CACHE_LAYOUT)?;
+        }
+        DeviceMemory::of(client).check(&Self::own_buffers(&config, cache_shape[1]))?;
+        Self::build(client, config, local_slopes, caches)
+    }
+
+    /// Checks `config` and builds each layer's slopes on this rank; returns
+    /// them with the shape of one layer's cache.
+    fn validate(client: &Client, config: &BackendConfig) -> Result<(Vec<Vec<f32>>, [usize; 4])> {
         config.prefill.validate()?;
         let (rank, world) = config.tensor_parallel;
         for (what, value) in [
@@ -149,8 +232,19 @@ impl LightningBackend {
         let local_heads = local_slopes[0].len();
         let cache_shape = [config.slots, local_heads, config.key_dim, config.value_dim];
         check_cache_indexing(&cache_shape)?;
-        // Every buffer of the backend, checked together before the first is
-        // allocated: one layer's cache may fit where seventy do not.
+        check_state_dtype(
+            &TensorShape {
+                shape: cache_shape.to_vec(),
+                dtype: config.state_dtype,
+            },
+            "BackendConfig::state_dtype",
+        )?;
+        Ok((local_slopes, cache_shape))
+    }
+
+    /// The buffers the backend allocates beside the caches: the decode slot
+    /// buffer and each layer's slopes.
+    fn own_buffers(config: &BackendConfig, local_heads: usize) -> Vec<Buffer> {
         let mut buffers = vec![Buffer::new("decode slot buffer", config.max_batch as u64 * 4)];
         for _ in 0..config.layers {
             buffers.push(Buffer::elements(
@@ -158,15 +252,22 @@ impl LightningBackend {
                 local_heads,
                 DType::F32,
             ));
-            buffers.push(Buffer::tensor(CACHE, &cache_shape, DType::F32));
         }
-        DeviceMemory::of(client).check(&buffers)?;
-        let mut slopes = Vec::with_capacity(config.layers);
-        let mut caches = Vec::with_capacity(config.layers);
-        for local in &local_slopes {
-            slopes.push(DeviceTensor::from_f32(client, local, &[local_heads], DType::F32)?);
-            caches.push(DeviceTensor::filled(client, &cache_shape, DType::F32, 0.0)?);
-        }
+        buffers
+    }
+
+    /// Uploads the slopes and the slot buffer, once every buffer is known to fit.
+    fn build(
+        client: &Client,
+        config: BackendConfig,
+        local_slopes: Vec<Vec<f32>>,
+        caches: Vec<DeviceTensor>,
+    ) -> Result<Self> {
+        let local_heads = local_slopes[0].len();
+        let slopes = local_slopes
+            .iter()
+            .map(|local| DeviceTensor::from_f32(client, local, &[local_heads], DType::F32))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             client: client.clone(),
             config,
@@ -189,7 +290,8 @@ impl LightningBackend {
         &self.config
     }
 
-    /// Layer `layer`'s state cache `[slots, h_rank, d, e]` f32.
+    /// Layer `layer`'s state cache `[slots, h_rank, d, e]`, in
+    /// [`BackendConfig::state_dtype`].
     pub fn cache(&self, layer: usize) -> Result<&DeviceTensor> {
         self.check_layer(layer)?;
         Ok(&self.caches[layer])
@@ -244,6 +346,7 @@ impl LightningBackend {
             value_dim: self.config.value_dim,
             slots: self.config.slots,
             dtype: self.config.dtype,
+            state_dtype: self.config.state_dtype,
         };
         let planned = PlannedBatch::new(
             LaunchTarget::Device(&self.client),
@@ -328,6 +431,7 @@ impl LightningBackend {
             value_dim: self.config.value_dim,
             slots: self.config.slots,
             dtype: self.config.dtype,
+            state_dtype: self.config.state_dtype,
         }
     }
 

@@ -9,10 +9,19 @@ use lightning_attention::{BackendConfig, DType, DeviceTensor, LightningBackend, 
 use crate::report::Row;
 use crate::{Options, median_time, upload};
 
-/// One decode layer of `batch` sequences, h = 64, d = e = 128, f32.
-pub fn bench_backend_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw: f64) -> Row {
+/// One decode layer of `batch` sequences, h = 64, d = e = 128, f32, against
+/// a cache of `state_dtype`.
+pub fn bench_backend_decode(
+    client: &Client,
+    target: &str,
+    batch: usize,
+    state_dtype: DType,
+    opts: &Options,
+    bw: f64,
+) -> Row {
     let (h, d, e) = (64, 128, 128);
     let mut row = Row::new(target, "decode (backend)", [batch, h, 1, d], DType::F32);
+    row.op = crate::cache_op("decode (backend)", state_dtype);
     let config = BackendConfig {
         heads: h,
         key_dim: d,
@@ -24,6 +33,7 @@ pub fn bench_backend_decode(client: &Client, target: &str, batch: usize, opts: &
         tensor_parallel: (0, 1),
         dtype: DType::F32,
         prefill: PrefillConfig::default().with_tuning(opts.tuning),
+        state_dtype,
     };
     let mut backend = match LightningBackend::new(client, config) {
         Ok(backend) => backend,
@@ -50,7 +60,7 @@ pub fn bench_backend_decode(client: &Client, target: &str, batch: usize, opts: &
             .forward_decode(0, &q, &k, &v, &out)
             .expect("validated above");
     });
-    let state_bytes = 2 * batch * h * d * e * 4;
+    let state_bytes = 2 * batch * h * d * e * state_dtype.size();
     let io = state_bytes + batch * h * (2 * d + 2 * e) * 4;
     row.measured(time, batch, io as f64, bw);
     row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);

@@ -53,20 +53,20 @@ fn stream_state<N: Size>(state: &mut [Vector<f32, N>], factor: f32) {
 }
 
 /// The step of `layers` layers, `batch` sequences of `heads` heads, d = e =
-/// 128, f32: one row launched layer by layer, one replayed from a graph.
+/// 128, f32, against caches of `state_dtype`: one row launched layer by
+/// layer, one replayed from a graph (and, with an f32 cache, the yardstick).
 pub fn bench_decode_step(
     client: &Client,
     target: &str,
-    layers: usize,
-    heads: usize,
-    batch: usize,
+    (layers, heads, batch): (usize, usize, usize),
+    state_dtype: DType,
     opts: &Options,
     bw: f64,
 ) -> Vec<Row> {
     let (d, e) = (128, 128);
     let row = |how: &str| {
         let mut row = Row::new(target, "decode step", [batch, heads, 1, d], DType::F32);
-        row.op = format!("decode step {layers} layers ({how})");
+        row.op = crate::cache_op(&format!("decode step {layers} layers ({how})"), state_dtype);
         row
     };
     let (mut launched, mut replayed) = (row("launches"), row("graph"));
@@ -81,6 +81,7 @@ pub fn bench_decode_step(
         tensor_parallel: (0, 1),
         dtype: DType::F32,
         prefill: PrefillConfig::default().with_tuning(opts.tuning),
+        state_dtype,
     };
     let failed = |mut a: Row, mut b: Row, note: String| {
         a.note.clone_from(&note);
@@ -113,7 +114,7 @@ pub fn bench_decode_step(
     {
         return failed(launched, replayed, err.to_string());
     }
-    let state_bytes = layers * 2 * batch * heads * d * e * 4;
+    let state_bytes = layers * 2 * batch * heads * d * e * state_dtype.size();
     let io = state_bytes + layers * batch * heads * (2 * d + 2 * e) * 4;
     let measured = |row: &mut Row, time| record(row, time, batch, layers, (io, state_bytes), bw);
     measured(&mut launched, median_time(client, opts.reps, step));
@@ -130,6 +131,10 @@ pub fn bench_decode_step(
             measured(&mut replayed, time);
         }
         Err(err) => replayed.note = format!("no graph on this runtime: {err}"),
+    }
+    if state_dtype != DType::F32 {
+        // The yardstick streams f32 states: the f32 cache's rows carry it.
+        return vec![launched, replayed];
     }
     // The caches go before the yardstick allocates as many bytes again.
     drop(backend);

@@ -54,6 +54,9 @@ struct Options {
     /// Input dtypes of the prefill, training and mixed rows, `--dtypes f32,bf16,f16`
     /// (default f32,bf16).
     dtypes: Vec<DType>,
+    /// State-cache dtypes of the decode and step rows, `--cache-dtypes f32,bf16`
+    /// (default both: a bf16 cache's row beside the f32 one).
+    cache_dtypes: Vec<DType>,
     /// How f32 inputs are multiplied, `--precisions split,rounded,exact`
     /// (default split); 16-bit rows run once.
     precisions: Vec<Precision>,
@@ -136,6 +139,15 @@ fn options() -> Options {
                 "f16" => DType::F16,
                 "bf16" => DType::BF16,
                 other => panic!("--dtypes takes f32, f16 and/or bf16, not {other}"),
+            })
+            .collect(),
+        cache_dtypes: value("--cache-dtypes")
+            .unwrap_or("f32,bf16".into())
+            .split(',')
+            .map(|dtype| match dtype {
+                "f32" => DType::F32,
+                "bf16" => DType::BF16,
+                other => panic!("--cache-dtypes takes f32 and/or bf16, not {other}"),
             })
             .collect(),
         precisions: value("--precisions")
@@ -467,9 +479,25 @@ fn bench_training(
     row
 }
 
-fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw: f64) -> Row {
+/// The op of a decode or step row against a cache of `state_dtype`.
+fn cache_op(op: &str, state_dtype: DType) -> String {
+    match state_dtype {
+        DType::F32 => op.to_string(),
+        other => format!("{op}, {other} cache"),
+    }
+}
+
+fn bench_decode(
+    client: &Client,
+    target: &str,
+    batch: usize,
+    state_dtype: DType,
+    opts: &Options,
+    bw: f64,
+) -> Row {
     let (h, d, e) = (64, 128, 128);
     let mut row = Row::new(target, "decode", [batch, h, 1, d], DType::F32);
+    row.op = cache_op("decode", state_dtype);
     let q = upload(client, &[batch, h, 1, d], DType::F32, 4);
     let k = upload(client, &[batch, h, 1, d], DType::F32, 5);
     let v = upload(client, &[batch, h, 1, e], DType::F32, 6);
@@ -477,14 +505,14 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
     // Small values keep the state bounded over the many timed steps. A cache
     // past the runtime's largest buffer (wgpu: about 2 GiB) is split in parts.
     let max_buffer = client.properties().memory.max_page_size;
-    let part_slots = (max_buffer / (h * d * e * 4) as u64) as usize;
+    let part_slots = (max_buffer / (h * d * e * state_dtype.size()) as u64) as usize;
     let split = if batch > part_slots {
         let parts = (0..batch.div_ceil(part_slots))
             .map(|p| {
                 upload(
                     client,
                     &[part_slots.min(batch - p * part_slots), h, d, e],
-                    DType::F32,
+                    state_dtype,
                     7 + p as u64,
                 )
             })
@@ -497,7 +525,7 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
     // A split step reads no single cache: the slopes stand in for it.
     let cache = match split {
         Some(_) => s.clone(),
-        None => upload(client, &[batch, h, d, e], DType::F32, 7),
+        None => upload(client, &[batch, h, d, e], state_dtype, 7),
     };
     let out = DeviceTensor::empty(client, &[batch, h, 1, e], DType::F32);
     let slots: Vec<i32> = (0..batch as i32).rev().collect();
@@ -520,7 +548,7 @@ fn bench_decode(client: &Client, target: &str, batch: usize, opts: &Options, bw:
         return row;
     }
     let time = median_time(client, opts.reps, || step().expect("validated above"));
-    let state_bytes = 2 * batch * h * d * e * 4;
+    let state_bytes = 2 * batch * h * d * e * state_dtype.size();
     let io = state_bytes + batch * h * (2 * d + 2 * e) * 4;
     row.measured(time, batch, io as f64, bw);
     row.state_tb_s = Some(state_bytes as f64 / time.as_secs_f64() / 1e12);
@@ -579,12 +607,15 @@ fn main() {
             }
         }
         for &batch in decode_batches.iter().filter(|_| runs("decode")) {
-            let row = bench_decode(&client, &target, batch, &opts, bw);
-            eprintln!("{}", row.line());
-            rows.push(row);
-            let row = backend_decode::bench_backend_decode(&client, &target, batch, &opts, bw);
-            eprintln!("{}", row.line());
-            rows.push(row);
+            for &state_dtype in &opts.cache_dtypes {
+                let row = bench_decode(&client, &target, batch, state_dtype, &opts, bw);
+                eprintln!("{}", row.line());
+                rows.push(row);
+                let row =
+                    backend_decode::bench_backend_decode(&client, &target, batch, state_dtype, &opts, bw);
+                eprintln!("{}", row.line());
+                rows.push(row);
+            }
         }
         // Forward+backward at every prefill shape, config and routine.
         for &shape in prefill_shapes.iter().filter(|_| runs("training")) {
@@ -606,11 +637,14 @@ fn main() {
         for &layers in step_layers.iter().filter(|_| runs("step")) {
             for &heads in step_heads {
                 for &batch in step_batches {
-                    for row in
-                        decode_step::bench_decode_step(&client, &target, layers, heads, batch, &opts, bw)
-                    {
-                        eprintln!("{}", row.line());
-                        rows.push(row);
+                    for &state_dtype in &opts.cache_dtypes {
+                        let shape = (layers, heads, batch);
+                        for row in
+                            decode_step::bench_decode_step(&client, &target, shape, state_dtype, &opts, bw)
+                        {
+                            eprintln!("{}", row.line());
+                            rows.push(row);
+                        }
                     }
                 }
             }

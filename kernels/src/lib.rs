@@ -11,7 +11,8 @@
 //! Each of these kernels is the portable routine: no plane (subgroup) operations
 //! and no `cmma`, so it runs on every runtime. Inputs of any float type are
 //! loaded, converted to f32, computed in f32 and converted on store; the state
-//! is f32. Accelerated routines sit beside them and are chosen by the host from
+//! is f32 (the decode kernel also streams a bf16 state cache as words).
+//! Accelerated routines sit beside them and are chosen by the host from
 //! what the device reports: [`diag_cmma`] and [`kv_parallel_cmma`] (tensor
 //! cores, f16/bf16 inputs), which share [`staging`] (wide loads into shared
 //! memory, fragment loads). The chunk-recurrent routine replaces kv-parallel
@@ -27,6 +28,8 @@
 //! [`kv_snapshot`] (speculative decoding) writes the state after chosen tokens.
 //! [`decayed_sum`] sums decayed states (sequence parallelism: the state
 //! entering a rank's segment, the gradient leaving it).
+//! [`state_words`] gathers a bf16 state cache's slots into an f32 scratch of
+//! states and rounds them back (prefills against a bf16 cache).
 //! [`fill`] sets a buffer to one value on the device (zeroed caches, poisoned outputs).
 //! [`finite`] counts the non-finite elements of a tensor (the host's opt-in checks).
 //! [`widen`] widens 16-bit inputs to f32 for the portable routines (bf16 from
@@ -70,5 +73,6 @@ pub mod kv_snapshot;
 pub mod layout;
 pub mod non_diag;
 pub mod staging;
+pub mod state_words;
 pub mod tiles;
 pub mod widen;

@@ -403,6 +403,7 @@ pub(crate) fn run_passes(
             },
             plan: pass_plan,
             decode: None,
+            decode_cache: None,
         };
         let key_value_plan = match key_value {
             KeyValue::Separate => {

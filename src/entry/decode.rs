@@ -26,7 +26,11 @@ pub struct DecodeInputs<'a> {
     pub k: &'a DeviceTensor,
     /// Values `[b, h, 1, e]`.
     pub v: &'a DeviceTensor,
-    /// The state cache `[slots, h, d, e]` f32, updated in place.
+    /// The state cache `[slots, h, d, e]`, updated in place: f32, or bf16
+    /// (with an even `e`) for half the memory and half the bytes a step
+    /// streams. The kernel computes in f32 either way; a bf16 state is widened
+    /// exactly when read and rounded once when written back (nearest, ties to
+    /// even, NaN kept). The price in accuracy: the README's "bf16 state cache".
     pub cache: &'a DeviceTensor,
     /// One slope per head, `[h]` f32.
     pub slopes: &'a DeviceTensor,
@@ -188,7 +192,7 @@ pub(crate) fn check_out(out: &DeviceTensor, shape: &DecodeShape) -> Result<()> {
 }
 
 /// Validates the arguments of a decode step: q, k `[b, h, 1, d]`, v `[b, h, 1, e]`,
-/// cache `[slots, h, d, e]` f32, slopes `[h]` f32, and `b` slot indices, each -1
+/// cache `[slots, h, d, e]` f32 or bf16 (even `e`), slopes `[h]` f32, and `b` slot indices, each -1
 /// (padding) or a distinct slot of the cache.
 pub fn validate_decode(
     q: &DeviceTensor,

@@ -83,13 +83,15 @@ pub fn build_prefill(
 
 /// Records the kernels a packed call ([`crate::prefill_varlen`]) of `batch`
 /// launches on tensors of `total_tokens` rows of `heads` heads, dims
-/// `key_dim` and `value_dim`, against a cache of `slots` states: sequences
-/// of one token without snapshots go to the decode kernel (a mixed batch).
+/// `key_dim` and `value_dim`, against a cache of `slots` states of
+/// `state_dtype`: sequences of one token without snapshots go to the decode
+/// kernel (a mixed batch).
 #[allow(clippy::too_many_arguments)]
 pub fn build_varlen(
     build: &OfflineBuild,
     [heads, key_dim, value_dim]: [usize; 3],
     dtype: DType,
+    state_dtype: DType,
     slots: usize,
     batch: &VarlenBatch,
     config: &PrefillConfig,
@@ -103,7 +105,7 @@ pub fn build_varlen(
             (&[total, heads, key_dim], dtype),
             (&[total, heads, value_dim], dtype),
             (&[heads], DType::F32),
-            (&[slots, heads, key_dim, value_dim], DType::F32),
+            (&[slots, heads, key_dim, value_dim], state_dtype),
             (&[total, heads, value_dim], dtype),
         ],
     );
@@ -131,7 +133,10 @@ pub fn build_decode(build: &OfflineBuild, shape: &DecodeShape, rows_in_flight: O
             (&[b, h, 1, shape.key_dim], shape.dtype),
             (&[b, h, 1, shape.key_dim], shape.dtype),
             (&[b, h, 1, shape.value_dim], shape.dtype),
-            (&[shape.slots, h, shape.key_dim, shape.value_dim], DType::F32),
+            (
+                &[shape.slots, h, shape.key_dim, shape.value_dim],
+                shape.state_dtype,
+            ),
             (&[h], DType::F32),
             (&[b, h, 1, shape.value_dim], shape.dtype),
         ],

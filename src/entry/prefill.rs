@@ -461,6 +461,7 @@ pub(crate) fn launch_checked(
         },
         plan: &plan,
         decode: None,
+        decode_cache: None,
     }
     .run(hook);
 }

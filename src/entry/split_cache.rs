@@ -7,6 +7,9 @@
 //! launch serving the entries whose slots lie in its part and skipping the
 //! others (their cubes read and write nothing), so every output row is written
 //! once and every state is read and written once, as with one buffer.
+//!
+//! The parts hold f32 or bf16 states, all the same (a bf16 cache holds twice
+//! the slots per buffer; see [`crate::DecodeInputs::cache`]).
 
 use cubecl::prelude::*;
 
@@ -14,7 +17,7 @@ use crate::device::limits::DeviceLimits;
 use crate::device::memory::{Buffer, DeviceMemory};
 use crate::device::target::LaunchTarget;
 use crate::entry::decode::{check_out, step_buffers};
-use crate::problem::shapes::{DecodeShape, check_slots, check_tensor};
+use crate::problem::shapes::{DecodeShape, TensorShape, check_slots, check_state_dtype, check_tensor};
 use crate::routines::decode::DecodePlan;
 use crate::routines::decode::launch_decode;
 use crate::routines::table::upload;
@@ -23,8 +26,8 @@ use crate::{DType, DecodeInputs, DeviceTensor, LightningError, PADDING_SLOT, Res
 /// The slot the decode kernel skips: an entry another part's launch serves.
 const SKIPPED_SLOT: i32 = -2;
 
-/// `slots` f32 states `[h, d, e]` in one or more buffers (parts), slot `s`
-/// in the part whose range holds it.
+/// `slots` states `[h, d, e]` (f32 or bf16) in one or more buffers (parts),
+/// slot `s` in the part whose range holds it.
 #[derive(Clone, Debug)]
 pub struct SplitCache {
     parts: Vec<DeviceTensor>,
@@ -33,7 +36,7 @@ pub struct SplitCache {
 }
 
 impl SplitCache {
-    /// `slots` zeroed states in as few parts as the device's largest buffer allows.
+    /// `slots` zeroed f32 states in as few parts as the device's largest buffer allows.
     pub fn zeros(
         client: &Client,
         slots: usize,
@@ -41,17 +44,28 @@ impl SplitCache {
         key_dim: usize,
         value_dim: usize,
     ) -> Result<Self> {
-        let state_bytes = (heads * key_dim * value_dim * 4).max(1) as u64;
+        Self::zeros_of(client, slots, [heads, key_dim, value_dim], DType::F32)
+    }
+
+    /// `slots` zeroed states `[h, d, e]` of `state_dtype` (f32, or bf16 with
+    /// an even `e`) in as few parts as the device's largest buffer allows.
+    pub fn zeros_of(
+        client: &Client,
+        slots: usize,
+        [heads, key_dim, value_dim]: [usize; 3],
+        state_dtype: DType,
+    ) -> Result<Self> {
+        let state_bytes = (heads * key_dim * value_dim * state_dtype.size()).max(1) as u64;
         let max_buffer = DeviceLimits::of(client).max_buffer;
         crate::device::memory::fits_one_buffer(
-            Buffer::new("one slot's state [h, d, e] f32 of the split cache", state_bytes),
+            Buffer::new("one slot's state [h, d, e] of the split cache", state_bytes),
             max_buffer,
         )?;
         let per_part = (max_buffer / state_bytes) as usize;
-        Self::zeros_in_parts(client, slots, per_part, heads, key_dim, value_dim)
+        Self::zeros_in_parts_of(client, slots, per_part, [heads, key_dim, value_dim], state_dtype)
     }
 
-    /// `slots` zeroed states, at most `part_slots` in each part.
+    /// `slots` zeroed f32 states, at most `part_slots` in each part.
     pub fn zeros_in_parts(
         client: &Client,
         slots: usize,
@@ -60,6 +74,24 @@ impl SplitCache {
         key_dim: usize,
         value_dim: usize,
     ) -> Result<Self> {
+        Self::zeros_in_parts_of(client, slots, part_slots, [heads, key_dim, value_dim], DType::F32)
+    }
+
+    /// `slots` zeroed states of `state_dtype`, at most `part_slots` in each part.
+    pub fn zeros_in_parts_of(
+        client: &Client,
+        slots: usize,
+        part_slots: usize,
+        [heads, key_dim, value_dim]: [usize; 3],
+        state_dtype: DType,
+    ) -> Result<Self> {
+        check_state_dtype(
+            &TensorShape {
+                shape: vec![slots, heads, key_dim, value_dim],
+                dtype: state_dtype,
+            },
+            "split cache state_dtype",
+        )?;
         let part_slots = part_slots.max(1);
         let shapes: Vec<[usize; 4]> = (0..slots.div_ceil(part_slots).max(1))
             .map(|p| {
@@ -71,18 +103,20 @@ impl SplitCache {
         // where all of them do not.
         let buffers: Vec<Buffer> = shapes
             .iter()
-            .map(|shape| Buffer::tensor("part [slots, h, d, e] f32 of the split cache", shape, DType::F32))
+            .map(|shape| Buffer::tensor("part [slots, h, d, e] of the split cache", shape, state_dtype))
             .collect();
         DeviceMemory::of(client).check(&buffers)?;
         let parts = shapes
             .iter()
-            .map(|shape| DeviceTensor::filled(client, shape, DType::F32, 0.0))
+            .map(|shape| DeviceTensor::filled(client, shape, state_dtype, 0.0))
             .collect::<Result<Vec<_>>>()?;
         Self::from_parts(parts)
     }
 
-    /// A cache of the caller's parts, each `[slots_i, h, d, e]` f32 with the same
-    /// `h, d, e`; slots are numbered across the parts in order.
+    /// A cache of the caller's parts, each `[slots_i, h, d, e]` with the same
+    /// `h, d, e` and dtype (f32, or bf16 with an even `e`); slots are numbered
+    /// across the parts in order. A part of another dtype than the first is
+    /// [`LightningError::StateDType`].
     pub fn from_parts(parts: Vec<DeviceTensor>) -> Result<Self> {
         const CACHE: &str = "[slots, h, d, e]";
         let Some(first) = parts.first() else {
@@ -95,13 +129,15 @@ impl SplitCache {
         };
         let mut starts = vec![0];
         for part in &parts {
-            check_tensor(
-                part,
-                "cache part",
-                &["slots", "h", "d", "e"],
-                CACHE,
-                Some(DType::F32),
-            )?;
+            check_tensor(part, "cache part", &["slots", "h", "d", "e"], CACHE, None)?;
+            check_state_dtype(part, "cache part")?;
+            if part.dtype != first.dtype {
+                return Err(LightningError::StateDType {
+                    tensor: "cache part",
+                    expected: first.dtype,
+                    actual: part.dtype,
+                });
+            }
             if part.shape[1..] != first.shape[1..] {
                 let mut expected = first.shape.clone();
                 expected[0] = part.shape[0];
@@ -120,6 +156,11 @@ impl SplitCache {
     /// The parts, in slot order.
     pub fn parts(&self) -> &[DeviceTensor] {
         &self.parts
+    }
+
+    /// dtype of the states (every part's).
+    pub fn state_dtype(&self) -> DType {
+        self.parts[0].dtype
     }
 
     /// Slots over all parts.

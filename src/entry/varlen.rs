@@ -3,7 +3,7 @@
 //!
 //! q, k `[T, h, d]` and v `[T, h, e]` hold the tokens of `N` sequences back to
 //! back; `cu_seqlens` (`N + 1` offsets) says where each starts. Each sequence
-//! names its slot of the f32 state cache `[slots, h, d, e]` and whether it
+//! names its slot of the state cache `[slots, h, d, e]` and whether it
 //! continues the state stored there or starts from zeros (a new request, with
 //! no need to clear its slot first); its final state is written back to the
 //! slot. A one-token sequence that continues its state is served by the decode
@@ -12,6 +12,11 @@
 //!
 //! Padding: a sequence whose slot is -1 reads and writes no state; its output
 //! is computed from a zero state (and its `has_initial_state` flag is ignored).
+//!
+//! The cache is f32 or bf16. Against a bf16 cache the prefill kernels run on
+//! an f32 scratch of the call's states, gathered before and rounded back
+//! after (two launches more; `routines::state_scratch` says why), and the
+//! decode rows on the bf16 cache itself.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -25,9 +30,10 @@ use crate::routines::common::{Call, Layout, Variant};
 use crate::routines::decode::{DecodePlan, plan_decode};
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::PrefillPlan;
+use crate::routines::state_scratch::{DeviceScratch, StateScratch};
 use crate::routines::table::{DeviceTable, SequenceStates, SequenceTable};
 use crate::routines::widen;
-use crate::{DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
+use crate::{DType, DeviceTensor, LightningError, PrefillConfig, Result, check_finite};
 
 /// States to keep after each of the last `count` tokens of every sequence, so
 /// that a speculative-decoding verifier can roll back to any accepted prefix.
@@ -66,7 +72,9 @@ pub struct VarlenInputs<'a> {
     pub v: &'a DeviceTensor,
     /// One slope per head, `[h]` f32.
     pub slopes: &'a DeviceTensor,
-    /// The state cache `[slots, h, d, e]` f32: read and written in place.
+    /// The state cache `[slots, h, d, e]`, f32 or bf16 (even `e`): read and
+    /// written in place; a bf16 state is rounded once per write (see
+    /// [`crate::DecodeInputs::cache`]).
     pub cache: &'a DeviceTensor,
     /// Offsets, slots, flags and snapshots.
     pub batch: VarlenBatch<'a>,
@@ -79,6 +87,8 @@ pub(crate) struct PlannedBatch {
     pub table: SequenceTable,
     pub prefill: PrefillPlan,
     pub decode: Option<DecodePlan>,
+    /// The f32 scratch of the states, against a bf16 cache.
+    pub scratch: Option<StateScratch>,
 }
 
 impl PlannedBatch {
@@ -113,8 +123,15 @@ impl PlannedBatch {
                 last: slot,
             })
             .collect();
-        let table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
-        Self::from_table(shape, table, config, &limits)
+        let mut table = SequenceTable::new(batch.cu_seqlens, &states, &snapshots, true, config);
+        let scratch = (shape.state_dtype == DType::BF16).then(|| StateScratch::renumber(&mut table));
+        if let Some(scratch) = &scratch {
+            check_scratch_grid(scratch, &limits)?;
+        }
+        Ok(Self {
+            scratch,
+            ..Self::from_table(shape, table, config, &limits)?
+        })
     }
 
     /// Plans the launches of `table` over tensors of `shape` (a packed
@@ -140,6 +157,7 @@ impl PlannedBatch {
                     value_dim: shape.value_dim,
                     slots: shape.slots,
                     dtype: shape.dtype,
+                    state_dtype: shape.state_dtype,
                 },
                 limits,
                 config.tuning.decode_rows_in_flight,
@@ -150,8 +168,31 @@ impl PlannedBatch {
             table,
             prefill,
             decode,
+            scratch: None,
         })
     }
+
+    /// The states' shape `[h, d, e]` and elements.
+    fn state_shape(&self) -> ([usize; 3], usize) {
+        let shape = &self.shape;
+        let state = [shape.heads, shape.key_dim, shape.value_dim];
+        (state, state.iter().product())
+    }
+}
+
+/// The scratch's gather and scatter run one cube row per entry: refused with
+/// a typed error where the device's grid has fewer rows.
+fn check_scratch_grid(scratch: &StateScratch, limits: &DeviceLimits) -> Result<()> {
+    let available = limits.max_cube_count.1 as u64;
+    if scratch.entries() as u64 > available {
+        return Err(LightningError::DoesNotFit {
+            kernel: "widen_states / narrow_states (bf16 state cache)",
+            resource: "cubes along y (sequences and snapshots with a state)",
+            required: scratch.entries() as u64,
+            available,
+        });
+    }
+    Ok(())
 }
 
 /// The f32 copies a widened call on tensors of `shape` makes (see
@@ -208,6 +249,8 @@ pub(crate) struct DeviceBatch {
     pub table: DeviceTable,
     pub workspace: Handle,
     pub unused: DeviceTensor,
+    /// The f32 scratch of the states, against a bf16 cache with states to move.
+    pub scratch: Option<DeviceScratch>,
 }
 
 impl DeviceBatch {
@@ -229,6 +272,9 @@ impl DeviceBatch {
             [shape.heads, shape.key_dim, shape.value_dim],
             &copies(shape),
         ));
+        if let Some(scratch) = &planned.scratch {
+            buffers.extend(scratch.buffers(planned.state_shape().1));
+        }
         buffers
     }
 
@@ -243,11 +289,16 @@ impl DeviceBatch {
     pub(crate) fn upload_checked(target: LaunchTarget, planned: PlannedBatch) -> Self {
         let table = planned.table.upload(target, planned.prefill.chunk_walk());
         let workspace = target.empty(planned.prefill.block_states_len.max(1) * 4);
+        let scratch = planned
+            .scratch
+            .as_ref()
+            .and_then(|scratch| scratch.upload(target, planned.state_shape().0));
         Self {
             planned,
             table,
             workspace,
             unused: crate::device::tensor::unused_binding(target),
+            scratch,
         }
     }
 
@@ -256,12 +307,51 @@ impl DeviceBatch {
     /// `states` is the slot cache of a serving call: initial states are read
     /// from its slots and final states written back. A packed training call
     /// gives its initial states' tensor as `initial` (rows read instead of
-    /// slots) and its final states' tensor as `states`.
+    /// slots) and its final states' tensor as `states`. A bf16 cache: the
+    /// prefill launches on the scratch, between its gather and its scatter,
+    /// and the decode rows on the cache (see the module doc).
     pub fn launch(
+        &self,
+        target: LaunchTarget,
+        tensors: [&DeviceTensor; 4],
+        (initial, states): (Option<&DeviceTensor>, &DeviceTensor),
+        config: &PrefillConfig,
+        out: &DeviceTensor,
+    ) {
+        match (&self.planned.scratch, &self.scratch) {
+            (None, _) => self.launch_on(target, tensors, (initial, states), None, config, out),
+            (Some(_), Some(scratch)) => {
+                scratch.widen_from(target, states);
+                self.launch_on(
+                    target,
+                    tensors,
+                    (initial, &scratch.states),
+                    Some(states),
+                    config,
+                    out,
+                );
+                scratch.narrow_into(target, states);
+            }
+            // Every sequence is a decode row: no prefill kernel runs.
+            (Some(_), None) => self.launch_on(
+                target,
+                tensors,
+                (initial, &self.unused),
+                Some(states),
+                config,
+                out,
+            ),
+        }
+    }
+
+    /// The call's launches with `states` as the prefill's slot cache and
+    /// `decode_cache` (where given) as the decode rows'.
+    fn launch_on(
         &self,
         target: LaunchTarget,
         [q, k, v, slopes]: [&DeviceTensor; 4],
         (initial, states): (Option<&DeviceTensor>, &DeviceTensor),
+        decode_cache: Option<&DeviceTensor>,
         config: &PrefillConfig,
         out: &DeviceTensor,
     ) {
@@ -288,6 +378,7 @@ impl DeviceBatch {
             },
             plan: &self.planned.prefill,
             decode: self.planned.decode.as_ref(),
+            decode_cache,
         }
         .run(&mut |_, launch| launch());
     }

@@ -5,7 +5,8 @@ use cubecl::prelude::*;
 
 use crate::{LightningError, Result};
 
-/// The float type of q, k, v and the output. The state is always f32.
+/// The float type of q, k, v and the output. States are f32, but for a
+/// serving state cache, which may be bf16 (see [`crate::DecodeInputs::cache`]).
 ///
 /// Every kernel computes in f32 and rounds to this type on store, to nearest
 /// even, as IEEE 754 says: a value past the type's range becomes ±inf (f16's

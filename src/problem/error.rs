@@ -49,10 +49,35 @@ pub enum LightningError {
     DType {
         /// Which argument.
         tensor: &'static str,
-        /// The dtype required (the state and slopes are always f32; k and v match q).
+        /// The dtype required (slopes are always f32, a state cache f32 or
+        /// bf16, other states f32; k and v match q).
         expected: DType,
         /// The dtype given.
         actual: DType,
+    },
+    /// A state cache of a dtype other than the one its owner holds: a
+    /// [`crate::LightningBackend`] built with another
+    /// [`crate::BackendConfig::state_dtype`], a [`crate::SplitCache`] part
+    /// unlike the first.
+    #[error("{tensor}: expected a state cache of {expected}, got one of {actual}")]
+    StateDType {
+        /// Which argument.
+        tensor: &'static str,
+        /// The dtype the owner holds its caches in.
+        expected: DType,
+        /// The dtype given.
+        actual: DType,
+    },
+    /// A bf16 state cache with an odd `e`: its elements travel in pairs as
+    /// 32-bit words, and an odd `e` would put one word across two states.
+    #[error(
+        "{tensor}: a bf16 state cache needs an even e (its elements travel in pairs as 32-bit words), got e = {value_dim}"
+    )]
+    OddStateWidth {
+        /// Which argument.
+        tensor: &'static str,
+        /// The `e` given.
+        value_dim: usize,
     },
     /// A tensor's buffer is smaller than its shape and dtype require.
     #[error("{tensor}: buffer holds {actual} bytes, shape and dtype need {expected}")]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::shapes::{Arg, check_tensor, expect_shape};
+use super::shapes::{Arg, check_state_dtype, check_tensor, expect_shape};
 use crate::{DType, LightningError, Result};
 
 /// Sizes of a validated packed call.
@@ -23,6 +23,8 @@ pub struct VarlenShape {
     pub slots: usize,
     /// dtype of q, k, v and the output.
     pub dtype: DType,
+    /// dtype of the state cache (f32 where the call has none): f32 or bf16.
+    pub state_dtype: DType,
 }
 
 impl VarlenShape {
@@ -33,11 +35,12 @@ impl VarlenShape {
 }
 
 /// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype, slopes `[h]` f32 and
-/// the cache `[slots, h, d, e]` f32.
+/// the cache `[slots, h, d, e]` f32 or bf16.
 pub(crate) fn check_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, cache: &T) -> Result<VarlenShape> {
     const CACHE: &str = "[slots, h, d, e]";
     let shape = check_packed_tensors(q, k, v, slopes)?;
-    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
+    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, None)?;
+    let state_dtype = check_state_dtype(cache, "cache")?;
     let slots = cache.dims()[0];
     expect_shape(
         cache,
@@ -45,7 +48,11 @@ pub(crate) fn check_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T, cache: &T) 
         &[slots, shape.heads, shape.key_dim, shape.value_dim],
         CACHE,
     )?;
-    Ok(VarlenShape { slots, ..shape })
+    Ok(VarlenShape {
+        slots,
+        state_dtype,
+        ..shape
+    })
 }
 
 /// Checks q, k `[T, h, d]`, v `[T, h, e]` of one dtype and slopes `[h]` f32
@@ -71,6 +78,7 @@ pub(crate) fn check_packed_tensors<T: Arg>(q: &T, k: &T, v: &T, slopes: &T) -> R
         value_dim,
         slots: 0,
         dtype: q.elem(),
+        state_dtype: DType::F32,
     })
 }
 

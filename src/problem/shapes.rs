@@ -251,6 +251,8 @@ pub struct DecodeShape {
     pub slots: usize,
     /// dtype of q, k, v and the output.
     pub dtype: DType,
+    /// dtype of the state cache: f32 or bf16 (see [`crate::DecodeInputs::cache`]).
+    pub state_dtype: DType,
 }
 
 /// [`crate::shapes::validate_decode`] on shapes and dtypes alone (no buffers, so no buffer-size check).
@@ -294,7 +296,8 @@ pub(crate) fn decode_args<T: Arg>(
     check_tensor(slopes, "slopes", &["h"], "[h]", Some(DType::F32))?;
     expect_shape(slopes, "slopes", &[heads], "[h]")?;
     const CACHE: &str = "[slots, h, d, e]";
-    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, Some(DType::F32))?;
+    check_tensor(cache, "cache", &["slots", "h", "d", "e"], CACHE, None)?;
+    let state_dtype = check_state_dtype(cache, "cache")?;
     let num_slots = cache.dims()[0];
     expect_shape(cache, "cache", &[num_slots, heads, key_dim, value_dim], CACHE)?;
     if slots.len() != batch {
@@ -313,7 +316,31 @@ pub(crate) fn decode_args<T: Arg>(
         value_dim,
         slots: num_slots,
         dtype,
+        state_dtype,
     })
+}
+
+/// The dtype of a state cache `[slots, h, d, e]` of checked rank: f32, or
+/// bf16 with an even `e`, whose elements travel in pairs as 32-bit words (an
+/// odd `e` would put one word across two slots' states). f16 is refused as
+/// [`LightningError::DType`] (f32 expected): its 65504 ceiling is too low for
+/// a state that sums a long history.
+pub(crate) fn check_state_dtype(cache: &impl Arg, tensor: &'static str) -> Result<DType> {
+    match cache.elem() {
+        DType::F32 => Ok(DType::F32),
+        DType::BF16 => {
+            let value_dim = cache.dims()[cache.dims().len() - 1];
+            if value_dim % 2 == 1 {
+                return Err(LightningError::OddStateWidth { tensor, value_dim });
+            }
+            Ok(DType::BF16)
+        }
+        actual => Err(LightningError::DType {
+            tensor,
+            expected: DType::F32,
+            actual,
+        }),
+    }
 }
 
 /// Each slot is -1 (padding) or in `0..num_slots`, and no slot appears twice.

@@ -12,6 +12,8 @@
 //! - `backward`: the kernels of the key and value gradients;
 //! - `decode`: one token per sequence against the state cache;
 //! - `widen`: 16-bit inputs on f32 copies;
+//! - `state_scratch`: prefills against a bf16 state cache, on f32 copies of
+//!   the call's states;
 //! - `table`: the sequences and work lists the prefill kernels walk;
 //!   `dense_tables`: a dense call's lists, uploaded once per device and shape;
 //! - `prefill`: a call as a whole (the choice, the launches in order, the
@@ -28,5 +30,6 @@ pub(crate) mod five_kernels;
 pub(crate) mod fused;
 pub(crate) mod prefill;
 pub(crate) mod products;
+pub(crate) mod state_scratch;
 pub(crate) mod table;
 pub(crate) mod widen;

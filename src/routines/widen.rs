@@ -48,7 +48,7 @@ pub(crate) fn check_copies(
 }
 
 /// The bf16 tensor's words, as a kernel argument.
-fn words_arg(t: &DeviceTensor) -> BufferArg {
+pub(crate) fn words_arg(t: &DeviceTensor) -> BufferArg {
     // SAFETY: a bf16 tensor holds `num_elements * 2` bytes; bindings are
     // padded to 4 bytes, and the kernels touch only the elements' halves.
     unsafe { BufferArg::from_raw_parts(t.handle.clone(), t.num_elements().div_ceil(2)) }

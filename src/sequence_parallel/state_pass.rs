@@ -69,6 +69,7 @@ pub(crate) fn final_state(
         },
         plan,
         decode: None,
+        decode_cache: None,
     }
     .run(&mut |stage, launch| match stage {
         Stage::Diag | Stage::NonDiag => {}

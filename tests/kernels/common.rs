@@ -211,3 +211,29 @@ pub fn tuning() -> Tuning {
         ..Tuning::default()
     }
 }
+
+/// `x` rounded to the nearest bf16 (ties to even), as a kernel writes a bf16 state.
+pub fn round_bf16(x: f64) -> f64 {
+    half::bf16::from_f64(x).to_f64()
+}
+
+/// The first element of `actual` more than one bf16 step (of the larger of
+/// the two values) from `rounded`, beyond the f32 error of computing it, as
+/// `(index, actual, rounded)`. A kernel that computes in f32 and rounds once
+/// may land on the neighbour of the f64 result's rounding, never further;
+/// where the update cancels (`magnitude`, the same update on absolute values,
+/// far above the result), its f32 error of a few 2^-24 of `magnitude` may
+/// exceed a bf16 step of the small result. NaN fails.
+pub fn beyond_one_bf16_step(actual: &[f64], rounded: &[f64], magnitude: &[f64]) -> Option<(usize, f64, f64)> {
+    actual
+        .iter()
+        .zip(rounded)
+        .zip(magnitude)
+        .enumerate()
+        .find_map(|(i, ((&a, &r), &m))| {
+            // bf16 keeps 8 significant bits: one step is at most 2^-7 of the value.
+            let allowed = a.abs().max(r.abs()) * 2f64.powi(-7) + m * 2f64.powi(-21);
+            let within = a == r || (a - r).abs() <= allowed;
+            (!within).then_some((i, a, r))
+        })
+}

@@ -412,6 +412,7 @@ fn backend(client: &Client) -> LightningBackend {
         tensor_parallel: (0, 2),
         dtype: DType::F32,
         prefill: PrefillConfig::new(16, 16),
+        state_dtype: DType::F32,
     };
     LightningBackend::new(client, config).expect("a valid backend")
 }

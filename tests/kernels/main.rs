@@ -23,6 +23,8 @@ mod prefill;
 mod sequence_parallel;
 mod serving;
 mod split_cache;
+mod state_cache;
+mod state_drift;
 mod varlen;
 mod varlen_errors;
 mod widen;

@@ -343,6 +343,7 @@ fn the_device_figures_are_the_runtimes() {
         tensor_parallel: (0, 1),
         dtype: DType::F32,
         prefill: PrefillConfig::default(),
+        state_dtype: DType::F32,
     };
     let err = lightning_attention::LightningBackend::new(&client, config).unwrap_err();
     assert!(

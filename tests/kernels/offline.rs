@@ -175,7 +175,8 @@ fn offline_varlen_and_decode_record_what_they_launch() {
             prefill_varlen_into(&client, &inputs, &config, &out).expect("varlen");
         });
         let build = OfflineBuild::like(&client);
-        build_varlen(&build, [heads, d, e], dtype, slots, &batch, &config).expect("offline varlen");
+        build_varlen(&build, [heads, d, e], dtype, DType::F32, slots, &batch, &config)
+            .expect("offline varlen");
         assert_eq!(recorded(&build), on_device, "varlen {dtype:?}");
 
         // A decode step of three sequences.
@@ -201,6 +202,7 @@ fn offline_varlen_and_decode_record_what_they_launch() {
             value_dim: e,
             slots,
             dtype,
+            state_dtype: DType::F32,
         };
         build_decode(&build, &shape, decode_rows_in_flight()).expect("offline decode");
         assert_eq!(recorded(&build), on_device, "decode {dtype:?}");

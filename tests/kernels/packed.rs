@@ -537,6 +537,7 @@ fn a_hundred_thousand_short_documents_plan_on_cuda_limits() {
                 value_dim: 128,
                 slots: 0,
                 dtype,
+                state_dtype: DType::F32,
             };
             let config = PrefillConfig::new(64, 32).with_routines(routines);
             for with_initial in [false, true] {

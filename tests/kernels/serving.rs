@@ -17,6 +17,17 @@ use crate::common::*;
 
 #[test]
 fn engine_workload_matches_reference_step_by_step() {
+    engine_workload(DType::F32, 1e-4);
+}
+
+/// The same workload with a bf16 state cache: prefills from and into it, mixed
+/// batches, decodes, against the reference rounded to bf16 after each step.
+#[test]
+fn engine_workload_with_a_bf16_cache_matches_rounded_reference() {
+    engine_workload(DType::BF16, simulation::BF16_CACHE_BOUND);
+}
+
+fn engine_workload(state_dtype: DType, bound: f64) {
     let client = client();
     let config = simulation::EngineConfig {
         heads: 3,
@@ -26,6 +37,7 @@ fn engine_workload_matches_reference_step_by_step() {
         steps: 20,
         max_prompt: 200,
         seed: 11,
+        state_dtype,
     };
     let mut kinds = Vec::new();
     let mut reused = 0;
@@ -34,7 +46,10 @@ fn engine_workload_matches_reference_step_by_step() {
         reused += r.reused_slots;
     })
     .expect("a valid engine run");
-    assert!(worst < 1e-4, "worst relative error {worst:e}");
+    assert!(
+        worst < bound,
+        "worst relative error {worst:e} ({state_dtype:?} cache)"
+    );
     // The workload must have exercised what it claims to.
     assert!(
         kinds.contains(&"decode") && kinds.contains(&"extend"),
@@ -56,6 +71,7 @@ fn backend(client: &Client, layers: usize, slots: usize) -> LightningBackend {
             tensor_parallel: (1, 2),
             dtype: DType::F32,
             prefill: PrefillConfig::new(16, 16).with_tuning(tuning()),
+            state_dtype: DType::F32,
         },
     )
     .expect("a valid backend")

@@ -1,6 +1,7 @@
 //! The decode kernel's launch (`kernels::decode`), planned beside it in
-//! `plan.rs`: once per part of the state cache, bf16 on f32 copies where the
-//! runtime has no bf16 type.
+//! `plan.rs`: once per part of the state cache, bf16 inputs on f32 copies
+//! where the runtime has no bf16 type. A bf16 cache is streamed by the kernel
+//! itself, as words, on every runtime (see `kernels::decode`).
 
 use lightning_attention_kernels as kernels;
 
@@ -54,23 +55,43 @@ pub(crate) fn launch_decode(
         widen::narrow_into(target, &wide_out, out);
         return;
     }
+    // The cache's element and vector size: f32 vectors as v's, or (bf16) the
+    // words holding a vector's elements in pairs.
+    let state_words = caches
+        .first()
+        .is_some_and(|(cache, _)| cache.dtype == DType::BF16);
+    let state_vector = if state_words {
+        plan.vector_size / 2
+    } else {
+        plan.vector_size
+    };
+    let cache_arg = |cache: &DeviceTensor| {
+        if state_words {
+            widen::words_arg(cache)
+        } else {
+            arg(cache)
+        }
+    };
     macro_rules! launch {
-        ($f:ty, $cache:expr, $slots:expr) => {
-            // SAFETY: shapes, slots, tokens and the grid were validated and planned.
+        ($f:ty, $s:ty, $cache:expr, $slots:expr) => {
+            // SAFETY: shapes, slots, tokens and the grid were validated and
+            // planned; a bf16 cache's vectors of words cover its elements exactly
+            // (the plan's vectors are even where the cache is bf16).
             unsafe {
                 launch_kernel!(
                     target,
-                    kernels::decode::decode[$f],
+                    kernels::decode::decode[$f, $s],
                     plan.dims.cube_count(),
                     plan.dims.cube_dim(),
                     plan.vector_size,
+                    state_vector,
                     arg(q),
                     arg(k),
                     arg(v),
                     arg(slopes),
                     $slots.arg(),
                     tokens.arg(),
-                    arg($cache),
+                    cache_arg($cache),
                     arg(out),
                     heads as u32,
                     scale,
@@ -80,16 +101,20 @@ pub(crate) fn launch_decode(
                     plan.row_groups,
                     plan.rows_in_flight,
                     indexed,
+                    state_words,
                 )
             }
         };
     }
     for &(cache, slots) in caches {
         // The kernel's element type is the dtype of q (validated equal to k, v, out).
-        match q.dtype {
-            DType::F32 => launch!(f32, cache, slots),
-            DType::F16 => launch!(half::f16, cache, slots),
-            DType::BF16 => launch!(half::bf16, cache, slots),
+        match (q.dtype, state_words) {
+            (DType::F32, false) => launch!(f32, f32, cache, slots),
+            (DType::F16, false) => launch!(half::f16, f32, cache, slots),
+            (DType::BF16, false) => launch!(half::bf16, f32, cache, slots),
+            (DType::F32, true) => launch!(f32, u32, cache, slots),
+            (DType::F16, true) => launch!(half::f16, u32, cache, slots),
+            (DType::BF16, true) => launch!(half::bf16, u32, cache, slots),
         }
     }
 }

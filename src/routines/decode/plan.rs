@@ -1,11 +1,11 @@
 //! The decode kernel's plan (`kernels::decode`): cube size, grid, tiles and
 //! the rows of the cache a unit loads before it stores any.
 
-use crate::Result;
 use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::problem::config::check_rows_in_flight;
 use crate::problem::shapes::DecodeShape;
 use crate::routines::common::TARGET_UNITS;
+use crate::{DType, Result};
 
 /// How a decode step is split: cube size and grid, and the kernel's tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +31,8 @@ pub(crate) fn default_rows_in_flight(limits: &DeviceLimits) -> usize {
     if limits.cuda { 16 } else { 1 }
 }
 
-/// Plans a validated decode step: 4-lane vectors where `e` allows, up to 32
+/// Plans a validated decode step: 4-lane vectors where `e` allows (else 2
+/// against a bf16 cache, whose vectors are whole words, else 1), up to 32
 /// vector columns per cube, the rows of each column split over up to
 /// `256 / columns` units; `rows_in_flight` (1 to 32, validated) or the
 /// runtime's default.
@@ -41,7 +42,14 @@ pub fn plan_decode(
     rows_in_flight: Option<usize>,
 ) -> Result<DecodePlan> {
     check_rows_in_flight(rows_in_flight)?;
-    let vector_size = if shape.value_dim.is_multiple_of(4) { 4 } else { 1 };
+    let vector_size = if shape.value_dim.is_multiple_of(4) {
+        4
+    } else if shape.state_dtype == DType::BF16 {
+        // Validated even: a vector of two elements is one word.
+        2
+    } else {
+        1
+    };
     let vector_cols = shape.value_dim / vector_size;
     let units = TARGET_UNITS.min(limits.max_units) as usize;
     let column_tile = vector_cols.next_power_of_two().min(32).min(units);

@@ -28,6 +28,10 @@ pub(crate) struct CallLaunch<'a> {
     pub plan: &'a PrefillPlan,
     /// The decode launch, when the table routes sequences to it.
     pub decode: Option<&'a DecodePlan>,
+    /// The cache the decode rows read and write where it is not
+    /// `call.states`: a bf16 cache, whose prefill runs on an f32 scratch
+    /// (`routines::state_scratch`).
+    pub decode_cache: Option<&'a DeviceTensor>,
 }
 
 impl CallLaunch<'_> {
@@ -149,7 +153,7 @@ impl CallLaunch<'_> {
                     call.target,
                     decode,
                     [call.q, call.k, call.v, call.slopes],
-                    &[(call.states, &call.table.decode_slots)],
+                    &[(self.decode_cache.unwrap_or(call.states), &call.table.decode_slots)],
                     &call.table.decode_tokens,
                     true,
                     call.out,

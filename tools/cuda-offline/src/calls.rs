@@ -212,14 +212,48 @@ pub fn calls() -> Vec<Call> {
                             slots: &snapshot_slots,
                         }),
                     };
-                    build_varlen(build, [32, 128, 128], dtype, 16, &batch, &config)
+                    build_varlen(build, [32, 128, 128], dtype, DType::F32, 16, &batch, &config)
                 },
             ));
         }
     }
-    // Decode steps: the default rows in flight (16 on CUDA) and one row.
+    // The same mixed batch against a bf16 state cache: the f32 scratch's
+    // gather and scatter, and the decode rows on the bf16 cache.
     for dtype in DTYPES {
-        for (batch, dim) in [(16, 128), (128, 128), (128, 64)] {
+        let config = PrefillConfig::new(256, 32);
+        calls.push(Call::new(
+            format!(
+                "varlen {} h32 d128 e128 256/32 mixed + snapshots, bf16 cache",
+                name(dtype)
+            ),
+            move |build| {
+                let cu_seqlens = [0, 300, 301, 1301, 1302, 1366];
+                let slots = [0, 1, 2, 3, 4];
+                let has_initial = [true, true, false, true, false];
+                let snapshot_slots = [5, 6, -1, -1, 7, 8, -1, -1, -1, -1];
+                let batch = VarlenBatch {
+                    cu_seqlens: &cu_seqlens,
+                    slots: &slots,
+                    has_initial_state: &has_initial,
+                    snapshots: Some(Snapshots {
+                        count: 2,
+                        slots: &snapshot_slots,
+                    }),
+                };
+                build_varlen(build, [32, 128, 128], dtype, DType::BF16, 16, &batch, &config)
+            },
+        ));
+    }
+    // Decode steps: the default rows in flight (16 on CUDA) and one row,
+    // against an f32 cache and (the batch does not change the kernel) a bf16 one.
+    for dtype in DTYPES {
+        for (batch, dim, state_dtype) in [
+            (16, 128, DType::F32),
+            (128, 128, DType::F32),
+            (128, 64, DType::F32),
+            (128, 128, DType::BF16),
+            (128, 64, DType::BF16),
+        ] {
             for rows in [None, Some(1)] {
                 let shape = DecodeShape {
                     batch,
@@ -228,9 +262,15 @@ pub fn calls() -> Vec<Call> {
                     value_dim: dim,
                     slots: 512,
                     dtype,
+                    state_dtype,
+                };
+                let cache = if state_dtype == DType::BF16 {
+                    ", bf16 cache"
+                } else {
+                    ""
                 };
                 calls.push(Call::new(
-                    format!("decode {} b{batch} h64 d{dim} rows {rows:?}", name(dtype)),
+                    format!("decode {} b{batch} h64 d{dim} rows {rows:?}{cache}", name(dtype)),
                     move |build| build_decode(build, &shape, rows),
                 ));
             }
