@@ -60,7 +60,7 @@ for part in "$@"; do
     prefill)
         autotune_log "$out/autotune-prefill.log"
         timeout "${PREFILL_SECONDS:-300}" "$bench" --runtimes cuda --only prefill --dtypes "${PREFILL_DTYPES:-bf16,f16,f32}" \
-            --precisions split --configs 64/64 --routines auto,fused --accuracy ${SHAPES:+--shapes "$SHAPES"} --out "$out/bench-prefill" \
+            --precisions split --configs 64/64 --routines chunk,fused --accuracy ${SHAPES:+--shapes "$SHAPES"} --out "$out/bench-prefill" \
             >"$out/bench-prefill.log" 2>&1
         echo "== prefill: exit $?"
         rm -f cubecl.toml
@@ -69,7 +69,7 @@ for part in "$@"; do
         ;;
     train)
         timeout "${TRAIN_SECONDS:-240}" "$bench" --runtimes cuda --only training --dtypes "${TRAIN_DTYPES:-bf16,f32}" \
-            --precisions split --configs "${TRAIN_CONFIGS:-64/64}" --routines "${TRAIN_ROUTINES:-auto,fused}" ${SHAPES:+--shapes "$SHAPES"} \
+            --precisions split --configs "${TRAIN_CONFIGS:-64/64}" --routines "${TRAIN_ROUTINES:-chunk,fused}" ${SHAPES:+--shapes "$SHAPES"} \
             ${TRAIN_ARGS:-} --out "$out/bench-train" >"$out/bench-train.log" 2>&1
         echo "== training: exit $?"
         rows "$out/bench-train.log" 20

@@ -223,7 +223,12 @@ pub enum Precision {
 /// everywhere.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Routines {
-    /// The fastest routine the device and dtype allow.
+    /// The fastest routine the device and dtype allow: on CUDA with f16 or
+    /// bf16 inputs, `d` and `e` of 64 or 128 and no snapshots, the fused
+    /// routine's tensor-core walk (its variant by the fixed rule; `Fused`
+    /// with [`FusedChoice::Tuned`] lets the autotuner choose); else the
+    /// chunk-recurrent routine on tensor cores where it runs, else the five
+    /// kernels.
     #[default]
     Auto,
     /// The portable routines only (the five kernels).
@@ -233,7 +238,8 @@ pub enum Routines {
     /// has them, else its portable variant. `Auto` takes it wherever tensor
     /// cores run; this forces it everywhere (for tests and comparisons).
     ChunkRecurrent,
-    /// The fused routine (opt-in while it is built, issue 28): the whole
+    /// The fused routine (forced here; `Auto` takes it where it was
+    /// measured faster): the whole
     /// prefill in one pass per sequence (or segment), the running state kept
     /// on the chip and written once as the final state. On CUDA with f16 or
     /// bf16 inputs its tensor-core walk (the state in registers), its variant

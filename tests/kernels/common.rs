@@ -3,6 +3,7 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lightning_attention::cubecl::prelude::Client;
+use lightning_attention::plan::{DeviceLimits, TensorCores};
 use lightning_attention::{
     DType, DeviceTensor, FusedChoice, FusedProducts, Precision, Tuning, reference, runtime,
 };
@@ -236,4 +237,27 @@ pub fn beyond_one_bf16_step(actual: &[f64], rounded: &[f64], magnitude: &[f64]) 
             let within = a == r || (a - r).abs() <= allowed;
             (!within).then_some((i, a, r))
         })
+}
+
+/// Limits like an H100's under CUDA: 2^31 - 1 cubes along x, 65535 along y
+/// and z, tensor cores for 16-bit inputs (so `Auto` would take the
+/// chunk-recurrent pass or the fused walk, whose walks run along z).
+pub fn cuda_like_limits() -> DeviceLimits {
+    let tensor_cores = TensorCores {
+        f16: true,
+        bf16: true,
+    };
+    DeviceLimits {
+        shared_memory: 227 * 1024,
+        max_units: 1024,
+        max_cube_count: (i32::MAX as u32, 65535, 65535),
+        max_buffer: 1 << 40,
+        plane_size: Some(32),
+        tensor_cores,
+        fragments: tensor_cores,
+        max_vector: 8,
+        multiprocessors: Some(132),
+        bf16_words: false,
+        cuda: true,
+    }
 }

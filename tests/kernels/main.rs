@@ -9,6 +9,7 @@ mod backward;
 mod common;
 mod consistency;
 mod decode;
+mod default_routine;
 mod errors;
 mod fill;
 mod finite;

@@ -5,13 +5,13 @@
 //! last document (zeros in every output), many short documents, the plan's
 //! grid at 100 000 documents on CUDA's limits, and the typed errors.
 
-use lightning_attention::plan::{DeviceLimits, TensorCores, plan_packed_limits};
+use lightning_attention::plan::plan_packed_limits;
 use lightning_attention::reference::{Dims, backward as reference_backward, recurrence};
 use lightning_attention::testing::{PackedKnobs, backward_packed_into_with, prefill_packed_into_with};
 use lightning_attention::{
     DType, DeviceTensor, FusedProducts, LightningError, PackedBackwardInputs, PackedGradients, PackedInputs,
-    PrefillConfig,
-    Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed, prefill_packed_into,
+    PrefillConfig, Routines, VarlenShape, backward_packed, backward_packed_into, prefill_packed,
+    prefill_packed_into,
 };
 use proptest::prelude::*;
 
@@ -483,29 +483,6 @@ fn many_short_documents_match_the_reference() {
     }
     let err = relative_error(&actual, &expected);
     assert!(err < 1e-5, "all documents: error {err:e}");
-}
-
-/// Limits like an H100's under CUDA: 2^31 - 1 cubes along x, 65535 along y
-/// and z, tensor cores for 16-bit inputs (so `Auto` would take the
-/// chunk-recurrent pass, whose walks run along z).
-fn cuda_like_limits() -> DeviceLimits {
-    let tensor_cores = TensorCores {
-        f16: true,
-        bf16: true,
-    };
-    DeviceLimits {
-        shared_memory: 227 * 1024,
-        max_units: 1024,
-        max_cube_count: (i32::MAX as u32, 65535, 65535),
-        max_buffer: 1 << 40,
-        plane_size: Some(32),
-        tensor_cores,
-        fragments: tensor_cores,
-        max_vector: 8,
-        multiprocessors: Some(132),
-        bf16_words: false,
-        cuda: true,
-    }
 }
 
 /// FLA's varlen kernels failed to launch past 65535 documents x heads

@@ -406,7 +406,8 @@ fn plan_for(client: &Client, dtype: DType, d: usize, e: usize, config: &PrefillC
 
 /// Where the device reports tensor cores for a dtype, the plan takes the
 /// tensor-core diag and the chunk-recurrent state pass (so the property tests
-/// run them on such devices) for head dims that are multiples of 8, and
+/// run them on such devices) for head dims that are multiples of 8, or the
+/// fused walk where it runs the dtype natively, and
 /// `Routines::Portable` keeps the portable ones.
 #[test]
 fn tensor_core_routines_are_chosen_where_the_device_has_them() {
@@ -434,12 +435,21 @@ fn tensor_core_routines_are_chosen_where_the_device_has_them() {
             auto.diag.routine
         );
 
+        // Auto takes the fused routine's tensor-core walk where it runs the
+        // dtype natively (CUDA, 16-bit: `default_routine.rs` holds the rule).
+        let walks = TensorCores::fragments_of(&client).supports(dtype);
+        assert_eq!(
+            auto.fused.and_then(|fused| fused.fragments).is_some(),
+            walks,
+            "{dtype}: {:?}",
+            auto.fused
+        );
         // The chunk-recurrent state pass: Auto takes it with the tensor
-        // cores, ChunkRecurrent everywhere (its portable variant without
-        // them), Portable never.
+        // cores where it takes no fused walk, ChunkRecurrent everywhere (its
+        // portable variant without them), Portable never.
         assert_eq!(
             auto.chunk_state.map(|chunk| chunk.tensor_cores),
-            expected_tensor_cores.then_some(true),
+            (expected_tensor_cores && !walks).then_some(true),
             "{dtype}: {:?} with {cores:?}",
             auto.chunk_state
         );

@@ -6,7 +6,7 @@ use crate::device::limits::{DeviceLimits, LaunchDims, count};
 use crate::routines::chunk_recurrent::plan::segments_for;
 use crate::routines::five_kernels::GRID_SIDE;
 use crate::routines::table::PrefillWork;
-use crate::{DType, FusedProducts, PrefillConfig, Result};
+use crate::{DType, FusedProducts, PrefillConfig, Result, Routines};
 
 /// Largest key dim of the tensor-core walk: its state tile takes `d / 2`
 /// registers per unit (64 at d = 128).
@@ -105,6 +105,32 @@ pub(crate) fn plan(
         return Ok(None);
     }
     portable(work, config, limits).map(Some)
+}
+
+/// Key and value dims at which `Routines::Auto` takes the tensor-core walk:
+/// those an H100 measured it at (BENCHMARKS.md, 2026-12-05 and 2026-12-06),
+/// where it ran bf16 prefill 2.1-4.3x, forward+backward 1.9-3.5x and the
+/// mixed serving step 2.5x faster than the chunk-recurrent routine.
+const AUTO_DIMS: [usize; 2] = [64, 128];
+
+/// Whether `Routines::Auto` takes the fused routine for this call: the
+/// tensor-core walk runs it natively (the device has register fragments
+/// for its 16-bit dtype, the config asks for no other products, the chunk
+/// and tiles fit), its grid fits the device's, `d` and `e` are among
+/// [`AUTO_DIMS`], and the call takes no snapshots (the walk would go one
+/// block per segment there, never measured). Elsewhere `Auto` keeps the
+/// routines it took before, and `Routines::Fused` still forces the walk.
+pub(crate) fn takes_auto(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> bool {
+    let fused = config.with_routines(Routines::Fused);
+    config.routines == Routines::Auto
+        && config.tuning.fused_products == FusedProducts::Auto
+        && work.snapshots == 0
+        && AUTO_DIMS.contains(&work.key_dim)
+        && AUTO_DIMS.contains(&work.value_dim)
+        && matches!(
+            fragments(work, &fused, limits),
+            Ok(Some(FusedPlan { fragments: Some(walk), .. })) if !walk.emulated
+        )
 }
 
 /// Whether the tensor-core walk runs 16-bit inputs as they are on this

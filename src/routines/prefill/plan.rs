@@ -11,7 +11,9 @@
 //!   `Auto` where its tensor-core variant runs and its walks fit the grid,
 //!   `ChunkRecurrent` always (its portable variant elsewhere), `Portable` never;
 //! - the fused routine in place of every other prefill kernel with
-//!   `Routines::Fused` (opt-in); a call with snapshots walks single blocks
+//!   `Routines::Fused`, and with `Auto` where its tensor-core walk runs
+//!   natively at the dims it was measured faster at and the call takes no
+//!   snapshots (`fused::takes_auto`); a call with snapshots walks single blocks
 //!   (the segments' incoming states are the blocks', for kv-snapshot);
 //!   its tensor-core walk where the device has register fragments for the
 //!   16-bit dtype ([`crate::FusedProducts`]); its portable walk on devices
@@ -82,6 +84,9 @@ impl PrefillPlan {
     /// (the module doc lists the rules) and plans each.
     pub fn new(work: &PrefillWork, config: &PrefillConfig, limits: &DeviceLimits) -> Result<Self> {
         config.validate()?;
+        if fused::takes_auto(work, config, limits) {
+            return Self::new(work, &config.with_routines(Routines::Fused), limits);
+        }
         // The fused routine where it is planned; where the device has the
         // tensor-core walk but this call cannot take it, the chunk-recurrent
         // routine exactly as `ChunkRecurrent` plans it (see `fused::plan`).
