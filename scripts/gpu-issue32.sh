@@ -7,20 +7,23 @@
 #            then the PTX the runtime loads for the bf16 prefill rows
 #            (CUBECL_CUDA_DUMP_PTX; PTX_SECONDS 120), to hold beside the
 #            offline report here (PTX_SECONDS=0: none).
-#   prefill  bf16 and f16 at the six shapes, default beside the fused routine
+#   prefill  bf16 and f16 at the six shapes, the chunk-recurrent routine (the
+#            default before the fused walk) beside the fused routine
 #            with the autotuner's choice (its log: every variant's median) and
 #            accuracy, then f32 Precision::Split the same way (PREFILL_SECONDS 300;
 #            PREFILL_DTYPES, default bf16,f16,f32).
-#   train    forward+backward, bf16 and f32 split (TRAIN_DTYPES), the default
-#            routines beside the fused ones (TRAIN_ROUTINES; TRAIN_SECONDS 240;
+#   train    forward+backward, bf16 and f32 split (TRAIN_DTYPES), the
+#            chunk-recurrent routine beside the fused one (TRAIN_ROUTINES; TRAIN_SECONDS 240;
 #            TRAIN_CONFIGS, default 64/64; TRAIN_ARGS more bench flags, e.g.
 #            --fused-choice rule or --fused-separate-key-value).
 #   SHAPES   (any part of ours) which of the bench's six shapes run, e.g. 0,1.
-#   mixed    the mixed serving step, bf16, default beside fused (MIXED_SECONDS 90).
+#   mixed    the mixed serving step, bf16, chunk-recurrent beside fused (MIXED_SECONDS 90).
 #   packed   training on a packed batch (8 documents of 100-8000 tokens, h = 64,
-#            d = 128), forward+backward, bf16, default beside fused, then FLA's
+#            d = 128), forward+backward, bf16, chunk-recurrent beside fused, then FLA's
 #            chunk_simple_gla with cu_seqlens on the same batch
 #            (scripts/fla_packed.py; PACKED_SECONDS 150; carry .whl).
+#   cache    decode and the 70-layer step with an f32 and a bf16 state cache
+#            (CACHE_SECONDS 150).
 #   ncu      Nsight Compute on one warm launch of the fused walk, the second
 #            shape (1,64,16384,128) bf16, by the rule at the variant the tuner
 #            kept there on the H100: chunk 32 (NCU_CONFIG 64/32), 32-wide
@@ -76,13 +79,13 @@ for part in "$@"; do
         ;;
     mixed)
         timeout "${MIXED_SECONDS:-90}" "$bench" --runtimes cuda --only mixed --dtypes bf16 --configs 64/64 \
-            --routines auto,fused --out "$out/bench-mixed" >"$out/bench-mixed.log" 2>&1
+            --routines chunk,fused --out "$out/bench-mixed" >"$out/bench-mixed.log" 2>&1
         echo "== mixed: exit $?"
         rows "$out/bench-mixed.log" 10
         ;;
     packed)
         timeout "${PACKED_SECONDS:-150}" "$bench" --runtimes cuda --only packed --dtypes bf16 --configs 64/64 \
-            --routines auto,fused --out "$out/bench-packed" >"$out/bench-packed.log" 2>&1
+            --routines chunk,fused --out "$out/bench-packed" >"$out/bench-packed.log" 2>&1
         echo "== packed: exit $?"
         rows "$out/bench-packed.log" 10
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1
@@ -90,6 +93,14 @@ for part in "$@"; do
             >"$out/fla-packed.log" 2>&1
         echo "== fla packed: exit $?"
         tail -n 3 "$out/fla-packed.log"
+        ;;
+    cache)
+        # Decode and the 70-layer step with the state cache in f32 and in
+        # bf16 (issue 30): tokens/s and state bytes per second.
+        timeout "${CACHE_SECONDS:-150}" "$bench" --runtimes cuda --only decode,step --dtypes bf16 \
+            --cache-dtypes f32,bf16 --out "$out/bench-cache" >"$out/bench-cache.log" 2>&1
+        echo "== cache: exit $?"
+        rows "$out/bench-cache.log" 40
         ;;
     ncu)
         # --reps 3: each shape launches the walk 10 times (1 check, 3 warm-up,
