@@ -19,7 +19,7 @@
 //!
 //! `S^T` lives in registers as in the forward (plane `w` holds value columns
 //! `16 w .. 16 w + 16`), and the dv half is the forward's chunk exactly
-//! ([`crate::fused_fragments::outputs_and_update`]). The dk half needs `S`
+//! (`fused_fragments::outputs_and_update`). The dk half needs `S`
 //! with `d` along its rows, the other way round from the registers, and sums
 //! over all of `e`: each plane stores its rows of `S^T` to shared memory once
 //! per chunk (before the update), and every plane then reads `S` back as a
