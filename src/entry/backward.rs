@@ -42,6 +42,7 @@ use crate::problem::shapes::{PrefillShape, check_tensor, expect_shape};
 use crate::routines::backward::launch::BackwardLaunch;
 use crate::routines::backward::plan::BackwardPlan;
 use crate::routines::common::{Call, Layout, Stage, Variant};
+use crate::routines::dense_tables::{DenseShape, dense_device_table};
 use crate::routines::five_kernels::diag::DiagRoutine;
 use crate::routines::fused::launch as fused_launch;
 use crate::routines::fused::variants::FusedVariant;
@@ -279,6 +280,7 @@ pub(crate) fn backward_on(
             layout: Layout::dense(n),
             // Every row of a dense batch is written, wanted or not.
             table: &|has_initial, _| SequenceTable::dense(b, n, has_initial, config),
+            dense: Some((b, n)),
             plans: [&plan, &swapped_plan],
             key_value: key_value.as_ref(),
         },
@@ -328,6 +330,11 @@ pub(crate) struct Passes<'a> {
     /// The table of a pass that reads initial states (first flag) and
     /// writes its final states (second flag; a table may write them anyway).
     pub table: &'a dyn Fn(bool, bool) -> SequenceTable,
+    /// The batch and `n` of a dense backward, whose tables are
+    /// `SequenceTable::dense`: each pass binds the lists the device keeps
+    /// for its shape (`routines::dense_tables`, as the forward does) instead
+    /// of uploading them per call. `None` for packed groups.
+    pub dense: Option<(usize, usize)>,
     /// The plan of the forward's shape and of the shape with `d` and `e` swapped.
     pub plans: [&'a PrefillPlan; 2],
     /// The backward kernels of dk and dv, where they run ([`key_value_plan`]).
@@ -378,8 +385,28 @@ pub(crate) fn run_passes(
         } else {
             (passes.plans[0], (d, e))
         };
-        let table =
-            (passes.table)(initial.is_some(), states.is_some()).upload(target, pass_plan.chunk_walk());
+        let (walk, table) = (
+            pass_plan.chunk_walk(),
+            (passes.table)(initial.is_some(), states.is_some()),
+        );
+        // Uploading the lists was host work inside every call: two or
+        // three tables per backward (the forward's one took 0.09-0.11 ms
+        // per call on an H100 before its lists were kept).
+        let table = match passes.dense {
+            Some((batch, seq_len)) => dense_device_table(
+                target,
+                &table,
+                DenseShape {
+                    batch,
+                    seq_len,
+                    with_initial: initial.is_some(),
+                    block: config.block,
+                    sub_block: config.sub_block,
+                    walk,
+                },
+            ),
+            None => table.upload(target, walk),
+        };
         let workspace = target.empty(pass_plan.block_states_len.max(1) * 4);
         let call = CallLaunch {
             call: Call {

@@ -7,8 +7,9 @@
 //! H100 a whole call ran 0.09-0.11 ms longer than its kernel at every bench
 //! shape (BENCHMARKS.md, 2026-12-05 night), a third of the call at the
 //! shortest. So each device keeps the lists of the shapes it has run, and a
-//! call of a known shape binds them as they are. Offline builds upload as
-//! before (nothing is allocated there).
+//! call of a known shape binds them as they are; the dense backward's passes
+//! bind theirs the same way (the same function of the same shape). Offline
+//! builds upload as before (nothing is allocated there).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};

@@ -264,3 +264,46 @@ fn backward_refuses_bad_gradients_and_a_zero_scale() {
     let err = backward(&client, &inputs, &config.with_scale(0.0)).unwrap_err();
     assert!(matches!(err, LightningError::UnsupportedScale { .. }), "{err}");
 }
+
+/// Dense backwards of one `(b, n)` whose passes' work lists differ (an
+/// initial state or none, a final-state gradient or none, the block
+/// config, the routine's walk), in turn and then again: each pass binds its
+/// own lists, kept per device and shape (`routines::dense_tables`, shared
+/// with the forward), and every gradient matches the reference each time.
+/// Fails where the key drops what a pass's lists depend on.
+#[test]
+fn repeated_shapes_bind_their_own_work_lists() {
+    for round in 0..2u64 {
+        for (i, (block, sub_block, initial, d_final, routines)) in [
+            (64, 32, false, false, Routines::Auto),
+            (64, 32, true, false, Routines::Auto),
+            (64, 32, false, true, Routines::Auto),
+            (32, 16, true, true, Routines::Auto),
+            (64, 32, true, true, Routines::ChunkRecurrent),
+            (64, 32, true, false, Routines::Fused),
+            (64, 32, false, true, Routines::Portable),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let case = Case {
+                block,
+                sub_block,
+                batch: 2,
+                heads: 2,
+                seq_len: 150,
+                key_dim: 32,
+                value_dim: 16,
+                initial,
+                d_final,
+                scale: None,
+                dtype: DType::F32,
+                routines,
+                precision: Precision::Split,
+                tuning: tuning(),
+                seed: 400 + 10 * round + i as u64,
+            };
+            gradients_match_reference(&case).unwrap_or_else(|err| panic!("{case:?} (round {round}): {err}"));
+        }
+    }
+}

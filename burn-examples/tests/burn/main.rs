@@ -363,6 +363,108 @@ fn decode_matches_reference() {
     );
 }
 
+/// bf16 rounded to nearest even from f32, back in f64 (the cache's values;
+/// finite inputs).
+fn round_bf16(x: f64) -> f64 {
+    let bits = (x as f32).to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    f32::from_bits(rounded) as f64
+}
+
+/// A bf16 cache (issue 30) through Burn: the library reads its dtype from
+/// the tensor, computes in f32 and rounds the written state once. The
+/// output is held to the f32 bound (it comes from the state before
+/// rounding); the new state to the reference's state rounded to bf16 (one
+/// bf16 step at most where the f32 update lies at a rounding boundary), and
+/// the untouched slot keeps its bf16 values.
+#[test]
+fn decode_with_a_bf16_cache_matches_rounded_reference() {
+    let device = device();
+    let (h, d, e, slots) = (2, 16, 8, 3);
+    let mut rng = SeededRng::new(12);
+    let cache: Vec<f64> = values(&mut rng, slots * h * d * e)
+        .into_iter()
+        .map(round_bf16)
+        .collect();
+    let q = values(&mut rng, 2 * h * d);
+    let k = values(&mut rng, 2 * h * d);
+    let v = values(&mut rng, 2 * h * e);
+    let s = slopes(h);
+    let slot_ids = [0, 2];
+    // Made bf16 on the host: Burn's cast kernel has no bf16 under WGSL.
+    let cache_data: Vec<f32> = cache.iter().map(|&x| x as f32).collect();
+    let cache_tensor = Tensor::<4>::from_data(
+        TensorData::new(cache_data, [slots, h, d, e]),
+        (&device, burn::tensor::DType::BF16),
+    );
+    let (out, new_cache) = lightning_decode(
+        tensor(&q, [2, h, 1, d], &device),
+        tensor(&k, [2, h, 1, d], &device),
+        tensor(&v, [2, h, 1, e], &device),
+        cache_tensor,
+        tensor(&s, [h], &device),
+        &slot_ids,
+        None,
+    )
+    .expect("valid step with a bf16 cache");
+    let out = read(out);
+    assert_eq!(
+        new_cache.dtype(),
+        burn::tensor::DType::BF16,
+        "the cache keeps its dtype"
+    );
+    let new_cache: Vec<f64> = new_cache
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let one = Dims {
+        batch: 1,
+        heads: h,
+        seq_len: 1,
+        key_dim: d,
+        value_dim: e,
+    };
+    let per_slot = h * d * e;
+    for (i, &slot) in slot_ids.iter().enumerate() {
+        let slot = slot as usize;
+        let expected = reference::recurrence(
+            one,
+            &q[i * h * d..(i + 1) * h * d],
+            &k[i * h * d..(i + 1) * h * d],
+            &v[i * h * e..(i + 1) * h * e],
+            &s,
+            Some(&cache[slot * per_slot..(slot + 1) * per_slot]),
+        );
+        check(
+            "bf16-cache decode out",
+            &out[i * h * e..(i + 1) * h * e],
+            &expected.out,
+        );
+        let state = &new_cache[slot * per_slot..(slot + 1) * per_slot];
+        // The f32 update's own error, where an element cancels to near zero.
+        let slack = 1e-6 * expected.state.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (j, (&got, &want)) in state.iter().zip(&expected.state).enumerate() {
+            assert_eq!(
+                got,
+                round_bf16(got),
+                "slot {slot}, element {j}: {got} is not a bf16 value"
+            );
+            let step = want.abs() * 2f64.powi(-7) + slack;
+            assert!(
+                (got - round_bf16(want)).abs() <= step,
+                "slot {slot}, element {j}: {got} against {want} rounded to {}",
+                round_bf16(want)
+            );
+        }
+    }
+    // Slot 1 is untouched.
+    assert_eq!(&new_cache[per_slot..2 * per_slot], &cache[per_slot..2 * per_slot]);
+}
+
 #[test]
 fn bad_input_returns_typed_error() {
     let device = device().autodiff();

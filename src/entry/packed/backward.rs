@@ -381,6 +381,7 @@ fn run_groups(
                 value_dim: shape.value_dim,
                 layout: Layout::packed(shape.heads),
                 table: &table,
+                dense: None,
                 plans: [&group.plans[0], &group.plans[1]],
                 key_value: group.key_value.as_ref(),
             },
