@@ -49,7 +49,7 @@ use crate::routines::fused::variants::FusedVariant;
 use crate::routines::prefill::launch::CallLaunch;
 use crate::routines::prefill::plan::{PrefillPlan, copies_precision, widens};
 use crate::routines::table::PrefillWork;
-use crate::routines::table::SequenceTable;
+use crate::routines::table::{ChunkWalk, DeviceTable, SequenceTable};
 use crate::routines::widen;
 use crate::{DType, DeviceTensor, FusedChoice, LightningError, PrefillConfig, Result, Routines};
 
@@ -278,9 +278,22 @@ pub(crate) fn backward_on(
             key_dim: shape.key_dim,
             value_dim: shape.value_dim,
             layout: Layout::dense(n),
-            // Every row of a dense batch is written, wanted or not.
-            table: &|has_initial, _| SequenceTable::dense(b, n, has_initial, config),
-            dense: Some((b, n)),
+            // Every row of a dense batch is written, wanted or not. Its lists
+            // are the ones the device keeps for the shape
+            // (`routines::dense_tables`, as the forward binds them): uploading
+            // two or three tables per backward was host work inside every call
+            // (the forward's one took 0.09-0.11 ms per call on an H100).
+            table: &|has_initial, _, walk| {
+                let dense = DenseShape {
+                    batch: b,
+                    seq_len: n,
+                    with_initial: has_initial,
+                    block: config.block,
+                    sub_block: config.sub_block,
+                    walk,
+                };
+                dense_device_table(target, &SequenceTable::dense(b, n, has_initial, config), dense)
+            },
             plans: [&plan, &swapped_plan],
             key_value: key_value.as_ref(),
         },
@@ -327,14 +340,10 @@ pub(crate) struct Passes<'a> {
     pub key_dim: usize,
     pub value_dim: usize,
     pub layout: Layout,
-    /// The table of a pass that reads initial states (first flag) and
-    /// writes its final states (second flag; a table may write them anyway).
-    pub table: &'a dyn Fn(bool, bool) -> SequenceTable,
-    /// The batch and `n` of a dense backward, whose tables are
-    /// `SequenceTable::dense`: each pass binds the lists the device keeps
-    /// for its shape (`routines::dense_tables`, as the forward does) instead
-    /// of uploading them per call. `None` for packed groups.
-    pub dense: Option<(usize, usize)>,
+    /// The table on the device of a pass that reads initial states (first
+    /// flag) and writes its final states (second flag; a table may write
+    /// them anyway), with the runs of the pass's walk.
+    pub table: &'a dyn Fn(bool, bool, Option<ChunkWalk>) -> DeviceTable,
     /// The plan of the forward's shape and of the shape with `d` and `e` swapped.
     pub plans: [&'a PrefillPlan; 2],
     /// The backward kernels of dk and dv, where they run ([`key_value_plan`]).
@@ -385,28 +394,7 @@ pub(crate) fn run_passes(
         } else {
             (passes.plans[0], (d, e))
         };
-        let (walk, table) = (
-            pass_plan.chunk_walk(),
-            (passes.table)(initial.is_some(), states.is_some()),
-        );
-        // Uploading the lists was host work inside every call: two or
-        // three tables per backward (the forward's one took 0.09-0.11 ms
-        // per call on an H100 before its lists were kept).
-        let table = match passes.dense {
-            Some((batch, seq_len)) => dense_device_table(
-                target,
-                &table,
-                DenseShape {
-                    batch,
-                    seq_len,
-                    with_initial: initial.is_some(),
-                    block: config.block,
-                    sub_block: config.sub_block,
-                    walk,
-                },
-            ),
-            None => table.upload(target, walk),
-        };
+        let table = (passes.table)(initial.is_some(), states.is_some(), pass_plan.chunk_walk());
         let workspace = target.empty(pass_plan.block_states_len.max(1) * 4);
         let call = CallLaunch {
             call: Call {

@@ -363,7 +363,7 @@ fn run_groups(
     // The dq and dk passes write no final state: any binding does.
     let unused = unused_binding(target);
     for group in &planned.groups {
-        let table = |has_initial, writes_final| {
+        let table = |has_initial, writes_final, walk| {
             SequenceTable::packed(
                 cu_seqlens,
                 group.docs.clone(),
@@ -371,6 +371,7 @@ fn run_groups(
                 writes_final,
                 &planned.config,
             )
+            .upload(target, walk)
         };
         run_passes(
             &Passes {
@@ -381,7 +382,6 @@ fn run_groups(
                 value_dim: shape.value_dim,
                 layout: Layout::packed(shape.heads),
                 table: &table,
-                dense: None,
                 plans: [&group.plans[0], &group.plans[1]],
                 key_value: group.key_value.as_ref(),
             },

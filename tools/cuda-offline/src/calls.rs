@@ -189,13 +189,24 @@ pub fn calls() -> Vec<Call> {
             ));
         }
     }
-    // A mixed packed batch: prefills, two decodes (one-token sequences), snapshots.
+    // A mixed packed batch: prefills, two decodes (one-token sequences),
+    // snapshots; and the same batch against a bf16 state cache (the f32
+    // scratch's gather and scatter, the decode rows on the bf16 cache).
     for dtype in DTYPES {
-        for (block, sub_block) in [(64, 64), (256, 32)] {
+        for (block, sub_block, cache_dtype) in [
+            (64, 64, DType::F32),
+            (256, 32, DType::F32),
+            (256, 32, DType::BF16),
+        ] {
             let config = PrefillConfig::new(block, sub_block);
+            let cache = if cache_dtype == DType::BF16 {
+                ", bf16 cache"
+            } else {
+                ""
+            };
             calls.push(Call::new(
                 format!(
-                    "varlen {} h32 d128 e128 {block}/{sub_block} mixed + snapshots",
+                    "varlen {} h32 d128 e128 {block}/{sub_block} mixed + snapshots{cache}",
                     name(dtype)
                 ),
                 move |build| {
@@ -212,37 +223,10 @@ pub fn calls() -> Vec<Call> {
                             slots: &snapshot_slots,
                         }),
                     };
-                    build_varlen(build, [32, 128, 128], dtype, DType::F32, 16, &batch, &config)
+                    build_varlen(build, [32, 128, 128], dtype, cache_dtype, 16, &batch, &config)
                 },
             ));
         }
-    }
-    // The same mixed batch against a bf16 state cache: the f32 scratch's
-    // gather and scatter, and the decode rows on the bf16 cache.
-    for dtype in DTYPES {
-        let config = PrefillConfig::new(256, 32);
-        calls.push(Call::new(
-            format!(
-                "varlen {} h32 d128 e128 256/32 mixed + snapshots, bf16 cache",
-                name(dtype)
-            ),
-            move |build| {
-                let cu_seqlens = [0, 300, 301, 1301, 1302, 1366];
-                let slots = [0, 1, 2, 3, 4];
-                let has_initial = [true, true, false, true, false];
-                let snapshot_slots = [5, 6, -1, -1, 7, 8, -1, -1, -1, -1];
-                let batch = VarlenBatch {
-                    cu_seqlens: &cu_seqlens,
-                    slots: &slots,
-                    has_initial_state: &has_initial,
-                    snapshots: Some(Snapshots {
-                        count: 2,
-                        slots: &snapshot_slots,
-                    }),
-                };
-                build_varlen(build, [32, 128, 128], dtype, DType::BF16, 16, &batch, &config)
-            },
-        ));
     }
     // Decode steps: the default rows in flight (16 on CUDA) and one row,
     // against an f32 cache and (the batch does not change the kernel) a bf16 one.
